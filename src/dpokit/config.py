@@ -71,7 +71,7 @@ class TrainConfig:
     warmup_steps: int = _opt(0, "steps of linear learning-rate warm-up from 0")
     warmup_ratio: float = _opt(0.0, "warm-up as a fraction of all steps (used when --warmup-steps is 0)")
     lr_scheduler: str = _opt(
-        "cosine", "decay after warm-up, to 0 at the last step", choices=("cosine", "linear", "constant")
+        "cosine", "learning-rate decay after warm-up (toward 0 at the end)", choices=("cosine", "linear", "constant")
     )
     max_grad_norm: float | None = _opt(1.0, "clip the gradient's global L2 norm to this (none: no clipping)")
     seed: int = _opt(42, "seed for initialisation, data order and dropout")

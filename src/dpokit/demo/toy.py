@@ -1,0 +1,147 @@
+"""A tiny, offline DPO task: a small Llama built from a config, a tokenizer trained on the spot,
+and preference pairs whose chosen responses use "upbeat" words and rejected ones "gloomy" words.
+
+The same builders serve the tests (tiny models for every check) and `dpokit demo`. Nothing is
+downloaded. The demo issue replaces this task with the DPO paper's sentiment experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+OPENERS = ["the film", "this movie", "the plot", "the cast", "the ending", "the music", "the story", "my friend"]
+NEUTRAL = ["was", "felt", "seemed", "is", "looked", "sounded", "became", "stayed", "and", "so", "very", "quite"]
+UPBEAT = ["great", "lovely", "wonderful", "bright", "brilliant", "moving", "fun", "charming", "superb", "warm"]
+GLOOMY = ["dull", "awful", "boring", "bleak", "clumsy", "tedious", "flat", "weak", "grim", "messy"]
+
+
+def toy_words() -> list[str]:
+    return sorted({w for phrase in OPENERS for w in phrase.split()} | set(NEUTRAL) | set(UPBEAT) | set(GLOOMY))
+
+
+def build_tokenizer(kind: str = "word", corpus: list[str] | None = None, vocab_size: int = 300):
+    """A Llama-style tokenizer (adds BOS, has EOS and PAD) trained with `tokenizers`.
+
+    kind="word": one token per word (whitespace split). kind="bpe": byte-level BPE trained on
+    `corpus`, whose merges can cross a prompt/response boundary.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = corpus or [" ".join(toy_words())]
+    if kind == "word":
+        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + toy_words())}
+        for text in corpus:
+            for word in text.split():
+                vocab.setdefault(word, len(vocab))
+        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(corpus, trainer=trainer)
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):
+    """A randomly initialised Llama of ~100k parameters, built from a config (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def make_pairs(n: int, seed: int, openers: list[str] | None = None) -> list[dict[str, str]]:
+    """Pairs with a shared prompt; chosen uses upbeat words, rejected gloomy ones."""
+    rng = random.Random(seed)
+    openers = openers or OPENERS
+    rows = []
+    for _ in range(n):
+        prompt = f"{rng.choice(openers)} {rng.choice(NEUTRAL)}"
+        length = rng.randint(2, 5)
+        chosen = " ".join(rng.choice(UPBEAT if i % 2 == 0 else NEUTRAL) for i in range(length))
+        rejected = " ".join(rng.choice(GLOOMY if i % 2 == 0 else NEUTRAL) for i in range(rng.randint(2, 5)))
+        rows.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
+    return rows
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny Llama and its word tokenizer as a Hugging Face model folder."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer("word")
+    model = build_tiny_llama(tokenizer, seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def run_demo(output: str = "demo-output", steps: int = 60, overwrite: bool = True) -> dict:
+    """Build the toy task, train DPO on it, and print held-out reward accuracy as it rises."""
+    from dpokit.config import build_config
+    from dpokit.train.loop import train
+
+    out = Path(output)
+    base = save_tiny_model(out / "base-model")
+    held_out_openers = OPENERS[-2:]  # evaluation prompts start with openers never trained on
+    train_file = write_jsonl(out / "train.jsonl", make_pairs(512, seed=1, openers=OPENERS[:-2]))
+    eval_file = write_jsonl(out / "eval.jsonl", make_pairs(64, seed=2, openers=held_out_openers))
+    cfg = build_config(
+        {
+            "model": {"model": str(base)},
+            "data": {"data": str(train_file), "eval_data": str(eval_file), "max_length": 32},
+            "loss": {"beta": 0.1},
+            "train": {
+                "output": str(out / "policy"), "overwrite": overwrite, "learning_rate": 1e-3,
+                "batch_size": 16, "max_steps": steps, "warmup_steps": 5, "eval_every": max(1, steps // 6),
+                "log_every": max(1, steps // 12),
+            },
+        }
+    )
+    print("dpokit demo: a tiny Llama learns to prefer upbeat continuations over gloomy ones")
+    result = train(cfg)
+    evals = [r for r in result.history if "eval_rewards/accuracies" in r]
+    print("\nheld-out reward accuracy by step (0.5 = chance):")
+    for record in evals:
+        print(f"  step {record['step']:>4}  accuracy {record['eval_rewards/accuracies']:.3f}  "
+              f"margin {record['eval_rewards/margins']:+.3f}")
+    print(f"\ntrained policy: {cfg.train.output} (load it with AutoModelForCausalLM.from_pretrained)")
+    return {"history": result.history, "final_eval": result.final_eval}

@@ -1,0 +1,49 @@
+"""Training metrics under TRL's names, accumulated as tensors and read to the host only to log."""
+
+from __future__ import annotations
+
+import torch
+
+from dpokit.logprobs import PairLogps
+from dpokit.losses import LossOutput
+
+PAIR_METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class PairMetrics:
+    """Sums per-pair quantities over any number of batches; `compute()` gives their means."""
+
+    def __init__(self) -> None:
+        self._sums: torch.Tensor | None = None
+        self.pairs = 0
+
+    def add(self, out: LossOutput, logps: PairLogps) -> None:
+        chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        per_pair = torch.stack(
+            [
+                out.losses.detach().float(),
+                chosen.float(),
+                rejected.float(),
+                (chosen - rejected).float(),
+                (chosen > rejected).float(),
+                logps.chosen_logps.detach().float(),
+                logps.rejected_logps.detach().float(),
+            ]
+        ).sum(dim=1)
+        self._sums = per_pair if self._sums is None else self._sums + per_pair
+        self.pairs += out.losses.shape[0]
+
+    def compute(self, prefix: str = "") -> dict[str, float]:
+        """Means over all pairs added; one host sync."""
+        if self._sums is None:
+            return {}
+        means = (self._sums / self.pairs).tolist()
+        return {prefix + name: value for name, value in zip(PAIR_METRICS, means, strict=True)}

@@ -1,0 +1,122 @@
+"""Tokenization rules: BOS once, EOS once, exact prompt/response boundary, documented truncation."""
+
+import pytest
+
+from dpokit.data.batching import collate_padded
+from dpokit.data.read import PreferencePair
+from dpokit.data.tokenize import PairTokenizer
+from dpokit.demo.toy import build_tokenizer
+
+CORPUS = [
+    "hello world, the weather is lovely today and the world says hello back",
+    "the cat sat on the mat; the dog sat on the log",
+    "preference optimization trains a policy from pairs of responses",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def word_tok():
+    return build_tokenizer("word")
+
+
+@pytest.fixture(scope="module")
+def bpe_tok():
+    return build_tokenizer("bpe", corpus=CORPUS, vocab_size=320)
+
+
+def _pair(prompt, chosen, rejected, index=1):
+    return PreferencePair(prompt, chosen, rejected, index)
+
+
+def test_bos_once_eos_once_and_boundary(word_tok):
+    pt = PairTokenizer(word_tok, max_length=64)
+    [tp], stats = pt.tokenize([_pair("the film was", " great fun", " dull")])
+    bos, eos = word_tok.bos_token_id, word_tok.eos_token_id
+    ids = lambda s: word_tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert list(tp.prompt_ids) == [bos, *ids("the film was")]
+    assert list(tp.chosen_ids) == [*ids("great fun"), eos]
+    assert list(tp.rejected_ids) == [*ids("dull"), eos]
+    assert stats.kept == 1 and stats.boundary_merges == 0
+
+
+def test_special_tokens_already_in_text_are_not_doubled(word_tok):
+    pt = PairTokenizer(word_tok, max_length=64)
+    [tp], _ = pt.tokenize([_pair("<s> the film was", " great </s>", " dull </s></s>")])
+    bos, eos = word_tok.bos_token_id, word_tok.eos_token_id
+    for seq in (tp.prompt_ids + tp.chosen_ids, tp.prompt_ids + tp.rejected_ids):
+        assert seq.count(bos) == 1 and seq[0] == bos
+        assert seq.count(eos) == 1 and seq[-1] == eos
+
+
+def test_masks_cover_exactly_the_response_tokens(word_tok):
+    pt = PairTokenizer(word_tok, max_length=64)
+    pairs, _ = pt.tokenize([_pair("the film was", " great", " dull and flat"), _pair("the plot", " fun", " bleak")])
+    batch = collate_padded(pairs, pad_id=word_tok.pad_token_id)
+    assert batch.input_ids.shape == (4, 1 + 3 + 4)  # widest row: BOS + 3 prompt + 3 response + EOS
+    for row, (tp, response) in enumerate(
+        [(pairs[0], pairs[0].chosen_ids), (pairs[1], pairs[1].chosen_ids),
+         (pairs[0], pairs[0].rejected_ids), (pairs[1], pairs[1].rejected_ids)]
+    ):
+        n_prompt, n = len(tp.prompt_ids), len(tp.prompt_ids) + len(response)
+        assert batch.input_ids[row, :n].tolist() == list(tp.prompt_ids + response)
+        assert batch.response_mask[row].nonzero().flatten().tolist() == list(range(n_prompt, n))
+        assert batch.attention_mask[row].sum().item() == n
+
+
+def test_bpe_boundary_is_exact_or_counted(bpe_tok):
+    pt = PairTokenizer(bpe_tok, max_length=128)
+    # " world" after "hello" tokenizes the same alone and in context: no merge.
+    # "hel" + "lo world" merges across the boundary: counted, prompt keeps its own tokens.
+    pairs = [_pair("hello", " world", " there"), _pair("hel", "lo world", "lo there", index=2)]
+    out, stats = pt.tokenize(pairs)
+    enc = lambda s: bpe_tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    clean, merged = out
+    assert list(clean.prompt_ids[1:] + clean.chosen_ids[:-1]) == enc("hello world")
+    assert list(merged.prompt_ids[1:]) == enc("hel")
+    assert list(merged.chosen_ids[:-1]) == enc("lo world")
+    assert stats.boundary_merges == 1
+    assert enc("hello world")[: len(enc("hel"))] != enc("hel")  # the premise of the second pair
+
+
+def test_no_bos_for_tokenizers_that_do_not_add_one(word_tok):
+    from transformers import PreTrainedTokenizerFast
+
+    gpt2_style = PreTrainedTokenizerFast(tokenizer_object=word_tok.backend_tokenizer.__class__.from_str(
+        word_tok.backend_tokenizer.to_str()), bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    gpt2_style.backend_tokenizer.post_processor = None
+    [tp], _ = PairTokenizer(gpt2_style, max_length=64).tokenize([_pair("the film", " great", " dull")])
+    assert gpt2_style.bos_token_id not in tp.prompt_ids
+
+
+def test_truncation_rules_and_counts(word_tok):
+    long_prompt = " ".join(["the film was"] * 6)  # 18 words
+    pairs = [
+        _pair("the film", " great fun", " dull"),  # fits
+        _pair(long_prompt, " great fun and warm", " dull", index=2),  # prompt cut, then fits
+        _pair("the film", " " + " ".join(["great"] * 30), " dull", index=3),  # response cut
+        _pair(long_prompt, " great", " dull", index=4),  # dropped without max_prompt_length
+        _pair("the film", " great", " great", index=5),  # identical: dropped
+    ]
+    pt = PairTokenizer(word_tok, max_length=16, max_prompt_length=8)
+    out, stats = pt.tokenize(pairs)
+    assert [tp.index for tp in out] == [1, 2, 3, 4]
+    cut_prompt = out[1]
+    assert len(cut_prompt.prompt_ids) == 8 and cut_prompt.prompt_ids[0] == word_tok.bos_token_id
+    assert word_tok.decode(cut_prompt.prompt_ids[1:]).split() == long_prompt.split()[-7:]  # kept the end
+    cut_resp = out[2]
+    assert len(cut_resp.prompt_ids) + len(cut_resp.chosen_ids) == 16
+    assert cut_resp.chosen_ids[-1] != word_tok.eos_token_id  # a cut response did not end
+    assert out[3].rejected_ids[-1] == word_tok.eos_token_id  # fits after the prompt cut: EOS kept
+    assert stats.prompts_cut == 2 and stats.responses_cut == 1 and stats.dropped_identical == 1
+
+    no_prompt_cut = PairTokenizer(word_tok, max_length=16)
+    out, stats = no_prompt_cut.tokenize(pairs[3:4])
+    assert out == [] and stats.dropped_prompt_too_long == 1 and stats.dropped_rows == [4]
+
+
+def test_rows_longer_than_limit_never_exceed_it(word_tok):
+    pt = PairTokenizer(word_tok, max_length=10, max_prompt_length=4)
+    text = " ".join(["great"] * 20)
+    [tp], _ = pt.tokenize([_pair(text, " " + text, " dull")])
+    assert len(tp.prompt_ids) + len(tp.chosen_ids) <= 10
+    assert len(tp.prompt_ids) + len(tp.rejected_ids) <= 10
