@@ -20,15 +20,15 @@ import torch
 from tqdm import tqdm
 
 from dpokit.config import RunConfig, dump_yaml
-from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
-from dpokit.data.batching import PairBatch, collate_padded, epoch_order, step_batches
+from dpokit.data import PairTokenizer, load_tokenized_pairs
+from dpokit.data.batching import epoch_order, step_batches
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
-from dpokit.logprobs import sequence_logps
-from dpokit.losses import loss_from_config, needs_reference
+from dpokit.losses import needs_reference
 from dpokit.metrics import PairMetrics
-from dpokit.models import autocast_context, frozen_reference, load_policy, load_tokenizer, resolve_device
+from dpokit.models import frozen_reference, load_policy, load_tokenizer, resolve_device
 from dpokit.train.optim import build_optimizer, build_scheduler
+from dpokit.train.scoring import PairScorer
 
 Log = Callable[[str], None]
 
@@ -59,46 +59,6 @@ def prepare_output(cfg: RunConfig) -> Path:
     return output
 
 
-class PairScorer:
-    """Policy and (optional) reference log-probs and the configured loss for one batch."""
-
-    def __init__(self, cfg: RunConfig, policy, reference, device: torch.device):
-        self.cfg, self.policy, self.reference, self.device = cfg, policy, reference, device
-
-    def __call__(self, batch: PairBatch):
-        batch = batch.to(self.device)
-        with autocast_context(self.device, self.cfg.model.dtype):
-            policy = sequence_logps(self.policy, batch)
-            reference = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    reference = sequence_logps(self.reference, batch)
-        out = loss_from_config(
-            self.cfg.loss,
-            policy_chosen_logps=policy.chosen_logps,
-            policy_rejected_logps=policy.rejected_logps,
-            reference_chosen_logps=None if reference is None else reference.chosen_logps,
-            reference_rejected_logps=None if reference is None else reference.rejected_logps,
-            chosen_lengths=policy.chosen_lengths,
-            rejected_lengths=policy.rejected_lengths,
-        )
-        return out, policy
-
-
-def evaluate_pairs(
-    scorer: PairScorer, pairs: list[TokenizedPair], batch_size: int, pad_id: int
-) -> dict[str, float]:
-    """Mean loss, rewards and accuracy on held-out pairs, under TRL's `eval_` names."""
-    metrics = PairMetrics()
-    scorer.policy.eval()
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            out, logps = scorer(collate_padded(pairs[start : start + batch_size], pad_id))
-            metrics.add(out, logps)
-    scorer.policy.train()
-    return metrics.compute(prefix="eval_")
-
-
 def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     t = cfg.train
     output = prepare_output(cfg)
@@ -109,12 +69,11 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     pair_tokenizer = PairTokenizer(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
     train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log)
     eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log) if cfg.data.eval_data else []
-    pad_id = tokenizer.pad_token_id
 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code)
     policy.train()
     reference = frozen_reference(policy) if needs_reference(cfg.loss) else None
-    scorer = PairScorer(cfg, policy, reference, device)
+    scorer = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device)
 
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.global_batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
@@ -136,7 +95,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     step, epoch = 0, 0
     if eval_pairs and t.eval_every:
         # Step 0: the policy equals the reference, so every reward is 0 - the baseline to beat.
-        record = {"step": 0, "epoch": 0.0, **evaluate_pairs(scorer, eval_pairs, t.batch_size, pad_id)}
+        record = {"step": 0, "epoch": 0.0, **scorer.evaluate(eval_pairs, t.batch_size)}
         metrics_file.write(record)
         result.history.append(record)
     while step < total_steps:
@@ -145,12 +104,11 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
             # --- forward and backward over the step's micro-batches -------------------------
             pairs_in_step = sum(len(mb) for mb in micro_batches)
             for indices in micro_batches:
-                batch = collate_padded([train_pairs[i] for i in indices], pad_id)
-                out, logps = scorer(batch)
+                scored = scorer([train_pairs[i] for i in indices])
                 # Sum over the step's pairs / their count: accumulation never changes the update.
-                (out.losses.sum() / pairs_in_step).backward()
-                window.metrics.add(out, logps)
-                window.tokens += batch.num_tokens
+                (scored.out.losses.sum() / pairs_in_step).backward()
+                window.metrics.add(scored.out, scored.policy)
+                window.tokens += scored.num_tokens
             # --- clip, step, schedule ------------------------------------------------------
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
             window.grad_norms.append(grad_norm.detach())
@@ -166,7 +124,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
                 record = window.flush(step, step / steps_per_epoch)
                 _check_finite(record, step)
                 if eval_pairs and t.eval_every and step % t.eval_every == 0 and step != total_steps:
-                    record.update(evaluate_pairs(scorer, eval_pairs, t.batch_size, pad_id))
+                    record.update(scorer.evaluate(eval_pairs, t.batch_size))
                 metrics_file.write(record)
                 result.history.append(record)
                 _report(record, bar, show_bar, log, total_steps)
@@ -176,7 +134,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     bar.close()
 
     if eval_pairs:
-        result.final_eval = evaluate_pairs(scorer, eval_pairs, t.batch_size, pad_id)
+        result.final_eval = scorer.evaluate(eval_pairs, t.batch_size)
         final = {"step": step, "epoch": step / steps_per_epoch, **result.final_eval}
         metrics_file.write(final)
         result.history.append(final)
