@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 
 from dpokit.config import build_config, coerce, iter_options, load_yaml
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, TrainingInterrupted
 
 
 class _Parser(argparse.ArgumentParser):
@@ -109,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"dpokit: {exc}", file=sys.stderr)
+        return exc.exit_code
     except DpokitError as exc:
         if args.debug:
             traceback.print_exc()

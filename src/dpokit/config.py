@@ -78,6 +78,12 @@ class TrainConfig:
     eval_every: int | None = _opt(None, "evaluate on --eval-data every N steps (default: only at the end)")
     log_every: int = _opt(1, "average metrics over N steps and write one metrics.jsonl line")
     progress: str = _opt("auto", "progress bar: auto (when a terminal), on, off", choices=("auto", "on", "off"))
+    save_every: int | None = _opt(None, "write a checkpoint every N steps (one is always written at the end)")
+    keep_checkpoints: int = _opt(2, "keep only the newest K checkpoints")
+    resume: str | None = _opt(
+        None, "continue a run: auto (newest checkpoint in --output, if any) or a checkpoint folder"
+    )
+    skip_nonfinite: bool = _opt(False, "skip (and count) a step whose loss or gradient is not finite, instead of stopping")
 
 
 @dataclass
@@ -215,6 +221,7 @@ def validate(config: RunConfig) -> None:
         "--eval-every": t.eval_every,
         "--max-prompt-length": d.max_prompt_length,
         "--max-grad-norm": t.max_grad_norm,
+        "--save-every": t.save_every,
     }.items():
         if value is not None and not value > 0:
             raise DpokitError(f"{flag} must be positive (or none); got {value}")
@@ -227,6 +234,8 @@ def validate(config: RunConfig) -> None:
     check_loss_config(lo)
     if t.warmup_steps < 0 or not 0.0 <= t.warmup_ratio < 1.0:
         raise DpokitError("--warmup-steps must be >= 0 and --warmup-ratio in [0, 1)")
+    if t.keep_checkpoints < 1:
+        raise DpokitError(f"--keep-checkpoints must be at least 1; got {t.keep_checkpoints}")
     if t.weight_decay < 0:
         raise DpokitError(f"--weight-decay must be >= 0; got {t.weight_decay}")
     for flag, value in {"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2}.items():

@@ -3,3 +3,11 @@
 
 class DpokitError(Exception):
     """A user-facing error: the message names the file, row, field or option and what to do."""
+
+
+class TrainingInterrupted(DpokitError):
+    """A signal stopped training after a checkpoint was saved; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

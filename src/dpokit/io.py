@@ -37,12 +37,19 @@ def atomic_save_pretrained(folder: str | Path, *savables: Any) -> None:
     try:
         for obj in savables:
             obj.save_pretrained(staging)
+        fsync_tree(staging)
         for item in sorted(staging.iterdir()):
-            with open(item, "rb") as handle:
-                os.fsync(handle.fileno())
             os.replace(item, folder / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file in `folder` to disk, so a rename after it publishes complete files."""
+    for item in Path(folder).iterdir():
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
 
 
 class JsonlWriter:

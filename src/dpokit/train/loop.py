@@ -1,18 +1,21 @@
 """The DPO training loop, readable top to bottom.
 
 Phases of each optimizer step, in order: batches -> policy (and reference) log-probs -> loss
--> backward (accumulated) -> clip -> step -> schedule -> log -> eval. Host syncs happen only
-when logging.
+-> backward (accumulated) -> finiteness check -> clip -> step -> schedule -> log -> eval ->
+checkpoint. One host sync per step (the finiteness check, which must precede the update);
+everything else is read to the host only when logging.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +23,17 @@ import torch
 from tqdm import tqdm
 
 from dpokit.config import RunConfig, dump_yaml
-from dpokit.data import PairTokenizer, load_tokenized_pairs
+from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
 from dpokit.data.batching import epoch_order, step_batches
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
 from dpokit.losses import needs_reference
-from dpokit.metrics import PairMetrics
 from dpokit.models import frozen_reference, load_policy, load_tokenizer, resolve_device
+from dpokit.train import checkpoint as ckpt
+from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
 from dpokit.train.optim import build_optimizer, build_scheduler
 from dpokit.train.scoring import PairScorer
+from dpokit.train.signals import StopRequest
 
 Log = Callable[[str], None]
 
@@ -39,6 +44,7 @@ class TrainResult:
     steps: int
     history: list[dict] = field(default_factory=list)
     final_eval: dict[str, float] = field(default_factory=dict)
+    nonfinite_skipped: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -47,24 +53,55 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_output(cfg: RunConfig) -> Path:
-    """Refuse to mix a new run into a non-empty folder unless --overwrite is given."""
+def data_fingerprint(pairs: list[TokenizedPair]) -> str:
+    """sha256 of every token id in order: changes whenever the data or its tokenization does."""
+    digest = hashlib.sha256()
+    for p in pairs:
+        digest.update(np.asarray(p.prompt_ids + (-1,) + p.chosen_ids + (-2,) + p.rejected_ids + (-3,),
+                                 dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
+    """Refuse to mix a new run into a folder that holds something else."""
     output = Path(cfg.train.output)
     if output.exists() and not output.is_dir():
         raise DpokitError(f"--output {output} is a file, not a folder")
-    if output.is_dir() and any(output.iterdir()) and not cfg.train.overwrite:
-        raise DpokitError(f"--output {output} is not empty; choose a new folder or pass --overwrite")
+    if not resuming and output.is_dir() and any(output.iterdir()) and not cfg.train.overwrite:
+        what = "holds another dpokit run" if (output / "dpokit_config.yaml").exists() else "is not empty"
+        raise DpokitError(
+            f"--output {output} {what}; pass --resume auto to continue it, --overwrite to write over it, "
+            "or choose a new folder"
+        )
     output.mkdir(parents=True, exist_ok=True)
-    (output / "metrics.jsonl").unlink(missing_ok=True)
+    ckpt.remove_stale_staging(output)
     return output
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """Keep the metrics.jsonl lines up to the resumed step, so the file reads as one run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError):  # a line cut short by the crash
+            continue
+    atomic_write_text(path, "".join(kept))
 
 
 def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     t = cfg.train
-    output = prepare_output(cfg)
+    resume_from = ckpt.resolve_resume(cfg)
+    if resume_from is not None:
+        ckpt.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
+    output = prepare_output(cfg, resuming=resume_from is not None)
     device = resolve_device(cfg.model.device)
     seed_everything(t.seed)
 
+    # --- data, models, optimizer ---------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model, cfg.model.trust_remote_code)
     pair_tokenizer = PairTokenizer(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
     train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log)
@@ -80,6 +117,19 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     params = [p for p in policy.parameters() if p.requires_grad]
+
+    state = ckpt.TrainState(data_fingerprint=data_fingerprint(train_pairs),
+                            reference_fingerprint=getattr(scorer, "reference_fingerprint", None))
+    if resume_from is not None:
+        saved = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
+        if saved.data_fingerprint != state.data_fingerprint:
+            raise DpokitError(f"cannot resume from {resume_from}: the training data (or its tokenization) "
+                              "differs from the checkpoint's")
+        state = saved
+        _rewind_metrics(output / "metrics.jsonl", state.step)
+        log(f"resuming from {resume_from} at step {state.step}/{total_steps}")
+    else:
+        (output / "metrics.jsonl").unlink(missing_ok=True)
     atomic_write_text(output / "dpokit_config.yaml", dump_yaml(cfg))
     log(
         f"training {cfg.model.model} on {device} ({cfg.model.dtype}): {len(train_pairs)} pairs, "
@@ -87,107 +137,106 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
         f"accumulation, {total_steps} steps, loss {cfg.loss.loss}, beta {cfg.loss.beta}"
     )
 
+    def save() -> Path:
+        return ckpt.save_checkpoint(output, state, cfg, policy, optimizer, scheduler, t.keep_checkpoints)
+
+    def record(entry: dict) -> None:
+        metrics_file.write(entry)
+        state.history.append(entry)
+
     metrics_file = JsonlWriter(output / "metrics.jsonl")
     show_bar = t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty())
-    bar = tqdm(total=total_steps, desc="dpo", unit="step", disable=not show_bar, dynamic_ncols=True)
-    result = TrainResult(output=output, steps=total_steps)
-    window = _Window()
-    step, epoch = 0, 0
-    if eval_pairs and t.eval_every:
+    bar = tqdm(total=total_steps, initial=state.step, desc="dpo", unit="step", disable=not show_bar,
+               dynamic_ncols=True)
+    if eval_pairs and t.eval_every and state.step == 0:
         # Step 0: the policy equals the reference, so every reward is 0 - the baseline to beat.
-        record = {"step": 0, "epoch": 0.0, **scorer.evaluate(eval_pairs, t.batch_size)}
-        metrics_file.write(record)
-        result.history.append(record)
-    while step < total_steps:
-        for micro_batches in step_batches(epoch_order(len(train_pairs), t.seed, epoch), t.batch_size,
-                                          t.gradient_accumulation_steps):
-            # --- forward and backward over the step's micro-batches -------------------------
-            pairs_in_step = sum(len(mb) for mb in micro_batches)
-            for indices in micro_batches:
-                scored = scorer([train_pairs[i] for i in indices])
-                # Sum over the step's pairs / their count: accumulation never changes the update.
-                (scored.out.losses.sum() / pairs_in_step).backward()
-                window.metrics.add(scored.out, scored.policy)
-                window.tokens += scored.num_tokens
-            # --- clip, step, schedule ------------------------------------------------------
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-            window.grad_norms.append(grad_norm.detach())
-            window.learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window.steps += 1
-            bar.update(1)
-            # --- log and evaluate ----------------------------------------------------------
-            if step % t.log_every == 0 or step == total_steps:
-                record = window.flush(step, step / steps_per_epoch)
-                _check_finite(record, step)
-                if eval_pairs and t.eval_every and step % t.eval_every == 0 and step != total_steps:
-                    record.update(scorer.evaluate(eval_pairs, t.batch_size))
-                metrics_file.write(record)
-                result.history.append(record)
-                _report(record, bar, show_bar, log, total_steps)
-            if step >= total_steps:
-                break
-        epoch += 1
+        record({"step": 0, "epoch": 0.0, **scorer.evaluate(eval_pairs, t.batch_size)})
+    window = MetricsWindow()
+
+    # --- the loop ----------------------------------------------------------------------------
+    with StopRequest() as stop:
+        while state.step < total_steps:
+            order = epoch_order(len(train_pairs), t.seed, state.epoch)
+            steps = step_batches(order, t.batch_size, t.gradient_accumulation_steps)
+            for micro_batches in islice(steps, state.step_in_epoch, None):
+                # forward and backward over the step's micro-batches
+                pairs_in_step = sum(len(mb) for mb in micro_batches)
+                scored_batches, step_loss = [], torch.zeros((), device=device)
+                for indices in micro_batches:
+                    scored = scorer([train_pairs[i] for i in indices])
+                    # Sum over the step's pairs / their count: accumulation never changes the update.
+                    loss = scored.out.losses.sum() / pairs_in_step
+                    loss.backward()
+                    step_loss += loss.detach()
+                    scored_batches.append(scored)
+                # finiteness check (must precede the update), clip, step, schedule
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
+                finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
+                if finite:
+                    window.add_step(scored_batches, grad_norm, scheduler.get_last_lr()[0])
+                    optimizer.step()
+                else:
+                    _handle_nonfinite(t.skip_nonfinite, state.step + 1, step_loss, grad_norm, output, log)
+                    state.nonfinite_skipped += 1
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.step_in_epoch += 1
+                bar.update(1)
+                # log, evaluate, checkpoint
+                last = state.step == total_steps
+                if window.steps and (state.step % t.log_every == 0 or last):
+                    entry = window.flush(state.step, state.step / steps_per_epoch)
+                    check_finite_record(entry, state.step)
+                    if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
+                        entry.update(scorer.evaluate(eval_pairs, t.batch_size))
+                    record(entry)
+                    _report(entry, bar, show_bar, log, total_steps)
+                if t.save_every and state.step % t.save_every == 0 and not last:
+                    save()
+                if stop.requested and not last:
+                    path = save()
+                    bar.close()
+                    raise stop.interrupted(state.step, path)
+                if last:
+                    break
+            else:  # the epoch's data is used up
+                state.epoch += 1
+                state.step_in_epoch = 0
     bar.close()
 
+    # --- final evaluation and outputs ----------------------------------------------------------
+    result = TrainResult(output=output, steps=total_steps, nonfinite_skipped=state.nonfinite_skipped)
     if eval_pairs:
         result.final_eval = scorer.evaluate(eval_pairs, t.batch_size)
-        final = {"step": step, "epoch": step / steps_per_epoch, **result.final_eval}
-        metrics_file.write(final)
-        result.history.append(final)
-        log("final eval: " + _fmt(result.final_eval))
+        record({"step": state.step, "epoch": state.step / steps_per_epoch, **result.final_eval})
+        log("final eval: " + describe(result.final_eval))
     metrics_file.close()
+    save()
     atomic_save_pretrained(output, policy, tokenizer)
+    if state.nonfinite_skipped:
+        log(f"skipped {state.nonfinite_skipped} step(s) with a non-finite loss or gradient")
     log(f"saved the trained policy and its tokenizer to {output}")
+    result.history = state.history
     return result
 
 
-class _Window:
-    """What happened since the last log line: metrics, grad norms, tokens, wall time."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.metrics = PairMetrics()
-        self.grad_norms: list[torch.Tensor] = []
-        self.tokens = 0
-        self.steps = 0
-        self.learning_rate = 0.0
-        self.started = time.perf_counter()
-
-    def flush(self, step: int, epoch: float) -> dict:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
-        record = {"step": step, "epoch": round(epoch, 4), **self.metrics.compute()}
-        record["grad_norm"] = torch.stack(self.grad_norms).float().mean().item()
-        record["learning_rate"] = self.learning_rate
-        record["throughput/pairs_per_s"] = self.metrics.pairs / elapsed
-        record["throughput/tokens_per_s"] = self.tokens / elapsed
-        if torch.cuda.is_available():
-            record["memory/peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        self.reset()
-        return record
+def _handle_nonfinite(skip: bool, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, output: Path,
+                      log: Log) -> None:
+    what = f"loss {loss.item()}, gradient norm {grad_norm.item()}"
+    if skip:
+        log(f"step {step}: non-finite ({what}); step skipped (--skip-nonfinite)")
+        return
+    found = ckpt.list_checkpoints(output)
+    last_good = f"; the last good checkpoint is {found[-1]} (--resume auto)" if found else ""
+    raise DpokitError(
+        f"step {step}: non-finite {what}; stopped before updating the weights{last_good}. "
+        "Lower --learning-rate, check the data, or pass --skip-nonfinite"
+    )
 
 
-def _check_finite(record: dict, step: int) -> None:
-    for name in ("loss", "grad_norm"):
-        if not math.isfinite(record[name]):
-            raise DpokitError(
-                f"step {step}: {name} is {record[name]}; lower --learning-rate or check the data "
-                "(the model was not saved)"
-            )
-
-
-def _fmt(record: dict) -> str:
-    keys = [k for k in record if "loss" in k or "accuracies" in k or "margins" in k]
-    return ", ".join(f"{k} {record[k]:.4f}" for k in keys)
-
-
-def _report(record: dict, bar: tqdm, show_bar: bool, log: Log, total: int) -> None:
+def _report(entry: dict, bar: tqdm, show_bar: bool, log: Log, total: int) -> None:
     if show_bar:
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}")
+        bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracies']:.2f}")
     else:
-        log(f"step {record['step']}/{total}: {_fmt(record)}, {record['throughput/pairs_per_s']:.1f} pairs/s")
+        log(f"step {entry['step']}/{total}: {describe(entry)}, {entry['throughput/pairs_per_s']:.1f} pairs/s")

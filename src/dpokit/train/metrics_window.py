@@ -1,0 +1,57 @@
+"""What happened since the last log line: pair metrics, grad norms, tokens, wall time."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from dpokit.errors import DpokitError
+from dpokit.metrics import PairMetrics
+
+
+class MetricsWindow:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.metrics = PairMetrics()
+        self.grad_norms: list[torch.Tensor] = []
+        self.tokens = 0
+        self.steps = 0
+        self.learning_rate = 0.0
+        self.started = time.perf_counter()
+
+    def add_step(self, scored_batches, grad_norm: torch.Tensor, learning_rate: float) -> None:
+        for scored in scored_batches:
+            self.metrics.add(scored.out, scored.policy)
+            self.tokens += scored.num_tokens
+        self.grad_norms.append(grad_norm.detach())
+        self.learning_rate = learning_rate
+        self.steps += 1
+
+    def flush(self, step: int, epoch: float) -> dict:
+        """One metrics.jsonl record (TRL's names) averaged over the window; resets the window."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        record = {"step": step, "epoch": round(epoch, 4), **self.metrics.compute()}
+        record["grad_norm"] = torch.stack(self.grad_norms).float().mean().item()
+        record["learning_rate"] = self.learning_rate
+        record["throughput/pairs_per_s"] = self.metrics.pairs / elapsed
+        record["throughput/tokens_per_s"] = self.tokens / elapsed
+        if torch.cuda.is_available():
+            record["memory/peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        self.reset()
+        return record
+
+
+def check_finite_record(record: dict, step: int) -> None:
+    """A logged mean can only be non-finite if a per-pair value overflowed; never log it silently."""
+    for name in ("loss", "grad_norm"):
+        if not math.isfinite(record[name]):
+            raise DpokitError(f"step {step}: logged {name} is {record[name]}; lower --learning-rate or check the data")
+
+
+def describe(record: dict) -> str:
+    keys = [k for k in record if "loss" in k or "accuracies" in k or "margins" in k]
+    return ", ".join(f"{k} {record[k]:.4f}" for k in keys)
