@@ -50,9 +50,40 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    loss: str = _opt("sigmoid", "preference loss (sigmoid = DPO)")
-    beta: float = _opt(0.1, "β: higher stays closer to the reference, lower aligns more aggressively")
-    label_smoothing: float = _opt(0.0, "ε: assumed fraction of flipped labels (conservative DPO when > 0)")
+    loss: str = _opt(
+        "sigmoid",
+        "preference loss, or several comma-separated (e.g. sigmoid,sft = RPO); default sigmoid (= dpo). One of: "
+        "sigmoid, dpo, robust, hinge, ipo, exo_pair, nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, "
+        "apo_down, discopop, sigmoid_norm, rdpo; reference-free (no reference model is built): sft, simpo, orpo",
+    )
+    loss_weights: str | None = _opt(
+        None, "comma-separated weights, one per --loss entry, e.g. 1,0.5 (default: 1 for each loss)"
+    )
+    beta: float = _opt(
+        0.1,
+        "β (default 0.1): higher stays closer to the reference, lower aligns more aggressively; "
+        "for simpo the papers use 2 to 2.5",
+    )
+    label_smoothing: float = _opt(
+        0.0,
+        "ε in [0, 0.5) (default 0): assumed fraction of flipped labels; used by sigmoid (conservative DPO), "
+        "robust, aot, aot_unpaired, and exo_pair (which needs ε > 0, e.g. 1e-3)",
+    )
+    f_divergence: str = _opt(
+        "reverse_kl",
+        "divergence to the reference that scores the log-ratios (f-DPO); default reverse_kl is standard DPO; "
+        "others apply to sigmoid, robust, hinge, ipo, exo_pair, discopop, sigmoid_norm, rdpo",
+        choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+    )
+    alpha_divergence_coef: float = _opt(
+        0.5, "α of --f-divergence alpha_divergence (default 0.5; 1 is reverse KL); must be > 0"
+    )
+    discopop_tau: float = _opt(0.05, "τ of discopop: temperature of its logistic/exponential mix (default 0.05, the paper's)")
+    simpo_gamma: float = _opt(0.5, "γ of simpo: target reward margin subtracted inside the sigmoid (default 0.5)")
+    orpo_lambda: float = _opt(0.1, "λ of orpo: weight of the odds-ratio term next to the NLL (default 0.1, the paper's)")
+    rdpo_alpha: float = _opt(
+        0.01, "α of rdpo: length penalty per token of the chosen-minus-rejected length difference (default 0.01)"
+    )
 
 
 @dataclass
@@ -229,9 +260,7 @@ def validate(config: RunConfig) -> None:
         raise DpokitError(
             f"--max-prompt-length ({d.max_prompt_length}) must be below --max-length ({d.max_length})"
         )
-    if not 0.0 <= lo.label_smoothing < 0.5:
-        raise DpokitError(f"--label-smoothing must be in [0, 0.5); got {lo.label_smoothing}")
-    check_loss_config(lo)
+    check_loss_config(lo)  # every loss option, --label-smoothing's range included
     if t.warmup_steps < 0 or not 0.0 <= t.warmup_ratio < 1.0:
         raise DpokitError("--warmup-steps must be >= 0 and --warmup-ratio in [0, 1)")
     if t.keep_checkpoints < 1:
