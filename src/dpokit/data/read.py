@@ -33,6 +33,7 @@ def read_jsonl_pairs(path: str | Path) -> list[PreferencePair]:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
         raise DpokitError(f"cannot read data file {path}: {exc.strerror}") from None
+    line_no = 0
     with handle:
         try:
             for line_no, line in enumerate(handle, start=1):

@@ -180,4 +180,6 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     path = Path(option)
     if not path.is_dir():
         raise DpokitError(f"--resume {option}: no such checkpoint folder")
+    if not (path / STATE_FILE).is_file() or not (path / "dpokit_config.yaml").is_file():
+        raise DpokitError(f"--resume {option}: not a complete dpokit checkpoint (no {STATE_FILE})")
     return path

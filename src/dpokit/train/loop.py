@@ -68,6 +68,9 @@ def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
     if output.exists() and not output.is_dir():
         raise DpokitError(f"--output {output} is a file, not a folder")
     if not resuming and output.is_dir() and any(output.iterdir()) and not cfg.train.overwrite:
+        if cfg.train.resume == "auto":
+            raise DpokitError(f"--resume auto: {output} holds no complete checkpoint to resume from; "
+                              "pass --overwrite to start over there, or choose a new folder")
         what = "holds another dpokit run" if (output / "dpokit_config.yaml").exists() else "is not empty"
         raise DpokitError(
             f"--output {output} {what}; pass --resume auto to continue it, --overwrite to write over it, "
