@@ -13,6 +13,8 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    tokenizer, and a BOS written into the text is not doubled either). Each response ends with EOS
    exactly once: an EOS already at its end is not doubled, and whitespace a template writes after
    its own EOS (`<|im_end|>\\n`) is dropped, since generation stops at EOS and never produces it.
+   A response holding BOS, or EOS before its end (a literal `</s>` in the text, say), cannot
+   satisfy this: the row is skipped (`special_token_in_response`).
 2. Boundary: a response's tokens are the tokens of the full text `prompt + response` after the
    prompt's own tokens. When the tokenizer merges characters across the boundary (the full
    text's tokens do not start with the prompt's), the prompt keeps its stand-alone tokens -
@@ -96,7 +98,7 @@ class TokenizeStats:
             f"{self.kept}/{self.rows} pairs kept; {self.prompts_cut} prompts and {self.responses_cut} "
             f"responses cut to fit; dropped {self.dropped_prompt_too_long} with a prompt too long, "
             f"{self.dropped_identical} with chosen == rejected tokens"
-            + (f", {skipped} the chat template could not split" if skipped else "")
+            + (f", {skipped} that cannot be tokenized exactly (see below)" if skipped else "")
             + f"; {self.boundary_merges} boundary merges"
         )
 
@@ -168,10 +170,7 @@ class PairTokenizer:
             try:
                 rendered.append((pair, self.render(pair)))
             except RowSkip as bad:
-                message = f"{stats.where(pair.index)}: {bad}"
-                if self.strict:
-                    raise DpokitError(f"{message} (--strict)") from None
-                stats.drop(bad.reason, pair.index, message)
+                self._skip(stats, bad.reason, pair.index, str(bad))
         if not rendered:
             return []
         prompts = self._encode([p for _, (p, _, _) in rendered])
@@ -183,10 +182,29 @@ class PairTokenizer:
         ):
             chosen, merged_c = self._response_ids(prompt, fc, chosen_text)
             rejected, merged_r = self._response_ids(prompt, fr, rejected_text)
+            chosen, rejected = self._with_one_eos(chosen), self._with_one_eos(rejected)
+            problem = self._special_inside(chosen, "chosen") or self._special_inside(rejected, "rejected")
+            if problem:
+                # A BOS, or an EOS before the end, inside a response (often a literal "</s>" in scraped
+                # text) would teach the model to stop and carry on: no exact tokenization exists.
+                self._skip(stats, "special_token_in_response", pair.index, problem)
+                continue
             stats.boundary_merges += merged_c or merged_r
-            out.append(EncodedPair(self._with_one_bos(prompt), self._with_one_eos(chosen),
-                                   self._with_one_eos(rejected), pair.index, pair.scores))
+            out.append(EncodedPair(self._with_one_bos(prompt), chosen, rejected, pair.index, pair.scores))
         return out
+
+    def _special_inside(self, ids: list[int], name: str) -> str | None:
+        if self.eos_id in ids[:-1]:
+            return f"field '{name}' contains the EOS token {self.tokenizer.eos_token!r} before its end"
+        if self.bos_id is not None and self.bos_id in ids:
+            return f"field '{name}' contains the BOS token {self.tokenizer.bos_token!r}"
+        return None
+
+    def _skip(self, stats: TokenizeStats, reason: str, index: int, problem: str) -> None:
+        message = f"{stats.where(index)}: {problem}"
+        if self.strict:
+            raise DpokitError(f"{message} (--strict)")
+        stats.drop(reason, index, message)
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
