@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dpokit.config import DataConfig
+from dpokit.config import DataConfig, validate_data
 from dpokit.data import read_pairs
 from dpokit.data.formats import parse_columns
 from dpokit.errors import DpokitError
@@ -129,6 +129,8 @@ def test_column_mapping_with_dotted_scores_and_forced_format(tmp_path):
 
 
 def test_parse_columns_errors():
+    with pytest.raises(DpokitError, match="--columns: expected NAME=COLUMN"):
+        validate_data(DataConfig(columns="prompt"))
     assert parse_columns("prompt = q , chosen=c") == {"prompt": "q", "chosen": "c"}
     for bad, message in [("prompt", "expected NAME=COLUMN"), ("answer=a", "unknown name 'answer'"),
                          ("prompt=a,prompt=b", "mapped twice")]:
