@@ -93,7 +93,7 @@ def _report(read: ReadStats, stats: TokenizeStats, tally: _Tally, kept: int, dat
         "lengths": {
             "units": units,
             "measured": "before truncation, prompt with BOS and responses with EOS" if tokenized
-            else "characters of the text as written (no tokenizer: pass --model for tokens)",
+            else "the text as written; pass --model for tokens",
             **{name: _describe(tally.lengths[name]) for name in FIELDS},
             "longest_sequence": _describe(array("l", (p + max(c, r) for p, c, r in zip(
                 tally.lengths["prompt"], chosen, rejected, strict=True)))),
