@@ -184,6 +184,11 @@ def test_json_array_csv_tsv_parquet_and_saved_dataset(tmp_path):
     assert [p.prompt for p in pairs] == ["p1"]
     with pytest.raises(DpokitError, match="no split 'dev' \\(splits: train, test\\)"):
         _read(f"{tmp_path / 'dd'}:dev")
+    # conversational rows survive parquet's nested list<struct> columns
+    chat = [{"prompt": "hi", "chosen": [_user("hi"), _bot("hello")], "rejected": [_user("hi"), _bot("go")]}]
+    datasets.Dataset.from_list(chat).to_parquet(str(tmp_path / "chat.parquet"))
+    pairs, stats = _read(tmp_path / "chat.parquet")
+    assert stats.layout == "conversational" and pairs[0].chosen == [_bot("hello")]
 
 
 def test_jsonl_reading_does_not_import_datasets(tmp_path):

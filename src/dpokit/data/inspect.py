@@ -8,6 +8,8 @@ With a tokenizer (`--model`), lengths are tokens as fed to the model (prompt wit
 response with its EOS), measured before truncation. Without one, lengths are characters of the
 text as written (message contents summed for conversational rows, since no template is
 available), and truncation is not estimated (`truncated` is null): the report says which.
+Length statistics and length bias cover every pair that was not skipped for a data reason,
+measured before truncation (so a pair later dropped as `prompt_too_long` still counts).
 """
 
 from __future__ import annotations
