@@ -1,4 +1,4 @@
-"""Command line: `dpokit train`, `dpokit demo`. Thin: parse, build the config, call the library.
+"""Command line: `dpokit train`, `dpokit demo`, `dpokit data inspect`. Thin: parse, build the config, call the library.
 
 Every option of `train` is generated from the config dataclasses, so `--help`, YAML files and
 the code share one list of names, defaults and help texts.
@@ -27,20 +27,23 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     groups = {}
     for section, f in iter_options():
         group = groups.setdefault(section, parser.add_argument_group(f"{section} options"))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if str(f.type) == "bool":
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
-            continue
-        group.add_argument(
-            flag,
-            default=argparse.SUPPRESS,
-            choices=f.metadata.get("choices"),
-            metavar=f.name.upper() if not f.metadata.get("choices") else None,
-            help=help_text,
-        )
+        _add_field_option(group, f)
+
+
+def _add_field_option(group, f) -> None:
+    """One `--flag-name` for a config field, with its help text and default."""
+    flag = "--" + f.name.replace("_", "-")
+    help_text = f"{f.metadata['help']} (default: {f.default})"
+    if str(f.type) == "bool":
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        return
+    group.add_argument(
+        flag,
+        default=argparse.SUPPRESS,
+        choices=f.metadata.get("choices"),
+        metavar=f.name.upper() if not f.metadata.get("choices") else None,
+        help=help_text,
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -71,6 +74,50 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+_INSPECT_SKIPS = ("data", "eval_data")
+
+
+def _add_data_command(sub) -> None:
+    data = sub.add_parser("data", help="inspect preference data (the data doctor)",
+                          description="Tools for preference data.")
+    data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=_Parser, required=True)
+    inspect = data_sub.add_parser(
+        "inspect", help="report rows kept and skipped, lengths, truncation, duplicates, ties and length bias",
+        description="Read PATH exactly as `dpokit train` would and report on it. With --model, lengths are tokens "
+        "and truncation is estimated; without it, lengths are characters. Exits 1 when no row is usable.")
+    inspect.add_argument("path", metavar="PATH", help="any source --data accepts")
+    inspect.add_argument("--model", help="model folder or hub id whose tokenizer (and chat template) to use")
+    inspect.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own Python code")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    inspect.add_argument("--plot", metavar="FILE.png", help="also write length histograms to this PNG")
+    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    group = inspect.add_argument_group("data options (as for train)")
+    for section, f in iter_options():
+        if section == "data" and f.name not in _INSPECT_SKIPS:
+            _add_field_option(group, f)
+    inspect.set_defaults(func=_cmd_data_inspect)
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from dpokit.config import DataConfig, validate_data
+    from dpokit.data.inspect import format_report, inspect_data, report_json
+
+    data = DataConfig()
+    for section, f in iter_options():
+        if section == "data" and hasattr(args, f.name) and f.name not in _INSPECT_SKIPS:
+            setattr(data, f.name, coerce(getattr(args, f.name), f, "--" + f.name.replace("_", "-")))
+    validate_data(data)
+    tokenizer = None
+    if args.model:
+        from dpokit.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    report = inspect_data(args.path, data, tokenizer, plot=args.plot)
+    print(report_json(report) if args.json else format_report(report))
+    return 0 if report["rows_kept"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -89,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     demo.set_defaults(func=_cmd_demo)
+    _add_data_command(sub)
     return parser
 
 

@@ -40,11 +40,36 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    data: str | None = _opt(None, "training pairs: a JSON Lines file of {prompt, chosen, rejected} rows (required)")
-    eval_data: str | None = _opt(None, "held-out pairs in the same format, evaluated every --eval-every steps")
+    data: str | None = _opt(
+        None,
+        "training pairs: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder (FOLDER[:SPLIT]) "
+        "or a hub dataset ORG/NAME[:SPLIT] (required)",
+    )
+    eval_data: str | None = _opt(None, "held-out pairs (any source --data takes), evaluated every --eval-every steps")
+    data_format: str = _opt(
+        "auto",
+        "row layout: auto (detected from the first row), standard (prompt/chosen/rejected strings), implicit "
+        "(chosen/rejected HH-RLHF transcripts), conversational (message lists), sharegpt (conversations + from/value)",
+        choices=("auto", "standard", "implicit", "conversational", "sharegpt"),
+    )
+    columns: str | None = _opt(
+        None, "rename columns first: prompt=question,chosen=good,rejected=bad (a dotted COLUMN reaches a nested "
+        "field: score_chosen=meta.score)"
+    )
+    chat_template: str | None = _opt(
+        None, "Jinja chat template file for conversational data (default: the tokenizer's own template)"
+    )
+    strict: bool = _opt(
+        False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
+    )
+    drop_tied_scores: bool = _opt(False, "skip pairs whose score_chosen equals score_rejected (when scores exist)")
     max_length: int = _opt(1024, "most tokens in prompt + response; longer pairs are truncated (see README)")
     max_prompt_length: int | None = _opt(
-        None, "when a pair is too long, first cut its prompt from the left to this many tokens (default: no cut)"
+        None, "when a pair is too long, first cut its prompt to this many tokens (default: no cut)"
+    )
+    truncation_mode: str = _opt(
+        "keep_end", "how a prompt is cut: keep_end (drop its start, keep BOS) or keep_start (drop its end); "
+        "responses are always cut from the right", choices=("keep_end", "keep_start"),
     )
 
 
@@ -240,26 +265,21 @@ def validate(config: RunConfig) -> None:
         "--learning-rate": t.learning_rate,
         "--batch-size": t.batch_size,
         "--gradient-accumulation-steps": t.gradient_accumulation_steps,
-        "--max-length": d.max_length,
         "--log-every": t.log_every,
         "--epochs": t.epochs,
     }
     for flag, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             raise DpokitError(f"{flag} must be a positive number; got {value}")
+    validate_data(d)
     for flag, value in {
         "--max-steps": t.max_steps,
         "--eval-every": t.eval_every,
-        "--max-prompt-length": d.max_prompt_length,
         "--max-grad-norm": t.max_grad_norm,
         "--save-every": t.save_every,
     }.items():
         if value is not None and not value > 0:
             raise DpokitError(f"{flag} must be positive (or none); got {value}")
-    if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
-        raise DpokitError(
-            f"--max-prompt-length ({d.max_prompt_length}) must be below --max-length ({d.max_length})"
-        )
     check_loss_config(lo)  # every loss option, --label-smoothing's range included
     if t.warmup_steps < 0 or not 0.0 <= t.warmup_ratio < 1.0:
         raise DpokitError("--warmup-steps must be >= 0 and --warmup-ratio in [0, 1)")
@@ -270,6 +290,21 @@ def validate(config: RunConfig) -> None:
     for flag, value in {"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2}.items():
         if not 0.0 <= value < 1.0:
             raise DpokitError(f"{flag} must be in [0, 1); got {value}")
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data section alone (shared by `train` and `data inspect`)."""
+    from dpokit.data.formats import parse_columns
+
+    if not d.max_length > 0:
+        raise DpokitError(f"--max-length must be a positive number; got {d.max_length}")
+    if d.max_prompt_length is not None and not d.max_prompt_length > 0:
+        raise DpokitError(f"--max-prompt-length must be positive (or none); got {d.max_prompt_length}")
+    if d.max_prompt_length is not None and d.max_prompt_length >= d.max_length:
+        raise DpokitError(
+            f"--max-prompt-length ({d.max_prompt_length}) must be below --max-length ({d.max_length})"
+        )
+    parse_columns(d.columns)
 
 
 def dump_yaml(config: RunConfig) -> str:

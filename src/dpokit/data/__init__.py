@@ -1,25 +1,47 @@
-"""Preference data: read rows, tokenize pairs, batch them."""
+"""Preference data: read rows, normalise them to pairs, tokenize pairs, batch them."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from dpokit.data.read import PreferencePair, read_jsonl_pairs
+from dpokit.data.formats import PreferencePair, ReadStats
+from dpokit.data.read import read_pairs
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair, TokenizeStats
 from dpokit.errors import DpokitError
 
-__all__ = ["PairTokenizer", "PreferencePair", "TokenizeStats", "TokenizedPair", "load_tokenized_pairs"]
+__all__ = ["PairTokenizer", "PreferencePair", "ReadStats", "TokenizeStats", "TokenizedPair",
+           "load_tokenized_pairs", "read_pairs", "skip_report"]
+
+_ROWS_SHOWN = 20
 
 
 def load_tokenized_pairs(
-    path: str, pair_tokenizer: PairTokenizer, log: Callable[[str], None] = print
+    path: str, pair_tokenizer: PairTokenizer, log: Callable[[str], None] = print, data=None
 ) -> list[TokenizedPair]:
-    """Read and tokenize a file of pairs, report what was cut or dropped, refuse an empty result."""
-    pairs, stats = pair_tokenizer.tokenize(read_jsonl_pairs(path))
-    log(f"{path}: {stats.summary()}")
+    """Read, normalise and tokenize a source of pairs (`data`: a DataConfig, default settings
+    when None); log what was skipped, cut or dropped, by reason and row; refuse an empty result."""
+    reader = read_pairs(path, data)
+    pairs, stats = pair_tokenizer.tokenize(reader, where=reader.source.where)
+    read = reader.stats
+    log(f"{path}: {read.rows_read} rows read ({read.layout} layout); {stats.summary()}")
+    for line in skip_report(read, stats):
+        log(f"{path}: {line}")
     if not pairs:
+        first = next(iter({**read.examples, **stats.examples}.values()), None)
         raise DpokitError(
-            f"{path}: no usable pairs after tokenization ({stats.summary()}); "
-            "raise --max-length or check the data"
+            f"{path}: no usable pairs ({stats.summary()})"
+            + (f"; first problem: {first}" if first else "; raise --max-length or check the data")
         )
     return pairs
+
+
+def skip_report(read: ReadStats, stats: TokenizeStats, rows_shown: int = _ROWS_SHOWN) -> list[str]:
+    """One line per skip reason: how many rows, which ones, and the first row's problem."""
+    lines = []
+    for reason, rows in {**read.skipped, **stats.skipped}.items():
+        unit = read.unit + ("s" if len(rows) > 1 else "")
+        shown = ", ".join(map(str, rows[:rows_shown])) + (", ..." if len(rows) > rows_shown else "")
+        example = read.examples.get(reason) or stats.examples.get(reason, "")
+        example = example.removeprefix(f"{read.source}, ")
+        lines.append(f"skipped {len(rows)} ({reason}) at {unit} {shown} - e.g. {example}")
+    return lines

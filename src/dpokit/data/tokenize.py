@@ -1,30 +1,47 @@
-"""Pairs of strings -> token ids, with BOS once, EOS once and an exact prompt/response boundary.
+"""Canonical pairs -> token ids, with BOS once, EOS once and an exact prompt/response boundary.
 
 The rules, in order (README "How pairs are tokenized" repeats them for users):
 
-1. Special tokens: the prompt starts with BOS exactly once when the tokenizer itself adds BOS
-   (a BOS already written into the text is not doubled); each response ends with EOS exactly
-   once (an EOS already written at its end is not doubled).
+0. Rendering: text pairs are used as written, the sequence being `prompt + response`.
+   Conversational pairs go through the tokenizer's chat template (or `--chat-template`): the
+   prompt is the conversation rendered with the generation prompt, and each response is the text
+   the full conversation (prompt + reply) renders to after it. If the prompt's rendering is not a
+   prefix of the full rendering the boundary is undefined: the row is skipped as
+   `template_boundary` (a template that raises for a row: `template_error`).
+1. Special tokens: the prompt starts with BOS exactly once when the tokenizer itself adds BOS or
+   the rendered text already starts with it (a template that writes BOS is not doubled by the
+   tokenizer, and a BOS written into the text is not doubled either). Each response ends with EOS
+   exactly once: an EOS already at its end is not doubled, and whitespace a template writes after
+   its own EOS (`<|im_end|>\\n`) is dropped, since generation stops at EOS and never produces it.
+   A response holding BOS, or EOS before its end (a literal `</s>` in the text, say), cannot
+   satisfy this: the row is skipped (`special_token_in_response`).
 2. Boundary: a response's tokens are the tokens of the full text `prompt + response` after the
    prompt's own tokens. When the tokenizer merges characters across the boundary (the full
    text's tokens do not start with the prompt's), the prompt keeps its stand-alone tokens -
    the ones a model sees at generation time - and the response is tokenized on its own; such
    pairs are counted as `boundary_merges`.
-3. Truncation, only when prompt + the longer response exceed `max_length`: the prompt is cut
-   from the left to `max_prompt_length` tokens (BOS kept) if that is set, then both responses
-   are cut from the right to the room left (a cut response loses its EOS, since it did not
-   end). A pair whose prompt leaves no room for a single response token is dropped.
-4. Pairs whose chosen and rejected tokens are identical carry no preference: dropped.
-Every cut and drop is counted in `TokenizeStats`.
+3. Truncation, only when prompt + the longer response exceed `max_length`: the prompt is cut to
+   `max_prompt_length` tokens if that is set - from the left by default (`keep_end`: BOS and the
+   prompt's end are kept), from the right with `keep_start` - then both responses are cut from
+   the right to the room left (a cut response loses its EOS, since it did not end). A pair whose
+   prompt leaves no room for a single response token is dropped (`prompt_too_long`).
+4. Pairs whose chosen and rejected tokens are identical carry no preference: dropped
+   (`identical_tokens`).
+Every cut and drop is counted in `TokenizeStats`, with the row numbers of the drops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
 
-from dpokit.data.read import PreferencePair
+from dpokit.data.formats import PreferencePair, RowSkip, first_difference
 from dpokit.errors import DpokitError
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+_CHUNK = 512  # pairs encoded per batched tokenizer call
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,7 @@ class TokenizedPair:
     chosen_ids: tuple[int, ...]
     rejected_ids: tuple[int, ...]
     index: int
+    scores: tuple[float, float] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,94 +61,243 @@ class TokenizedPair:
 
 
 @dataclass
+class EncodedPair:
+    """A pair's ids after rules 0-2, before truncation (what the data doctor measures)."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    index: int
+    scores: tuple[float, float] | None = None
+
+
+@dataclass
 class TokenizeStats:
     rows: int = 0
     kept: int = 0
     prompts_cut: int = 0
     responses_cut: int = 0
+    rows_cut: int = 0
     dropped_prompt_too_long: int = 0
     dropped_identical: int = 0
     boundary_merges: int = 0
     dropped_rows: list[int] = field(default_factory=list)
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+    where: Callable[[int], str] = field(default=lambda n: f"row {n}", repr=False, compare=False)
+
+    def drop(self, reason: str, row: int, message: str) -> None:
+        self.dropped_rows.append(row)
+        self.skipped.setdefault(reason, []).append(row)
+        self.examples.setdefault(reason, message)
 
     def summary(self) -> str:
+        skipped = sum(len(rows) for reason, rows in self.skipped.items()
+                      if reason not in ("prompt_too_long", "identical_tokens"))
         return (
             f"{self.kept}/{self.rows} pairs kept; {self.prompts_cut} prompts and {self.responses_cut} "
             f"responses cut to fit; dropped {self.dropped_prompt_too_long} with a prompt too long, "
-            f"{self.dropped_identical} with chosen == rejected; {self.boundary_merges} boundary merges"
+            f"{self.dropped_identical} with chosen == rejected tokens"
+            + (f", {skipped} that cannot be tokenized exactly (see below)" if skipped else "")
+            + f"; {self.boundary_merges} boundary merges"
         )
 
 
 class PairTokenizer:
     """Applies the module's rules with one Hugging Face tokenizer and one set of limits."""
 
-    def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None):
+    def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
+                 truncation_mode: str = "keep_end", strict: bool = False):
         if tokenizer.eos_token_id is None:
             raise DpokitError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
+        if truncation_mode not in TRUNCATION_MODES:
+            raise DpokitError(f"--truncation-mode must be one of {', '.join(TRUNCATION_MODES)}; "
+                              f"got {truncation_mode!r}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
+        self.truncation_mode = truncation_mode
+        self.strict = strict
         self.eos_id: int = tokenizer.eos_token_id
-        self.bos_id: int | None = tokenizer.bos_token_id if _tokenizer_adds_bos(tokenizer) else None
+        self.bos_id: int | None = tokenizer.bos_token_id
+        self.adds_bos = _tokenizer_adds_bos(tokenizer)
+        self._blank: dict[int, bool] = {}
+
+    @classmethod
+    def from_config(cls, tokenizer, data) -> PairTokenizer:
+        """Build from a `DataConfig`; `--chat-template FILE` replaces the tokenizer's template
+        (so a tokenizer saved afterwards carries the template the model was trained with)."""
+        if data.chat_template:
+            tokenizer.chat_template = read_chat_template(data.chat_template)
+        return cls(tokenizer, data.max_length, data.max_prompt_length, data.truncation_mode, data.strict)
+
+    # --- rule 0: rendering ----------------------------------------------------------------------
+
+    def render(self, pair: PreferencePair) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
+        if not pair.is_chat:
+            return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
+        prompt = self._apply_template(pair.prompt, add_generation_prompt=True)
+        texts = [prompt]
+        for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            full = self._apply_template([*pair.prompt, *reply], add_generation_prompt=False)
+            if not full.startswith(prompt):
+                at = first_difference(prompt, full)
+                raise RowSkip("template_boundary", f"the chat template renders the prompt differently alone and "
+                                                   f"followed by '{name}' (from character {at})")
+            texts.append(full[len(prompt):])
+        return texts[0], texts[1], texts[2]
+
+    def _apply_template(self, messages, add_generation_prompt: bool) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise DpokitError("conversational data needs a chat template, and this tokenizer has none; "
+                              "pass --chat-template FILE.jinja")
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # noqa: BLE001 - jinja raises its own types, templates raise_exception
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RowSkip("template_error", f"the chat template failed: {first}") from None
+
+    # --- rules 1 and 2: ids with an exact boundary ---------------------------------------------
+
+    def encode(self, pairs: Sequence[PreferencePair], stats: TokenizeStats) -> list[EncodedPair]:
+        """Rules 0-2 for a chunk of pairs (one batched tokenizer call per field)."""
+        rendered = []
+        for pair in pairs:
+            stats.rows += 1
+            try:
+                rendered.append((pair, self.render(pair)))
+            except RowSkip as bad:
+                self._skip(stats, bad.reason, pair.index, str(bad))
+        if not rendered:
+            return []
+        prompts = self._encode([p for _, (p, _, _) in rendered])
+        full_chosen = self._encode([p + c for _, (p, c, _) in rendered])
+        full_rejected = self._encode([p + r for _, (p, _, r) in rendered])
+        out = []
+        for (pair, (_, chosen_text, rejected_text)), prompt, fc, fr in zip(
+            rendered, prompts, full_chosen, full_rejected, strict=True
+        ):
+            chosen, merged_c = self._response_ids(prompt, fc, chosen_text)
+            rejected, merged_r = self._response_ids(prompt, fr, rejected_text)
+            chosen, rejected = self._with_one_eos(chosen), self._with_one_eos(rejected)
+            problem = self._special_inside(chosen, "chosen") or self._special_inside(rejected, "rejected")
+            if problem:
+                # A BOS, or an EOS before the end, inside a response (often a literal "</s>" in scraped
+                # text) would teach the model to stop and carry on: no exact tokenization exists.
+                self._skip(stats, "special_token_in_response", pair.index, problem)
+                continue
+            stats.boundary_merges += merged_c or merged_r
+            out.append(EncodedPair(self._with_one_bos(prompt), chosen, rejected, pair.index, pair.scores))
+        return out
+
+    def _special_inside(self, ids: list[int], name: str) -> str | None:
+        if self.eos_id in ids[:-1]:
+            return f"field '{name}' contains the EOS token {self.tokenizer.eos_token!r} before its end"
+        if self.bos_id is not None and self.bos_id in ids:
+            return f"field '{name}' contains the BOS token {self.tokenizer.bos_token!r}"
+        return None
+
+    def _skip(self, stats: TokenizeStats, reason: str, index: int, problem: str) -> None:
+        message = f"{stats.where(index)}: {problem}"
+        if self.strict:
+            raise DpokitError(f"{message} (--strict)")
+        stats.drop(reason, index, message)
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-
-    def tokenize(self, pairs: Sequence[PreferencePair]) -> tuple[list[TokenizedPair], TokenizeStats]:
-        stats = TokenizeStats(rows=len(pairs))
-        prompts = self._encode([p.prompt for p in pairs])
-        full_chosen = self._encode([p.prompt + p.chosen for p in pairs])
-        full_rejected = self._encode([p.prompt + p.rejected for p in pairs])
-        out = []
-        for pair, prompt, fc, fr in zip(pairs, prompts, full_chosen, full_rejected, strict=True):
-            chosen, merged_c = self._response_ids(prompt, fc, pair.chosen)
-            rejected, merged_r = self._response_ids(prompt, fr, pair.rejected)
-            stats.boundary_merges += merged_c or merged_r
-            tokenized = self._assemble(prompt, chosen, rejected, pair.index, stats)
-            if tokenized is not None:
-                out.append(tokenized)
-        stats.kept = len(out)
-        return out, stats
 
     def _response_ids(self, prompt: list[int], full: list[int], response: str) -> tuple[list[int], bool]:
         if full[: len(prompt)] == prompt:
             return full[len(prompt) :], False
         return self._encode([response])[0], True
 
-    def _assemble(
-        self, prompt: list[int], chosen: list[int], rejected: list[int], index: int, stats: TokenizeStats
-    ) -> TokenizedPair | None:
-        if self.bos_id is not None:
-            while prompt and prompt[0] == self.bos_id:
-                prompt = prompt[1:]
-            prompt = [self.bos_id, *prompt]
-        chosen, rejected = _with_one_eos(chosen, self.eos_id), _with_one_eos(rejected, self.eos_id)
+    def _with_one_bos(self, prompt: list[int]) -> list[int]:
+        if self.bos_id is None:
+            return prompt
+        had_bos = bool(prompt) and prompt[0] == self.bos_id
+        start = 0
+        while start < len(prompt) and prompt[start] == self.bos_id:
+            start += 1
+        return ([self.bos_id] if self.adds_bos or had_bos else []) + prompt[start:]
 
+    def _with_one_eos(self, ids: list[int]) -> list[int]:
+        end = len(ids)
+        while end and ids[end - 1] != self.eos_id and self._is_blank(ids[end - 1]):
+            end -= 1
+        if end and ids[end - 1] == self.eos_id:
+            ids = ids[:end]  # whatever a template writes after its own EOS is never generated
+        while ids and ids[-1] == self.eos_id:
+            ids = ids[:-1]
+        return [*ids, self.eos_id]
+
+    def _is_blank(self, token_id: int) -> bool:
+        if token_id not in self._blank:
+            self._blank[token_id] = not self.tokenizer.decode([token_id]).strip()
+        return self._blank[token_id]
+
+    # --- rules 3 and 4: truncation and identical pairs -----------------------------------------
+
+    def fit(self, pair: EncodedPair, stats: TokenizeStats) -> TokenizedPair | None:
+        prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
         if len(prompt) + max(len(chosen), len(rejected)) > self.max_length:
+            cut = False
             keep = self.max_prompt_length
             if keep is not None and len(prompt) > keep:
-                head = prompt[:1] if self.bos_id is not None else []
-                prompt = head + prompt[len(prompt) - (keep - len(head)) :]
+                if self.truncation_mode == "keep_start":
+                    prompt = prompt[:keep]
+                else:
+                    head = prompt[:1] if self.bos_id is not None and prompt[:1] == [self.bos_id] else []
+                    prompt = head + prompt[len(prompt) - (keep - len(head)) :]
                 stats.prompts_cut += 1
+                cut = True
             room = self.max_length - len(prompt)
             if room < 1:
                 stats.dropped_prompt_too_long += 1
-                stats.dropped_rows.append(index)
+                stats.drop("prompt_too_long", pair.index, f"{stats.where(pair.index)}: the prompt alone has "
+                                                          f"{len(prompt)} tokens (--max-length {self.max_length})")
                 return None
             if max(len(chosen), len(rejected)) > room:
                 chosen, rejected = chosen[:room], rejected[:room]
                 stats.responses_cut += 1
+                cut = True
+            stats.rows_cut += cut
         if chosen == rejected:
             stats.dropped_identical += 1
-            stats.dropped_rows.append(index)
+            stats.drop("identical_tokens", pair.index, f"{stats.where(pair.index)}: chosen and rejected have the same tokens")
             return None
-        return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), index)
+        return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.index, pair.scores)
+
+    # --- everything -----------------------------------------------------------------------------
+
+    def iter_encoded(self, pairs: Iterable[PreferencePair], stats: TokenizeStats) -> Iterator[EncodedPair]:
+        iterator = iter(pairs)
+        while chunk := list(islice(iterator, _CHUNK)):
+            yield from self.encode(chunk, stats)
+
+    def tokenize(self, pairs: Iterable[PreferencePair],
+                 where: Callable[[int], str] = lambda n: f"row {n}") -> tuple[list[TokenizedPair], TokenizeStats]:
+        """All rules over an iterable of pairs, encoded in chunks (the input is read once)."""
+        stats = TokenizeStats(where=where)
+        out = []
+        for encoded in self.iter_encoded(pairs, stats):
+            tokenized = self.fit(encoded, stats)
+            if tokenized is not None:
+                out.append(tokenized)
+        stats.kept = len(out)
+        return out, stats
 
 
-def _with_one_eos(ids: list[int], eos_id: int) -> list[int]:
-    while ids and ids[-1] == eos_id:
-        ids = ids[:-1]
-    return [*ids, eos_id]
+def read_chat_template(path: str) -> str:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DpokitError(f"--chat-template {path} does not exist")
+    try:
+        return file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DpokitError(f"--chat-template {path}: cannot read it ({exc})") from None
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

@@ -106,9 +106,9 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
     # --- data, models, optimizer ---------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model, cfg.model.trust_remote_code)
-    pair_tokenizer = PairTokenizer(tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log)
-    eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log) if cfg.data.eval_data else []
+    pair_tokenizer = PairTokenizer.from_config(tokenizer, cfg.data)
+    train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log, cfg.data)
+    eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log, cfg.data) if cfg.data.eval_data else []
 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code)
     policy.train()

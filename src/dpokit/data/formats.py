@@ -1,0 +1,385 @@
+"""Rows -> canonical pairs: detect the layout, map columns, check each row, count what is skipped.
+
+Layouts (`--data-format`, `auto` detects from the first row that has a usable `chosen`):
+
+- `standard`: `prompt`, `chosen`, `rejected` strings; the sequence is `prompt + response`
+  exactly as written (no separator is added).
+- `implicit`: `chosen`, `rejected` full transcripts (Anthropic HH-RLHF). Each is split after its
+  last `"\\n\\nAssistant:"`; the prompt is everything up to and including it. Rows whose two
+  transcripts differ before that point have no single prompt: skipped as `prompt_mismatch`.
+- `conversational`: `chosen`, `rejected` as lists of `{role, content}` messages, optionally with
+  a `prompt` (a string, meaning one user message, or a list of messages). A list holding more
+  than assistant messages is a whole conversation: it is split before its last assistant turn,
+  and that context must be the same for chosen and rejected and must end with `prompt` when one
+  is given (else `prompt_mismatch`).
+- `sharegpt`: `conversations` as `{from, value}` messages (human/gpt/system), and `chosen`,
+  `rejected` as one such message or a list of them.
+
+`--columns prompt=question,chosen=good,rejected=bad` renames columns first; a dotted source
+reaches into a nested field (`score_chosen=metadata.score`). Scores come from `score_chosen` and
+`score_rejected`, at the top level or inside one nested object (`metadata`), when both are
+numbers. Every other column is kept on the pair as `extra`.
+
+Rows skipped (each counted with its row number; `--strict` turns all but `tied_scores` into
+errors): `non_string` (a field that should be text is not), `malformed_messages`,
+`no_assistant_turn`, `prompt_mismatch`, `no_prompt`, `empty_response`, `identical` (chosen == rejected),
+`tied_scores` (only with `--drop-tied-scores`). A row that is not an object or lacks a column
+its layout needs is a broken file, not a bad row: that is always an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dpokit.data.sources import Row, RowSource
+from dpokit.errors import DpokitError
+
+LAYOUTS = ("standard", "implicit", "conversational", "sharegpt")
+COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "score_chosen", "score_rejected")
+HH_ASSISTANT = "\n\nAssistant:"
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
+                  "tool": "tool"}
+_DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
+
+Message = dict[str, str]
+Text = str | list[Message]
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One canonical pair. Text layouts hold strings; chat layouts hold message lists (the
+    prompt as the conversation so far, each response as the assistant message(s) that follow).
+    `index` is the row number (the line, for JSON Lines)."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    index: int
+    scores: tuple[float, float] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_chat(self) -> bool:
+        return not isinstance(self.chosen, str)
+
+
+@dataclass
+class ReadStats:
+    """What reading found. `skipped` maps reason -> row numbers; `examples` holds the first
+    message per reason, so a summary can say exactly what was wrong."""
+
+    source: str = ""
+    kind: str = ""
+    unit: str = "line"
+    layout: str = ""
+    rows_read: int = 0
+    rows_with_scores: int = 0
+    tied_scores: int = 0
+    skipped: dict[str, list[int]] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)
+
+    def skip(self, reason: str, row: int, message: str) -> None:
+        self.skipped.setdefault(reason, []).append(row)
+        self.examples.setdefault(reason, message)
+
+
+class RowSkip(Exception):
+    """A bad row (as opposed to a broken file): skipped and counted, or an error with --strict."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """`prompt=question,chosen=good` -> {"prompt": "question", "chosen": "good"}."""
+    if not spec:
+        return {}
+    mapping = {}
+    for item in spec.split(","):
+        target, eq, source = (part.strip() for part in item.partition("="))
+        if not eq or not target or not source:
+            raise DpokitError(f"--columns: expected NAME=COLUMN pairs separated by commas; got {item.strip()!r}")
+        if target not in COLUMN_TARGETS:
+            raise DpokitError(f"--columns: unknown name '{target}'; use {', '.join(COLUMN_TARGETS)}")
+        if target in mapping:
+            raise DpokitError(f"--columns: '{target}' is mapped twice")
+        mapping[target] = source
+    return mapping
+
+
+class PairReader:
+    """Iterate canonical pairs from a source; `stats` fills in as rows are read."""
+
+    def __init__(self, source: RowSource, layout: str = "auto", columns: str | None = None,
+                 strict: bool = False, drop_tied_scores: bool = False):
+        if layout not in ("auto", *LAYOUTS):
+            raise DpokitError(f"--data-format must be one of auto, {', '.join(LAYOUTS)}; got {layout!r}")
+        self.source, self.layout, self.strict = source, layout, strict
+        self.columns = parse_columns(columns)
+        self.drop_tied_scores = drop_tied_scores
+        self.stats = ReadStats(source=source.name, kind=source.kind, unit=source.unit)
+
+    def __iter__(self) -> Iterator[PreferencePair]:
+        rows = self.source.rows
+        layout = self.layout
+        buffered: list[tuple[int, Row]] = []
+        if layout == "auto":
+            layout, buffered = self._detect(rows)
+        self.stats.layout = layout
+        normalise = _LAYOUT_FUNCTIONS[layout]
+        for number, raw in _chain(buffered, rows):
+            self.stats.rows_read += 1
+            row = self._mapped(raw, number)
+            where = self.source.where(number)
+            scores = _scores(row)
+            if scores is not None:
+                self.stats.rows_with_scores += 1
+                self.stats.tied_scores += scores[0] == scores[1]
+            try:
+                prompt, chosen, rejected, used = normalise(row, where)
+                _check_responses(chosen, rejected)
+                if self.drop_tied_scores and scores is not None and scores[0] == scores[1]:
+                    self.stats.skip("tied_scores", number, f"{where}: tied scores {scores[0]}")
+                    continue
+            except RowSkip as bad:
+                message = f"{where}: {bad}"
+                if self.strict:
+                    raise DpokitError(f"{message} (--strict)") from None
+                self.stats.skip(bad.reason, number, message)
+                continue
+            extra = {k: v for k, v in row.items() if k not in used and k not in _SCORE_KEYS}
+            yield PreferencePair(prompt, chosen, rejected, number, scores, extra)
+        if self.stats.rows_read == 0:
+            raise DpokitError(f"data file {self.source.name} holds no rows")
+
+    def _mapped(self, raw: Row, number: int) -> Row:
+        if not self.columns:
+            return raw
+        row = dict(raw)
+        for target, source in self.columns.items():
+            value, found = _lookup(raw, source)
+            if not found:
+                raise DpokitError(
+                    f"{self.source.where(number)}: missing column '{source}' (mapped to {target} by --columns)"
+                )
+            if "." not in source:
+                row.pop(source, None)
+            row[target] = value
+        return row
+
+    def _detect(self, rows: Iterator[tuple[int, Row]]) -> tuple[str, list[tuple[int, Row]]]:
+        """Read ahead until a row shows the layout; return it and the rows read ahead."""
+        buffered: list[tuple[int, Row]] = []
+        for number, raw in rows:
+            buffered.append((number, raw))
+            row = self._mapped(raw, number)
+            layout = detect_layout(row, self.source.where(number), final=len(buffered) >= _DETECT_WITHIN)
+            if layout is not None:
+                return layout, buffered
+        if not buffered:
+            raise DpokitError(f"data file {self.source.name} holds no rows")
+        number, raw = buffered[0]
+        detect_layout(self._mapped(raw, number), self.source.where(number), final=True)
+        raise AssertionError("unreachable: detect_layout(final=True) returns or raises")
+
+
+def detect_layout(row: Row, where: str, final: bool = True) -> str | None:
+    """The layout a row is written in. With `final`, an undetectable row is an error."""
+    if "conversations" in row and "chosen" in row and "rejected" in row:
+        return "sharegpt"
+    if "chosen" in row and "rejected" in row:
+        chosen = row["chosen"]
+        if isinstance(chosen, list):
+            return "conversational"
+        if isinstance(chosen, str):
+            return "standard" if "prompt" in row else "implicit"
+        if not final:
+            return None
+        raise DpokitError(
+            f"{where}: cannot detect the layout: field 'chosen' must be a string or a list of messages, "
+            f"got {type(chosen).__name__}"
+        )
+    columns = ", ".join(sorted(row)) or "none"
+    raise DpokitError(
+        f"{where}: unknown layout (columns: {columns}); expected prompt/chosen/rejected, chosen/rejected "
+        "or conversations/chosen/rejected - map yours with --columns prompt=...,chosen=...,rejected=..."
+    )
+
+
+# --- layouts: row -> (prompt, chosen, rejected, columns used) ---------------------------------
+
+
+def _standard(row: Row, where: str):
+    _require(row, ("prompt", "chosen", "rejected"), "standard", where)
+    prompt, chosen, rejected = (_string(row, name) for name in ("prompt", "chosen", "rejected"))
+    return prompt, chosen, rejected, {"prompt", "chosen", "rejected"}
+
+
+def _implicit(row: Row, where: str):
+    _require(row, ("chosen", "rejected"), "implicit", where)
+    chosen, rejected = _string(row, "chosen"), _string(row, "rejected")
+    prompt_c, response_c = split_transcript(chosen, "chosen")
+    prompt_r, response_r = split_transcript(rejected, "rejected")
+    if prompt_c != prompt_r:
+        at = first_difference(prompt_c, prompt_r)
+        raise RowSkip("prompt_mismatch", f"chosen and rejected transcripts differ before the last assistant "
+                                         f"turn (from character {at})")
+    return prompt_c, response_c, response_r, {"chosen", "rejected", "prompt"}
+
+
+def split_transcript(text: str, name: str) -> tuple[str, str]:
+    """HH-RLHF transcript -> (everything up to and including the last assistant tag, the reply)."""
+    cut = text.rfind(HH_ASSISTANT)
+    if cut < 0:
+        raise RowSkip("no_assistant_turn", f"field '{name}' has no {HH_ASSISTANT!r} turn to split at")
+    cut += len(HH_ASSISTANT)
+    return text[:cut], text[cut:]
+
+
+def _conversational(row: Row, where: str):
+    _require(row, ("chosen", "rejected"), "conversational", where)
+    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    prompt = None
+    if "prompt" in row and row["prompt"] is not None:
+        value = row["prompt"]
+        prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(row, "prompt")
+    return (*_split_conversations(prompt, chosen, rejected), {"prompt", "chosen", "rejected", "messages"})
+
+
+def _sharegpt(row: Row, where: str):
+    _require(row, ("conversations", "chosen", "rejected"), "sharegpt", where)
+    prompt = _sharegpt_messages(row, "conversations")
+    chosen, rejected = _sharegpt_messages(row, "chosen"), _sharegpt_messages(row, "rejected")
+    return (*_split_conversations(prompt, chosen, rejected), {"conversations", "chosen", "rejected"})
+
+
+def _split_conversations(prompt, chosen, rejected):
+    """Explicit prompt and/or whole conversations -> (context, chosen reply, rejected reply)."""
+    context_c, reply_c = _split_last_assistant(chosen, "chosen")
+    context_r, reply_r = _split_last_assistant(rejected, "rejected")
+    if context_c is not None and context_r is not None and context_c != context_r:
+        raise RowSkip("prompt_mismatch", "chosen and rejected conversations differ before the last assistant turn")
+    context = context_c if context_c is not None else context_r
+    if context is None:
+        context = prompt
+    elif prompt is not None and context[len(context) - len(prompt):] != prompt:
+        raise RowSkip("prompt_mismatch", "the conversation in 'chosen' does not end with the row's 'prompt'")
+    if not context:
+        raise RowSkip("no_prompt", "no prompt: neither a 'prompt' field nor a user turn before the reply")
+    return context, reply_c, reply_r
+
+
+def _split_last_assistant(messages: list[Message], name: str):
+    if all(m["role"] == "assistant" for m in messages):
+        return None, messages
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message")
+    return messages[:last], messages[last:]
+
+
+_LAYOUT_FUNCTIONS = {"standard": _standard, "implicit": _implicit, "conversational": _conversational,
+                     "sharegpt": _sharegpt}
+_SCORE_KEYS = ("score_chosen", "score_rejected")
+
+
+# --- field checks -------------------------------------------------------------------------------
+
+
+def _require(row: Row, names: tuple[str, ...], layout: str, where: str) -> None:
+    for name in names:
+        if name not in row:
+            raise DpokitError(f"{where}: missing field '{name}' (layout {layout}; see --data-format, --columns)")
+
+
+def _string(row: Row, name: str) -> str:
+    value = row[name]
+    if not isinstance(value, str):
+        raise RowSkip("non_string", f"field '{name}' must be a string, got {_type(value)}")
+    return value
+
+
+def _messages(row: Row, name: str) -> list[Message]:
+    value = row[name]
+    if not isinstance(value, list) or not value:
+        raise RowSkip("malformed_messages", f"field '{name}' must be a non-empty list of messages, got {_type(value)}")
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
+        out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
+def _sharegpt_messages(row: Row, name: str) -> list[Message]:
+    value = row[name]
+    items = [value] if isinstance(value, dict) else value
+    if not isinstance(items, list) or not items:
+        raise RowSkip("malformed_messages", f"field '{name}' must be a message or a list of them, got {_type(value)}")
+    out = []
+    for i, message in enumerate(items):
+        role = SHAREGPT_ROLES.get(message.get("from")) if isinstance(message, dict) else None
+        if role is None or not isinstance(message.get("value"), str):
+            raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{from, value}} with from "
+                                                f"in {', '.join(sorted(SHAREGPT_ROLES))}")
+        out.append({"role": role, "content": message["value"]})
+    return out
+
+
+def _check_responses(chosen: Text, rejected: Text) -> None:
+    for name, response in (("chosen", chosen), ("rejected", rejected)):
+        text = response if isinstance(response, str) else "".join(m["content"] for m in response)
+        if not text.strip():
+            raise RowSkip("empty_response", f"field '{name}' is an empty response")
+    if chosen == rejected:
+        raise RowSkip("identical", "chosen and rejected are identical (no preference)")
+
+
+def _scores(row: Row) -> tuple[float, float] | None:
+    holders = [row] + [v for v in row.values() if isinstance(v, dict)]
+    for holder in holders:
+        if all(key in holder for key in _SCORE_KEYS):
+            pair = (_number(holder["score_chosen"]), _number(holder["score_rejected"]))
+            return None if None in pair else pair  # type: ignore[return-value]
+    return None
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _lookup(row: Row, dotted: str) -> tuple[Any, bool]:
+    value: Any = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None, False
+        value = value[part]
+    return value, True
+
+
+def first_difference(a: str, b: str) -> int:
+    """Index of the first character where two strings differ (or the shorter one's length)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _chain(first: list, rest: Iterator):
+    yield from first
+    yield from rest

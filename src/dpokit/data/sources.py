@@ -1,0 +1,245 @@
+"""Where rows come from: a local file or folder, or a Hugging Face hub dataset, read once.
+
+`open_source(spec)` returns a `RowSource` whose `rows` iterator yields `(number, dict)` once per
+row; nothing is materialised twice, so a large file costs one parse. Row numbers are what an
+error message names: the line for JSON Lines, the 1-based row (header excluded) for everything
+else.
+
+Accepted specs:
+- `*.jsonl` / `*.ndjson` (and a `*.json` file that is not a JSON array): JSON Lines;
+- `*.json` starting with `[`: a JSON array of objects;
+- `*.csv` / `*.tsv`: a header row, then one pair per row (string fields only);
+- `*.parquet`: read in record batches with pyarrow;
+- a folder written by `datasets.save_to_disk` (`folder` or `folder:split` for a DatasetDict);
+- a hub dataset id, `org/name` or `org/name:split` (default split `train`), when online.
+`datasets`/`pyarrow` are imported only for the last three, so JSON Lines training never pays
+for them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import DpokitError
+
+Row = dict[str, Any]
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+_BATCH = 1024
+
+
+@dataclass
+class RowSource:
+    """One opened source. `where(n)` names row n in messages, e.g. `data.jsonl, line 7`."""
+
+    name: str
+    kind: str
+    unit: str
+    rows: Iterator[tuple[int, Row]]
+
+    def where(self, number: int) -> str:
+        return f"{self.name}, {self.unit} {number}"
+
+
+def open_source(spec: str | Path) -> RowSource:
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _saved_dataset(path, None, spec)
+    if path.is_file():
+        return _local_file(path, spec)
+    folder, _, split = spec.rpartition(":")
+    if folder and Path(folder).expanduser().is_dir():
+        return _saved_dataset(Path(folder).expanduser(), split, spec)
+    if _HUB_ID.match(spec) and not spec.lower().endswith(FILE_SUFFIXES) and not path.parent.is_dir():
+        name, _, split = spec.partition(":")
+        return _hub_dataset(name, split or "train")
+    raise DpokitError(f"data file {spec} does not exist")
+
+
+def _local_file(path: Path, name: str) -> RowSource:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return RowSource(name, "parquet", "row", _parquet_rows(path, name))
+    if suffix in (".csv", ".tsv"):
+        return RowSource(name, suffix[1:], "row", _csv_rows(path, name, "\t" if suffix == ".tsv" else ","))
+    handle = _open_text(path, name)
+    first = _first_char(handle, name)
+    if suffix == ".json" and first == "[":
+        return RowSource(name, "json", "row", _json_array_rows(handle, name))
+    return RowSource(name, "jsonl", "line", _jsonl_rows(handle, name))
+
+
+def _open_text(path: Path, name: str):
+    try:
+        return path.open(encoding="utf-8", newline="")
+    except OSError as exc:
+        raise DpokitError(f"cannot read data file {name}: {exc.strerror}") from None
+
+
+def _first_char(handle, name: str) -> str:
+    """The first non-blank character, leaving the handle rewound."""
+    try:
+        while chunk := handle.read(4096):
+            stripped = chunk.lstrip()
+            if stripped:
+                handle.seek(0)
+                return stripped[0]
+    except UnicodeDecodeError:
+        raise DpokitError(f"{name}: not UTF-8 text") from None
+    handle.seek(0)
+    return ""
+
+
+def _jsonl_rows(handle, name: str) -> Iterator[tuple[int, Row]]:
+    line_no = 0
+    with handle:
+        try:
+            for line_no, line in enumerate(handle, start=1):  # noqa: B007 - used after a decode error
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DpokitError(
+                        f"{name}, line {line_no}: not valid JSON ({exc.msg} at column {exc.colno})"
+                    ) from None
+                yield line_no, _object(row, f"{name}, line {line_no}")
+        except UnicodeDecodeError:
+            raise DpokitError(f"{name}: not UTF-8 text (line {line_no + 1})") from None
+
+
+def _json_array_rows(handle, name: str) -> Iterator[tuple[int, Row]]:
+    with handle:
+        try:
+            rows = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise DpokitError(
+                f"{name}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        except UnicodeDecodeError:
+            raise DpokitError(f"{name}: not UTF-8 text") from None
+    for number, row in enumerate(rows, start=1):
+        yield number, _object(row, f"{name}, row {number}")
+
+
+def _object(row: Any, where: str) -> Row:
+    if not isinstance(row, dict):
+        raise DpokitError(f"{where}: expected a JSON object (one pair per row), got {type(row).__name__}")
+    return row
+
+
+def _csv_rows(path: Path, name: str, delimiter: str) -> Iterator[tuple[int, Row]]:
+    # Long responses exceed csv's default 128 KiB field limit; raise it for this read.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    handle = _open_text(path, name)
+    number = 0
+    try:
+        with handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            header = next(reader, None)
+            if not header:
+                raise DpokitError(f"{name}: no header row")
+            for number, values in enumerate(reader, start=1):  # noqa: B007 - used after an error
+                if not values:
+                    continue
+                if len(values) != len(header):
+                    raise DpokitError(
+                        f"{name}, row {number}: {len(values)} fields but the header has {len(header)}"
+                    )
+                yield number, dict(zip(header, values, strict=True))
+    except csv.Error as exc:
+        raise DpokitError(f"{name}, row {number + 1}: not valid CSV ({exc})") from None
+    except UnicodeDecodeError:
+        raise DpokitError(f"{name}: not UTF-8 text (row {number + 1})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _parquet_rows(path: Path, name: str) -> Iterator[tuple[int, Row]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DpokitError(f"{name}: reading parquet needs pyarrow (pip install datasets)") from None
+    try:
+        parquet = pq.ParquetFile(path)
+        batches = parquet.iter_batches(batch_size=_BATCH)
+        number = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                yield number, row
+    except DpokitError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types; the user needs one line
+        raise DpokitError(f"{name}: cannot read parquet ({_first_line(exc)})") from None
+
+
+def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
+    if not ((folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()):
+        raise DpokitError(f"data path {name} is a folder but not one written by datasets.save_to_disk")
+    try:
+        import datasets
+    except ImportError:
+        raise DpokitError(f"{name}: reading a saved dataset needs `pip install datasets`") from None
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except Exception as exc:  # noqa: BLE001
+        raise DpokitError(f"{name}: cannot load the saved dataset ({_first_line(exc)})") from None
+    return RowSource(name, "saved dataset", "row", _dataset_rows(_pick_split(loaded, split, name), name))
+
+
+def _hub_dataset(name: str, split: str) -> RowSource:
+    try:
+        import datasets
+    except ImportError:
+        raise DpokitError(f"{name}: reading a hub dataset needs `pip install datasets`") from None
+    try:
+        loaded = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - offline, missing, gated, bad split: all one line
+        raise DpokitError(
+            f"data {name} is not a local file and could not be loaded from the hub "
+            f"(split {split}): {_first_line(exc)}"
+        ) from None
+    return RowSource(f"{name}:{split}", "hub dataset", "row", _dataset_rows(loaded, name))
+
+
+def _pick_split(loaded, split: str | None, name: str):
+    splits = list(loaded.keys()) if hasattr(loaded, "keys") and not hasattr(loaded, "features") else None
+    if splits is None:
+        if split:
+            raise DpokitError(f"{name}: this saved dataset has no splits; drop ':{split}'")
+        return loaded
+    if split is None:
+        if len(splits) == 1 or "train" in splits:
+            split = splits[0] if len(splits) == 1 else "train"
+        else:
+            raise DpokitError(f"{name}: holds splits {', '.join(splits)}; choose one with {name}:SPLIT")
+    if split not in splits:
+        raise DpokitError(f"{name}: no split '{split}' (splits: {', '.join(splits)})")
+    return loaded[split]
+
+
+def _dataset_rows(dataset, name: str) -> Iterator[tuple[int, Row]]:
+    number = 0
+    try:
+        for batch in dataset.iter(batch_size=_BATCH):
+            columns = list(batch)
+            for values in zip(*(batch[c] for c in columns), strict=True):
+                number += 1
+                yield number, dict(zip(columns, values, strict=True))
+    except Exception as exc:  # noqa: BLE001
+        raise DpokitError(f"{name}, row {number + 1}: cannot read ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
