@@ -67,6 +67,7 @@ class RewardModelJudge:
         # The model finds each row's last real token through pad_token_id.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # keep the end of a long text: the response is judged
         self.model.to(device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
         limit = getattr(self.model.config, "max_position_embeddings", None)
@@ -78,8 +79,6 @@ class RewardModelJudge:
         for start in range(0, len(prompts), self.batch_size):
             texts = [p + r for p, r in zip(prompts[start:start + self.batch_size],
                                            responses[start:start + self.batch_size], strict=True)]
-            # Keep the end of a long text: the response is what is judged.
-            self.tokenizer.truncation_side = "left"
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                  return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits.float()

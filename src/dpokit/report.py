@@ -112,7 +112,8 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
                     linestyle="-", linewidth=1, label=method)
         for i, p in enumerate(mine):
             # Neighbouring points often sit close together: alternate the label above and below.
-            ax.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), textcoords="offset points",
+            label = f"β={p['beta']:g}" if p.get("beta") is not None else method
+            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
                         xytext=(6, 6 if i % 2 == 0 else -13), fontsize=8, color=color)
     for p in points:
         if p["method"] == "reference":

@@ -81,10 +81,20 @@ def prompt_text(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]:
-    """Token ids of a prompt as training sees it: BOS exactly once when the tokenizer uses BOS."""
+def training_bos_id(tokenizer) -> int | None:
+    """The BOS id training puts before every prompt, or None for tokenizers without one (GPT-2)."""
     from dpokit.data.tokenize import PairTokenizer
 
+    return PairTokenizer(tokenizer, max_length=2).bos_id
+
+
+_UNSET = object()
+
+
+def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt", bos_id: int | None | object = _UNSET) -> list[int]:
+    """Token ids of a prompt as training sees it: BOS exactly once when the tokenizer uses BOS."""
+    if bos_id is _UNSET:
+        bos_id = training_bos_id(tokenizer)
     if isinstance(prompt, list):
         if not getattr(tokenizer, "chat_template", None):
             raise DpokitError(f"{where} is a list of chat messages but the tokenizer has no chat template")
@@ -92,7 +102,6 @@ def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt") -> list[int]
     else:
         text = prompt
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos_id = PairTokenizer(tokenizer, max_length=2).bos_id  # the training rule for BOS
     if bos_id is not None:
         while ids and ids[0] == bos_id:
             ids = ids[1:]
@@ -194,7 +203,8 @@ def generate_completions(
     stop_ids = _stop_ids(model, tokenizer)
     gen_config = _generation_config(stop_ids, pad_id, temperature=temperature, top_p=top_p, top_k=top_k,
                                     max_new_tokens=max_new_tokens)
-    encoded = [encode_prompt(tokenizer, p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    bos_id = training_bos_id(tokenizer)
+    encoded = [encode_prompt(tokenizer, p, f"prompt {i + 1}", bos_id) for i, p in enumerate(prompts)]
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
     done: dict[int, list[Completion]] = {}
     next_to_yield = 0
