@@ -40,7 +40,7 @@ def test_help_documents_every_option_with_its_default():
     text = " ".join(proc.stdout.split())
     for _, f in iter_options():
         assert "--" + f.name.replace("_", "-") in text, f.name
-    assert "(default: 0.1)" in text and "(default: 5e-07)" in text
+    assert "(default 0.1)" in text and "(default: 5e-07)" in text
 
 
 def test_yaml_then_flags_take_precedence(tmp_path):

@@ -309,3 +309,84 @@ def validate_data(d: DataConfig) -> None:
 
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# --- Sections of the sampling, evaluation and sweep commands -------------------------------
+# They are not part of RunConfig (a training run does not sample), but follow its rules: one
+# dataclass field per option, names unique across every section, flags derived from the names
+# (`flag` in the metadata overrides the derived flag where the command line wants a short name).
+
+
+@dataclass
+class SamplingConfig:
+    num_samples: int = _opt(1, "completions drawn per prompt")
+    temperature: float = _opt(1.0, "sampling temperature; 0 = greedy decoding")
+    top_p: float = _opt(1.0, "nucleus sampling: keep the most likely tokens up to this probability mass (1 = off)")
+    top_k: int = _opt(0, "sample among the k most likely tokens only (0 = off)")
+    max_new_tokens: int = _opt(64, "most tokens generated per completion; generation also stops at EOS")
+    sample_seed: int = _opt(0, "sampling seed: same seed, prompts and settings give the same completions")
+    sample_batch_size: int = _opt(16, "sequences generated (and scored) per forward pass")
+
+    def is_ancestral(self) -> bool:
+        """True when completions are drawn from the model's own distribution, unmodified."""
+        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
+
+
+@dataclass
+class JudgeConfig:
+    prompts: str | None = _opt(
+        None, "JSON Lines file of prompts: rows with a 'prompt' field (text or chat messages); preference files work too"
+    )
+    max_prompts: int | None = _opt(None, "use only the first N prompts of --prompts (default: all)")
+    judge: str | None = _opt(
+        None, "scores (prompt, response): 'sentiment' (VADER), 'module:function', or a reward-model folder"
+    )
+    judge_batch_size: int = _opt(16, "responses scored per call of the judge")
+
+
+@dataclass
+class SweepConfig:
+    betas: str = _opt("0.01,0.05,0.1,0.3,1", "comma-separated β values, one training run each", flag="--beta")
+    losses: str = _opt("sigmoid", "comma-separated losses; every loss is trained at every β", flag="--loss")
+
+
+def validate_sampling(s: SamplingConfig) -> None:
+    """Fail fast on sampling settings that cannot work."""
+    checks = [
+        ("--num-samples", s.num_samples >= 1, "at least 1"),
+        ("--temperature", s.temperature >= 0 and math.isfinite(s.temperature), ">= 0"),
+        ("--top-p", 0 < s.top_p <= 1, "in (0, 1]"),
+        ("--top-k", s.top_k >= 0, ">= 0"),
+        ("--max-new-tokens", s.max_new_tokens >= 1, "at least 1"),
+        ("--sample-batch-size", s.sample_batch_size >= 1, "at least 1"),
+    ]
+    for flag, ok, rule in checks:
+        if not ok:
+            raise DpokitError(f"{flag} must be {rule}; got {getattr(s, flag[2:].replace('-', '_'))}")
+
+
+def parse_number_list(text: str, flag: str, kind: type = float) -> list:
+    """'0.01, 0.1,1' -> [0.01, 0.1, 1.0], with a one-line error naming the option."""
+    items = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not items:
+        raise DpokitError(f"{flag}: expected a comma-separated list, got {text!r}")
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise DpokitError(f"{flag}: expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+
+@dataclass
+class SampleCommandConfig:
+    prompt: str | None = _opt(None, "one prompt to complete (or use --prompts for a file)")
+    samples_output: str | None = _opt(
+        None, "JSON Lines file of {prompt, completions} rows, streamed as prompts finish (default: print)",
+        flag="--output",
+    )
+
+
+@dataclass
+class EvaluateCommandConfig:
+    reference: str | None = _opt(None, "the reference model folder (default: the base model a dpokit run names)")
+    json_output: bool = _opt(False, "print the figures as one JSON object instead of a table", flag="--json")
+    evaluation_output: str | None = _opt(None, "also write the figures as JSON to this file", flag="--output")

@@ -1,0 +1,75 @@
+"""Shared pieces of the command line: one-line argparse errors and options built from config fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from dpokit.config import build_config, coerce, iter_options, load_yaml
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump), pointing at --help."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_field(group, f: dataclasses.Field, help_override: str | None = None) -> None:
+    """One option from one config field: flag from the name (or `flag` metadata), help and default."""
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    help_text = help_override or f.metadata["help"]
+    if "default" not in help_text:
+        help_text += f" (default: {f.default})"
+    if str(f.type) == "bool":
+        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+        return
+    group.add_argument(
+        flag,
+        dest=f.name,
+        default=argparse.SUPPRESS,
+        choices=f.metadata.get("choices"),
+        metavar=flag[2:].upper().replace("-", "_") if not f.metadata.get("choices") else None,
+        help=help_text,
+    )
+
+
+def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of options; flags given here override it")
+    groups = {}
+    for section, f in iter_options():
+        if f.name not in skip:
+            add_field(groups.setdefault(section, parser.add_argument_group(f"{section} options")), f)
+
+
+def add_section(parser: argparse.ArgumentParser, title: str, cls: type, only: tuple[str, ...] = (),
+                 helps: dict[str, str] | None = None) -> None:
+    group = parser.add_argument_group(title)
+    for f in dataclasses.fields(cls):
+        if not only or f.name in only:
+            add_field(group, f, (helps or {}).get(f.name))
+
+
+def section_from_args(args: argparse.Namespace, cls: type, only: tuple[str, ...] = ()) -> dict:
+    """{field: value} for the options of `cls` given on the command line, coerced and checked."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        if hasattr(args, f.name) and (not only or f.name in only):
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            values[f.name] = coerce(getattr(args, f.name), f, flag)
+    return values
+
+
+def config_from_args(args: argparse.Namespace):
+    """Defaults < YAML (--config) < flags given on the command line."""
+    layers = []
+    if getattr(args, "config", None):
+        layers.append(load_yaml(args.config))
+    flags: dict[str, dict] = {}
+    for section, f in iter_options():
+        if hasattr(args, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            flags.setdefault(section, {})[f.name] = coerce(getattr(args, f.name), f, flag)
+    layers.append(flags)
+    return build_config(*layers)

@@ -1,0 +1,51 @@
+"""`dpokit data inspect`: the data doctor from the command line."""
+
+from __future__ import annotations
+
+import argparse
+
+from dpokit.cli.common import Parser, add_field
+from dpokit.config import coerce, iter_options
+
+_INSPECT_SKIPS = ("data", "eval_data")
+
+
+def add_data_command(sub) -> None:
+    data = sub.add_parser("data", help="inspect preference data (the data doctor)",
+                          description="Tools for preference data.")
+    data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=Parser, required=True)
+    inspect = data_sub.add_parser(
+        "inspect", help="report rows kept and skipped, lengths, truncation, duplicates, ties and length bias",
+        description="Read PATH exactly as `dpokit train` would and report on it. With --model, lengths are tokens "
+        "and truncation is estimated; without it, lengths are characters. Exits 1 when no row is usable.")
+    inspect.add_argument("path", metavar="PATH", help="any source --data accepts")
+    inspect.add_argument("--model", help="model folder or hub id whose tokenizer (and chat template) to use")
+    inspect.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own Python code")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    inspect.add_argument("--plot", metavar="FILE.png", help="also write length histograms to this PNG")
+    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    group = inspect.add_argument_group("data options (as for train)")
+    for section, f in iter_options():
+        if section == "data" and f.name not in _INSPECT_SKIPS:
+            add_field(group, f)
+    inspect.set_defaults(func=_cmd_data_inspect)
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from dpokit.config import DataConfig, validate_data
+    from dpokit.data.inspect import format_report, inspect_data, report_json
+
+    data = DataConfig()
+    for section, f in iter_options():
+        if section == "data" and hasattr(args, f.name) and f.name not in _INSPECT_SKIPS:
+            setattr(data, f.name, coerce(getattr(args, f.name), f, "--" + f.name.replace("_", "-")))
+    validate_data(data)
+    tokenizer = None
+    if args.model:
+        from dpokit.models import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+    report = inspect_data(args.path, data, tokenizer, plot=args.plot)
+    print(report_json(report) if args.json else format_report(report))
+    return 0 if report["rows_kept"] else 1

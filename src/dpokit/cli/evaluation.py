@@ -1,0 +1,166 @@
+"""`dpokit sample`, `evaluate`, `sweep` and `report`: parse, build configs, call the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dpokit.cli.common import add_section as _add_section
+from dpokit.cli.common import add_train_options as _add_train_options
+from dpokit.cli.common import config_from_args
+from dpokit.cli.common import section_from_args as _section_from_args
+from dpokit.config import (
+    DataConfig,
+    EvaluateCommandConfig,
+    JudgeConfig,
+    LossConfig,
+    ModelConfig,
+    SampleCommandConfig,
+    SamplingConfig,
+    SweepConfig,
+    TrainConfig,
+    parse_number_list,
+    validate_sampling,
+)
+from dpokit.errors import DpokitError
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    choice = getattr(args, "progress", "auto")
+    return choice == "on" or (choice == "auto" and sys.stderr.isatty())
+
+
+def _model_options(args: argparse.Namespace) -> ModelConfig:
+    model = ModelConfig(**_section_from_args(args, ModelConfig))
+    if not model.model:
+        raise DpokitError("missing required option: --model")
+    return model
+
+
+def _sampling_options(args: argparse.Namespace) -> SamplingConfig:
+    sampling = SamplingConfig(**_section_from_args(args, SamplingConfig))
+    validate_sampling(sampling)
+    return sampling
+
+
+def _add_model_and_sampling(parser: argparse.ArgumentParser, model_help: str) -> None:
+    _add_section(parser, "model options", ModelConfig, helps={"model": model_help})
+    _add_section(parser, "sampling options", SamplingConfig)
+    _add_section(parser, "output options", TrainConfig, only=("progress",))
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from dpokit.sampling import check_prompt, read_prompts, run_sample
+
+    model, sampling = _model_options(args), _sampling_options(args)
+    command = SampleCommandConfig(**_section_from_args(args, SampleCommandConfig))
+    judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
+    if bool(command.prompt) == bool(judging.prompts):
+        raise DpokitError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
+    prompts = [check_prompt(command.prompt, "--prompt")] if command.prompt else read_prompts(
+        judging.prompts, judging.max_prompts)
+    run_sample(model.model, prompts, sampling, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
+               trust_remote_code=model.trust_remote_code, output=command.samples_output,
+               progress=_show_progress(args))
+    return 0
+
+
+def add_sample_command(sub) -> None:
+    parser = sub.add_parser("sample", help="sample completions from a model",
+                            description="Sample completions (KV cache, batched, seeded; chat template for "
+                            "message prompts; stops at EOS). Greedy with --temperature 0.")
+    _add_section(parser, "prompt and output options", SampleCommandConfig)
+    _add_section(parser, "prompt file options", JudgeConfig, only=("prompts", "max_prompts"))
+    parser.add_argument("--seed", dest="sample_seed", default=argparse.SUPPRESS, metavar="SEED",
+                        help="same as --sample-seed")
+    _add_model_and_sampling(parser, "the model to sample from: a model folder or hub id (required)")
+    parser.set_defaults(func=_cmd_sample)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from dpokit.evaluate import evaluate_models, format_table
+    from dpokit.io import atomic_write_text
+
+    model, sampling = _model_options(args), _sampling_options(args)
+    command = EvaluateCommandConfig(**_section_from_args(args, EvaluateCommandConfig))
+    data = DataConfig(**_section_from_args(args, DataConfig, only=("data", "max_length", "max_prompt_length")))
+    judging = JudgeConfig(**_section_from_args(args, JudgeConfig))
+    batch = _section_from_args(args, TrainConfig, only=("batch_size",)).get("batch_size", 8)
+    # --json keeps stdout for the JSON object alone; progress lines go to stderr.
+    log = (lambda line: print(line, file=sys.stderr)) if command.json_output else print
+    result = evaluate_models(
+        model.model, command.reference, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
+        trust_remote_code=model.trust_remote_code, data=data.data,
+        loss_overrides=_section_from_args(args, LossConfig), max_length=data.max_length,
+        max_prompt_length=data.max_prompt_length, batch_size=batch, prompts=judging.prompts,
+        max_prompts=judging.max_prompts, judge=judging.judge, judge_batch_size=judging.judge_batch_size,
+        sampling=sampling, progress=_show_progress(args), log=log)
+    if command.evaluation_output:
+        atomic_write_text(command.evaluation_output, json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1) if command.json_output else format_table(result))
+    return 0
+
+
+def add_evaluate_command(sub) -> None:
+    parser = sub.add_parser("evaluate", help="preference accuracy, judged reward, win rate and KL of a policy",
+                            description="Compare a policy with its reference: implicit-reward figures on "
+                            "preference pairs (--data), and on prompts (--prompts) the judged reward of each, "
+                            "the win rate (--judge) and KL(policy || reference) from policy samples.")
+    _add_section(parser, "evaluation options", EvaluateCommandConfig)
+    _add_section(parser, "preference data options", DataConfig, only=("data", "max_length", "max_prompt_length"),
+                 helps={"data": "preference pairs to compute reward accuracy and margins on"})
+    _add_section(parser, "implicit reward options (default: the run's own)", LossConfig)
+    _add_section(parser, "batch options", TrainConfig, only=("batch_size",))
+    _add_section(parser, "prompt and judge options", JudgeConfig)
+    _add_model_and_sampling(parser, "the policy to evaluate: a model folder (a dpokit run) or hub id (required)")
+    parser.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from dpokit.sweep import run_sweep
+
+    sweep = SweepConfig(**_section_from_args(args, SweepConfig))
+    betas = parse_number_list(sweep.betas, "--beta")
+    losses = [name.strip() for name in sweep.losses.split(",") if name.strip()]
+    base = config_from_args(args)
+    run_sweep(base, betas, losses, JudgeConfig(**_section_from_args(args, JudgeConfig)), _sampling_options(args))
+    return 0
+
+
+def add_sweep_command(sub) -> None:
+    parser = sub.add_parser("sweep", help="train per β (and loss), evaluate each, draw the reward-KL frontier",
+                            description="Train once per β (and per --loss), evaluate each run on --prompts with "
+                            "--judge, and write frontier.png and frontier.csv (judged reward vs KL) in --output.")
+    _add_section(parser, "sweep options", SweepConfig)
+    _add_section(parser, "prompt and judge options", JudgeConfig)
+    _add_section(parser, "sampling options", SamplingConfig)
+    _add_train_options(parser, skip=("beta", "loss"))
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    parser.set_defaults(func=_cmd_sweep)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dpokit.report import sample_before_after, write_report
+
+    judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
+    if judging.prompts:
+        model = ModelConfig(**_section_from_args(args, ModelConfig, only=("device", "dtype")))
+        sample_before_after(args.run_dir, judging.prompts, _sampling_options(args),
+                            max_prompts=judging.max_prompts or 4, device=model.device, dtype=model.dtype)
+    write_report(args.run_dir, log=print)
+    return 0
+
+
+def add_report_command(sub) -> None:
+    parser = sub.add_parser("report", help="training curves (PNG) and a one-page report.md of a run",
+                            description="Write training_curves.png and report.md into a run folder; with "
+                            "--prompts, also samples of the base model and the trained policy side by side.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a dpokit run folder (holding metrics.jsonl)")
+    _add_section(parser, "before/after samples", JudgeConfig, only=("prompts", "max_prompts"),
+                 helps={"max_prompts": "prompts sampled for the report (default here: 4)"})
+    _add_section(parser, "model options", ModelConfig, only=("device", "dtype"))
+    _add_section(parser, "sampling options", SamplingConfig)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    parser.set_defaults(func=_cmd_report)

@@ -1,0 +1,220 @@
+"""Pictures and a one-page summary of a run: training curves, the reward–KL frontier, report.md.
+
+matplotlib is imported lazily and used through its object API (`Figure` + the Agg canvas), so
+nothing here touches pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from dpokit.errors import DpokitError
+from dpokit.io import atomic_write_bytes, atomic_write_text
+
+Log = Callable[[str], None]
+
+CURVES_FILE = "training_curves.png"
+REPORT_FILE = "report.md"
+SAMPLES_FILE = "samples.json"
+EVALUATION_FILE = "evaluation.json"
+
+# Panels of the training-curve figure: title -> the metrics drawn in it.
+CURVE_PANELS = {
+    "loss": ["loss"],
+    "reward accuracy": ["rewards/accuracies"],
+    "reward margin": ["rewards/margins"],
+    "implicit rewards β·(log π − log π_ref)": ["rewards/chosen", "rewards/rejected"],
+    "summed response log-probs": ["logps/chosen", "logps/rejected"],
+    "learning rate": ["learning_rate"],
+}
+
+
+def _figure(width: float, height: float, ncols: int = 1, nrows: int = 1):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    return figure, figure.subplots(nrows, ncols, squeeze=False)
+
+
+def _save_png(figure, path: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DpokitError(f"{run_dir} is not a dpokit run folder (no metrics.jsonl)")
+    records = []
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise DpokitError(f"{path}, line {line_no}: not valid JSON") from None
+    return records
+
+
+def plot_training_curves(records: Sequence[dict], path: str | Path) -> Path:
+    """One panel per CURVE_PANELS entry; training lines solid, held-out (`eval_`) points dashed."""
+    figure, axes = _figure(13, 7, ncols=3, nrows=2)
+    colors = {"chosen": "tab:green", "rejected": "tab:red"}
+    for ax, (title, names) in zip(axes.flat, CURVE_PANELS.items(), strict=True):
+        drawn = False
+        for name in names:
+            color = next((c for key, c in colors.items() if name.endswith(key)), "tab:blue")
+            what = name.split("/")[-1] if len(names) > 1 else ""
+            for prefix, style in (("", {"linestyle": "-"}), ("eval_", {"linestyle": "--", "marker": "o",
+                                                                        "markersize": 3})):
+                points = [(r["step"], r[prefix + name]) for r in records if prefix + name in r]
+                if points:
+                    xs, ys = zip(*points, strict=True)
+                    label = f"{'held-out' if prefix else 'train'} {what}".strip()
+                    ax.plot(xs, ys, color=color, label=label, **style)
+                    drawn = True
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if title == "reward accuracy":
+            ax.set_ylim(-0.02, 1.02)
+        if drawn and ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        if not drawn:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    return _save_png(figure, Path(path))
+
+
+def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+    """The reward–KL frontier: judged reward against KL(π ‖ π_ref), one labelled point per run.
+
+    Each point is a dict with `method`, `beta`, `reward`, `kl` and optionally `reward_stderr`
+    and `kl_stderr` (drawn as error bars). A point whose method is "reference" (β None, KL 0)
+    is drawn as a star: where every run started.
+    """
+    if not points:
+        raise DpokitError("plot_frontier: no points to draw")
+    figure, axes = _figure(7.5, 5)
+    ax = axes[0, 0]
+    methods = sorted({str(p["method"]) for p in points if p["method"] != "reference"})
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
+    for method, color in zip(methods, palette * (1 + len(methods) // len(palette)), strict=False):
+        mine = sorted((p for p in points if str(p["method"]) == method), key=lambda p: p["kl"])
+        xs, ys = [p["kl"] for p in mine], [p["reward"] for p in mine]
+        ax.errorbar(xs, ys, xerr=[p.get("kl_stderr") or 0 for p in mine],
+                    yerr=[p.get("reward_stderr") or 0 for p in mine], color=color, marker="o", capsize=3,
+                    linestyle="-", linewidth=1, label=method)
+        for i, p in enumerate(mine):
+            # Neighbouring points often sit close together: alternate the label above and below.
+            label = f"β={p['beta']:g}" if p.get("beta") is not None else method
+            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
+                        xytext=(6, 6 if i % 2 == 0 else -13), fontsize=8, color=color)
+    for p in points:
+        if p["method"] == "reference":
+            ax.scatter([p["kl"]], [p["reward"]], marker="*", s=160, color="black", zorder=3, label="reference")
+    ax.set_xlabel("KL(π ‖ π_ref) per response, nats (estimated from policy samples)")
+    ax.set_ylabel("mean judged reward")
+    ax.set_title(title or "reward–KL frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=9)
+    return _save_png(figure, Path(path))
+
+
+def format_number(value: float) -> str:
+    """Four decimals, or three significant digits in scientific form for small magnitudes."""
+    if math.isfinite(value) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
+
+
+def _table(rows: Sequence[tuple[str, Any]]) -> str:
+    lines = ["| figure | value |", "| --- | --- |"]
+    for name, value in rows:
+        shown = format_number(value) if isinstance(value, float) else str(value)
+        lines.append(f"| {name} | {shown} |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip() or "(empty)"
+
+
+def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
+    """Write training_curves.png and report.md into a run folder; returns the report's path.
+
+    Uses what the folder holds: metrics.jsonl (required), dpokit_config.yaml, and when present
+    samples.json (before/after samples, from `dpokit report --prompts`) and evaluation.json.
+    """
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    sections = [f"# dpokit run: {run_dir.name}", ""]
+    if records:
+        plot_training_curves(records, run_dir / CURVES_FILE)
+        sections += [f"![training curves]({CURVES_FILE})", ""]
+    train_records = [r for r in records if "loss" in r]
+    eval_records = [r for r in records if any(k.startswith("eval_") for k in r)]
+    if train_records:
+        last = train_records[-1]
+        sections += [f"## Final training figures (step {last['step']})", "",
+                     _table([(k, v) for k, v in last.items() if k not in ("step",)]), ""]
+    if eval_records:
+        last = eval_records[-1]
+        sections += [f"## Held-out figures (step {last['step']})", "",
+                     _table([(k, v) for k, v in last.items() if k.startswith("eval_")]), ""]
+    evaluation = run_dir / EVALUATION_FILE
+    if evaluation.is_file():
+        result = json.loads(evaluation.read_text(encoding="utf-8"))
+        for section in ("preferences", "judged", "kl"):
+            if section in result:
+                sections += [f"## Evaluation: {section}", "", _table(list(result[section].items())), ""]
+    samples = run_dir / SAMPLES_FILE
+    if samples.is_file():
+        data = json.loads(samples.read_text(encoding="utf-8"))
+        sections += [f"## Samples before / after training ({data.get('settings', '')})", "",
+                     "| prompt | before (reference) | after (policy) |", "| --- | --- | --- |"]
+        sections += [f"| {_cell(r['prompt'])} | {_cell(r['before'])} | {_cell(r['after'])} |" for r in data["rows"]]
+        sections.append("")
+    config = run_dir / "dpokit_config.yaml"
+    if config.is_file():
+        sections += ["## Configuration", "", "```yaml", config.read_text(encoding="utf-8").rstrip(), "```", ""]
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, "\n".join(sections))
+    if log:
+        log(f"wrote {path} and {run_dir / CURVES_FILE}")
+    return path
+
+
+def sample_before_after(run_dir: str | Path, prompts_path: str, sampling, *, max_prompts: int = 4,
+                        device: str = "auto", dtype: str = "fp32", log: Log = print) -> Path:
+    """Sample the run's base model and trained policy on the same prompts with the same seed,
+    and save the pairs as samples.json for the report."""
+    from dpokit.evaluate import draw_samples, run_config_of
+    from dpokit.models import load_policy, load_tokenizer, resolve_device
+    from dpokit.sampling import prompt_text, read_prompts
+
+    run_dir = Path(run_dir)
+    base = ((run_config_of(run_dir) or {}).get("model") or {}).get("model")
+    if base is None:
+        raise DpokitError(f"{run_dir}: no dpokit_config.yaml naming the base model, so no 'before' samples")
+    prompts = read_prompts(prompts_path, max_prompts)
+    torch_device = resolve_device(device)
+    tokenizer = load_tokenizer(str(run_dir))
+    texts = {}
+    for who, name in (("before", base), ("after", str(run_dir))):
+        log(f"sampling {len(prompts)} prompts from {name}")
+        model = load_policy(name, torch_device).eval()
+        texts[who] = draw_samples(model, tokenizer, prompts, sampling, dtype=dtype).texts
+        del model
+    rows = [{"prompt": prompt_text(p), "before": b[0], "after": a[0]}
+            for p, b, a in zip(prompts, texts["before"], texts["after"], strict=True)]
+    settings = (f"temperature {sampling.temperature}, top-p {sampling.top_p}, top-k {sampling.top_k}, "
+                f"seed {sampling.sample_seed}")
+    path = run_dir / SAMPLES_FILE
+    atomic_write_text(path, json.dumps({"settings": settings, "rows": rows}, indent=1))
+    return path

@@ -1,0 +1,317 @@
+"""Generation from a policy: batched, seeded, chat-template aware, with the KV cache.
+
+`sample()` returns text; `generate_completions()` also keeps the token ids, which the KL
+estimate in `dpokit.evaluate` scores under policy and reference. Prompts are rendered and
+tokenized with the training rules (BOS once when the tokenizer uses it, the chat template with
+its generation prompt for message lists), so the policy is sampled in the form it was trained on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpokit.errors import DpokitError
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled response. `response_ids` ends with the EOS token when `finished`."""
+
+    text: str
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    finished: bool
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+
+def check_prompt(prompt: Any, where: str) -> Prompt:
+    """A prompt is a string or a list of {role, content} messages; anything else fails naming `where`."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt:
+        for i, message in enumerate(prompt):
+            if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                    and isinstance(message.get("content"), str)):
+                raise DpokitError(f"{where}: message {i + 1} must be an object with string 'role' and 'content'")
+        return prompt
+    raise DpokitError(f"{where}: field 'prompt' must be a string or a non-empty list of messages, "
+                      f"got {type(prompt).__name__}")
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """Read the `prompt` field of each JSON Lines row (prompt files and preference files alike)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DpokitError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    prompts: list[Prompt] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DpokitError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict) or "prompt" not in row:
+                raise DpokitError(f"{where}: missing field 'prompt'")
+            prompts.append(check_prompt(row["prompt"], where))
+            if limit is not None and len(prompts) >= limit:
+                break
+    if not prompts:
+        raise DpokitError(f"prompts file {path} holds no rows")
+    return prompts
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """The plain text of a prompt, as judges see it: messages become 'role: content' lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def training_bos_id(tokenizer) -> int | None:
+    """The BOS id training puts before every prompt, or None for tokenizers without one (GPT-2)."""
+    from dpokit.data.tokenize import PairTokenizer
+
+    return PairTokenizer(tokenizer, max_length=2).bos_id
+
+
+_UNSET = object()
+
+
+def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt", bos_id: int | None | object = _UNSET) -> list[int]:
+    """Token ids of a prompt as training sees it: BOS exactly once when the tokenizer uses BOS."""
+    if bos_id is _UNSET:
+        bos_id = training_bos_id(tokenizer)
+    if isinstance(prompt, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise DpokitError(f"{where} is a list of chat messages but the tokenizer has no chat template")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if bos_id is not None:
+        while ids and ids[0] == bos_id:
+            ids = ids[1:]
+        ids = [bos_id, *ids]
+    if not ids:
+        raise DpokitError(f"{where} is empty and the tokenizer adds no BOS: nothing to condition on")
+    return ids
+
+
+# --- generation ----------------------------------------------------------------------------
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """EOS of the tokenizer plus any end tokens the model's generation config names (chat models)."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for token in configured if isinstance(configured, list) else [configured]:
+        if token is not None and token not in ids:
+            ids.append(token)
+    if not ids:
+        raise DpokitError("the tokenizer has no EOS token: generation could never stop early")
+    return ids
+
+
+@contextlib.contextmanager
+def _plain_generation_defaults(model):
+    """Hide the checkpoint's generation_config during `generate`: its repetition penalty, min_p or
+    top_k would otherwise fill our unset fields and silently change the sampling distribution."""
+    from transformers import GenerationConfig
+
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def _generation_config(stop_ids: list[int], pad_id: int, *, temperature: float, top_p: float, top_k: int,
+                       max_new_tokens: int):
+    from transformers import GenerationConfig
+
+    common = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": pad_id,
+              "num_beams": 1, "use_cache": True}
+    if temperature == 0:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _decode_response(tokenizer, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+    """The response's text as it continues the prompt: decoding the response alone loses the
+    leading space under SentencePiece and word-level tokenizers, so cut the decoded prompt off
+    the decoded whole where it is a prefix."""
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    whole = tokenizer.decode(list(prompt_ids) + list(response_ids), skip_special_tokens=True)
+    if whole.startswith(head):
+        return whole[len(head):]
+    return tokenizer.decode(list(response_ids), skip_special_tokens=True)
+
+
+def generate_completions(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+    autocast: Callable[[], Any] | None = None,
+) -> Iterator[tuple[int, list[Completion]]]:
+    """Yield (prompt index, its K completions) in prompt order, as soon as each prompt is done.
+
+    The K samples of a prompt are K rows of the batch; the batch holds `batch_size` rows. The
+    global RNG is forked and seeded once, so a fixed seed, prompt list and settings give the
+    same completions, and the caller's RNG state is left untouched.
+    """
+    from tqdm import tqdm
+
+    from dpokit.config import SamplingConfig, validate_sampling
+
+    validate_sampling(SamplingConfig(num_samples, temperature, top_p, top_k, max_new_tokens, seed, batch_size))
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stop_ids = _stop_ids(model, tokenizer)
+    gen_config = _generation_config(stop_ids, pad_id, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    max_new_tokens=max_new_tokens)
+    bos_id = training_bos_id(tokenizer)
+    encoded = [encode_prompt(tokenizer, p, f"prompt {i + 1}", bos_id) for i, p in enumerate(prompts)]
+    rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
+    done: dict[int, list[Completion]] = {}
+    next_to_yield = 0
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress, dynamic_ncols=True)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), _plain_generation_defaults(model):
+            torch.manual_seed(seed)
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                input_ids, attention_mask = _left_padded([encoded[i] for i, _ in chunk], pad_id, device)
+                with autocast() if autocast else contextlib.nullcontext():
+                    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         generation_config=gen_config)
+                new_tokens = out[:, input_ids.shape[1]:].tolist()
+                for (i, _), tokens in zip(chunk, new_tokens, strict=True):
+                    response, finished = _cut_at_stop(tokens, stop_ids)
+                    text = _decode_response(tokenizer, encoded[i], response)
+                    done.setdefault(i, []).append(Completion(text, tuple(encoded[i]), tuple(response), finished))
+                while next_to_yield in done and len(done[next_to_yield]) == num_samples:
+                    yield next_to_yield, done.pop(next_to_yield)
+                    next_to_yield += 1
+                    bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """Keep tokens up to and including the first stop token; what follows is padding."""
+    for position, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:position + 1], True
+    return tokens, False
+
+
+def sample(
+    model,
+    tokenizer,
+    prompts: Sequence[Prompt],
+    *,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> list[list[str]]:
+    """Sample `num_samples` completions for each prompt (a string or a list of chat messages).
+
+    Returns one list of completion texts per prompt, in prompt order. `temperature=0` is greedy.
+    Completions stop at EOS or after `max_new_tokens` tokens.
+    """
+    if isinstance(prompts, str | dict):
+        raise DpokitError("sample() takes a list of prompts; wrap a single prompt in a list")
+    prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    results: list[list[str]] = [[] for _ in prompts]
+    for index, completions in generate_completions(
+        model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p,
+        top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress,
+    ):
+        results[index] = [c.text for c in completions]
+    return results
+
+
+def run_sample(model: str, prompts: Sequence[Prompt], sampling, *, tokenizer: str | None = None,
+               device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False,
+               output: str | None = None, progress: bool = False, write: Callable[[str], None] = print) -> None:
+    """`dpokit sample`: load the model, sample every prompt, stream the rows out as prompts finish.
+
+    With `output`, rows go to `output + ".partial"` as they finish (watch it grow) and the file is
+    renamed to `output` when all are done, so `output` itself is only ever complete. Without it,
+    completions are printed readably.
+    """
+    import os
+
+    from dpokit.io import JsonlWriter
+    from dpokit.models import autocast_context, load_policy, load_tokenizer, resolve_device
+
+    torch_device = resolve_device(device)
+    tok = load_tokenizer(tokenizer or model, trust_remote_code)
+    policy = load_policy(model, torch_device, trust_remote_code).eval()
+    partial = Path(str(output) + ".partial") if output else None
+    if partial is not None:
+        partial.unlink(missing_ok=True)
+    writer = JsonlWriter(partial) if partial is not None else None
+    try:
+        for index, completions in generate_completions(
+            policy, tok, prompts, num_samples=sampling.num_samples, temperature=sampling.temperature,
+            top_p=sampling.top_p, top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
+            seed=sampling.sample_seed, batch_size=sampling.sample_batch_size, progress=progress,
+            autocast=lambda: autocast_context(torch_device, dtype),
+        ):
+            texts = [c.text for c in completions]
+            if writer is not None:
+                writer.write({"prompt": prompts[index], "completions": texts})
+            else:
+                write(f"prompt {index + 1}: {prompt_text(prompts[index])!r}")
+                for k, text in enumerate(texts, start=1):
+                    write(f"  [{k}] {text!r}")
+    finally:
+        if writer is not None:
+            writer.close()
+    if partial is not None:
+        os.replace(partial, output)
+        write(f"wrote {len(prompts)} rows of {sampling.num_samples} completion(s) to {output}")
