@@ -139,7 +139,7 @@ def run_demo(output: str = "demo-output", steps: int = 60, overwrite: bool = Tru
     print("dpokit demo: a tiny Llama learns to prefer upbeat continuations over gloomy ones")
     result = train(cfg)
     evals = [r for r in result.history if "eval_rewards/accuracies" in r]
-    print("\nheld-out reward accuracy by step (0.5 = chance):")
+    print("\nheld-out reward accuracy by step (step 0: policy = reference, so every reward is 0):")
     for record in evals:
         print(f"  step {record['step']:>4}  accuracy {record['eval_rewards/accuracies']:.3f}  "
               f"margin {record['eval_rewards/margins']:+.3f}")

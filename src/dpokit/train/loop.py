@@ -220,8 +220,19 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     if state.nonfinite_skipped:
         log(f"skipped {state.nonfinite_skipped} step(s) with a non-finite loss or gradient")
     log(f"saved the trained policy and its tokenizer to {output}")
+    _write_report(output, log)
     result.history = state.history
     return result
+
+
+def _write_report(output: Path, log: Log) -> None:
+    """Training curves and report.md; the model is already saved, so a plotting failure only warns."""
+    from dpokit.report import write_report
+
+    try:
+        log(f"report: {write_report(output)}")
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
+        log(f"warning: could not write the report ({type(exc).__name__}: {exc}); run `dpokit report {output}`")
 
 
 def _handle_nonfinite(skip: bool, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, output: Path,
