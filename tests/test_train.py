@@ -70,3 +70,18 @@ def test_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, pairs, big
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
     for name, tensor in weights_a.items():
         assert torch.allclose(tensor, weights_b[name], atol=1e-5, rtol=0), name
+
+
+def test_published_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    from dpokit.io import atomic_write_text, make_staging_dir
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        staging = make_staging_dir(tmp_path, ".s-")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert staging.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700

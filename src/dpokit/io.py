@@ -21,6 +21,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; published files get the usual mode
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -37,7 +38,7 @@ def atomic_save_pretrained(folder: str | Path, *savables: Any) -> None:
     then move each file into `folder` with an atomic rename."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=folder))
+    staging = make_staging_dir(folder, ".saving-")
     try:
         for obj in savables:
             obj.save_pretrained(staging)
@@ -46,6 +47,20 @@ def atomic_save_pretrained(folder: str | Path, *savables: Any) -> None:
             os.replace(item, folder / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_staging_dir(parent: Path, prefix: str) -> Path:
+    """A temporary folder beside its final place, with the mode a plain mkdir would give
+    (mkdtemp makes 0700, which a rename would publish)."""
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    staging.chmod(0o777 & ~current_umask())
+    return staging
 
 
 def fsync_tree(folder: Path) -> None:

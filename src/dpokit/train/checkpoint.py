@@ -15,7 +15,6 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors.torch import load_model, save_model
 
 from dpokit.config import RunConfig, dump_yaml, iter_options
 from dpokit.errors import DpokitError
-from dpokit.io import fsync_tree
+from dpokit.io import fsync_tree, make_staging_dir
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -96,7 +95,7 @@ def save_checkpoint(
     folder = checkpoint_dir(output)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:07d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=folder))
+    staging = make_staging_dir(folder, f".tmp-{final.name}-")
     try:
         save_model(policy, str(staging / "model.safetensors"))
         torch.save(
