@@ -29,6 +29,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class ModelConfig:
     model: str | None = _opt(None, "policy to train: a local Hugging Face model folder or a hub id (required)")
     tokenizer: str | None = _opt(None, "tokenizer folder or hub id (default: the model's)")
+    reference_model: str | None = _opt(
+        None, "reference model folder or hub id (default: a frozen copy of the initial policy)"
+    )
     dtype: str = _opt(
         "fp32",
         "compute precision: fp32, or bf16 autocast with fp32 master weights and optimizer state",

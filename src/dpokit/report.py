@@ -95,7 +95,7 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
     """The reward–KL frontier: judged reward against KL(π ‖ π_ref), one labelled point per run.
 
     Each point is a dict with `method`, `beta`, `reward`, `kl` and optionally `reward_stderr`
-    and `kl_stderr` (drawn as error bars). A point whose method is "reference" (β None, KL 0)
+    and `kl_stderr` (drawn as error bars) and `label` (shown next to it instead of its β). A point whose method is "reference" (β None, KL 0)
     is drawn as a star: where every run started.
     """
     if not points:
@@ -112,7 +112,7 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
                     linestyle="-", linewidth=1, label=method)
         for i, p in enumerate(mine):
             # Neighbouring points often sit close together: alternate the label above and below.
-            label = f"β={p['beta']:g}" if p.get("beta") is not None else method
+            label = p.get("label") or (f"β={p['beta']:g}" if p.get("beta") is not None else method)
             ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
                         xytext=(6, 6 if i % 2 == 0 else -13), fontsize=8, color=color)
     for p in points:

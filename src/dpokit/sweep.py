@@ -12,7 +12,9 @@ import csv
 import io
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
@@ -54,10 +56,9 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     frontier.csv (rewritten after each run, so an interrupted sweep keeps what it finished),
     frontier.png and sweep.json.
     """
-    from dpokit.evaluate import evaluate_on_prompts
     from dpokit.judges import load_judge
     from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.report import plot_frontier, write_report
+    from dpokit.report import plot_frontier
     from dpokit.sampling import read_prompts
     from dpokit.train.loop import train
 
@@ -85,29 +86,15 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     for cfg in configs:
         log(f"--- sweep: {cfg.loss.loss} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
         result = train(cfg, log=log)
-        policy = load_policy(cfg.train.output, device, base.model.trust_remote_code).eval()
-        figures, reference_samples = evaluate_on_prompts(
-            policy, reference, tokenizer, prompts, sampling, judge=judge, judge_name=judging.judge,
-            judge_batch_size=judging.judge_batch_size, dtype=base.model.dtype,
-            reference_samples=reference_samples, log=log)
-        del policy
-        atomic_write_text(Path(cfg.train.output) / "evaluation.json", json.dumps(figures, indent=1))
-        write_report(cfg.train.output)
-        judged, kl = figures["judged"], figures["kl"]
-        rows.append({"run": run_name(cfg.loss.loss, cfg.loss.beta), "method": cfg.loss.loss, "beta": cfg.loss.beta,
-                     "reward": judged["reward_policy"], "reward_stderr": judged["reward_policy_stderr"],
-                     "kl": kl["kl"], "kl_stderr": kl["kl_stderr"], "win_rate": judged["win_rate"],
-                     "win_rate_stderr": judged["win_rate_stderr"],
-                     "eval_reward_accuracy": result.final_eval.get("eval_rewards/accuracies"),
-                     "eval_reward_margin": result.final_eval.get("eval_rewards/margins")})
-        log(f"beta {cfg.loss.beta:g}: judged reward {judged['reward_policy']:+.4f} (reference "
-            f"{judged['reward_reference']:+.4f}), win rate {judged['win_rate']:.3f}, KL {kl['kl']:.4f} "
-            f"± {kl['kl_stderr']:.4f}")
-        reference_row = {"run": "reference", "method": "reference", "beta": None,
-                         "reward": judged["reward_reference"], "reward_stderr": judged["reward_reference_stderr"],
-                         "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
-        write_frontier_csv([reference_row, *rows], root / "frontier.csv")
-    points = [reference_row, *rows]
+        done = evaluate_run(
+            cfg.train.output, run_name(cfg.loss.loss, cfg.loss.beta), cfg.loss.loss, cfg.loss.beta,
+            reference=reference, tokenizer=tokenizer, prompts=prompts, sampling=sampling, judge=judge,
+            judging=judging, dtype=base.model.dtype, reference_samples=reference_samples,
+            final_eval=result.final_eval, trust_remote_code=base.model.trust_remote_code, log=log)
+        reference_samples = done.reference_samples
+        rows.append(done.row)
+        write_frontier_csv([done.reference_row, *rows], root / "frontier.csv")
+    points = [done.reference_row, *rows]
     plot_frontier(points, root / "frontier.png",
                   title=f"reward–KL frontier: {Path(base.model.model).name}, judge {judging.judge}")
     summary = {"model": base.model.model, "judge": judging.judge, "prompts": len(prompts),
@@ -115,3 +102,48 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     atomic_write_text(root / "sweep.json", json.dumps(summary, indent=1))
     log(f"wrote {root / 'frontier.png'}, {root / 'frontier.csv'} and {root / 'sweep.json'}")
     return summary
+
+
+@dataclass
+class RunEvaluation:
+    row: dict  # the run's frontier row (CSV_FIELDS)
+    reference_row: dict  # the reference's row: its reward, at KL 0
+    reference_samples: Any  # dpokit.evaluate.SampleSet, reused by the next run
+    figures: dict  # everything evaluate_on_prompts measured (evaluation.json)
+
+
+def evaluate_run(run_dir: str | Path, run: str, method: str, beta: float | None, *, reference, tokenizer,
+                 prompts: Sequence, sampling: SamplingConfig, judge, judging: JudgeConfig, dtype: str = "fp32",
+                 reference_samples=None, final_eval: dict | None = None, trust_remote_code: bool = False,
+                 log: Log = print) -> RunEvaluation:
+    """Evaluate one trained run folder on `prompts` against `reference`: its frontier row.
+
+    Writes the run's evaluation.json and report. Pass the returned `reference_samples` to the next
+    call: every run is compared with the same reference samples and scores (same seed, same prompts).
+    """
+    from dpokit.evaluate import evaluate_on_prompts
+    from dpokit.models import load_policy
+    from dpokit.report import write_report
+
+    device = next(reference.parameters()).device
+    policy = load_policy(str(run_dir), device, trust_remote_code).eval()
+    figures, reference_samples = evaluate_on_prompts(
+        policy, reference, tokenizer, prompts, sampling, judge=judge, judge_name=judging.judge,
+        judge_batch_size=judging.judge_batch_size, dtype=dtype, reference_samples=reference_samples, log=log)
+    del policy
+    atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(figures, indent=1))
+    write_report(run_dir)
+    judged, kl = figures["judged"], figures["kl"]
+    final_eval = final_eval or {}
+    row = {"run": run, "method": method, "beta": beta,
+           "reward": judged["reward_policy"], "reward_stderr": judged["reward_policy_stderr"],
+           "kl": kl["kl"], "kl_stderr": kl["kl_stderr"], "win_rate": judged["win_rate"],
+           "win_rate_stderr": judged["win_rate_stderr"],
+           "eval_reward_accuracy": final_eval.get("eval_rewards/accuracies"),
+           "eval_reward_margin": final_eval.get("eval_rewards/margins")}
+    log(f"{run}: judged reward {judged['reward_policy']:+.4f} (reference {judged['reward_reference']:+.4f}), "
+        f"win rate {judged['win_rate']:.3f}, KL {kl['kl']:.4f} ± {kl['kl_stderr']:.4f}")
+    reference_row = {"run": "reference", "method": "reference", "beta": None,
+                     "reward": judged["reward_reference"], "reward_stderr": judged["reward_reference_stderr"],
+                     "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
+    return RunEvaluation(row, reference_row, reference_samples, figures)

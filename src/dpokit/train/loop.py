@@ -112,7 +112,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code)
     policy.train()
-    reference = frozen_reference(policy) if needs_reference(cfg.loss) else None
+    reference = _load_reference(cfg, policy, device) if needs_reference(cfg.loss) else None
     scorer = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device)
 
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.global_batch_size)
@@ -223,6 +223,14 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     _write_report(output, log)
     result.history = state.history
     return result
+
+
+def _load_reference(cfg: RunConfig, policy: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """--reference-model when given (online DPO: the reference stays the starting model while the
+    policy starts from the previous round), else a frozen copy of the initial policy."""
+    if cfg.model.reference_model:
+        return frozen_reference(load_policy(cfg.model.reference_model, device, cfg.model.trust_remote_code))
+    return frozen_reference(policy)
 
 
 def _write_report(output: Path, log: Log) -> None:
