@@ -353,6 +353,28 @@ class SweepConfig:
     losses: str = _opt("sigmoid", "comma-separated losses; every loss is trained at every β", flag="--loss")
 
 
+@dataclass
+class OnlineConfig:
+    rounds: int = _opt(3, "rounds of: sample from the current policy, judge, pair, DPO-train, evaluate")
+    samples_per_prompt: int = _opt(4, "K responses sampled per prompt in each round, to pair (at least 2)")
+    pairing: str = _opt(
+        "best_worst", "how each prompt's K judged samples become pairs: best_worst (one pair: the best over the "
+        "worst) or all (every two with different scores, the higher one chosen)", choices=("best_worst", "all"),
+    )
+    eval_prompts: str | None = _opt(
+        None, "JSON Lines prompts to evaluate each round on, kept apart from training (default: --prompts)"
+    )
+
+
+@dataclass
+class DemoConfig:
+    demo_output: str = _opt("demo-output", "folder for the demo's files (default: demo-output)", flag="--output")
+    quick: bool = _opt(False, "a smoke version in under a minute: fewer prompts, one β, short runs")
+    full: bool = _opt(False, "a bigger run: more prompts and samples, six β, longer runs, four online rounds")
+    online: bool = _opt(True, "also run online DPO rounds (continuing the DPO run at β 0.2), on the same frontier")
+    demo_seed: int = _opt(0, "seed of the prompts, the sampling and the training", flag="--seed")
+
+
 def validate_sampling(s: SamplingConfig) -> None:
     """Fail fast on sampling settings that cannot work."""
     checks = [

@@ -297,7 +297,8 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
     if not data and not prompts:
         raise DpokitError("nothing to evaluate: give --data (preference pairs) and/or --prompts (with --judge)")
     if reference is None:
-        reference = ((run_config_of(model) or {}).get("model") or {}).get("model")
+        saved = (run_config_of(model) or {}).get("model") or {}
+        reference = saved.get("reference_model") or saved.get("model")  # online rounds name their reference
         if reference is None:
             raise DpokitError(f"--reference is required: {model} is not a dpokit run folder naming its base model")
         log(f"reference: {reference} (the model {model} was trained from)")

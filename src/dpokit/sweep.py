@@ -30,7 +30,7 @@ def run_name(loss: str, beta: float) -> str:
     return f"{loss}-beta{beta:g}"
 
 
-def _prepare_root(cfg: RunConfig) -> Path:
+def prepare_root(cfg: RunConfig) -> Path:
     root = Path(cfg.train.output)
     if root.exists() and not root.is_dir():
         raise DpokitError(f"--output {root} is a file, not a folder")
@@ -76,7 +76,7 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
             validate(cfg)  # every run's config is checked before the first one trains
             configs.append(cfg)
     prompts = read_prompts(judging.prompts, judging.max_prompts)
-    root = _prepare_root(base)
+    root = prepare_root(base)
     device = resolve_device(base.model.device)
     judge = load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size)
     tokenizer = load_tokenizer(base.model.tokenizer or base.model.model, base.model.trust_remote_code)
@@ -115,7 +115,7 @@ class RunEvaluation:
 def evaluate_run(run_dir: str | Path, run: str, method: str, beta: float | None, *, reference, tokenizer,
                  prompts: Sequence, sampling: SamplingConfig, judge, judging: JudgeConfig, dtype: str = "fp32",
                  reference_samples=None, final_eval: dict | None = None, trust_remote_code: bool = False,
-                 log: Log = print) -> RunEvaluation:
+                 progress: bool = False, log: Log = print) -> RunEvaluation:
     """Evaluate one trained run folder on `prompts` against `reference`: its frontier row.
 
     Writes the run's evaluation.json and report. Pass the returned `reference_samples` to the next
@@ -129,7 +129,8 @@ def evaluate_run(run_dir: str | Path, run: str, method: str, beta: float | None,
     policy = load_policy(str(run_dir), device, trust_remote_code).eval()
     figures, reference_samples = evaluate_on_prompts(
         policy, reference, tokenizer, prompts, sampling, judge=judge, judge_name=judging.judge,
-        judge_batch_size=judging.judge_batch_size, dtype=dtype, reference_samples=reference_samples, log=log)
+        judge_batch_size=judging.judge_batch_size, dtype=dtype, reference_samples=reference_samples,
+        progress=progress, log=log)
     del policy
     atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(figures, indent=1))
     write_report(run_dir)

@@ -1,4 +1,4 @@
-"""Command line: `dpokit train`, `demo`, `data inspect`, `sample`, `evaluate`, `sweep`, `report`.
+"""Command line: `dpokit train`, `demo`, `online`, `data inspect`, `sample`, `evaluate`, `sweep`, `report`.
 
 Thin: parse, build the config, call the library. Every option of `train` is generated from the
 config dataclasses, so `--help`, YAML files and the code share one list of names, defaults and
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from dpokit.cli.common import Parser, add_train_options, config_from_args
 from dpokit.cli.data import add_data_command
+from dpokit.cli.demo import add_demo_command, add_online_command
 from dpokit.cli.evaluation import (
     add_evaluate_command,
     add_report_command,
@@ -32,13 +33,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from dpokit.demo.toy import run_demo
-
-    run_demo(output=args.output, steps=args.steps, overwrite=True)
-    return 0
-
-
 def _debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
@@ -54,14 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_options(train)
     train.set_defaults(func=_cmd_train)
 
-    demo = sub.add_parser("demo", help="offline demo: DPO on a tiny built-in model and task",
-                          description="Build a tiny model and a learnable preference task, train DPO on it, "
-                          "and print the reward accuracy as it rises. Needs no download.")
-    demo.add_argument("--output", default="demo-output", help="folder for the demo's files (default: demo-output)")
-    demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
-    _debug_flag(demo)
-    demo.set_defaults(func=_cmd_demo)
-
+    add_demo_command(sub)
+    add_online_command(sub)
     add_data_command(sub)
     add_sample_command(sub)
     add_evaluate_command(sub)

@@ -61,9 +61,9 @@ def section_from_args(args: argparse.Namespace, cls: type, only: tuple[str, ...]
     return values
 
 
-def config_from_args(args: argparse.Namespace):
-    """Defaults < YAML (--config) < flags given on the command line."""
-    layers = []
+def config_from_args(args: argparse.Namespace, *fixed_layers: dict):
+    """Defaults < `fixed_layers` (set by the command itself) < YAML (--config) < flags given."""
+    layers = list(fixed_layers)
     if getattr(args, "config", None):
         layers.append(load_yaml(args.config))
     flags: dict[str, dict] = {}

@@ -1,0 +1,96 @@
+"""`dpokit demo` (the built-in sentiment experiment) and `dpokit online` (online / iterative DPO)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpokit.cli.common import add_section, add_train_options, config_from_args, section_from_args
+from dpokit.config import (
+    DemoConfig,
+    JudgeConfig,
+    OnlineConfig,
+    SamplingConfig,
+    TrainConfig,
+    validate_sampling,
+)
+from dpokit.errors import DpokitError
+
+# `dpokit online` generates its training pairs every round, so these train options do not apply.
+ONLINE_SKIPS = ("data", "eval_data")
+
+
+def _debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    choice = getattr(args, "progress", "auto")
+    return choice == "on" or (choice == "auto" and sys.stderr.isatty())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dpokit.demo.sentiment import run_demo, settings_for
+
+    demo = DemoConfig(**section_from_args(args, DemoConfig))
+    if demo.quick and demo.full:
+        raise DpokitError("give at most one of --quick and --full")
+    preset = "quick" if demo.quick else "full" if demo.full else "default"
+    run_demo(settings_for(preset, seed=demo.demo_seed), demo.demo_output, online=demo.online,
+             progress=_progress(args))
+    return 0
+
+
+def add_demo_command(sub) -> None:
+    parser = sub.add_parser(
+        "demo", help="offline demo: the DPO paper's sentiment experiment on a bundled small model",
+        description="The DPO paper's controlled-sentiment experiment in miniature, offline: sample completions of "
+        "review openings from the bundled base model, judge them with VADER sentiment, pair higher over lower, "
+        "train DPO at several β and Preferred-FT, add online DPO rounds, and measure each on held-out prompts "
+        "(judged reward and KL to the base model). Writes the reward-KL frontier, summary.json and the trained "
+        "models to --output. Needs no download.")
+    add_section(parser, "demo options", DemoConfig)
+    add_section(parser, "output options", TrainConfig, only=("progress",))
+    _debug_flag(parser)
+    parser.set_defaults(func=_cmd_demo)
+
+
+def _cmd_online(args: argparse.Namespace) -> int:
+    from dpokit.online import run_online
+    from dpokit.report import format_number
+    from dpokit.sampling import read_prompts
+
+    judging = JudgeConfig(**section_from_args(args, JudgeConfig))
+    online = OnlineConfig(**section_from_args(args, OnlineConfig))
+    sampling = SamplingConfig(**section_from_args(args, SamplingConfig))
+    validate_sampling(sampling)
+    if not judging.prompts or not judging.judge:
+        raise DpokitError("dpokit online needs --prompts (to sample from) and --judge (to score the samples)")
+    # Each round writes its own pairs file; the placeholder satisfies the config's check until then.
+    base = config_from_args(args, {"data": {"data": "(sampled each round)"}})
+    prompts = read_prompts(judging.prompts, judging.max_prompts)
+    eval_prompts = read_prompts(online.eval_prompts) if online.eval_prompts else None
+    summary, _ = run_online(base, prompts, online, judging, sampling, eval_prompts=eval_prompts,
+                            progress=_progress(args))
+    print(f"{'round':<8} {'pairs':>6} {'reward':>10} {'KL':>10} {'win rate':>9}")
+    print(f"{'start':<8} {'-':>6} {format_number(summary['points'][0]['reward']):>10} {0.0:>10.4f} {0.5:>9.3f}")
+    for r in summary["rounds"]:
+        p = r["point"]
+        print(f"{r['round']:<8} {r['pair_stats']['pairs']:>6} {format_number(p['reward']):>10} "
+              f"{format_number(p['kl']):>10} {p['win_rate']:>9.3f}")
+    return 0
+
+
+def add_online_command(sub) -> None:
+    parser = sub.add_parser(
+        "online", help="online DPO: rounds of sample, judge, pair best over worst, train, evaluate",
+        description="Online (iterative) DPO: each round samples --samples-per-prompt responses per prompt from the "
+        "current policy, scores them with --judge, pairs the best over the worst, DPO-trains from the current "
+        "policy with the reference fixed at the starting --model, and evaluates (judged reward, win rate, KL to "
+        "the start) on --eval-prompts. Writes OUTPUT/round-N/, OUTPUT/pairs/, online.json, frontier.csv/png.")
+    add_section(parser, "online options", OnlineConfig)
+    add_section(parser, "prompt and judge options", JudgeConfig)
+    add_section(parser, "sampling options (pair samples and evaluation)", SamplingConfig)
+    add_train_options(parser, skip=ONLINE_SKIPS)
+    _debug_flag(parser)
+    parser.set_defaults(func=_cmd_online)

@@ -1,0 +1,302 @@
+"""`dpokit demo`: the DPO paper's controlled-sentiment experiment (its IMDb task) in miniature.
+
+The policy is the bundled base model (`dpokit.demo.bundled`), pretrained on generated movie
+reviews of every sentiment; prompts are neutral review openings; the ground-truth judge is VADER
+sentiment. As in the paper (section 6.1): sample several completions per prompt from the base
+model, score each with the judge, pair higher over lower; train DPO at a few β and the Preferred-FT
+baseline (supervised fine-tuning on the chosen responses) from the same start; evaluate every run on
+held-out prompts (mean judged reward, KL to the base model); draw the reward–KL frontier. With
+online rounds, the DPO run at `online_beta` continues for more rounds of sampling from the current
+policy (`dpokit.online`), on the same frontier.
+
+Every piece is the library's own: sampling, judges, train, evaluate_run (the sweep's), online.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
+from dpokit.errors import DpokitError
+from dpokit.io import atomic_write_text
+
+Log = Callable[[str], None]
+
+DPO, PREFERRED_FT, ONLINE = "DPO", "Preferred-FT", "online DPO"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every knob of the demo; PRESETS below hold the measured choices."""
+
+    train_prompts: int = 128
+    eval_prompts: int = 64
+    samples_per_prompt: int = 4  # completions sampled per training prompt to build the pairs
+    pairing: str = "all"  # every two samples of a prompt with different scores (see dpokit.online)
+    eval_samples: int = 4  # completions per held-out prompt for judged reward and KL
+    max_new_tokens: int = 32
+    betas: tuple[float, ...] = (0.5, 0.2, 0.1, 0.05)
+    steps: int = 60
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    sft_steps: tuple[int, ...] = (20, 60)  # Preferred-FT points: the same run length as DPO and a shorter one
+    sft_learning_rate: float = 2e-3
+    online_rounds: int = 3  # total rounds, the offline run at online_beta being round 1
+    online_beta: float = 0.2
+    online_steps: int = 60  # optimizer steps per online round after the first
+    seed: int = 0
+    sample_batch_size: int = 128
+    threads: int = 1  # one thread: tiny matrices gain little from two, and lose much when the cores are shared
+
+    def describe(self) -> str:
+        return (f"{self.train_prompts} training prompts x {self.samples_per_prompt} samples, "
+                f"{self.eval_prompts} held-out prompts x {self.eval_samples} samples, "
+                f"{self.max_new_tokens} new tokens, {self.steps} steps of {self.batch_size} pairs at lr "
+                f"{self.learning_rate:g}, β {', '.join(f'{b:g}' for b in self.betas)}")
+
+
+PRESETS = {
+    "quick": DemoSettings(train_prompts=48, eval_prompts=24, samples_per_prompt=4, eval_samples=2,
+                          max_new_tokens=24, betas=(0.1,), steps=15, sft_steps=(15,), online_rounds=2,
+                          online_beta=0.1, online_steps=15),
+    "default": DemoSettings(),
+    "full": DemoSettings(train_prompts=512, eval_prompts=128, samples_per_prompt=6, eval_samples=8,
+                         max_new_tokens=48, betas=(1.0, 0.5, 0.2, 0.1, 0.05, 0.02), steps=200,
+                         sft_steps=(25, 50, 100, 200), online_rounds=4, online_steps=200),
+}
+
+
+@dataclass
+class DemoResult:
+    output: Path
+    summary: dict = field(default_factory=dict)
+
+
+def _prompt_rows(prompts: list[str]) -> list[dict]:
+    return [{"prompt": p} for p in prompts]
+
+
+def _run_config(s: DemoSettings, model: str, pairs: Path, output: Path, *, loss: str, beta: float, steps: int,
+                learning_rate: float, progress: str, reference: str | None = None):
+    return build_config({
+        "model": {"model": model, "reference_model": reference, "device": "cpu"},
+        "data": {"data": str(pairs), "max_length": 2 * s.max_new_tokens + 16},
+        "loss": {"loss": loss, "beta": beta},
+        "train": {"output": str(output), "overwrite": True, "learning_rate": learning_rate,
+                  "batch_size": s.batch_size, "max_steps": steps, "warmup_steps": max(1, steps // 10),
+                  "log_every": max(1, steps // 20), "seed": s.seed, "progress": progress},
+    })
+
+
+def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: bool = True, progress: bool | None = None,
+             log: Log = print) -> DemoResult:
+    """Run the whole experiment into `output`; print the table; return the summary (summary.json)."""
+    import torch
+
+    from dpokit.demo.bundled import base_model_dir
+    from dpokit.demo.corpus import review_openings
+    from dpokit.judges import load_judge
+    from dpokit.models import load_policy, load_tokenizer
+    from dpokit.online import run_online, sample_preference_pairs, write_pairs
+    from dpokit.report import plot_frontier
+    from dpokit.sweep import evaluate_run
+    from dpokit.train.loop import train
+
+    started = time.perf_counter()
+    torch.set_num_threads(s.threads)
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise DpokitError(f"--output {out} is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar_setting = "on" if show else "off"
+    detail_path = out / "demo.log"
+    detail = detail_path.open("w", encoding="utf-8")
+
+    def quiet(line: str) -> None:  # the library's step-by-step lines go to demo.log, not the screen
+        detail.write(f"[{time.perf_counter() - started:7.1f} s, cpu {time.process_time():7.1f} s] {line}\n")
+        detail.flush()
+
+    base = str(base_model_dir())  # checked against its manifest
+    tokenizer = load_tokenizer(base)
+    reference = load_policy(base, torch.device("cpu")).eval()
+    judging = JudgeConfig(judge="sentiment", judge_batch_size=256)
+    judge = load_judge("sentiment")
+    train_prompts = review_openings(s.train_prompts, seed=s.seed, held_out=False)
+    eval_prompts = review_openings(s.eval_prompts, seed=s.seed + 1, held_out=True)
+    atomic_write_text(out / "prompts-train.jsonl", "".join(json.dumps(r) + "\n" for r in _prompt_rows(train_prompts)))
+    atomic_write_text(out / "prompts-heldout.jsonl", "".join(json.dumps(r) + "\n" for r in _prompt_rows(eval_prompts)))
+    eval_sampling = SamplingConfig(num_samples=s.eval_samples, max_new_tokens=s.max_new_tokens, sample_seed=s.seed,
+                                   sample_batch_size=s.sample_batch_size)
+    pair_sampling = replace(eval_sampling, num_samples=s.samples_per_prompt, sample_seed=s.seed + 1000)
+    log(f"dpokit demo: DPO on the bundled {sum(p.numel() for p in reference.parameters()) / 1e6:.2f}M-parameter "
+        "review model; the judge is VADER sentiment")
+    log(f"settings: {s.describe()}")
+
+    # 1. Preference pairs the paper's way: sample from the base model, judge, pair higher over lower.
+    log(f"[1/4] sampling {s.samples_per_prompt} completions for each of {len(train_prompts)} training prompts "
+        "and judging them")
+    rows, pair_stats = sample_preference_pairs(reference, tokenizer, train_prompts, judge, pair_sampling,
+                                               pairing=s.pairing, judge_name="sentiment",
+                                               judge_batch_size=judging.judge_batch_size, progress=show)
+    pairs_file = write_pairs(out / "pairs.jsonl", rows)
+    log(f"      {pair_stats['pairs']} pairs (ties skipped: {pair_stats['skipped']['tied_scores']}); "
+        f"base samples' mean reward {pair_stats['sample_reward']:+.3f}")
+
+    # 2-3. Train each run from the base model, then evaluate it on the held-out prompts.
+    specs = [(DPO, "sigmoid", beta, s.steps, s.learning_rate, f"dpo-beta{beta:g}") for beta in s.betas]
+    specs += [(PREFERRED_FT, "sft", 0.1, steps, s.sft_learning_rate, f"preferred-ft-{steps}steps")
+              for steps in s.sft_steps]
+    log(f"[2/4] training {len(specs)} runs ({len(s.betas)} DPO β, {len(s.sft_steps)} Preferred-FT) and "
+        f"evaluating each on {len(eval_prompts)} held-out prompts x {s.eval_samples} samples")
+    points: list[dict] = []
+    reference_samples, reference_row, examples = None, None, {}
+    for method, loss, beta, steps, lr, name in specs:
+        cfg = _run_config(s, base, pairs_file, out / "runs" / name, loss=loss, beta=beta, steps=steps,
+                          learning_rate=lr, progress=bar_setting)
+        result = train(cfg, log=quiet)
+        done = evaluate_run(cfg.train.output, name, method, beta if method == DPO else None, reference=reference,
+                            tokenizer=tokenizer, prompts=eval_prompts, sampling=eval_sampling, judge=judge,
+                            judging=judging, reference_samples=reference_samples, final_eval=result.final_eval,
+                            log=quiet)
+        reference_samples, reference_row = done.reference_samples, done.reference_row
+        point = {**done.row, "steps": steps, "learning_rate": lr}
+        if method == PREFERRED_FT:
+            point["label"] = f"{steps} steps"
+        points.append(point)
+        examples[name] = done.figures["examples"]
+        log(f"      {name:<24} reward {point['reward']:+.3f}  KL {point['kl']:6.2f} nats  "
+            f"win rate {point['win_rate']:.2f}")
+
+    # 4. Online rounds: the DPO run at online_beta is round 1; later rounds sample from the current policy.
+    online_summary = None
+    if online and s.online_rounds >= 2:
+        if s.online_beta not in s.betas:
+            raise DpokitError(f"demo settings: online_beta {s.online_beta} must be one of the DPO β {s.betas}")
+        log(f"[3/4] online DPO at β {s.online_beta:g}: rounds 2-{s.online_rounds}, each sampling "
+            f"{s.samples_per_prompt} completions per training prompt from the current policy")
+        first = next(p for p in points if p["method"] == DPO and p["beta"] == s.online_beta)
+        base_cfg = _run_config(s, base, pairs_file, out / "online", loss="sigmoid", beta=s.online_beta,
+                               steps=s.online_steps, learning_rate=s.learning_rate, progress=bar_setting)
+        online_cfg = OnlineConfig(rounds=s.online_rounds, samples_per_prompt=s.samples_per_prompt, pairing=s.pairing)
+        online_summary, reference_samples = run_online(
+            base_cfg, train_prompts, online_cfg, judging, eval_sampling, eval_prompts=eval_prompts, judge=judge,
+            start_policy=str(out / "runs" / first["run"]), first_round=2, reference_samples=reference_samples,
+            progress=show, log=quiet)
+        points.append({**first, "run": "online-round-1", "method": ONLINE, "label": "round 1"})
+        for r in online_summary["rounds"]:
+            point = {**r["point"], "run": f"online-round-{r['round']}", "method": ONLINE,
+                     "steps": s.online_steps, "learning_rate": s.learning_rate}
+            points.append(point)
+            log(f"      round {r['round']} ({r['pair_stats']['pairs']} pairs, samples' reward "
+                f"{r['pair_stats']['sample_reward']:+.3f})  reward {point['reward']:+.3f}  KL {point['kl']:6.2f} "
+                f"nats  win rate {point['win_rate']:.2f}")
+    else:
+        log("[3/4] online rounds skipped")
+
+    # 5. Table, frontier, summary.json.
+    log("[4/4] writing the frontier, the table and summary.json")
+    base_reward = reference_row["reward"]
+    for point in points:
+        point["base_reward"] = base_reward
+    plot_frontier([reference_row, *points], out / "frontier.png",
+                  title="dpokit demo: reward–KL frontier on held-out review openings")
+    checks = frontier_checks(points, base_reward)
+    elapsed = time.perf_counter() - started
+    detail.close()
+    summary = {"settings": asdict(s), "judge": "sentiment (VADER compound, [-1, 1])", "base_model": base,
+               "base_reward": base_reward, "base_reward_stderr": reference_row["reward_stderr"],
+               "pairs": pair_stats, "runs": points, "checks": checks, "examples": examples,
+               "online": online_summary, "seconds": round(elapsed, 1)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    log("")
+    log(format_demo_table(points, base_reward))
+    log("")
+    _print_examples(examples, points, log)
+    log("")
+    for line in describe_checks(checks):
+        log(line)
+    log(f"\nwrote {out}/: frontier.png, summary.json, pairs.jsonl, runs/*/ (trained models, training_curves.png, "
+        f"report.md){', online/' if online_summary else ''}; details in {detail_path.name}. "
+        f"Took {elapsed:.0f} s.")
+    return DemoResult(out, summary)
+
+
+def format_demo_table(points: list[dict], base_reward: float) -> str:
+    lines = [f"{'run':<24} {'method':<13} {'β':>5} {'reward':>14} {'KL (nats)':>14} {'win rate':>9}",
+             f"{'base model':<24} {'-':<13} {'-':>5} {base_reward:>+14.3f} {0.0:>14.2f} {0.5:>9.2f}"]
+    for p in points:
+        beta = f"{p['beta']:g}" if p.get("beta") is not None else "-"
+        reward = f"{p['reward']:+.3f} ± {p['reward_stderr']:.3f}"
+        kl = f"{p['kl']:.2f} ± {p['kl_stderr']:.2f}"
+        lines.append(f"{p['run']:<24} {p['method']:<13} {beta:>5} {reward:>14} {kl:>14} {p['win_rate']:>9.2f}")
+    return "\n".join(lines)
+
+
+def _print_examples(examples: dict, points: list[dict], log: Log, count: int = 3) -> None:
+    dpo = [p for p in points if p["method"] == DPO]
+    if not dpo:
+        return
+    best = max(dpo, key=lambda p: p["reward"])
+    log(f"before (base model) / after ({best['run']}) on held-out prompts, same sampling seed:")
+    for row in examples[best["run"]][:count]:
+        log(f"  {row['prompt']!r}")
+        log(f"    before [{row['reference_reward']:+.2f}] {row['reference'].strip()[:110]!r}")
+        log(f"    after  [{row['policy_reward']:+.2f}] {row['policy'].strip()[:110]!r}")
+
+
+def frontier_checks(points: list[dict], base_reward: float) -> dict:
+    """The demo's claims, measured: each is True/False (None when the runs needed are missing)."""
+    dpo = sorted((p for p in points if p["method"] == DPO), key=lambda p: -p["beta"])  # β falling
+    sft = [p for p in points if p["method"] == PREFERRED_FT]
+    online = [p for p in points if p["method"] == ONLINE]
+    checks: dict = {
+        "dpo_reward_above_base": all(p["reward"] > base_reward for p in dpo) if dpo else None,
+        "reward_rises_as_beta_falls": _increasing([p["reward"] for p in dpo]) if len(dpo) > 1 else None,
+        "kl_grows_as_beta_falls": _increasing([p["kl"] for p in dpo]) if len(dpo) > 1 else None,
+    }
+    # "Beats at comparable KL": the other method's point lies below DPO's frontier, the piecewise-linear
+    # curve through the base model (KL 0) and the DPO points sorted by KL, or beyond its KL range.
+    frontier = [(0.0, base_reward)] + sorted((p["kl"], p["reward"]) for p in dpo)
+    checks["dpo_above_preferred_ft"] = (all(p["reward"] < _interpolate(frontier, p["kl"]) for p in sft)
+                                        if dpo and sft else None)
+    later_rounds = [p for p in online if p.get("label") != "round 1"]
+    checks["online_above_offline"] = (all(p["reward"] > _interpolate(frontier, p["kl"]) for p in later_rounds)
+                                      if dpo and later_rounds else None)
+    return checks
+
+
+def _increasing(values: list[float]) -> bool:
+    return all(b > a for a, b in zip(values, values[1:], strict=False))
+
+
+def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
+    """Linear interpolation on a curve sorted by x; beyond its last point, its best reward so far."""
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return max(y for _, y in curve) if x > curve[-1][0] else curve[0][1]
+
+
+def describe_checks(checks: dict) -> list[str]:
+    texts = {
+        "dpo_reward_above_base": "every DPO run's held-out reward is above the base model's",
+        "reward_rises_as_beta_falls": "the reward rises as β falls",
+        "kl_grows_as_beta_falls": "the KL to the base model grows as β falls",
+        "dpo_above_preferred_ft": "Preferred-FT lies below DPO's reward–KL frontier",
+        "online_above_offline": "online rounds lie above the offline DPO frontier",
+    }
+    marks = {True: "yes", False: "NO", None: "n/a"}
+    return ["what the numbers show:"] + [f"  [{marks[checks.get(k)]:>3}] {text}" for k, text in texts.items()]
+
+
+def settings_for(preset: str, **overrides) -> DemoSettings:
+    if preset not in PRESETS:
+        raise DpokitError(f"unknown demo preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return replace(copy.deepcopy(PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None})
