@@ -15,8 +15,9 @@ def _point(method, beta, reward, kl, label=None):
 def test_frontier_checks_on_hand_made_points():
     dpo = [_point(DPO, 0.5, 0.4, 2.0), _point(DPO, 0.1, 0.6, 6.0)]
     # DPO's frontier through (0, 0.1), (2, 0.4), (6, 0.6): at KL 4 it is 0.5.
-    good = frontier_checks([*dpo, _point(PREFERRED_FT, None, 0.45, 4.0), _point(ONLINE, 0.1, 0.55, 4.0, "round 2")],
-                           base_reward=0.1)
+    round_1 = {**_point(ONLINE, 0.1, 0.6, 6.0), "run": "online-round-1"}  # the DPO run itself: not judged
+    good = frontier_checks([*dpo, _point(PREFERRED_FT, None, 0.45, 4.0), round_1,
+                            _point(ONLINE, 0.1, 0.55, 4.0, "round 2")], base_reward=0.1)
     assert good == {"dpo_reward_above_base": True, "reward_rises_as_beta_falls": True,
                     "kl_grows_as_beta_falls": True, "dpo_above_preferred_ft": True, "online_above_offline": True}
     bad = frontier_checks([*dpo, _point(PREFERRED_FT, None, 0.55, 4.0), _point(ONLINE, 0.1, 0.45, 4.0, "round 2")],
@@ -36,14 +37,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "frontier.png").read_bytes()[:8] == PNG_MAGIC
     runs = {r["run"]: r for r in summary["runs"]}
-    assert set(runs) == {"dpo-beta0.1", "preferred-ft-15steps", "online-round-1", "online-round-2"}
+    assert set(runs) == {"dpo-beta0.3", "preferred-ft-15steps", "online-round-1", "online-round-2"}
     for run in summary["runs"]:
         assert {"method", "beta", "reward", "kl", "base_reward"} <= set(run)
         assert run["base_reward"] == summary["base_reward"]
-    for name in ("dpo-beta0.1", "preferred-ft-15steps"):
+    for name in ("dpo-beta0.3", "preferred-ft-15steps"):
         folder = out / "runs" / name
         assert (folder / "model.safetensors").is_file() and (folder / "training_curves.png").is_file()
     assert (out / "online" / "round-2" / "model.safetensors").is_file()
     # The point of the demo: DPO raises the judged reward on held-out prompts at the fixed seed.
-    assert runs["dpo-beta0.1"]["reward"] > summary["base_reward"]
-    assert runs["dpo-beta0.1"]["kl"] > 0
+    assert runs["dpo-beta0.3"]["reward"] > summary["base_reward"]
+    assert runs["dpo-beta0.3"]["kl"] > 0

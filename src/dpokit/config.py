@@ -371,7 +371,7 @@ class DemoConfig:
     demo_output: str = _opt("demo-output", "folder for the demo's files (default: demo-output)", flag="--output")
     quick: bool = _opt(False, "a smoke version in under a minute: fewer prompts, one β, short runs")
     full: bool = _opt(False, "a bigger run: more prompts and samples, six β, longer runs, four online rounds")
-    online: bool = _opt(True, "also run online DPO rounds (continuing the DPO run at β 0.2), on the same frontier")
+    online: bool = _opt(True, "also run online DPO rounds (continuing the DPO run at the largest β), on the same frontier")
     demo_seed: int = _opt(0, "seed of the prompts, the sampling and the training", flag="--seed")
 
 

@@ -95,7 +95,7 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
     """The reward–KL frontier: judged reward against KL(π ‖ π_ref), one labelled point per run.
 
     Each point is a dict with `method`, `beta`, `reward`, `kl` and optionally `reward_stderr`
-    and `kl_stderr` (drawn as error bars) and `label` (shown next to it instead of its β). A point whose method is "reference" (β None, KL 0)
+    and `kl_stderr` (drawn as error bars) and `label` (shown next to it instead of its β; empty: no label). A point whose method is "reference" (β None, KL 0)
     is drawn as a star: where every run started.
     """
     if not points:
@@ -112,15 +112,18 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
                     linestyle="-", linewidth=1, label=method)
         for i, p in enumerate(mine):
             # Neighbouring points often sit close together: alternate the label above and below.
-            label = p.get("label") or (f"β={p['beta']:g}" if p.get("beta") is not None else method)
-            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
-                        xytext=(6, 6 if i % 2 == 0 else -13), fontsize=8, color=color)
+            label = p.get("label", f"β={p['beta']:g}" if p.get("beta") is not None else method)
+            if label:  # an empty label: the point is already labelled by another method's curve
+                ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
+                            xytext=(6, 6) if i % 2 == 0 else (-6, -13), ha="left" if i % 2 == 0 else "right",
+                            fontsize=8, color=color)
     for p in points:
         if p["method"] == "reference":
             ax.scatter([p["kl"]], [p["reward"]], marker="*", s=160, color="black", zorder=3, label="reference")
     ax.set_xlabel("KL(π ‖ π_ref) per response, nats (estimated from policy samples)")
     ax.set_ylabel("mean judged reward")
     ax.set_title(title or "reward–KL frontier")
+    ax.margins(x=0.1, y=0.08)  # room for the labels of the outermost points
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return _save_png(figure, Path(path))

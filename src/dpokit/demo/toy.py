@@ -1,8 +1,8 @@
 """A tiny, offline DPO task: a small Llama built from a config, a tokenizer trained on the spot,
 and preference pairs whose chosen responses use "upbeat" words and rejected ones "gloomy" words.
 
-The same builders serve the tests (tiny models for every check) and `dpokit demo`. Nothing is
-downloaded. The demo issue replaces this task with the DPO paper's sentiment experiment.
+The builders serve the tests: tiny models for every check, built from configs, nothing downloaded.
+`dpokit demo` runs the DPO paper's sentiment experiment instead (`dpokit.demo.sentiment`).
 """
 
 from __future__ import annotations
@@ -112,36 +112,3 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def run_demo(output: str = "demo-output", steps: int = 60, overwrite: bool = True) -> dict:
-    """Build the toy task, train DPO on it, and print held-out reward accuracy as it rises."""
-    from dpokit.config import build_config
-    from dpokit.train.loop import train
-
-    out = Path(output)
-    base = save_tiny_model(out / "base-model")
-    held_out_openers = OPENERS[-2:]  # evaluation prompts start with openers never trained on
-    train_file = write_jsonl(out / "train.jsonl", make_pairs(512, seed=1, openers=OPENERS[:-2]))
-    eval_file = write_jsonl(out / "eval.jsonl", make_pairs(64, seed=2, openers=held_out_openers))
-    cfg = build_config(
-        {
-            "model": {"model": str(base)},
-            "data": {"data": str(train_file), "eval_data": str(eval_file), "max_length": 32},
-            "loss": {"beta": 0.1},
-            "train": {
-                "output": str(out / "policy"), "overwrite": overwrite, "learning_rate": 1e-3,
-                "batch_size": 16, "max_steps": steps, "warmup_steps": 5, "eval_every": max(1, steps // 6),
-                "log_every": max(1, steps // 12),
-            },
-        }
-    )
-    print("dpokit demo: a tiny Llama learns to prefer upbeat continuations over gloomy ones")
-    result = train(cfg)
-    evals = [r for r in result.history if "eval_rewards/accuracies" in r]
-    print("\nheld-out reward accuracy by step (step 0: policy = reference, so every reward is 0):")
-    for record in evals:
-        print(f"  step {record['step']:>4}  accuracy {record['eval_rewards/accuracies']:.3f}  "
-              f"margin {record['eval_rewards/margins']:+.3f}")
-    print(f"\ntrained policy: {cfg.train.output} (load it with AutoModelForCausalLM.from_pretrained)")
-    return {"history": result.history, "final_eval": result.final_eval}
