@@ -1,4 +1,4 @@
-"""Load the policy, its tokenizer and the frozen reference; pick the device and precision."""
+"""Load the policy, its tokenizer and the reference; LoRA adapters; pick the device and precision."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
 
 
@@ -52,19 +53,86 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_policy(name: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a causal LM with float32 master weights on `device`, dropout disabled."""
+def load_policy(name: str, device: torch.device, trust_remote_code: bool = False,
+                load_in_4bit: bool = False) -> torch.nn.Module:
+    """Load a causal LM with float32 master weights on `device`, dropout disabled.
+
+    `load_in_4bit` (QLoRA) loads the weights as 4-bit NF4 through bitsandbytes, on CUDA only.
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_source(name)
+    extra = _four_bit_options(device) if load_in_4bit else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.float32, trust_remote_code=trust_remote_code
+            name, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise DpokitError(f"could not load model '{name}': {_first_line(exc)}") from None
     disable_dropout(model)
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)  # 4-bit weights are placed by device_map
+
+
+def _four_bit_options(device: torch.device) -> dict:
+    if device.type != "cuda":
+        raise DpokitError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit); none is in use here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DpokitError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": quant, "device_map": {"": device}}
+
+
+def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Add LoRA adapters (when --lora-r > 0) and gradient checkpointing to a loaded policy."""
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works under DDP, FSDP2 and with frozen (LoRA) base weights.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not lora.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = lora.lora_target_modules.strip()
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    if getattr(model, "is_loaded_in_4bit", False):
+        model.requires_grad_(False)  # the quantized base is frozen; only the adapters train
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise DpokitError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(exc)}") from None
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdaptersDisabled:
+    """The LoRA reference: the policy itself with its adapters switched off, so no second copy
+    of the weights exists. Called like a model (`sequence_logps(reference, batch)` works), only
+    under `torch.no_grad()`. Holds the unwrapped peft model: FSDP2 shards it in place, and DDP's
+    gradient hooks are not needed for a pass that computes no gradient."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        self.peft_model = peft_model
+
+    def __call__(self, **inputs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**inputs)
+
+
+def build_reference(policy: torch.nn.Module, needed: bool):
+    """The live reference: None when the loss needs none, the policy with adapters disabled under
+    LoRA, otherwise a frozen copy of the initial policy. Call before `parallelize`."""
+    if not needed:
+        return None
+    return AdaptersDisabled(policy) if is_lora(policy) else frozen_reference(policy)
 
 
 def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
@@ -91,10 +159,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast around forward passes when asked; fp32 runs without autocast."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast around forward passes when asked; fp32 runs without autocast.
+
+    Weights stay float32 (the master copy the optimizer updates); autocast casts them per op.
+    """
+    if dtype in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     return torch.autocast(device_type=device.type, enabled=False)
+
+
+def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through
+    (disabled), so the loop calls it the same way for every dtype."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
 
 
 def _first_line(exc: BaseException) -> str:
