@@ -33,7 +33,9 @@ def check_model_source(name: str, what: str = "model") -> None:
     """Fail with one line when a local model path is missing or is not a model folder."""
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        # A tokenizer folder (a LoRA run's, say) may hold tokenizer_config.json without config.json.
+        markers = ("config.json", "tokenizer_config.json") if what == "tokenizer" else ("config.json",)
+        if not path.is_dir() or not any((path / m).is_file() for m in markers):
             raise DpokitError(f"{what} path {name} is not a Hugging Face model folder (no config.json)")
     elif _looks_like_path(name):
         raise DpokitError(f"{what} path {name} does not exist")
@@ -91,7 +93,11 @@ def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpoin
     """Add LoRA adapters (when --lora-r > 0) and gradient checkpointing to a loaded policy."""
     if gradient_checkpointing:
         # Non-reentrant checkpointing works under DDP, FSDP2 and with frozen (LoRA) base weights.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not lora.lora_r:
         return model
     from peft import LoraConfig, get_peft_model
@@ -177,3 +183,51 @@ def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def export_model(run: str | Path, output: str | Path, merge: bool, base: str | None = None,
+                 dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write a trained run as a standalone Hugging Face model folder (model + tokenizer).
+
+    A LoRA run holds only its adapter; `merge` loads the base model (`base`, else the run's
+    --model), adds the adapter and folds it into the base weights (W + B·A·α/r), so the result
+    loads with `AutoModelForCausalLM.from_pretrained` and no peft.
+    """
+    from dpokit.io import atomic_save_pretrained
+
+    run, output = Path(run), Path(output)
+    if not run.is_dir():
+        raise DpokitError(f"export: {run} is not a folder")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise DpokitError(f"export: --output {output} is not empty; pass --overwrite or choose a new folder")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    adapter = (run / "adapter_config.json").is_file()
+    if adapter and not merge:
+        raise DpokitError(f"export: {run} holds a LoRA adapter; pass --merge to fold it into the base model")
+    if adapter:
+        from peft import PeftModel
+
+        base = base or _run_model_name(run)
+        model = PeftModel.from_pretrained(load_policy(base, torch.device("cpu")), run).merge_and_unload()
+    else:
+        model = load_policy(str(run), torch.device("cpu"))
+    tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base or str(run))
+    atomic_save_pretrained(output, model.to(torch_dtype), tokenizer)
+    return output
+
+
+def _run_model_name(run: Path) -> str:
+    """The base model a run was trained from: its resolved config's --model, else the adapter's record."""
+    import json
+
+    import yaml
+
+    config = run / "dpokit_config.yaml"
+    if config.is_file():
+        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("model", {}).get("model")
+        if name:
+            return name
+    name = json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not name:
+        raise DpokitError(f"export: {run} does not say which base model its adapter belongs to; pass --base")
+    return name

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -158,11 +159,12 @@ def parallelize(model: Any, cfg: RunConfig, ctx: Distributed) -> Any:
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(model.parameters()).device
-    # broadcast_buffers=False: the buffers (rotary tables) are constants, and a broadcast per
+    # No buffer sync per forward: the buffers (rotary tables) are constants, and a broadcast per
     # forward would tie every forward pass, evaluation included, to the other ranks.
-    return DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
-    )
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    no_buffer_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   **no_buffer_sync)
 
 
 def _fully_shard(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
