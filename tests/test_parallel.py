@@ -21,7 +21,7 @@ from dpokit.demo.toy import make_pairs, write_jsonl
 from dpokit.errors import DpokitError
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
-from dpokit.train.parallel import Distributed, rank_steps
+from dpokit.train.parallel import Distributed, compute_sharded, rank_steps
 
 STEPS = 8
 # 21 pairs, global batch 8: steps of 8, 8, 5 pairs per epoch. In the 5-pair step of a 2-process
@@ -47,6 +47,30 @@ def test_rank_steps_split_each_step_disjointly_with_equal_micro_batch_counts(n, 
         assert all(len(mb) <= batch for _, mbs in shares for mb in mbs)
     single = list(rank_steps(order, batch, accumulation, Distributed()))
     assert [mbs for _, mbs in single][0] == [order[i : i + batch] for i in range(0, batch * accumulation, batch)]
+
+
+def test_compute_sharded_in_a_world_of_one_scores_each_item_once():
+    seen = []
+
+    def score(indices):
+        seen.extend(indices)
+        return torch.tensor(indices, dtype=torch.float32)[:, None] * 2
+
+    assert torch.equal(compute_sharded(5, 2, score, Distributed()), torch.arange(5.0)[:, None] * 2)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_compute_sharded_on_two_ranks_gathers_every_row_in_order():
+    # The distributed part of the reference cache: each rank scores only its shard, all get all rows.
+    helper = Path(__file__).parent / "helpers" / "sharded_scoring.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(helper), "1", "5", "8"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for rank in (0, 1):
+        for count in (1, 5, 8):
+            assert f"rank {rank} count {count} ok" in proc.stdout
 
 
 def test_fsdp_without_torchrun_is_one_line(tiny_model_dir, toy_data, tmp_path):

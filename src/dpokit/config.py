@@ -315,6 +315,8 @@ def _validate_lora(config: RunConfig) -> None:
         raise DpokitError("--lora-target-modules is empty; use all-linear or names such as q_proj,v_proj")
     if lo.load_in_4bit and not lo.lora_r:
         raise DpokitError("--load-in-4bit needs --lora-r > 0: 4-bit base weights cannot be trained, only adapters")
+    if config.scale.fsdp_cpu_offload and config.scale.parallel != "fsdp":
+        raise DpokitError("--fsdp-cpu-offload applies to --parallel fsdp only")
     if lo.load_in_4bit and config.scale.parallel == "fsdp":
         raise DpokitError("--load-in-4bit works with --parallel ddp only (FSDP2 cannot shard 4-bit weights here)")
 

@@ -121,7 +121,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     if resume_from is not None:
         ckpt.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
     if ctx.is_main:  # one rank checks and prepares the folder; the others wait for it
-        output = prepare_output(cfg, resuming=resume_from is not None)
+        prepare_output(cfg, resuming=resume_from is not None)
     ctx.barrier()
     output = Path(t.output)
     seed_everything(t.seed)  # the same on every rank: identical initialisation (LoRA adapters too)

@@ -170,6 +170,9 @@ def parallelize(model: Any, cfg: RunConfig, ctx: Distributed) -> Any:
 def _fully_shard(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
+    device = next(model.parameters()).device
+    if cfg.scale.fsdp_cpu_offload and device.type != "cuda":
+        raise DpokitError("--fsdp-cpu-offload needs GPUs: it keeps the shards in CPU memory and computes on the GPU")
     offload = CPUOffloadPolicy() if cfg.scale.fsdp_cpu_offload else OffloadPolicy()
     blocks = transformer_blocks(model)
     if not blocks:
@@ -231,6 +234,37 @@ def rank_steps(order: Sequence[int], batch_size: int, accumulation: int, ctx: Di
         most = -(-len(step) // world)  # the largest share any rank has
         count = -(-most // batch_size)
         yield len(step), [mine[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+
+
+def compute_sharded(count: int, batch_size: int, score: Callable[[list[int]], torch.Tensor],
+                    ctx: Distributed) -> torch.Tensor:
+    """Score items 0..count-1 split over the ranks; every rank gets all rows back, in item order.
+
+    `score(indices)` returns a (len(indices), K) tensor. Rank r scores items r, r + world, ...;
+    every rank runs the same number of batches (one short of items re-scores item 0 and drops
+    the result), since FSDP2 forward passes are collectives. For the precomputed reference cache:
+    each rank computes its shard once, the cache is assembled from the gathered rows, rank 0
+    writes it. (The cache itself lives with the reference strategies; this is its distributed part.)
+    """
+    if count < 1:
+        raise ValueError("compute_sharded needs at least one item")
+    mine = list(range(ctx.rank, count, ctx.world_size))
+    most = -(-count // ctx.world_size)
+    rows = []
+    for b in range(-(-most // batch_size)):
+        indices = mine[b * batch_size : (b + 1) * batch_size]
+        rows.append(score(indices or [0])[: len(indices)].detach())
+    local = torch.cat(rows)
+    if not ctx.active:
+        return local
+    padded = local.new_zeros((most, *local.shape[1:]))
+    padded[: len(local)] = local
+    gathered = [torch.empty_like(padded, device=ctx.device) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, padded.to(ctx.device))
+    full = local.new_empty((count, *local.shape[1:]))
+    for r, part in enumerate(gathered):
+        full[r :: ctx.world_size] = part[: len(range(r, count, ctx.world_size))].to(full.device)
+    return full
 
 
 # --- state for checkpoints and the final model ---------------------------------------------------
