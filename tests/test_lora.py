@@ -156,3 +156,18 @@ def test_bad_lora_and_4bit_options_are_one_line(tiny_model_dir, toy_data, tmp_pa
     cfg.lora.lora_target_modules = "no_such_proj"
     with pytest.raises(DpokitError, match="--lora-target-modules no_such_proj"):
         loop.train(cfg, log=lambda _: None)
+
+
+def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    captured = {}
+    real = loop.prepare_policy
+    monkeypatch.setattr(loop, "prepare_policy", lambda *a: captured.setdefault(a[2], real(*a)))
+    for checkpointing in (False, True):
+        cfg = _config(tiny_model_dir, toy_data[0], tmp_path / str(checkpointing), max_steps=2)
+        cfg.scale.gradient_checkpointing = checkpointing
+        loop.train(cfg, log=lambda _: None)
+    base = captured[True].get_base_model()
+    assert base.is_gradient_checkpointing and not captured[False].get_base_model().is_gradient_checkpointing
+    a = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "True" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,17 +160,40 @@ def test_ddp_two_processes_equal_one_process(one_process, ddp_run, tiny_model_di
 
 
 @pytest.mark.slow
-def test_fsdp2_two_processes_equal_one_process(one_process, tiny_model_dir, data, tmp_path):
+def test_fsdp2_two_processes_equal_one_process_and_resume_under_another_split(one_process, tiny_model_dir, data,
+                                                                              tmp_path):
     # FSDP2 (fully_shard) runs on CPU with gloo in this PyTorch, so it is tested here, not only on GPUs.
     out = tmp_path / "fsdp"
-    proc = _torchrun(_args(tiny_model_dir, data, out, 4, 1, "--parallel", "fsdp"))
+    proc = _torchrun(_args(tiny_model_dir, data, out, 4, 1, "--parallel", "fsdp", "--save-every", 4))
     assert "x 2 processes (fsdp)" in proc.stdout
     _assert_same_metrics(out, one_process)
-    _assert_close(load_file(str(out / "model.safetensors")), load_file(str(one_process / "model.safetensors")),
-                  atol=1e-5)
-    # Its checkpoint holds the full (gathered) weights, readable without FSDP.
-    saved = load_file(str(list_checkpoints(out)[-1] / "model.safetensors"))
-    _assert_close(saved, load_file(str(out / "model.safetensors")), atol=0)
+    final = load_file(str(out / "model.safetensors"))
+    _assert_close(final, load_file(str(one_process / "model.safetensors")), atol=1e-5)
+    # Its checkpoints hold the full (gathered) weights, readable without FSDP.
+    step4, step8 = list_checkpoints(out)
+    _assert_close(load_file(str(step8 / "model.safetensors")), final, atol=0)
+
+    # Resume from step 4 under FSDP2 with the global batch split as 2 x 2 accumulation x 2 ...
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "checkpoints" / step8.name)
+    (again / "model.safetensors").unlink()
+    resumed = _torchrun(_args(tiny_model_dir, data, again, 2, 2, "--parallel", "fsdp", "--resume", "auto"))
+    assert "resuming from" in resumed.stdout and "at step 4/8" in resumed.stdout
+    _assert_close(load_file(str(again / "model.safetensors")), final, atol=1e-5)
+    # ... and in one process (8 x 1): the checkpoint does not depend on the strategy.
+    single = tmp_path / "single"
+    shutil.copytree(out, single)
+    shutil.rmtree(single / "checkpoints" / step8.name)
+    cfg = build_config({"model": {"model": str(tiny_model_dir)}, "data": {"data": str(data), "max_length": 32},
+                        "train": {"output": str(single), "max_steps": STEPS, "batch_size": 8, "learning_rate": 1e-3,
+                                  "lr_scheduler": "constant", "progress": "off", "resume": "auto"}})
+    train(cfg, log=lambda _: None)
+    _assert_close(load_file(str(single / "model.safetensors")), final, atol=1e-5)
+    # A different global batch is refused, naming it.
+    cfg.train.batch_size, cfg.train.overwrite = 4, False
+    with pytest.raises(DpokitError, match="global batch .* was 8, now 4"):
+        train(cfg, log=lambda _: None)
 
 
 def _worker(proc: subprocess.Popen, rank: int) -> psutil.Process:

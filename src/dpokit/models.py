@@ -174,12 +174,6 @@ def autocast_context(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through
-    (disabled), so the loop calls it the same way for every dtype."""
-    return torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

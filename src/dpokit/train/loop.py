@@ -28,13 +28,14 @@ from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
 from dpokit.losses import needs_reference
-from dpokit.models import build_reference, grad_scaler, load_policy, load_tokenizer, prepare_policy
+from dpokit.models import build_reference, load_policy, load_tokenizer, prepare_policy
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
 from dpokit.train.optim import build_optimizer, build_scheduler
 from dpokit.train.parallel import (
     Distributed,
     clip_grad_norm,
+    grad_scaler,
     gradient_sync,
     init_distributed,
     parallelize,
@@ -144,7 +145,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
-    scaler = grad_scaler(device, cfg.model.dtype)
+    scaler = grad_scaler(device, cfg.model.dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
 
     state = ckpt.TrainState(data_fingerprint=data_fingerprint(train_pairs),

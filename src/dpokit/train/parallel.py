@@ -214,6 +214,18 @@ def clip_grad_norm(params: Sequence[torch.Tensor], max_norm: float | None) -> to
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
+def grad_scaler(device: torch.device, dtype: str, ctx: Distributed) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; for bf16 and fp32 the scaler is a pass-through
+    (disabled), so the loop calls it the same way for every dtype. Across processes the sharded
+    scaler all-reduces "found an inf", so every rank skips the same steps (FSDP2 shards differ)."""
+    enabled = dtype == "fp16"
+    if ctx.active:
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        return ShardedGradScaler(device.type, enabled=enabled)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
 # --- data ---------------------------------------------------------------------------------------
 
 
