@@ -4,6 +4,10 @@ Phases of each optimizer step, in order: batches -> policy (and reference) log-p
 -> backward (accumulated) -> finiteness check -> clip -> step -> schedule -> log -> eval ->
 checkpoint. One host sync per step (the finiteness check, which must precede the update);
 everything else is read to the host only when logging.
+
+Under torchrun every process runs this same loop on its share of each step (see
+train/parallel.py); two tiny all-reduces per step make the ranks agree on finiteness and on
+stopping. The strategy (DDP, FSDP2) is chosen once in `parallelize`; nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -163,12 +167,12 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
             )
         state = saved
         state.global_batch_size = global_batch
-        if ctx.is_main:
-            _rewind_metrics(output / "metrics.jsonl", state.step)
         log(f"resuming from {resume_from} at step {state.step}/{total_steps}")
-    elif ctx.is_main:
-        (output / "metrics.jsonl").unlink(missing_ok=True)
-    if ctx.is_main:
+    if ctx.is_main:  # rank 0 alone writes files
+        if resume_from is not None:
+            _rewind_metrics(output / "metrics.jsonl", state.step)
+        else:
+            (output / "metrics.jsonl").unlink(missing_ok=True)
         atomic_write_text(output / "dpokit_config.yaml", dump_yaml(cfg))
     processes = f" x {ctx.world_size} processes ({cfg.scale.parallel})" if ctx.world_size > 1 else ""
     lora = f", LoRA r={cfg.lora.lora_r}" if cfg.lora.lora_r else ""
