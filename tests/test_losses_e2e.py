@@ -4,9 +4,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit import cli
+from dpokit import cli, models
 from dpokit.losses import LOSSES
-from dpokit.train import loop
 
 CASES = [(name, []) for name in sorted(LOSSES)] + [("sigmoid,sft", ["--loss-weights", "1,0.5"])]
 
@@ -19,8 +18,8 @@ def _extra(name):
 @pytest.mark.parametrize(("name", "extra"), CASES)
 def test_loss_trains_through_the_cli(name, extra, tiny_model_dir, toy_data, tmp_path, monkeypatch, capsys):
     reference_built = []
-    real_frozen = loop.frozen_reference
-    monkeypatch.setattr(loop, "frozen_reference", lambda m: reference_built.append(1) or real_frozen(m))
+    real_frozen = models.frozen_reference
+    monkeypatch.setattr(models, "frozen_reference", lambda m: reference_built.append(1) or real_frozen(m))
     out = tmp_path / "run"
     code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output", str(out),
                      "--loss", name, "--max-steps", "2", "--batch-size", "4", "--learning-rate", "1e-3",

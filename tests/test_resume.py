@@ -187,7 +187,7 @@ def _weights_of_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(
     tiny_model_dir, resume_data, tmp_path, monkeypatch
 ):
-    real = ckpt_module.save_model
+    real = ckpt_module.save_file
     calls = {"n": 0}
 
     def full_disk(*args, **kwargs):
@@ -196,7 +196,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_module, "save_model", full_disk)
+    monkeypatch.setattr(ckpt_module, "save_file", full_disk)
     out = tmp_path / "run"
     with pytest.raises(DpokitError, match="no space left on device; the last good checkpoint .*step-0000003"):
         train(_config(tiny_model_dir, resume_data, out, save_every=3), log=lambda _: None)

@@ -34,8 +34,9 @@ class ModelConfig:
     )
     dtype: str = _opt(
         "fp32",
-        "compute precision: fp32, or bf16 autocast with fp32 master weights and optimizer state",
-        choices=("fp32", "bf16"),
+        "compute precision: fp32; bf16 autocast; or fp16 autocast with dynamic loss scaling. Weights, "
+        "gradients and optimizer state stay float32 in every case",
+        choices=("fp32", "bf16", "fp16"),
     )
     device: str = _opt("auto", "device: auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     trust_remote_code: bool = _opt(False, "allow a hub model to run its own Python code (off by default)")
@@ -146,17 +147,46 @@ class TrainConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA adapters through peft; named so as not to shadow peft's own LoraConfig."""
+
+    lora_r: int = _opt(0, "LoRA rank; 0 trains every weight, > 0 trains low-rank adapters only (peft)")
+    lora_alpha: float = _opt(16.0, "LoRA α: the adapter's update is scaled by α / r")
+    lora_dropout: float = _opt(0.0, "dropout on the adapters' input (0 keeps DPO's log-ratios deterministic)")
+    lora_target_modules: str = _opt(
+        "all-linear", "modules that get adapters: all-linear (every linear layer but the LM head) or "
+        "comma-separated names, e.g. q_proj,v_proj"
+    )
+    load_in_4bit: bool = _opt(False, "QLoRA: load the frozen base weights in 4-bit NF4 (bitsandbytes; CUDA only)")
+
+
+@dataclass
+class ScaleConfig:
+    parallel: str = _opt(
+        "ddp", "strategy when launched with torchrun: ddp (replicate the model) or fsdp (FSDP2: shard "
+        "weights, gradients and optimizer state per transformer block)", choices=("ddp", "fsdp"),
+    )
+    fsdp_cpu_offload: bool = _opt(False, "with --parallel fsdp: keep the sharded weights and optimizer state in CPU memory")
+    gradient_checkpointing: bool = _opt(
+        False, "recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"
+    )
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def global_batch_size(self) -> int:
+        """Pairs per optimizer step in one process; the loop multiplies by the world size."""
         return self.train.batch_size * self.train.gradient_accumulation_steps
 
 
@@ -293,6 +323,25 @@ def validate(config: RunConfig) -> None:
     for flag, value in {"--adam-beta1": t.adam_beta1, "--adam-beta2": t.adam_beta2}.items():
         if not 0.0 <= value < 1.0:
             raise DpokitError(f"{flag} must be in [0, 1); got {value}")
+    _validate_lora(config)
+
+
+def _validate_lora(config: RunConfig) -> None:
+    lo = config.lora
+    if lo.lora_r < 0:
+        raise DpokitError(f"--lora-r must be >= 0 (0: no LoRA); got {lo.lora_r}")
+    if lo.lora_r and not (lo.lora_alpha > 0 and math.isfinite(lo.lora_alpha)):
+        raise DpokitError(f"--lora-alpha must be a positive number; got {lo.lora_alpha}")
+    if not 0.0 <= lo.lora_dropout < 1.0:
+        raise DpokitError(f"--lora-dropout must be in [0, 1); got {lo.lora_dropout}")
+    if lo.lora_r and not [m for m in lo.lora_target_modules.split(",") if m.strip()]:
+        raise DpokitError("--lora-target-modules is empty; use all-linear or names such as q_proj,v_proj")
+    if lo.load_in_4bit and not lo.lora_r:
+        raise DpokitError("--load-in-4bit needs --lora-r > 0: 4-bit base weights cannot be trained, only adapters")
+    if config.scale.fsdp_cpu_offload and config.scale.parallel != "fsdp":
+        raise DpokitError("--fsdp-cpu-offload applies to --parallel fsdp only")
+    if lo.load_in_4bit and config.scale.parallel == "fsdp":
+        raise DpokitError("--load-in-4bit works with --parallel ddp only (FSDP2 cannot shard 4-bit weights here)")
 
 
 def validate_data(d: DataConfig) -> None:

@@ -41,6 +41,16 @@ class PairMetrics:
         self._sums = per_pair if self._sums is None else self._sums + per_pair
         self.pairs += out.losses.shape[0]
 
+    def merge_across_ranks(self, sum_over_ranks, extra: int = 0) -> int:
+        """Replace this rank's sums and pair count by those of all ranks; `extra` (a count such as
+        tokens) rides along in the same collective and its total is returned."""
+        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS))
+        # float64: token counts stay exact far past float32's 2**24
+        packed = torch.cat([sums.double().cpu(), torch.tensor([self.pairs, extra], dtype=torch.float64)])
+        total = sum_over_ranks(packed)
+        self._sums, self.pairs = total[: len(PAIR_METRICS)], int(total[-2].item())
+        return int(total[-1].item())
+
     def compute(self, prefix: str = "") -> dict[str, float]:
         """Means over all pairs added; one host sync."""
         if self._sums is None:

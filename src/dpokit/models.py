@@ -1,4 +1,4 @@
-"""Load the policy, its tokenizer and the frozen reference; pick the device and precision."""
+"""Load the policy, its tokenizer and the reference; LoRA adapters; pick the device and precision."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
 
 
@@ -32,7 +33,9 @@ def check_model_source(name: str, what: str = "model") -> None:
     """Fail with one line when a local model path is missing or is not a model folder."""
     path = Path(name).expanduser()
     if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
+        # A tokenizer folder (a LoRA run's, say) may hold tokenizer_config.json without config.json.
+        markers = ("config.json", "tokenizer_config.json") if what == "tokenizer" else ("config.json",)
+        if not path.is_dir() or not any((path / m).is_file() for m in markers):
             raise DpokitError(f"{what} path {name} is not a Hugging Face model folder (no config.json)")
     elif _looks_like_path(name):
         raise DpokitError(f"{what} path {name} does not exist")
@@ -52,19 +55,90 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_policy(name: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
-    """Load a causal LM with float32 master weights on `device`, dropout disabled."""
+def load_policy(name: str, device: torch.device, trust_remote_code: bool = False,
+                load_in_4bit: bool = False) -> torch.nn.Module:
+    """Load a causal LM with float32 master weights on `device`, dropout disabled.
+
+    `load_in_4bit` (QLoRA) loads the weights as 4-bit NF4 through bitsandbytes, on CUDA only.
+    """
     from transformers import AutoModelForCausalLM
 
     check_model_source(name)
+    extra = _four_bit_options(device) if load_in_4bit else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.float32, trust_remote_code=trust_remote_code
+            name, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
         raise DpokitError(f"could not load model '{name}': {_first_line(exc)}") from None
     disable_dropout(model)
-    return model.to(device)
+    return model if load_in_4bit else model.to(device)  # 4-bit weights are placed by device_map
+
+
+def _four_bit_options(device: torch.device) -> dict:
+    if device.type != "cuda":
+        raise DpokitError("--load-in-4bit needs a CUDA GPU (bitsandbytes 4-bit); none is in use here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DpokitError("--load-in-4bit needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": quant, "device_map": {"": device}}
+
+
+def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpointing: bool) -> torch.nn.Module:
+    """Add LoRA adapters (when --lora-r > 0) and gradient checkpointing to a loaded policy."""
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works under DDP, FSDP2 and with frozen (LoRA) base weights.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if not lora.lora_r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = lora.lora_target_modules.strip()
+    if targets != "all-linear":
+        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    if getattr(model, "is_loaded_in_4bit", False):
+        model.requires_grad_(False)  # the quantized base is frozen; only the adapters train
+    config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise DpokitError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(exc)}") from None
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class AdaptersDisabled:
+    """The LoRA reference: the policy itself with its adapters switched off, so no second copy
+    of the weights exists. Called like a model (`sequence_logps(reference, batch)` works), only
+    under `torch.no_grad()`. Holds the unwrapped peft model: FSDP2 shards it in place, and DDP's
+    gradient hooks are not needed for a pass that computes no gradient."""
+
+    def __init__(self, peft_model: torch.nn.Module):
+        self.peft_model = peft_model
+
+    def __call__(self, **inputs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(**inputs)
+
+
+def build_reference(policy: torch.nn.Module, needed: bool):
+    """The live reference: None when the loss needs none, the policy with adapters disabled under
+    LoRA, otherwise a frozen copy of the initial policy. Call before `parallelize`."""
+    if not needed:
+        return None
+    return AdaptersDisabled(policy) if is_lora(policy) else frozen_reference(policy)
 
 
 def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
@@ -91,12 +165,63 @@ def disable_dropout(model: torch.nn.Module) -> None:
 
 
 def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast around forward passes when asked; fp32 runs without autocast."""
-    if dtype == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast around forward passes when asked; fp32 runs without autocast.
+
+    Weights stay float32 (the master copy the optimizer updates); autocast casts them per op.
+    """
+    if dtype in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def export_model(run: str | Path, output: str | Path, merge: bool, base: str | None = None,
+                 dtype: str = "fp32", overwrite: bool = False) -> Path:
+    """Write a trained run as a standalone Hugging Face model folder (model + tokenizer).
+
+    A LoRA run holds only its adapter; `merge` loads the base model (`base`, else the run's
+    --model), adds the adapter and folds it into the base weights (W + B·A·α/r), so the result
+    loads with `AutoModelForCausalLM.from_pretrained` and no peft.
+    """
+    from dpokit.io import atomic_save_pretrained
+
+    run, output = Path(run), Path(output)
+    if not run.is_dir():
+        raise DpokitError(f"export: {run} is not a folder")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise DpokitError(f"export: --output {output} is not empty; pass --overwrite or choose a new folder")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    adapter = (run / "adapter_config.json").is_file()
+    if adapter and not merge:
+        raise DpokitError(f"export: {run} holds a LoRA adapter; pass --merge to fold it into the base model")
+    if adapter:
+        from peft import PeftModel
+
+        base = base or _run_model_name(run)
+        model = PeftModel.from_pretrained(load_policy(base, torch.device("cpu")), run).merge_and_unload()
+    else:
+        model = load_policy(str(run), torch.device("cpu"))
+    tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base or str(run))
+    atomic_save_pretrained(output, model.to(torch_dtype), tokenizer)
+    return output
+
+
+def _run_model_name(run: Path) -> str:
+    """The base model a run was trained from: its resolved config's --model, else the adapter's record."""
+    import json
+
+    import yaml
+
+    config = run / "dpokit_config.yaml"
+    if config.is_file():
+        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("model", {}).get("model")
+        if name:
+            return name
+    name = json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not name:
+        raise DpokitError(f"export: {run} does not say which base model its adapter belongs to; pass --base")
+    return name

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from dpokit.cli.common import Parser, add_train_options, config_from_args
@@ -37,6 +38,30 @@ def _debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dpokit.models import export_model
+
+    out = export_model(args.run, args.output, merge=args.merge, base=args.base, dtype=args.dtype,
+                       overwrite=args.overwrite)
+    print(f"dpokit: wrote {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _add_export_command(sub) -> None:
+    export = sub.add_parser("export", help="write a trained run as a standalone Hugging Face model",
+                            description="Write a run folder as a standalone model + tokenizer. For a LoRA "
+                            "run, --merge folds the adapter into the base model's weights.")
+    export.add_argument("run", help="the run folder (dpokit train --output)")
+    export.add_argument("--output", required=True, help="folder for the exported model")
+    export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
+    export.add_argument("--base", help="base model of a LoRA run (default: the run's --model)")
+    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                        help="precision of the written weights (default: fp32)")
+    export.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
+    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    export.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -55,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(sub)
     add_sweep_command(sub)
     add_report_command(sub)
+    _add_export_command(sub)
     return parser
 
 
@@ -64,6 +90,8 @@ def _quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    # peft still calls transformers' renamed gradient-checkpointing helpers; nothing for users to do.
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,11 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 
 from dpokit.config import RunConfig, dump_yaml, iter_options
 from dpokit.errors import DpokitError
 from dpokit.io import fsync_tree, make_staging_dir
+from dpokit.train.parallel import (
+    Distributed,
+    load_optimizer_state,
+    load_trainable_state,
+    optimizer_state,
+    trainable_state,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -36,6 +43,8 @@ _NAME = re.compile(r"^step-(\d+)$")
 RESUME_MAY_CHANGE = {
     "output", "overwrite", "progress", "log_every", "eval_every", "eval_data", "save_every",
     "keep_checkpoints", "resume", "device",
+    # How the work is split and stored, not what is computed (the global batch is checked apart).
+    "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing",
 }
 
 
@@ -49,6 +58,7 @@ class TrainState:
     nonfinite_skipped: int = 0
     data_fingerprint: str = ""
     reference_fingerprint: str | None = None
+    global_batch_size: int = 0  # pairs per optimizer step over all ranks: may be split differently on resume
     history: list[dict] = field(default_factory=list)
 
 
@@ -89,37 +99,56 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    output: Path, state: TrainState, cfg: RunConfig, policy, optimizer, scheduler, keep: int
+    output: Path, state: TrainState, cfg: RunConfig, policy, optimizer, scheduler, keep: int,
+    ctx: Distributed | None = None, scaler: torch.amp.GradScaler | None = None,
 ) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest `keep`."""
+    """Write a checkpoint atomically, then delete all but the newest `keep`.
+
+    Called on every rank: under FSDP2 the full weights and optimizer state are gathered to rank
+    0 (a collective), and every rank's RNG state is collected; rank 0 alone writes. The other
+    ranks wait until the folder is in place, so none exits (or is stopped) mid-save.
+    """
+    ctx = ctx or Distributed()
+    weights = trainable_state(policy, ctx)
+    optim = optimizer_state(policy, optimizer, ctx)
+    rng = ctx.gather_objects(_rng_state())
     folder = checkpoint_dir(output)
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{state.step:07d}"
-    staging = make_staging_dir(folder, f".tmp-{final.name}-")
+    if not ctx.is_main:
+        ctx.barrier()
+        return final
     try:
-        save_model(policy, str(staging / "model.safetensors"))
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
-            staging / "training_state.pt",
-        )
+        folder.mkdir(parents=True, exist_ok=True)
+        staging = make_staging_dir(folder, f".tmp-{final.name}-")
+        _write_staging(staging, final, cfg, state, weights, optim, scheduler, rng, scaler)
+    except OSError as exc:
+        previous = list_checkpoints(output)
+        kept = f"; the last good checkpoint {previous[-1]} is intact" if previous else ""
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise DpokitError(f"could not save checkpoint {final}: {reason}{kept}") from None
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return final
+
+
+def _write_staging(staging: Path, final: Path, cfg: RunConfig, state: TrainState, weights, optim, scheduler,
+                   rng: list, scaler) -> None:
+    try:
+        save_file(weights, str(staging / "model.safetensors"))
+        extra = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}
+        if scaler is not None and scaler.is_enabled():
+            extra["scaler"] = scaler.state_dict()
+        torch.save(extra, staging / "training_state.pt")
         (staging / "dpokit_config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
         (staging / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
         fsync_tree(staging)
         if final.exists():  # a finished run re-saved at the same step: replace it whole
             shutil.rmtree(final)
         staging.rename(final)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        previous = list_checkpoints(output)
-        kept = f"; the last good checkpoint {previous[-1]} is intact" if previous else ""
-        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise DpokitError(f"could not save checkpoint {final}: {reason}{kept}") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def remove_stale_staging(output: Path) -> None:
@@ -130,20 +159,29 @@ def remove_stale_staging(output: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, policy, optimizer, scheduler) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from `path`; return the loop position."""
+def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """Restore weights, optimizer, scheduler, loss scale and RNG from `path`; return the loop position.
+
+    Every rank reads the folder (multi-node runs need it on a shared file system). Each rank gets
+    its own RNG state back when the world size is unchanged, rank 0's otherwise.
+    """
+    ctx = ctx or Distributed()
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise DpokitError(f"--resume {path}: not a complete dpokit checkpoint (no {STATE_FILE})")
     try:
-        load_model(policy, str(path / "model.safetensors"))
+        load_trainable_state(policy, load_file(str(path / "model.safetensors")), ctx)
         extra = torch.load(path / "training_state.pt", weights_only=True)
         state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise DpokitError(f"--resume {path}: checkpoint is damaged or from another model ({exc})") from None
-    optimizer.load_state_dict(extra["optimizer"])
+    load_optimizer_state(policy, optimizer, extra["optimizer"], ctx)
     scheduler.load_state_dict(extra["scheduler"])
-    _set_rng_state(extra["rng"])
+    if scaler is not None and "scaler" in extra:
+        scaler.load_state_dict(extra["scaler"])
+    rng = extra["rng"]
+    _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     return state
 
 

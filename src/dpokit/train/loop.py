@@ -4,6 +4,10 @@ Phases of each optimizer step, in order: batches -> policy (and reference) log-p
 -> backward (accumulated) -> finiteness check -> clip -> step -> schedule -> log -> eval ->
 checkpoint. One host sync per step (the finiteness check, which must precede the update);
 everything else is read to the host only when logging.
+
+Under torchrun every process runs this same loop on its share of each step (see
+train/parallel.py); two tiny all-reduces per step make the ranks agree on finiteness and on
+stopping. The strategy (DDP, FSDP2) is chosen once in `parallelize`; nothing here depends on it.
 """
 
 from __future__ import annotations
@@ -24,14 +28,26 @@ from tqdm import tqdm
 
 from dpokit.config import RunConfig, dump_yaml
 from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
-from dpokit.data.batching import epoch_order, step_batches
+from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
 from dpokit.losses import needs_reference
-from dpokit.models import frozen_reference, load_policy, load_tokenizer, resolve_device
+from dpokit.models import build_reference, frozen_reference, load_policy, load_tokenizer, prepare_policy
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
 from dpokit.train.optim import build_optimizer, build_scheduler
+from dpokit.train.parallel import (
+    Distributed,
+    clip_grad_norm,
+    grad_scaler,
+    gradient_sync,
+    init_distributed,
+    parallelize,
+    pretrained_state,
+    rank_steps,
+    teardown,
+    unwrap,
+)
 from dpokit.train.scoring import PairScorer
 from dpokit.train.signals import StopRequest
 
@@ -96,13 +112,24 @@ def _rewind_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: RunConfig, log: Log = print) -> TrainResult:
+    """Run one training job: a single process, or one rank of a torchrun launch."""
+    ctx, device = init_distributed(cfg.model.device)
+    try:
+        return _train(cfg, ctx.main_only(log), ctx, device)
+    finally:
+        teardown(ctx)
+
+
+def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
     t = cfg.train
     resume_from = ckpt.resolve_resume(cfg)
     if resume_from is not None:
         ckpt.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
-    output = prepare_output(cfg, resuming=resume_from is not None)
-    device = resolve_device(cfg.model.device)
-    seed_everything(t.seed)
+    if ctx.is_main:  # one rank checks and prepares the folder; the others wait for it
+        prepare_output(cfg, resuming=resume_from is not None)
+    ctx.barrier()
+    output = Path(t.output)
+    seed_everything(t.seed)  # the same on every rank: identical initialisation (LoRA adapters too)
 
     # --- data, models, optimizer ---------------------------------------------------------
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model, cfg.model.trust_remote_code)
@@ -110,45 +137,62 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log, cfg.data)
     eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log, cfg.data) if cfg.data.eval_data else []
 
-    policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code)
+    policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code, cfg.lora.load_in_4bit)
+    policy = prepare_policy(policy, cfg.lora, cfg.scale.gradient_checkpointing)
     policy.train()
-    reference = _load_reference(cfg, policy, device) if needs_reference(cfg.loss) else None
+    reference = _build_reference(cfg, policy, device)
+    policy, reference = parallelize(policy, cfg, ctx), parallelize(reference, cfg, ctx)
     scorer = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device)
 
-    steps_per_epoch = math.ceil(len(train_pairs) / cfg.global_batch_size)
+    global_batch = cfg.global_batch_size * ctx.world_size
+    steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
+    scaler = grad_scaler(device, cfg.model.dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
 
     state = ckpt.TrainState(data_fingerprint=data_fingerprint(train_pairs),
-                            reference_fingerprint=getattr(scorer, "reference_fingerprint", None))
+                            reference_fingerprint=getattr(scorer, "reference_fingerprint", None),
+                            global_batch_size=global_batch)
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler)
+        saved = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler)
         if saved.data_fingerprint != state.data_fingerprint:
             raise DpokitError(f"cannot resume from {resume_from}: the training data (or its tokenization) "
                               "differs from the checkpoint's")
+        if saved.global_batch_size not in (0, global_batch):
+            raise DpokitError(
+                f"cannot resume from {resume_from}: the global batch (batch size x accumulation x processes) "
+                f"was {saved.global_batch_size}, now {global_batch}; split the same global batch differently"
+            )
         state = saved
-        _rewind_metrics(output / "metrics.jsonl", state.step)
+        state.global_batch_size = global_batch
         log(f"resuming from {resume_from} at step {state.step}/{total_steps}")
-    else:
-        (output / "metrics.jsonl").unlink(missing_ok=True)
-    atomic_write_text(output / "dpokit_config.yaml", dump_yaml(cfg))
+    if ctx.is_main:  # rank 0 alone writes files
+        if resume_from is not None:
+            _rewind_metrics(output / "metrics.jsonl", state.step)
+        else:
+            (output / "metrics.jsonl").unlink(missing_ok=True)
+        atomic_write_text(output / "dpokit_config.yaml", dump_yaml(cfg))
+    processes = f" x {ctx.world_size} processes ({cfg.scale.parallel})" if ctx.world_size > 1 else ""
+    lora = f", LoRA r={cfg.lora.lora_r}" if cfg.lora.lora_r else ""
     log(
-        f"training {cfg.model.model} on {device} ({cfg.model.dtype}): {len(train_pairs)} pairs, "
-        f"global batch {cfg.global_batch_size} = {t.batch_size} x {t.gradient_accumulation_steps} "
-        f"accumulation, {total_steps} steps, loss {cfg.loss.loss}, beta {cfg.loss.beta}"
+        f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {len(train_pairs)} pairs, "
+        f"global batch {global_batch} = {t.batch_size} x {t.gradient_accumulation_steps} "
+        f"accumulation{processes}, {total_steps} steps, loss {cfg.loss.loss}, beta {cfg.loss.beta}"
     )
 
     def save() -> Path:
-        return ckpt.save_checkpoint(output, state, cfg, policy, optimizer, scheduler, t.keep_checkpoints)
+        return ckpt.save_checkpoint(output, state, cfg, policy, optimizer, scheduler, t.keep_checkpoints,
+                                    ctx, scaler)
 
     def record(entry: dict) -> None:
-        metrics_file.write(entry)
+        if ctx.is_main:
+            metrics_file.write(entry)
         state.history.append(entry)
 
-    metrics_file = JsonlWriter(output / "metrics.jsonl")
-    show_bar = t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty())
+    metrics_file = JsonlWriter(output / "metrics.jsonl") if ctx.is_main else None
+    show_bar = ctx.is_main and (t.progress == "on" or (t.progress == "auto" and sys.stderr.isatty()))
     bar = tqdm(total=total_steps, initial=state.step, desc="dpo", unit="step", disable=not show_bar,
                dynamic_ncols=True)
     if eval_pairs and t.eval_every and state.step == 0:
@@ -160,27 +204,40 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     with StopRequest() as stop:
         while state.step < total_steps:
             order = epoch_order(len(train_pairs), t.seed, state.epoch)
-            steps = step_batches(order, t.batch_size, t.gradient_accumulation_steps)
-            for micro_batches in islice(steps, state.step_in_epoch, None):
-                # forward and backward over the step's micro-batches
-                pairs_in_step = sum(len(mb) for mb in micro_batches)
+            steps = rank_steps(order, t.batch_size, t.gradient_accumulation_steps, ctx)
+            for pairs_in_step, micro_batches in islice(steps, state.step_in_epoch, None):
+                # forward and backward over this rank's micro-batches of the step
+                # Sum over the step's pairs / their count, so accumulation never changes the update;
+                # x world because DDP and FSDP2 average gradients over ranks (sum = world x mean).
+                loss_scale = ctx.world_size / pairs_in_step
                 scored_batches, step_loss = [], torch.zeros((), device=device)
-                for indices in micro_batches:
-                    scored = scorer([train_pairs[i] for i in indices])
-                    # Sum over the step's pairs / their count: accumulation never changes the update.
-                    loss = scored.out.losses.sum() / pairs_in_step
-                    loss.backward()
+                for n, indices in enumerate(micro_batches):
+                    with gradient_sync(policy, enabled=n == len(micro_batches) - 1):
+                        # A rank short of pairs scores a stand-in pair at weight 0: every rank must
+                        # join every forward and backward, or the collectives inside them hang.
+                        weight = 1.0 if indices else 0.0
+                        scored = scorer([train_pairs[i] for i in indices or [order[0]]])
+                        loss = scored.out.losses.sum() * (loss_scale * weight)
+                        scaler.scale(loss).backward()
                     step_loss += loss.detach()
-                    scored_batches.append(scored)
+                    if indices:
+                        scored_batches.append(scored)
+                # Ranks must agree on finiteness and on stopping, or one waits forever for the others.
+                step_loss = ctx.sum(step_loss) / ctx.world_size
+                signal_seen = ctx.max_int(stop.requested or 0)
                 # finiteness check (must precede the update), clip, step, schedule
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-                finite = bool(torch.isfinite(step_loss) & torch.isfinite(grad_norm))
-                if finite:
-                    window.add_step(scored_batches, grad_norm, scheduler.get_last_lr()[0])
-                    optimizer.step()
+                scaler.unscale_(optimizer)
+                grad_norm = clip_grad_norm(params, t.max_grad_norm)
+                # Under fp16 an overflowing gradient is routine: the scaler skips the step and lowers its scale.
+                grad_ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()
+                if bool(torch.isfinite(step_loss)) and grad_ok:
+                    if torch.isfinite(grad_norm):
+                        window.add_step(scored_batches, grad_norm, scheduler.get_last_lr()[0])
+                    scaler.step(optimizer)
                 else:
                     _handle_nonfinite(t.skip_nonfinite, state.step + 1, step_loss, grad_norm, output, log)
                     state.nonfinite_skipped += 1
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
@@ -188,18 +245,20 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
                 bar.update(1)
                 # log, evaluate, checkpoint
                 last = state.step == total_steps
-                if window.steps and (state.step % t.log_every == 0 or last):
-                    entry = window.flush(state.step, state.step / steps_per_epoch)
-                    check_finite_record(entry, state.step)
-                    if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
-                        entry.update(scorer.evaluate(eval_pairs, t.batch_size))
-                    record(entry)
-                    _report(entry, bar, show_bar, log, total_steps)
+                if state.step % t.log_every == 0 or last:
+                    entry = window.flush(state.step, state.step / steps_per_epoch, ctx.sum)
+                    if entry:
+                        check_finite_record(entry, state.step)
+                        if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
+                            entry.update(scorer.evaluate(eval_pairs, t.batch_size))
+                        record(entry)
+                        _report(entry, bar, show_bar, log, total_steps)
                 if t.save_every and state.step % t.save_every == 0 and not last:
                     save()
-                if stop.requested and not last:
+                if signal_seen and not last:
                     path = save()
                     bar.close()
+                    stop.requested = signal_seen  # the signal may have reached another rank only
                     raise stop.interrupted(state.step, path)
                 if last:
                     break
@@ -214,23 +273,29 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
         result.final_eval = scorer.evaluate(eval_pairs, t.batch_size)
         record({"step": state.step, "epoch": state.step / steps_per_epoch, **result.final_eval})
         log("final eval: " + describe(result.final_eval))
-    metrics_file.close()
+    if metrics_file is not None:
+        metrics_file.close()
     save()
-    atomic_save_pretrained(output, policy, tokenizer)
+    full_weights = pretrained_state(policy, ctx)  # a collective under FSDP2
+    if ctx.is_main:
+        atomic_save_pretrained(output, _Savable(unwrap(policy), full_weights), tokenizer)
+    ctx.barrier()
     if state.nonfinite_skipped:
         log(f"skipped {state.nonfinite_skipped} step(s) with a non-finite loss or gradient")
-    log(f"saved the trained policy and its tokenizer to {output}")
-    _write_report(output, log)
+    what = "LoRA adapter (merge it with dpokit export --merge)" if cfg.lora.lora_r else "policy"
+    log(f"saved the trained {what} and its tokenizer to {output}")
+    if ctx.is_main:
+        _write_report(output, log)
     result.history = state.history
     return result
 
 
-def _load_reference(cfg: RunConfig, policy: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+def _build_reference(cfg: RunConfig, policy: torch.nn.Module, device: torch.device) -> torch.nn.Module | None:
     """--reference-model when given (online DPO: the reference stays the starting model while the
-    policy starts from the previous round), else a frozen copy of the initial policy."""
-    if cfg.model.reference_model:
+    policy starts from the previous round), else the usual one (a frozen copy, or LoRA's base)."""
+    if cfg.model.reference_model and needs_reference(cfg.loss):
         return frozen_reference(load_policy(cfg.model.reference_model, device, cfg.model.trust_remote_code))
-    return frozen_reference(policy)
+    return build_reference(policy, needs_reference(cfg.loss))
 
 
 def _write_report(output: Path, log: Log) -> None:
@@ -241,6 +306,19 @@ def _write_report(output: Path, log: Log) -> None:
         log(f"report: {write_report(output)}")
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
         log(f"warning: could not write the report ({type(exc).__name__}: {exc}); run `dpokit report {output}`")
+
+
+class _Savable:
+    """`save_pretrained` with the gathered weights under FSDP2 (None: the module's own)."""
+
+    def __init__(self, model, state_dict):
+        self.model, self.state_dict = model, state_dict
+
+    def save_pretrained(self, folder) -> None:
+        if self.state_dict is None:
+            self.model.save_pretrained(folder)
+        else:
+            self.model.save_pretrained(folder, state_dict=self.state_dict)
 
 
 def _handle_nonfinite(skip: bool, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, output: Path,

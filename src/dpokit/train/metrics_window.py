@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,9 +32,19 @@ class MetricsWindow:
         self.learning_rate = learning_rate
         self.steps += 1
 
-    def flush(self, step: int, epoch: float) -> dict:
-        """One metrics.jsonl record (TRL's names) averaged over the window; resets the window."""
+    def flush(self, step: int, epoch: float,
+              sum_over_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
+        """One metrics.jsonl record (TRL's names) averaged over the window; resets the window.
+
+        Under torchrun every rank calls this at the same step: `sum_over_ranks` adds up the pair
+        sums, pair and token counts of all ranks before the means are taken (one collective).
+        Empty dict when no step was recorded since the last flush (every step was skipped).
+        """
+        if not self.steps:
+            return {}
         elapsed = max(time.perf_counter() - self.started, 1e-9)
+        if sum_over_ranks is not None:
+            self.tokens = self.metrics.merge_across_ranks(sum_over_ranks, extra=self.tokens)
         record = {"step": step, "epoch": round(epoch, 4), **self.metrics.compute()}
         record["grad_norm"] = torch.stack(self.grad_norms).float().mean().item()
         record["learning_rate"] = self.learning_rate
