@@ -103,6 +103,8 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
     figure, axes = _figure(7.5, 5)
     ax = axes[0, 0]
     methods = sorted({str(p["method"]) for p in points if p["method"] != "reference"})
+    kl_span = (max(p["kl"] for p in points) - min(p["kl"] for p in points)) or 1.0
+    reward_span = (max(p["reward"] for p in points) - min(p["reward"] for p in points)) or 1.0
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
     for method, color in zip(methods, palette * (1 + len(methods) // len(palette)), strict=False):
         mine = sorted((p for p in points if str(p["method"]) == method), key=lambda p: p["kl"])
@@ -111,12 +113,17 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
                     yerr=[p.get("reward_stderr") or 0 for p in mine], color=color, marker="o", capsize=3,
                     linestyle="-", linewidth=1, label=method)
         for i, p in enumerate(mine):
-            # Neighbouring points often sit close together: alternate the label above and below.
             label = p.get("label", f"β={p['beta']:g}" if p.get("beta") is not None else method)
-            if label:  # an empty label: the point is already labelled by another method's curve
-                ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
-                            xytext=(6, 6) if i % 2 == 0 else (-6, -13), ha="left" if i % 2 == 0 else "right",
-                            fontsize=8, color=color)
+            if not label:  # an empty label: the point is already labelled by another method's curve
+                continue
+            # Up and to the right, clear of the error bars; below and to the right when the next
+            # point is close (its error bars would hide the label).
+            nxt = mine[i + 1] if i + 1 < len(mine) else None
+            crowded = nxt is not None and nxt["kl"] - p["kl"] < 0.1 * kl_span and \
+                abs(nxt["reward"] - p["reward"]) < 0.15 * reward_span
+            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
+                        xytext=(6, -5) if crowded else (6, 5), va="top" if crowded else "bottom",
+                        fontsize=8, color=color)
     for p in points:
         if p["method"] == "reference":
             ax.scatter([p["kl"]], [p["reward"]], marker="*", s=160, color="black", zorder=3, label="reference")
