@@ -24,11 +24,10 @@ from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import epoch_order, step_batches
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
-from dpokit.losses import needs_reference
 from dpokit.metrics import PairMetrics
-from dpokit.models import frozen_reference, load_policy, load_tokenizer, resolve_device
+from dpokit.models import load_policy, load_tokenizer, resolve_device
 from dpokit.train.optim import build_optimizer, build_scheduler
-from dpokit.train.scoring import PairScorer
+from dpokit.train.scoring import build_scorer
 
 Log = Callable[[str], None]
 
@@ -72,8 +71,8 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code)
     policy.train()
-    reference = frozen_reference(policy) if needs_reference(cfg.loss) else None
-    scorer = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device)
+    # Reference log-probs precomputed (and cached) now, or a live frozen copy: see --reference.
+    scorer = build_scorer(cfg, policy, tokenizer.pad_token_id, device, [train_pairs, eval_pairs], output, log)
 
     steps_per_epoch = math.ceil(len(train_pairs) / cfg.global_batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
