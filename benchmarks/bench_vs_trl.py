@@ -37,6 +37,9 @@ SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 MAIN = {"vocab": 8192, "hidden": 256, "inter": 688, "layers": 4, "heads": 4, "pairs": 512,
         "prompt": (48, 96), "response": (32, 128)}
 LONG = {**MAIN, "prompt": (256, 512), "response": (16, 64), "pairs": 256}
+# A Qwen2-0.5B-shaped model (random weights) for CUDA machines: benchmarks/gpu_check.sh.
+GPU = {"arch": "qwen2", "vocab": 151936, "hidden": 896, "inter": 4864, "layers": 24, "heads": 14, "kv_heads": 2,
+       "tied": True, "pairs": 512, "prompt": (48, 96), "response": (32, 128)}
 SMOKE = {"vocab": 512, "hidden": 32, "inter": 64, "layers": 1, "heads": 2, "pairs": 24,
          "prompt": (4, 10), "response": (2, 8)}
 
@@ -46,7 +49,7 @@ def prepare(folder: Path, spec: dict, seed: int = 0) -> dict:
     """Model folder, tokenizer, pairs file and visiting order; returns token statistics."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = {tok: i for i, tok in enumerate(SPECIAL)}
@@ -57,10 +60,11 @@ def prepare(folder: Path, spec: dict, seed: int = 0) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                   unk_token="<unk>")
     tok.save_pretrained(folder / "model")
-    config = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["inter"],
-                         num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                         num_key_value_heads=spec["heads"], max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    config_class = Qwen2Config if spec.get("arch") == "qwen2" else LlamaConfig
+    config = config_class(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["inter"],
+                          num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                          num_key_value_heads=spec.get("kv_heads", spec["heads"]), max_position_embeddings=2048,
+                          tie_word_embeddings=spec.get("tied", False), bos_token_id=2, eos_token_id=3, pad_token_id=0)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder / "model")
 
@@ -102,6 +106,12 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _gpu_mb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
 def worker_dpokit(folder: Path, opts: dict) -> dict:
     import torch
 
@@ -109,16 +119,18 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     from dpokit.config import build_config
     from dpokit.train.loop import train
 
-    stamps, lines = [], []
+    stamps, cpu, lines = [], [], []
 
     def log(line: str) -> None:
         lines.append(line)
         if line.startswith("step "):
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
 
     steps = opts["warmup"] + opts["steps"]
     cfg = build_config({
-        "model": {"model": str(folder / "model")},
+        "model": {"model": str(folder / "model"), "dtype": opts.get("dtype", "fp32"),
+                  "device": opts.get("device", "cpu")},
         "data": {"data": str(folder / "pairs.jsonl"), "max_length": 2048},
         "loss": {"beta": 0.1},
         "train": {"output": str(Path(opts["scratch"]) / "dpokit"), "overwrite": True, "batch_size": 8,
@@ -130,7 +142,8 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     result = train(cfg, log=log)
     losses = [r["loss"] for r in result.history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
-            "losses": losses, "peak_rss_mb": _rss_mb(),
+            "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
+            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(),
             "notes": [line for line in lines if line.startswith("reference")]}
 
 
@@ -146,19 +159,21 @@ def worker_trl(folder: Path, opts: dict) -> dict:
     rows = [json.loads(line) for line in (folder / "pairs.jsonl").read_text().splitlines()]
     order = json.loads((folder / "order.json").read_text())
     dataset = Dataset.from_list([rows[i] for i in order])
-    stamps = []
+    stamps, cpu = [], []
 
     class Timer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
 
+    cuda = opts.get("device", "cpu") == "cuda"
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder / "model")
     args = DPOConfig(
         output_dir=str(Path(opts["scratch"]) / "trl"), per_device_train_batch_size=8,
         max_steps=opts["warmup"] + opts["steps"], learning_rate=5e-6, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1, logging_steps=1, save_strategy="no",
-        report_to=[], bf16=False, fp16=False, use_cpu=True, max_length=2048, seed=0, data_seed=0,
+        report_to=[], bf16=opts.get("dtype") == "bf16", fp16=False, use_cpu=not cuda, max_length=2048, seed=0, data_seed=0,
         dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
         precompute_ref_log_probs=opts.get("precompute", False),
     )
@@ -166,19 +181,24 @@ def worker_trl(folder: Path, opts: dict) -> dict:
     trainer.train()
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
-            "losses": losses, "peak_rss_mb": _rss_mb(), "notes": []}
+            "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
+            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(), "notes": []}
 
 
 def worker_gemm(opts: dict) -> dict:
     import torch
 
     torch.set_num_threads(opts["threads"])
-    n = 2048 if not opts.get("smoke") else 256
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    cuda = opts.get("device", "cpu") == "cuda"
+    n = 256 if opts.get("smoke") else 8192 if cuda else 2048
+    dtype = torch.bfloat16 if opts.get("dtype") == "bf16" else torch.float32
+    a = torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu")
     rates = []
     for _ in range(7):
         t = time.perf_counter()
-        a @ b
+        a @ a
+        if cuda:
+            torch.cuda.synchronize()
         rates.append(2 * n**3 / (time.perf_counter() - t))
     return {"gemm_flops": statistics.median(rates[2:])}
 
@@ -202,8 +222,11 @@ def summarise(name: str, runs: list[dict], info: dict, opts: dict, gemm: float) 
     tokens = sum(2 * p + c + r for p, c, r in (info["lengths"][i] for i in timed))
     flops = sum(model_flops_per_pair(info, *info["lengths"][i]) for i in timed)
     seconds = statistics.median(run["timed_s"] for run in runs)
+    cpu_seconds = statistics.median(run["timed_cpu_s"] for run in runs)
     return {"name": name, "pairs_per_s": len(timed) / seconds, "tokens_per_s": tokens / seconds,
+            "pairs_per_cpu_s": len(timed) / cpu_seconds,
             "peak_rss_mb": statistics.median(run["peak_rss_mb"] for run in runs),
+            "peak_gpu_mb": statistics.median(run.get("peak_gpu_mb", 0.0) for run in runs),
             "before_first_step_s": statistics.median(run["before_first_step_s"] for run in runs),
             "mfu": flops / seconds / gemm, "runs": len(runs), "timed_s_all": [round(r["timed_s"], 2) for r in runs],
             "losses": runs[0]["losses"], "notes": runs[0]["notes"]}
@@ -212,14 +235,19 @@ def summarise(name: str, runs: list[dict], info: dict, opts: dict, gemm: float) 
 def print_table(title: str, rows: list[dict], baseline: str | None) -> None:
     print(f"\n## {title}")
     base = next((r for r in rows if r["name"] == baseline), None)
-    print(f"{'configuration':34} {'pairs/s':>8} {'tokens/s':>9} {'peak RSS MB':>11} {'setup s':>8} "
-          f"{'model FLOP/s / GEMM':>20} {'x pairs/s':>9} {'x RSS':>6}  first losses")
+    gpu = any(r["peak_gpu_mb"] for r in rows)
+    print(f"{'configuration':36} {'pairs/s':>8} {'tokens/s':>9} {'peak RSS MB':>11} "
+          + (f"{'peak GPU MB':>11} " if gpu else "")
+          + f"{'setup s':>8} {'pairs/CPU-s':>11} {'model FLOP/s / GEMM':>20} {'x pairs/s':>9} {'x mem':>6}"
+          + f" {'x pairs/CPU-s':>13}  first losses")
     for r in rows:
-        ratio = f"{r['pairs_per_s'] / base['pairs_per_s']:9.2f} {r['peak_rss_mb'] / base['peak_rss_mb']:6.2f}" \
-            if base else f"{'':9} {'':6}"
+        mem = "peak_gpu_mb" if gpu else "peak_rss_mb"
+        ratio = f"{r['pairs_per_s'] / base['pairs_per_s']:9.2f} {r[mem] / base[mem]:6.2f} " \
+            f"{r['pairs_per_cpu_s'] / base['pairs_per_cpu_s']:13.2f}" if base else f"{'':9} {'':6} {'':13}"
         losses = ", ".join(f"{x:.4f}" for x in r["losses"][:3])
-        print(f"{r['name']:34} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:11.0f} "
-              f"{r['before_first_step_s']:8.1f} {r['mfu']:20.1%} {ratio}  {losses}")
+        print(f"{r['name']:36} {r['pairs_per_s']:8.2f} {r['tokens_per_s']:9.0f} {r['peak_rss_mb']:11.0f} "
+              + (f"{r['peak_gpu_mb']:11.0f} " if gpu else "")
+              + f"{r['before_first_step_s']:8.1f} {r['pairs_per_cpu_s']:11.2f} {r['mfu']:20.1%} {ratio}  {losses}")
     if base:
         print(f"(ratios against: {baseline})")
 
@@ -228,12 +256,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and data, dpokit (and TRL if given) only")
     parser.add_argument("--trl-python", default="/tmp/trlenv/bin/python", help="python of the TRL environment")
-    parser.add_argument("--sections", default="main,long,vocab", help="comma list of main, layouts, long, vocab")
+    parser.add_argument("--sections", default="main,long,vocab", help="comma list of main, layouts, long, vocab, gpu")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--json", help="also write all figures to this file")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--opts", help=argparse.SUPPRESS)
@@ -251,12 +281,15 @@ def main() -> None:
         print(f"TRL environment {args.trl_python} not found: TRL columns skipped "
               "(python3 -m venv /tmp/trlenv && /tmp/trlenv/bin/pip install torch==2.13.0 trl==1.16.0)")
     me = sys.executable
-    base_opts = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke}
+    base_opts = {"threads": args.threads, "steps": args.steps, "warmup": args.warmup, "smoke": args.smoke,
+                 "device": args.device, "dtype": args.dtype}
     if args.smoke:
         base_opts.update(steps=2, warmup=1)
     scratch = Path(tempfile.mkdtemp(prefix="dpokit-bench-"))
-    gemm = run_worker(me, "gemm", None, base_opts)["gemm_flops"]
-    print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads; fp32 GEMM 2048^3: {gemm / 1e9:.1f} GFLOP/s")
+    gemms = [run_worker(me, "gemm", None, base_opts)["gemm_flops"]]
+    gemm = gemms[0]
+    print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads, {args.device}; {args.dtype} GEMM: "
+          f"{gemm / 1e9:.1f} GFLOP/s")
     report: dict = {"gemm_flops": gemm, "sections": {}}
 
     def measure(spec_name, spec, configs, baseline, steps=None, warmup=None):
@@ -265,12 +298,15 @@ def main() -> None:
         opts = {**base_opts, "scratch": str(scratch / "runs")}
         if steps:
             opts.update(steps=steps, warmup=warmup)
-        rows = []
-        for name, python, kind, extra in configs:
-            if python is None:
-                continue
-            runs = [run_worker(python, kind, folder, {**opts, **extra}) for _ in range(args.repeats)]
-            rows.append(summarise(name, runs, info, opts, gemm))
+        configs = [c for c in configs if c[1] is not None]
+        runs: dict[str, list[dict]] = {name: [] for name, *_ in configs}
+        # Round robin, so a busy spell on a shared machine hits every configuration alike.
+        for _ in range(args.repeats):
+            gemms.append(run_worker(me, "gemm", None, base_opts)["gemm_flops"])
+            for name, python, kind, extra in configs:
+                runs[name].append(run_worker(python, kind, folder, {**opts, **extra}))
+        gemm_now = statistics.median(gemms)
+        rows = [summarise(name, runs[name], info, opts, gemm_now) for name, *_ in configs]
         print_table(f"{spec_name}: {spec}", rows, baseline)
         report["sections"][spec_name] = rows
         return rows
@@ -286,6 +322,15 @@ def main() -> None:
             ("TRL default", trl, "trl", {}),
             ("TRL precompute_ref_log_probs", trl, "trl", {"precompute": True}),
             ("dpokit defaults", me, "dpokit", {}),
+            ("dpokit padded, plain head, live ref", me, "dpokit",
+             {"speed": {"layout": "padded", "lm_head": "plain", "reference": "live"}}),
+        ], "TRL precompute_ref_log_probs" if trl else None)
+    if "gpu" in sections:
+        measure("gpu", GPU, [
+            ("TRL default", trl, "trl", {}),
+            ("TRL precompute_ref_log_probs", trl, "trl", {"precompute": True}),
+            ("dpokit defaults", me, "dpokit", {}),
+            ("dpokit packed", me, "dpokit", {"speed": {"layout": "packed"}}),
             ("dpokit padded, plain head, live ref", me, "dpokit",
              {"speed": {"layout": "padded", "lm_head": "plain", "reference": "live"}}),
         ], "TRL precompute_ref_log_probs" if trl else None)
@@ -310,6 +355,8 @@ def main() -> None:
                 ("dpokit plain head", me, "dpokit", {"speed": {"lm_head": "plain"}}),
             ] + ([("TRL precompute_ref_log_probs", trl, "trl", {"precompute": True})] if vocab == 131072 else []),
                 None, steps=2, warmup=1)
+    report["gemm_flops"] = statistics.median(gemms)
+    print(f"\nfp32 GEMM, median of {len(gemms)} measurements: {report['gemm_flops'] / 1e9:.1f} GFLOP/s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
 

@@ -1,5 +1,9 @@
 """Every batch layout, with and without the chunked LM head, gives the plain padded forward's
-per-sequence log-probs and gradients (fp32, 1e-5), on a tiny Llama and on other architectures."""
+per-sequence log-probs and gradients (fp32, 1e-5), on a tiny Llama and on other architectures.
+
+DPOKIT_TEST_DEVICE=cuda runs the equivalence tests on a GPU (benchmarks/gpu_check.sh)."""
+
+import os
 
 import pytest
 import torch
@@ -42,12 +46,16 @@ def _llama(tok, attn="sdpa"):
     return model
 
 
+DEVICE = torch.device(os.environ.get("DPOKIT_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for a 1e-5 comparison
+
 ARCHS = {"llama": _llama, "qwen2": _qwen2, "gpt2": _gpt2}
 
 
 def _run(model, batch, chunked):
     model.zero_grad(set_to_none=True)
-    out = sequence_logps(model, batch, chunked_head=chunked, chunk=5)
+    out = sequence_logps(model, batch.to(DEVICE), chunked_head=chunked, chunk=5)
     # A loss that weighs chosen and rejected differently, so a swapped half would show.
     (out.chosen_logps.sum() - 0.37 * out.rejected_logps.sum()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -58,7 +66,7 @@ def _run(model, batch, chunked):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_every_layout_matches_the_plain_padded_forward(arch, attn):
     tok = build_tokenizer("word")
-    model = ARCHS[arch](tok, attn)
+    model = ARCHS[arch](tok, attn).to(DEVICE)
     assert model.config._attn_implementation == attn
     pairs = _pairs(tok)
     reference, ref_grads = _run(model, collate(pairs, tok.pad_token_id, "padded"), chunked=False)

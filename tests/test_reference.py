@@ -42,7 +42,8 @@ def test_precomputed_live_and_every_layout_train_alike(tiny_model_dir, tmp_path)
                                         layout="padded", lm_head="plain")
     assert base_losses[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
     for speed in ({"layout": "padded"}, {"layout": "packed"}, {"layout": "prefix-shared"}, {},
-                  {"layout": "packed", "reference": "live", "lm_head": "chunked"}):
+                  {"layout": "packed", "reference": "live", "lm_head": "chunked"},
+                  {"layout": "prefix-shared", "gradient_checkpointing": True}):
         losses, weights, _ = _run(tiny_model_dir, data, tmp_path / "r", **speed)
         assert losses == pytest.approx(base_losses, abs=1e-5), speed
         _same_weights(weights, base_weights)

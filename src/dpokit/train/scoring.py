@@ -127,7 +127,10 @@ class PairScorer:
 def prepare_policy(policy: torch.nn.Module, cfg: RunConfig) -> None:
     """Gradient checkpointing and torch.compile, as configured (both off by default)."""
     if cfg.speed.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(policy, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.speed.compile:
         body = getattr(policy, "base_model", policy)
         # In place: parameter names and state_dict keys stay as they were.
