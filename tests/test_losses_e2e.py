@@ -30,4 +30,18 @@ def test_loss_trains_through_the_cli(name, extra, tiny_model_dir, toy_data, tmp_
     before, after = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
     needs = any(LOSSES[n].needs_reference for n in name.split(","))
-    assert bool(reference_built) == needs
+    # By default a reference-based loss gets precomputed reference log-probs (a cache file, and no
+    # second model); a reference-free loss gets neither a cache nor a model.
+    assert not reference_built
+    assert any((out / "reference-cache").glob("*.safetensors")) == needs
+
+
+def test_live_reference_is_built_only_when_asked(tiny_model_dir, toy_data, tmp_path, monkeypatch, capsys):
+    built = []
+    real_frozen = models.frozen_reference
+    monkeypatch.setattr(models, "frozen_reference", lambda m: built.append(1) or real_frozen(m))
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output",
+                     str(tmp_path / "run"), "--reference", "live", "--max-steps", "1", "--batch-size", "4",
+                     "--max-length", "32", "--progress", "off"])
+    assert code == 0, capsys.readouterr().err
+    assert built == [1] and not (tmp_path / "run" / "reference-cache").exists()

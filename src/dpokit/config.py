@@ -173,6 +173,34 @@ class ScaleConfig:
 
 
 @dataclass
+class SpeedConfig:
+    layout: str = _opt(
+        "auto",
+        "batch layout: padded, packed (padding-free), prefix-shared (each prompt computed once per pair), "
+        "or auto (per batch, the cheapest of packed and prefix-shared by a token and attention cost model)",
+        choices=("auto", "padded", "packed", "prefix-shared"),
+    )
+    pack_length: int = _opt(0, "packed rows hold at least this many tokens (0: the batch's longest block)")
+    lm_head: str = _opt(
+        "auto",
+        "LM head: chunked (logits a chunk of positions at a time, recomputed in backward), plain (the "
+        "model's full logits), or auto (chunked when exact for the model)",
+        choices=("auto", "chunked", "plain"),
+    )
+    lm_head_chunk: int = _opt(0, "positions per LM-head chunk (0: 4M elements / vocabulary size, at least 16)")
+    reference: str = _opt(
+        "auto",
+        "reference log-probs: precomputed (one no-grad pass before training, cached on disk), live (a "
+        "frozen copy of the model), or auto (precomputed)",
+        choices=("auto", "precomputed", "live"),
+    )
+    reference_cache: str | None = _opt(
+        None, "folder of cached reference log-probs (default: <output>/reference-cache); share one across a sweep"
+    )
+    compile: bool = _opt(False, "torch.compile the model body (slow first steps; helps most on GPU)")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,6 +208,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -313,6 +342,9 @@ def validate(config: RunConfig) -> None:
     }.items():
         if value is not None and not value > 0:
             raise DpokitError(f"{flag} must be positive (or none); got {value}")
+    for flag, value in {"--pack-length": config.speed.pack_length, "--lm-head-chunk": config.speed.lm_head_chunk}.items():
+        if value < 0:
+            raise DpokitError(f"{flag} must be >= 0 (0: automatic); got {value}")
     check_loss_config(lo)  # every loss option, --label-smoothing's range included
     if t.warmup_steps < 0 or not 0.0 <= t.warmup_ratio < 1.0:
         raise DpokitError("--warmup-steps must be >= 0 and --warmup-ratio in [0, 1)")

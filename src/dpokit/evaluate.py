@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from dpokit.config import LossConfig, RunConfig, SamplingConfig
-from dpokit.data.batching import PairBatch
+from dpokit.data import TokenizedPair
+from dpokit.data.batching import PairBatch, collate_padded
 from dpokit.judges import Judge, score_responses
 from dpokit.logprobs import sequence_logps
 from dpokit.models import autocast_context
@@ -129,19 +130,11 @@ def judged_comparison(policy: SampleSet, reference: SampleSet) -> dict:
 
 
 def _rows_batch(rows: Sequence[Completion], pad_id: int) -> PairBatch:
-    """Right-padded prompt + response rows in the PairBatch layout (first half, then second half),
-    so `sequence_logps` scores them; an odd count repeats the last row, dropped by the caller."""
-    rows = list(rows) + ([rows[-1]] if len(rows) % 2 else [])
-    width = max(len(r.prompt_ids) + len(r.response_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        n_prompt, n = len(row.prompt_ids), len(row.prompt_ids) + len(row.response_ids)
-        input_ids[i, :n] = torch.tensor(row.prompt_ids + row.response_ids, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        response_mask[i, n_prompt:n] = True
-    return PairBatch(input_ids, attention_mask, response_mask, len(rows) // 2, int(attention_mask.sum()))
+    """Completions as the chosen halves of a padded pair batch, so the one log-prob path scores
+    them; each rejected half is a one-token stand-in, nearly free, that the caller ignores."""
+    pairs = [TokenizedPair(tuple(r.prompt_ids), tuple(r.response_ids), tuple(r.response_ids[:1]), index=i)
+             for i, r in enumerate(rows)]
+    return collate_padded(pairs, pad_id)
 
 
 @torch.no_grad()
@@ -158,8 +151,7 @@ def completion_logps(model, completions: Sequence[Completion], *, pad_id: int, b
             batch = _rows_batch(chunk, pad_id).to(device)
             with autocast_context(device, dtype):
                 logps = sequence_logps(model, batch)
-            both = torch.cat([logps.chosen_logps, logps.rejected_logps])
-            out.extend(both[:len(chunk)].tolist())
+            out.extend(logps.chosen_logps.tolist())
     finally:
         model.train(was_training)
     return out

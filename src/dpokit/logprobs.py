@@ -1,19 +1,36 @@
 """Forward pass -> per-sequence summed response log-probs. The one log-prob path of dpokit.
 
-log p(token) is computed as `logit[token] - logsumexp(logits)` on the response positions only,
-in float32 chunks, so no float32 `log_softmax` over `[rows, tokens, vocab]` is ever built.
+Every batch layout (padded, packed, prefix-shared; see `data.batching`) comes here and ends in
+the same sums: log p(token) = logit[token] - logsumexp(logits) on the scored positions only.
+
+Chunked LM head (the default where it is exact): the model body returns final hidden states,
+only the N scored positions are gathered, and `ChunkedHeadLogps` applies the output layer to
+`chunk` positions at a time, in forward and again (recomputed) in backward, so the
+[N x vocab] logits never exist at once: peak memory is one [chunk x vocab] block. Prompt and
+padding positions never meet the LM head at all.
+
+Models whose forward post-processes the logits (Gemma 2's `final_logit_softcapping`, Cohere's
+`logit_scale`, Granite's `logits_scaling`, ...) or whose head is not a plain Linear are detected
+by a one-time probe (`head_is_plain`), which compares `lm_head(body(x))` with `model(x).logits`;
+they fall back to the plain path: the model's own logits, scored in chunks of positions.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dpokit.data.batching import PairBatch
 
-# Response positions scored per chunk: bounds the float32 temporaries to CHUNK x vocab.
-CHUNK_POSITIONS = 1024
+# Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
+# length adapts to the vocabulary, so peak memory does not grow with it.
+CHUNK_ELEMENTS = 1 << 22
+MIN_CHUNK = 16
+
+_plain_head_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -26,31 +43,196 @@ class PairLogps:
     rejected_lengths: torch.Tensor
 
 
-def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(N, V) logits and (N,) targets -> (N,) float32 log-probs, chunked over N."""
+def chunk_positions(vocab_size: int, chunk: int | None = None) -> int:
+    """Positions per LM-head chunk: `chunk` when given, else CHUNK_ELEMENTS / vocab (at least 16)."""
+    if chunk:
+        return chunk
+    return max(MIN_CHUNK, CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """(N, V) logits and (N,) targets -> (N,) float32 log-probs, chunked over N (plain path)."""
+    step = chunk_positions(logits.shape[-1], chunk)
     pieces = []
-    for start in range(0, logits.shape[0], CHUNK_POSITIONS):
-        chunk = logits[start : start + CHUNK_POSITIONS].float()
-        picked = chunk.gather(-1, targets[start : start + CHUNK_POSITIONS, None]).squeeze(-1)
-        pieces.append(picked - torch.logsumexp(chunk, dim=-1))
+    for start in range(0, logits.shape[0], step):
+        block = logits[start : start + step].float()
+        picked = block.gather(-1, targets[start : start + step, None]).squeeze(-1)
+        pieces.append(picked - torch.logsumexp(block, dim=-1))
     if not pieces:
         return logits.new_zeros(0, dtype=torch.float32)
     return torch.cat(pieces)
 
 
-def sequence_logps(model: torch.nn.Module, batch: PairBatch) -> PairLogps:
-    """Run `model` on the batch's 2B rows and sum each row's response-token log-probs."""
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits
-    # The logit at position t predicts the token at t + 1.
-    scored = batch.response_mask[:, 1:]
-    rows, positions = scored.nonzero(as_tuple=True)
-    targets = batch.input_ids[:, 1:][rows, positions]
-    logps = token_logps(logits[rows, positions], targets)
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul here (bf16 under bf16 autocast), else the tensor's."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
 
-    num_rows = batch.input_ids.shape[0]
-    summed = torch.zeros(num_rows, dtype=torch.float32, device=logps.device).index_add(0, rows, logps)
-    lengths = scored.sum(dim=1).to(torch.float32)
+
+class ChunkedHeadLogps(torch.autograd.Function):
+    """log_softmax(hidden @ W.T + b)[target] for N positions, `chunk` positions at a time.
+
+    Forward keeps only the (N,) logsumexps; backward recomputes each chunk's logits and uses
+    d logp / d logits = onehot(target) - softmax(logits). Logits and their softmax are float32
+    whatever the compute dtype (bf16 matmuls under autocast), as in the plain path.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # float32, or float64 for double inputs
+        out = torch.empty(h.shape[0], dtype=acc, device=h.device)
+        lse = torch.empty_like(out)
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                logits = F.linear(h[s : s + chunk], w, b).to(acc)
+                lse[s : s + chunk] = torch.logsumexp(logits, dim=-1)
+                picked = logits.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
+                out[s : s + chunk] = picked - lse[s : s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk, dtype = ctx.chunk, ctx.dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h, w = hidden.to(dtype), weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc = lse.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            for s in range(0, h.shape[0], chunk):
+                hc, g_out = h[s : s + chunk], grad_out[s : s + chunk].to(acc)
+                logits = F.linear(hc, w, b).to(acc)
+                # d(out_n)/d(logits_n) = onehot(target_n) - softmax(logits_n), scaled by grad_out_n.
+                grad_logits = torch.exp(logits - lse[s : s + chunk, None]).mul_(-g_out[:, None])
+                grad_logits.scatter_add_(-1, targets[s : s + chunk, None], g_out[:, None])
+                g = grad_logits.to(dtype)
+                if need_h:
+                    grad_h[s : s + chunk] = (g @ w).to(hidden.dtype)
+                if need_w:
+                    if dtype == acc:
+                        grad_w.addmm_(g.t(), hc)
+                    else:  # bf16 matmul, float32 accumulation across chunks
+                        grad_w += (g.t() @ hc).to(acc)
+                if need_b:
+                    grad_b += grad_logits.sum(0)
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        if need_b:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def chunked_head_logps(hidden, weight, bias, targets, chunk: int | None = None) -> torch.Tensor:
+    """(N, H) final hidden states -> (N,) float32 log-probs of `targets` under the LM head."""
+    step = chunk_positions(weight.shape[0], chunk)
+    return ChunkedHeadLogps.apply(hidden, weight, bias, targets, step, _compute_dtype(hidden))
+
+
+def _body(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The transformer body that returns final (normed) hidden states, or None if there is none."""
+    body = getattr(model, "base_model", None)
+    return body if isinstance(body, torch.nn.Module) and body is not model else None
+
+
+def head_is_plain(model: torch.nn.Module) -> bool:
+    """Whether model(x).logits == get_output_embeddings()(body(x)) exactly: a one-time probe.
+
+    False for heads that are not a Linear and for models that rescale or soft-cap logits after
+    the head; those use the plain path. The answer is cached per model object.
+    """
+    if model in _plain_head_cache:
+        return _plain_head_cache[model]
+    verdict = False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = _body(model)
+    if isinstance(head, torch.nn.Linear) and body is not None:
+        device = head.weight.device
+        ids = torch.arange(2, 2 + min(8, head.out_features - 2), device=device)[None] % head.out_features
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            try:
+                logits = model(input_ids=ids, use_cache=False).logits
+                hidden = body(input_ids=ids, use_cache=False).last_hidden_state
+                verdict = logits.shape == (1, ids.shape[1], head.out_features) and torch.allclose(
+                    head(hidden), logits, rtol=1e-4, atol=1e-5
+                )
+            except (TypeError, AttributeError, RuntimeError, ValueError):
+                verdict = False
+    _plain_head_cache[model] = verdict
+    return verdict
+
+
+def block_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
+    """(R, T) segments and branches -> (R, 1, T, T) bool, True where query t may attend key s.
+
+    t attends s when both are in the same block, s <= t, and s is shared (prompt) or on t's
+    own branch: block-diagonal causal attention, and rejected never sees chosen.
+    """
+    width = segment_ids.shape[1]
+    idx = torch.arange(width, device=segment_ids.device)
+    causal = idx[None, :] <= idx[:, None]
+    same_block = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_branch = branch_ids[:, None, :]
+    visible = (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+    return (same_block & visible & causal)[:, None]
+
+
+def supports_layout(model: torch.nn.Module, layout: str) -> bool:
+    """Packed needs a 4D mask (sdpa, eager) or varlen attention (flash); prefix-shared a 4D mask."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", "eager") or "eager"
+    if layout == "padded":
+        return True
+    if impl in ("sdpa", "eager"):
+        return True
+    return layout == "packed" and "flash" in impl
+
+
+def attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, torch.Tensor | None]:
+    """The attention_mask / position_ids keyword arguments for `batch` in the model's attention form."""
+    if batch.layout == "padded":
+        return {"attention_mask": batch.attention_mask}
+    if not supports_layout(model, batch.layout):
+        raise ValueError(f"layout {batch.layout} is not supported with attention "
+                         f"{model.config._attn_implementation}; use sdpa or eager")
+    impl = model.config._attn_implementation
+    if "flash" in impl:
+        # Varlen attention: transformers finds sequence starts where the position ids restart.
+        return {"attention_mask": None, "position_ids": batch.position_ids}
+    allowed = block_attention_mask(batch.segment_ids, batch.branch_ids)
+    if impl == "eager":
+        # Eager attention adds the mask to the scores.
+        allowed = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(torch.float32).min)
+    return {"attention_mask": allowed, "position_ids": batch.position_ids}
+
+
+def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool | None = None,
+                   chunk: int | None = None) -> PairLogps:
+    """Run `model` on the batch and sum each sequence's scored-token log-probs.
+
+    chunked_head: None = use the chunked LM head whenever the model passes `head_is_plain`;
+    False = the plain path (full logits from the model); True = require the chunked head.
+    """
+    use_chunked = head_is_plain(model) if chunked_head is None else chunked_head
+    inputs = {"input_ids": batch.input_ids, "use_cache": False, **attention_inputs(model, batch)}
+    if use_chunked:
+        body, head = _body(model), model.get_output_embeddings()
+        if body is None or not isinstance(head, torch.nn.Linear):
+            raise ValueError("the chunked LM head needs a model with a body and a Linear output layer")
+        hidden = body(**inputs).last_hidden_state[batch.score_rows, batch.score_cols]
+        logps = chunked_head_logps(hidden, head.weight, head.bias, batch.targets, chunk)
+    else:
+        logits = model(**inputs).logits
+        logps = token_logps(logits[batch.score_rows, batch.score_cols], batch.targets, chunk)
+    num_seqs = 2 * batch.num_pairs
+    summed = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, batch.score_seq, logps)
+    lengths = torch.bincount(batch.score_seq, minlength=num_seqs).to(torch.float32)
     b = batch.num_pairs
     return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:])

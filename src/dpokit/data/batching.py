@@ -1,58 +1,214 @@
-"""TokenizedPairs -> model batches, and the seeded order they are visited in.
+"""TokenizedPairs -> model batches in one of three layouts, and the seeded order they are visited in.
 
-Layout `padded`: a batch of B pairs is 2B right-padded rows, the B chosen sequences first and
-the B rejected ones after, so one forward pass serves both halves of every pair.
+Every layout describes the same 2B sequences (pair i's chosen is sequence i, its rejected is
+sequence B + i) and ends in the same scoring spec: the hidden state at (score_rows, score_cols)
+predicts token `targets`, which belongs to sequence `score_seq`. `logprobs.sequence_logps`
+reads only that spec, so every layout yields the same per-sequence log-probs.
+
+- `padded`: 2B right-padded rows, chosen rows first; a 2D padding mask, default positions.
+- `packed` (padding-free): the 2B sequences are blocks packed first-fit-decreasing into rows;
+  position ids restart at 0 in every block, and attention never crosses a block.
+- `prefix-shared`: one block per pair, prompt + chosen + rejected; rejected tokens attend to
+  the prompt but not to chosen, and take the positions an unshared forward gives them
+  (len(prompt) + k). Blocks are packed into rows like `packed`. The prompt is computed once.
+
+Packed and prefix-shared rows describe attention with `segment_ids` (which block a token is in)
+and `branch_ids` (0 = visible to the whole block, 1 = chosen, 2 = rejected);
+`logprobs.attention_inputs` turns them into the mask form the model's attention wants.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
 
+LAYOUTS = ("padded", "packed", "prefix-shared")
+SHARED, CHOSEN, REJECTED = 0, 1, 2
+
 
 @dataclass
 class PairBatch:
-    """Tensors for one forward pass over B pairs (2B rows of length T).
+    """Tensors for one forward pass over B pairs (R rows of length T) and what to score.
 
-    input_ids:      (2B, T) token ids, right-padded
-    attention_mask: (2B, T) 1 on real tokens
-    response_mask:  (2B, T) 1 on response tokens (the ones scored), 0 on prompt and padding
+    input_ids:      (R, T) token ids, right-padded
+    attention_mask: (R, T) 1 on real tokens (padded layout); None for packed layouts
+    position_ids:   (R, T) position of each token in its own sequence; None = 0..T-1 (padded)
+    segment_ids:    (R, T) block of each token (-1 on padding); None for padded
+    branch_ids:     (R, T) SHARED, CHOSEN or REJECTED; None for padded
+    response_mask:  (R, T) True on the tokens that are scored (response tokens)
+    score_rows, score_cols: (N,) the hidden state there predicts the n-th scored token
+    targets:        (N,) the scored token ids
+    score_seq:      (N,) sequence of each scored token: i = pair i chosen, B + i = pair i rejected
+    num_tokens:     real (non-padding) tokens that go through the model
     """
 
+    layout: str
     input_ids: torch.Tensor
-    attention_mask: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    segment_ids: torch.Tensor | None
+    branch_ids: torch.Tensor | None
     response_mask: torch.Tensor
+    score_rows: torch.Tensor
+    score_cols: torch.Tensor
+    targets: torch.Tensor
+    score_seq: torch.Tensor
     num_pairs: int
     num_tokens: int
 
     def to(self, device: torch.device | str) -> PairBatch:
+        def move(t):
+            return None if t is None else t.to(device, non_blocking=True)
+
         return PairBatch(
-            self.input_ids.to(device, non_blocking=True),
-            self.attention_mask.to(device, non_blocking=True),
-            self.response_mask.to(device, non_blocking=True),
-            self.num_pairs,
-            self.num_tokens,
+            self.layout, *(move(getattr(self, n)) for n in _TENSOR_FIELDS), self.num_pairs, self.num_tokens
         )
+
+
+_TENSOR_FIELDS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "branch_ids", "response_mask",
+                  "score_rows", "score_cols", "targets", "score_seq")
+
+
+@dataclass
+class _Block:
+    """Tokens that attend only among themselves, with their positions, branches and scored tokens.
+
+    `scores` holds (column predicting the token, sequence index) per scored token; the target is
+    `tokens[scored_at]` for the matching entry of `scored_at`.
+    """
+
+    tokens: list[int]
+    positions: list[int]
+    branches: list[int]
+    scores: list[tuple[int, int]] = field(default_factory=list)  # (predicting column, sequence)
+    scored_at: list[int] = field(default_factory=list)  # column of each scored token
+
+
+def _sequence_block(prompt: Sequence[int], response: Sequence[int], seq: int) -> _Block:
+    n_prompt, n = len(prompt), len(prompt) + len(response)
+    block = _Block(list(prompt) + list(response), list(range(n)), [SHARED] * n)
+    for col in range(n_prompt, n):
+        # The hidden state at col - 1 predicts the token at col.
+        block.scores.append((col - 1, seq))
+        block.scored_at.append(col)
+    return block
+
+
+def _pair_block(pair: TokenizedPair, i: int, num_pairs: int) -> _Block:
+    """prompt + chosen + rejected; rejected's first token is predicted from the last prompt token."""
+    p, c, r = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+    block = _Block(
+        list(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids),
+        list(range(p + c)) + list(range(p, p + r)),
+        [SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
+    )
+    for k in range(c):
+        block.scores.append((p - 1 + k, i))
+        block.scored_at.append(p + k)
+    for k in range(r):
+        block.scores.append((p - 1 if k == 0 else p + c + k - 1, num_pairs + i))
+        block.scored_at.append(p + c + k)
+    return block
+
+
+def _blocks(pairs: Sequence[TokenizedPair], layout: str) -> list[_Block]:
+    b = len(pairs)
+    if layout == "prefix-shared":
+        return [_pair_block(p, i, b) for i, p in enumerate(pairs)]
+    chosen = [_sequence_block(p.prompt_ids, p.chosen_ids, i) for i, p in enumerate(pairs)]
+    rejected = [_sequence_block(p.prompt_ids, p.rejected_ids, b + i) for i, p in enumerate(pairs)]
+    return chosen + rejected
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: block indices per row, each row's total length <= max(capacity, longest)."""
+    capacity = max(capacity, max(lengths, default=0))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for idx in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        for r, left in enumerate(room):
+            if lengths[idx] <= left:
+                rows[r].append(idx)
+                room[r] -= lengths[idx]
+                break
+        else:
+            rows.append([idx])
+            room.append(capacity - lengths[idx])
+    return rows
+
+
+def plan_rows(pairs: Sequence[TokenizedPair], layout: str, pack_length: int = 0) -> list[list[int]]:
+    """Lengths of the blocks in each row: what `collate` would build, without building tensors."""
+    blocks = _blocks(pairs, layout)
+    if layout == "padded":
+        return [[len(bl.tokens)] for bl in blocks]
+    return [[len(blocks[j].tokens) for j in row] for row in pack_rows([len(bl.tokens) for bl in blocks],
+                                                                         pack_length)]
+
+
+def collate(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded", pack_length: int = 0) -> PairBatch:
+    """Build one batch of `pairs` in `layout`; `pack_length` is the packed rows' minimum capacity."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}")
+    blocks = _blocks(pairs, layout)
+    if layout == "padded":
+        rows = [[j] for j in range(len(blocks))]
+    else:
+        rows = pack_rows([len(bl.tokens) for bl in blocks], pack_length)
+    width = max(sum(len(blocks[j].tokens) for j in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    segments = torch.full(shape, -1, dtype=torch.long)
+    branches = torch.zeros(shape, dtype=torch.long)
+    real = torch.zeros(shape, dtype=torch.bool)
+    response_mask = torch.zeros(shape, dtype=torch.bool)
+    score_rows, score_cols, targets, score_seq = [], [], [], []
+    for r, row in enumerate(rows):
+        offset = 0
+        for j in row:
+            bl = blocks[j]
+            n = len(bl.tokens)
+            input_ids[r, offset : offset + n] = torch.tensor(bl.tokens)
+            positions[r, offset : offset + n] = torch.tensor(bl.positions)
+            branches[r, offset : offset + n] = torch.tensor(bl.branches)
+            segments[r, offset : offset + n] = j
+            real[r, offset : offset + n] = True
+            for (col, seq), at in zip(bl.scores, bl.scored_at, strict=True):
+                score_rows.append(r)
+                score_cols.append(offset + col)
+                targets.append(bl.tokens[at])
+                score_seq.append(seq)
+                response_mask[r, offset + at] = True
+            offset += n
+        # Padding continues its own position count so it stays a valid (never scored) sequence.
+        positions[r, offset:] = torch.arange(width - offset)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    packed = layout != "padded"
+    return PairBatch(
+        layout=layout,
+        input_ids=input_ids,
+        attention_mask=None if packed else real.long(),
+        position_ids=positions if packed else None,
+        segment_ids=segments if packed else None,
+        branch_ids=branches if packed else None,
+        response_mask=response_mask,
+        score_rows=as_long(score_rows),
+        score_cols=as_long(score_cols),
+        targets=as_long(targets),
+        score_seq=as_long(score_seq),
+        num_pairs=len(pairs),
+        num_tokens=int(real.sum()),
+    )
 
 
 def collate_padded(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
     """Stack chosen rows then rejected rows, each as prompt + response, right-padded."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(prompt) + len(response) for prompt, response in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    response_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (prompt, response) in enumerate(rows):
-        n_prompt, n = len(prompt), len(prompt) + len(response)
-        input_ids[i, :n] = torch.tensor(prompt + response, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        response_mask[i, n_prompt:n] = True
-    num_tokens = int(attention_mask.sum())
-    return PairBatch(input_ids, attention_mask, response_mask, len(pairs), num_tokens)
+    return collate(pairs, pad_id, "padded")
 
 
 def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:

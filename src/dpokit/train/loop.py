@@ -48,7 +48,7 @@ from dpokit.train.parallel import (
     teardown,
     unwrap,
 )
-from dpokit.train.scoring import PairScorer
+from dpokit.train.scoring import build_scorer
 from dpokit.train.signals import StopRequest
 
 Log = Callable[[str], None]
@@ -140,9 +140,13 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code, cfg.lora.load_in_4bit)
     policy = prepare_policy(policy, cfg.lora, cfg.scale.gradient_checkpointing)
     policy.train()
-    reference = _build_reference(cfg, policy, device)
-    policy, reference = parallelize(policy, cfg, ctx), parallelize(reference, cfg, ctx)
-    scorer = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device)
+    # Reference log-probs precomputed (and cached) now from the initial weights, or a live
+    # reference (see --reference); then the policy (and a live reference) are wrapped for torchrun.
+    scorer = build_scorer(cfg, policy, lambda: _build_reference(cfg, policy, device), tokenizer.pad_token_id,
+                          device, [train_pairs, eval_pairs], output, log, ctx.world_size)
+    policy = scorer.policy = parallelize(policy, cfg, ctx)
+    if scorer.live_reference:
+        scorer.reference = parallelize(scorer.reference, cfg, ctx)
 
     global_batch = cfg.global_batch_size * ctx.world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)

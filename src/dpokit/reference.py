@@ -1,0 +1,198 @@
+"""Reference log-probs: precomputed once and cached on disk (default), or live from a frozen copy.
+
+Precomputed: before training, one no-grad pass of the initial policy (which *is* the reference)
+over the training and evaluation pairs; the summed log-probs are stored in a safetensors file
+named by a fingerprint of
+
+- the reference weights: a hash of the model folder's weight files and config.json (the
+  in-memory state dict when the model is not a local folder),
+- the data: a hash of every pair's token ids in order (this covers the tokenizer, the chat
+  template and the truncation settings: anything that changes a token changes the hash),
+- the settings that change log-probs: the compute dtype and CACHE_VERSION. The batch layout
+  and the LM-head mode are left out on purpose: they are equivalent (tests/test_layouts.py).
+
+A resumed run or a β sweep with the same model and data finds the file and skips the pass; a
+changed model, dataset or dtype never matches it. The file is written atomically and read with
+safetensors (no pickle); one that does not match or cannot be read is recomputed, with a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from array import array
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.logprobs import PairLogps
+
+# Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
+CACHE_VERSION = "1"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+
+PairKey = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+
+
+def pair_key(pair: TokenizedPair) -> PairKey:
+    """What identifies a pair for the reference: its token ids (not its position or row number)."""
+    return (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+
+
+def weights_fingerprint(model_source: str | None, model: torch.nn.Module | None = None) -> str:
+    """sha256 of a local model folder's weight files and config, else of `model`'s state dict."""
+    digest = hashlib.sha256()
+    folder = Path(model_source).expanduser() if model_source else None
+    files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)}) if folder and folder.is_dir() else []
+    if files:
+        for path in [*files, folder / "config.json"]:
+            if path.is_file():
+                digest.update(path.name.encode() + b"\0" + _file_sha256(path))
+        return "files:" + digest.hexdigest()
+    if model is None:
+        raise ValueError("no weight files and no model to fingerprint")
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}\0".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return "state:" + digest.hexdigest()
+
+
+def _file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.digest()
+
+
+def reference_fingerprint(model_source: str | None, model: torch.nn.Module, dtype: str) -> dict[str, str]:
+    """The weights and settings parts of a cache key (the data part is added per dataset)."""
+    return {"version": CACHE_VERSION, "weights": weights_fingerprint(model_source, model), "dtype": dtype}
+
+
+def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """sha256 of every pair's prompt, chosen and rejected token ids, in order, with lengths."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for ids in pair_key(pair):
+            digest.update(array("q", [len(ids), *ids]).tobytes())
+    return digest.hexdigest()
+
+
+def cache_path(folder: Path, fingerprint: dict[str, str]) -> Path:
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+    return folder / f"reference-logps-{key[:24]}.safetensors"
+
+
+def save_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, fingerprint: dict[str, str]) -> None:
+    """Write the two (N,) tensors and the fingerprint atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu()},
+                  tmp, metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: Path, fingerprint: dict[str, str], num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The cached (chosen, rejected) tensors, or a reason why the file cannot be used."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return "no cache file yet"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            stored = json.loads((handle.metadata() or {}).get("fingerprint", "null"))
+            if stored != fingerprint:
+                return "its fingerprint does not match"
+            chosen, rejected = handle.get_tensor("chosen"), handle.get_tensor("rejected")
+    except Exception as exc:  # noqa: BLE001 - a corrupt cache is recomputed, never trusted
+        return f"it cannot be read ({type(exc).__name__})"
+    if chosen.shape != (num_pairs,) or rejected.shape != (num_pairs,) or not (
+        torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
+    ):
+        return "its contents do not fit the data"
+    return chosen, rejected
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair tokens; built by `precompute_reference`."""
+
+    def __init__(self) -> None:
+        self._rows: dict[PairKey, int] = {}
+        self._chosen: list[torch.Tensor] = []
+        self._rejected: list[torch.Tensor] = []
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def add(self, pairs: Sequence[TokenizedPair], chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        start = sum(len(c) for c in self._chosen)
+        for offset, pair in enumerate(pairs):
+            self._rows.setdefault(pair_key(pair), start + offset)
+        self._chosen.append(chosen.float().cpu())
+        self._rejected.append(rejected.float().cpu())
+        self._table = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def lookup(self, pairs: Sequence[TokenizedPair], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) chosen and rejected reference log-probs of `pairs`, on `device`."""
+        if self._table is None or self._table[0].device != device:
+            self._table = (torch.cat(self._chosen).to(device), torch.cat(self._rejected).to(device))
+        try:
+            rows = torch.tensor([self._rows[pair_key(p)] for p in pairs], dtype=torch.long, device=device)
+        except KeyError:
+            raise KeyError("a pair has no precomputed reference log-probs; use --reference live for data "
+                           "that appears during training") from None
+        return self._table[0][rows], self._table[1][rows]
+
+
+def precompute_reference(
+    compute: Callable[[Sequence[TokenizedPair]], PairLogps],
+    datasets: Sequence[Sequence[TokenizedPair]],
+    fingerprint: dict[str, str],
+    cache_folder: Path,
+    batch_size: int,
+    log: Callable[[str], None] = print,
+) -> PrecomputedReference:
+    """Load each dataset's reference log-probs from the cache, or compute and cache them.
+
+    `compute` scores a list of pairs without gradients (the initial policy = the reference);
+    `fingerprint` holds the weights and settings parts, the data part is added per dataset.
+    """
+    reference = PrecomputedReference()
+    for pairs in datasets:
+        if not pairs:
+            continue
+        full = {**fingerprint, "data": data_fingerprint(pairs), "num_pairs": str(len(pairs))}
+        path = cache_path(cache_folder, full)
+        cached = load_cache(path, full, len(pairs))
+        if isinstance(cached, tuple):
+            log(f"reference log-probs of {len(pairs)} pairs: reused {path}")
+            reference.add(pairs, *cached)
+            continue
+        started = time.perf_counter()
+        chosen, rejected = [], []
+        for start in range(0, len(pairs), batch_size):
+            out = compute(pairs[start : start + batch_size])
+            chosen.append(out.chosen_logps.detach().float().cpu())
+            rejected.append(out.rejected_logps.detach().float().cpu())
+        chosen_t, rejected_t = torch.cat(chosen), torch.cat(rejected)
+        save_cache(path, chosen_t, rejected_t, full)
+        log(f"reference log-probs of {len(pairs)} pairs: computed in {time.perf_counter() - started:.1f} s "
+            f"({cached}), cached in {path}")
+        reference.add(pairs, chosen_t, rejected_t)
+    return reference
