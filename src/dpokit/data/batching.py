@@ -19,7 +19,7 @@ and `branch_ids` (0 = visible to the whole block, 1 = chosen, 2 = rejected);
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -215,16 +215,3 @@ def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
     """A permutation of the pairs that depends only on (seed, epoch): reproducible and resumable."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     return torch.randperm(num_pairs, generator=generator).tolist()
-
-
-def step_batches(
-    order: Sequence[int], batch_size: int, accumulation: int
-) -> Iterator[list[list[int]]]:
-    """Group an epoch's order into optimizer steps of `accumulation` micro-batches of indices.
-
-    The last step of an epoch may hold fewer pairs; the loop normalises by the pairs it holds.
-    """
-    per_step = batch_size * accumulation
-    for start in range(0, len(order), per_step):
-        chunk = order[start : start + per_step]
-        yield [list(chunk[i : i + batch_size]) for i in range(0, len(chunk), batch_size)]

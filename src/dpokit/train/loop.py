@@ -12,7 +12,6 @@ stopping. The strategy (DDP, FSDP2) is chosen once in `parallelize`; nothing her
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -27,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from dpokit.config import RunConfig, dump_yaml
-from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
+from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
 from dpokit.losses import needs_reference
 from dpokit.models import build_reference, frozen_reference, load_policy, load_tokenizer, prepare_policy
+from dpokit.reference import data_fingerprint
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
 from dpokit.train.optim import build_optimizer, build_scheduler
@@ -67,15 +67,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def data_fingerprint(pairs: list[TokenizedPair]) -> str:
-    """sha256 of every token id in order: changes whenever the data or its tokenization does."""
-    digest = hashlib.sha256()
-    for p in pairs:
-        digest.update(np.asarray(p.prompt_ids + (-1,) + p.chosen_ids + (-2,) + p.rejected_ids + (-3,),
-                                 dtype=np.int64).tobytes())
-    return digest.hexdigest()
 
 
 def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
