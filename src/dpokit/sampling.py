@@ -2,8 +2,9 @@
 
 `sample()` returns text; `generate_completions()` also keeps the token ids, which the KL
 estimate in `dpokit.evaluate` scores under policy and reference. Prompts are rendered and
-tokenized with the training rules (BOS once when the tokenizer uses it, the chat template with
-its generation prompt for message lists), so the policy is sampled in the form it was trained on.
+tokenized by training's own prompt encoding (`PairTokenizer.encode_prompts`: the chat template
+with its generation prompt for message lists, BOS exactly when training puts one), so the policy
+is sampled in the context it was trained on.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 
+from dpokit.data.formats import RowSkip
+from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
 
 Prompt = str | list[dict[str, str]]
@@ -81,31 +84,20 @@ def prompt_text(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def training_bos_id(tokenizer) -> int | None:
-    """The BOS id training puts before every prompt, or None for tokenizers without one (GPT-2)."""
-    from dpokit.data.tokenize import PairTokenizer
-
-    return PairTokenizer(tokenizer, max_length=2).bos_id
+def prompt_encoder(tokenizer) -> PairTokenizer:
+    """Training's tokenizer rules for `tokenizer`; sampling uses only its prompt encoding."""
+    return PairTokenizer(tokenizer, max_length=1)  # the length limit is for pairs, never used here
 
 
-_UNSET = object()
-
-
-def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt", bos_id: int | None | object = _UNSET) -> list[int]:
-    """Token ids of a prompt as training sees it: BOS exactly once when the tokenizer uses BOS."""
-    if bos_id is _UNSET:
-        bos_id = training_bos_id(tokenizer)
-    if isinstance(prompt, list):
-        if not getattr(tokenizer, "chat_template", None):
-            raise DpokitError(f"{where} is a list of chat messages but the tokenizer has no chat template")
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if bos_id is not None:
-        while ids and ids[0] == bos_id:
-            ids = ids[1:]
-        ids = [bos_id, *ids]
+def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt", encoder: PairTokenizer | None = None) -> list[int]:
+    """Token ids of a prompt exactly as training gives them (`PairTokenizer.encode_prompts`): the
+    same rendering and the same BOS rule, so the policy is sampled in the context it was trained on."""
+    if isinstance(prompt, list) and not getattr(tokenizer, "chat_template", None):
+        raise DpokitError(f"{where} is a list of chat messages but the tokenizer has no chat template")
+    try:
+        [ids] = (encoder or prompt_encoder(tokenizer)).encode_prompts([prompt])
+    except RowSkip as bad:
+        raise DpokitError(f"{where}: {bad}") from None
     if not ids:
         raise DpokitError(f"{where} is empty and the tokenizer adds no BOS: nothing to condition on")
     return ids
@@ -203,8 +195,8 @@ def generate_completions(
     stop_ids = _stop_ids(model, tokenizer)
     gen_config = _generation_config(stop_ids, pad_id, temperature=temperature, top_p=top_p, top_k=top_k,
                                     max_new_tokens=max_new_tokens)
-    bos_id = training_bos_id(tokenizer)
-    encoded = [encode_prompt(tokenizer, p, f"prompt {i + 1}", bos_id) for i, p in enumerate(prompts)]
+    encoder = prompt_encoder(tokenizer)
+    encoded = [encode_prompt(tokenizer, p, f"prompt {i + 1}", encoder) for i, p in enumerate(prompts)]
     rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
     done: dict[int, list[Completion]] = {}
     next_to_yield = 0

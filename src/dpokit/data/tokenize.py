@@ -14,7 +14,10 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    exactly once: an EOS already at its end is not doubled, and whitespace a template writes after
    its own EOS (`<|im_end|>\\n`) is dropped, since generation stops at EOS and never produces it.
    A response holding BOS, or EOS before its end (a literal `</s>` in the text, say), cannot
-   satisfy this: the row is skipped (`special_token_in_response`).
+   satisfy this: the row is skipped (`special_token_in_response`). Where BOS and EOS are one
+   token (GPT-2, Pythia, OPT) a response's final EOS is that token, never a stray BOS.
+   Sampling encodes prompts with these same rules 0 and 1 (`PairTokenizer.encode_prompts`; no
+   truncation), so a policy is sampled in exactly the context it was trained on.
 2. Boundary: a response's tokens are the tokens of the full text `prompt + response` after the
    prompt's own tokens. When the tokenizer merges characters across the boundary (the full
    text's tokens do not start with the prompt's), the prompt keeps its stand-alone tokens -
@@ -137,7 +140,7 @@ class PairTokenizer:
         """(prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
         if not pair.is_chat:
             return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
-        prompt = self._apply_template(pair.prompt, add_generation_prompt=True)
+        prompt = self.render_prompt(pair.prompt)
         texts = [prompt]
         for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             full = self._apply_template([*pair.prompt, *reply], add_generation_prompt=False)
@@ -147,6 +150,12 @@ class PairTokenizer:
                                                    f"followed by '{name}' (from character {at})")
             texts.append(full[len(prompt):])
         return texts[0], texts[1], texts[2]
+
+    def render_prompt(self, prompt: str | Sequence[dict]) -> str:
+        """A prompt's text: as written, or messages through the chat template with its generation prompt."""
+        if isinstance(prompt, str):
+            return prompt
+        return self._apply_template(prompt, add_generation_prompt=True)
 
     def _apply_template(self, messages, add_generation_prompt: bool) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -193,10 +202,17 @@ class PairTokenizer:
             out.append(EncodedPair(self._with_one_bos(prompt), chosen, rejected, pair.index, pair.scores))
         return out
 
+    def encode_prompts(self, prompts: Sequence[str | Sequence[dict]]) -> list[list[int]]:
+        """Prompt ids exactly as training gives them (rules 0 and 1, no truncation): what sampling
+        feeds the model, so it is sampled in the context it was trained on. Raises RowSkip when the
+        chat template fails for a prompt."""
+        return [self._with_one_bos(ids) for ids in self._encode([self.render_prompt(p) for p in prompts])]
+
     def _special_inside(self, ids: list[int], name: str) -> str | None:
         if self.eos_id in ids[:-1]:
             return f"field '{name}' contains the EOS token {self.tokenizer.eos_token!r} before its end"
-        if self.bos_id is not None and self.bos_id in ids:
+        # The final token is the response's EOS, which is BOS too for GPT-2, Pythia and OPT.
+        if self.bos_id is not None and self.bos_id in ids[:-1]:
             return f"field '{name}' contains the BOS token {self.tokenizer.bos_token!r}"
         return None
 

@@ -26,6 +26,7 @@ from dpokit.demo.bundled import BASE_MODEL_DIR, MANIFEST, file_sha256
 from dpokit.demo.corpus import generate_corpus, review_openings
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_save_pretrained, atomic_write_text
+from dpokit.sampling import encode_prompt
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out reviews come from a different stream of the grammar
 
@@ -120,7 +121,7 @@ def sample_reviews(model, tokenizer, prompts: list[str], seed: int, max_new_toke
     torch.manual_seed(seed)
     out = []
     for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        ids = torch.tensor([encode_prompt(tokenizer, prompt)])  # as training and `dpokit sample` encode it
         generated = model.generate(
             ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
