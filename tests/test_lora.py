@@ -9,12 +9,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit import cli, models
-from dpokit.config import build_config
+from dpokit import cli, logprobs, models
+from dpokit.config import LoraSection, build_config
 from dpokit.data import PairTokenizer, load_tokenized_pairs
-from dpokit.data.batching import collate_padded
+from dpokit.data.batching import LAYOUTS, collate, collate_padded
+from dpokit.data.formats import PreferencePair
+from dpokit.demo.toy import build_tiny_llama, build_tokenizer, make_pairs
 from dpokit.errors import DpokitError
-from dpokit.logprobs import sequence_logps
+from dpokit.logprobs import head_is_plain, sequence_logps
 from dpokit.train import loop, scoring
 from dpokit.train.checkpoint import list_checkpoints
 
@@ -171,3 +173,78 @@ def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_
     a = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "True" / "adapter_model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def _lora_policy_and_base(tokenizer):
+    """A LoRA-wrapped tiny Llama with non-zero adapters (so they matter), and its base alone."""
+    base = build_tiny_llama(tokenizer, seed=3)
+    policy = models.prepare_policy(build_tiny_llama(tokenizer, seed=3), LoraSection(lora_r=4, lora_alpha=8.0),
+                                   gradient_checkpointing=False)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return policy, base.eval()
+
+
+def _logps_and_grads(model, batch, chunked):
+    """Log-probs, and for the policy (a module) the adapters' gradients of a loss that weighs
+    chosen and rejected differently; the adapters-disabled reference runs without gradients."""
+    if not isinstance(model, torch.nn.Module):
+        with torch.no_grad():
+            return sequence_logps(model, batch, chunked_head=chunked, chunk=5), {}
+    model.zero_grad(set_to_none=True)
+    out = sequence_logps(model, batch, chunked_head=chunked, chunk=5)
+    (out.chosen_logps.sum() - 0.37 * out.rejected_logps.sum()).backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_policy_and_reference_log_probs_in_every_layout_and_head():
+    """Through the PEFT wrapper and with adapters disabled: every layout x LM head gives the
+    padded/plain log-probs (fp32, 1e-5) and adapter gradients, and `auto` takes the chunked head."""
+    tokenizer = build_tokenizer("word")
+    policy, base = _lora_policy_and_base(tokenizer)
+    rows = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(make_pairs(6, 5))]
+    pairs, _ = PairTokenizer(tokenizer, max_length=64).tokenize(rows)
+    reference = models.AdaptersDisabled(policy)
+    assert head_is_plain(policy) and head_is_plain(reference)  # so --lm-head auto takes the chunked head
+    with torch.no_grad():
+        base_logps = sequence_logps(base, collate(pairs, tokenizer.pad_token_id, "padded"), chunked_head=False)
+    for name, model in (("policy", policy), ("reference", reference)):
+        expected, expected_grads = _logps_and_grads(model, collate(pairs, tokenizer.pad_token_id, "padded"), False)
+        if name == "reference":  # adapters off: the base model's log-probs
+            torch.testing.assert_close(expected.chosen_logps, base_logps.chosen_logps, atol=1e-5, rtol=0)
+        else:
+            assert not torch.allclose(expected.chosen_logps, base_logps.chosen_logps, atol=1e-2)
+            assert expected_grads and all("lora_" in n for n in expected_grads)
+        for layout in LAYOUTS:
+            for chunked in (False, True):
+                out, grads = _logps_and_grads(model, collate(pairs, tokenizer.pad_token_id, layout), chunked)
+                where = f"{name}/{layout}/chunked={chunked}"
+                torch.testing.assert_close(out.chosen_logps, expected.chosen_logps, atol=1e-5, rtol=0, msg=where)
+                torch.testing.assert_close(out.rejected_logps, expected.rejected_logps, atol=1e-5, rtol=0, msg=where)
+                assert grads.keys() == expected_grads.keys(), where
+                for param, grad in grads.items():
+                    torch.testing.assert_close(grad, expected_grads[param], atol=1e-5, rtol=1e-4, msg=where)
+
+
+@pytest.mark.parametrize("layout", ["auto", *LAYOUTS])
+def test_lora_trains_with_a_live_reference_in_every_layout(layout, tiny_model_dir, toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output", str(out),
+                     "--lora-r", "4", "--reference", "live", "--layout", layout, "--max-steps", "2",
+                     "--batch-size", "4", "--max-length", "32", "--progress", "off"])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_lora_with_the_chunked_head_uses_it(tiny_model_dir, toy_data, tmp_path, capsys, monkeypatch):
+    calls = []
+    real = logprobs.chunked_head_logps
+    monkeypatch.setattr(logprobs, "chunked_head_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output",
+                     str(tmp_path / "run"), "--lora-r", "4", "--reference", "live", "--lm-head", "chunked",
+                     "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--progress", "off"])
+    assert code == 0, capsys.readouterr().err
+    assert len(calls) == 2 * 2  # each step: the policy's forward and the adapters-disabled reference's

@@ -137,9 +137,14 @@ def chunked_head_logps(hidden, weight, bias, targets, chunk: int | None = None) 
 
 
 def _body(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The transformer body that returns final (normed) hidden states, or None if there is none."""
-    body = getattr(model, "base_model", None)
-    return body if isinstance(body, torch.nn.Module) and body is not model else None
+    """The transformer body that returns final (normed) hidden states, or None if there is none.
+
+    Through a peft wrapper it is the wrapped transformers model's body, whose layers carry the
+    adapters (peft's own `base_model` is its tuner, which returns logits)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else model
+    body = getattr(inner, "base_model", None)
+    return body if isinstance(body, torch.nn.Module) and body is not inner else None
 
 
 def head_is_plain(model: torch.nn.Module) -> bool:

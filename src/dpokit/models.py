@@ -121,16 +121,39 @@ def is_lora(model: torch.nn.Module) -> bool:
 
 class AdaptersDisabled:
     """The LoRA reference: the policy itself with its adapters switched off, so no second copy
-    of the weights exists. Called like a model (`sequence_logps(reference, batch)` works), only
+    of the weights exists. Used like a model (`sequence_logps(reference, batch)` works in every
+    layout, with the chunked LM head too: it has the model's config, output layer and body), only
     under `torch.no_grad()`. Holds the unwrapped peft model: FSDP2 shards it in place, and DDP's
     gradient hooks are not needed for a pass that computes no gradient."""
 
     def __init__(self, peft_model: torch.nn.Module):
         self.peft_model = peft_model
+        # The transformers model's body (peft's own `base_model` is its tuner, which returns logits).
+        self.base_model = _WithAdaptersOff(peft_model.get_base_model().base_model, peft_model)
+
+    @property
+    def config(self):
+        return self.peft_model.config
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.peft_model.get_output_embeddings()
 
     def __call__(self, **inputs):
         with self.peft_model.disable_adapter():
             return self.peft_model(**inputs)
+
+
+class _WithAdaptersOff(torch.nn.Module):
+    """Runs `module` (a part of `peft_model`) with the peft model's adapters switched off."""
+
+    def __init__(self, module: torch.nn.Module, peft_model: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self._switch = peft_model.disable_adapter  # a bound method: peft_model is not registered twice
+
+    def forward(self, **inputs):
+        with self._switch():
+            return self.module(**inputs)
 
 
 def build_reference(policy: torch.nn.Module, needed: bool):
