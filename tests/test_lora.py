@@ -248,3 +248,14 @@ def test_lora_with_the_chunked_head_uses_it(tiny_model_dir, toy_data, tmp_path, 
                      "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--progress", "off"])
     assert code == 0, capsys.readouterr().err
     assert len(calls) == 2 * 2  # each step: the policy's forward and the adapters-disabled reference's
+
+
+def test_compile_under_lora_compiles_the_body_the_chunked_head_calls(monkeypatch):
+    tokenizer = build_tokenizer("word")
+    policy, _ = _lora_policy_and_base(tokenizer)
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: compiled.append(self))
+    cfg = build_config({"model": {"model": "m"}, "data": {"data": "d"}, "train": {"output": "o"},
+                        "speed": {"compile": True}})
+    scoring.compile_if_asked(policy, cfg)
+    assert compiled == [policy.get_base_model().model]  # the Llama body, with the adapters in its layers

@@ -172,3 +172,12 @@ def test_bos_equal_to_eos_trains_end_to_end(name, toy_data, tmp_path, capsys):
     [tokenized], _ = PairTokenizer(tok, max_length=64).tokenize([PreferencePair(**row, index=1)])
     [(_, [completion])] = generate_completions(trained, tok, [row["prompt"]], max_new_tokens=3)
     assert completion.prompt_ids == tokenized.prompt_ids  # sampled in the context it was trained on
+
+
+def test_sampling_a_prompt_the_template_refuses_is_one_line_naming_it():
+    from dpokit.errors import DpokitError
+
+    tok = build(CONVENTIONS["gemma"])
+    tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    with pytest.raises(DpokitError, match=r"^prompt 2: the chat template failed: no system role$"):
+        encode_prompt(tok, [{"role": "system", "content": "be brief"}], "prompt 2")

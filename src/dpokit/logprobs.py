@@ -136,7 +136,7 @@ def chunked_head_logps(hidden, weight, bias, targets, chunk: int | None = None) 
     return ChunkedHeadLogps.apply(hidden, weight, bias, targets, step, _compute_dtype(hidden))
 
 
-def _body(model: torch.nn.Module) -> torch.nn.Module | None:
+def model_body(model: torch.nn.Module) -> torch.nn.Module | None:
     """The transformer body that returns final (normed) hidden states, or None if there is none.
 
     Through a peft wrapper it is the wrapped transformers model's body, whose layers carry the
@@ -157,7 +157,7 @@ def head_is_plain(model: torch.nn.Module) -> bool:
         return _plain_head_cache[model]
     verdict = False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = _body(model)
+    body = model_body(model)
     if isinstance(head, torch.nn.Linear) and body is not None:
         device = head.weight.device
         ids = torch.arange(2, 2 + min(8, head.out_features - 2), device=device)[None] % head.out_features
@@ -228,7 +228,7 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool 
     use_chunked = head_is_plain(model) if chunked_head is None else chunked_head
     inputs = {"input_ids": batch.input_ids, "use_cache": False, **attention_inputs(model, batch)}
     if use_chunked:
-        body, head = _body(model), model.get_output_embeddings()
+        body, head = model_body(model), model.get_output_embeddings()
         if body is None or not isinstance(head, torch.nn.Linear):
             raise ValueError("the chunked LM head needs a model with a body and a Linear output layer")
         hidden = body(**inputs).last_hidden_state[batch.score_rows, batch.score_cols]

@@ -18,7 +18,7 @@ from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.logprobs import PairLogps, sequence_logps, supports_layout
+from dpokit.logprobs import PairLogps, model_body, sequence_logps, supports_layout
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.models import autocast_context
@@ -126,9 +126,10 @@ class PairScorer:
 
 
 def compile_if_asked(policy: torch.nn.Module, cfg: RunConfig) -> None:
-    """torch.compile the model body in place when --compile is given (off by default)."""
+    """torch.compile the model body in place when --compile is given (off by default): the body
+    the log-prob path calls, also under peft (whose own `base_model` the chunked head bypasses)."""
     if cfg.speed.compile:
-        body = getattr(policy, "base_model", policy)
+        body = model_body(policy) or policy
         # In place: parameter names and state_dict keys stay as they were.
         body.compile(dynamic=True)
 
