@@ -181,3 +181,15 @@ def test_sampling_a_prompt_the_template_refuses_is_one_line_naming_it():
     tok.chat_template = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
     with pytest.raises(DpokitError, match=r"^prompt 2: the chat template failed: no system role$"):
         encode_prompt(tok, [{"role": "system", "content": "be brief"}], "prompt 2")
+
+
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_an_empty_prompt_needs_a_bos_to_start_from(name):
+    """Without BOS nothing would precede the first response token (batching would score it from
+    the wrong column): the pair is skipped; with BOS the prompt is BOS alone."""
+    convention, tok, _ = _pairs(name)
+    kept, stats = PairTokenizer(tok, max_length=64).tokenize([PreferencePair("", " Paris.", " London.", 7)])
+    if convention.adds_bos:
+        assert [list(p.prompt_ids) for p in kept] == [[tok.bos_token_id]]
+    else:
+        assert kept == [] and stats.skipped == {"empty_prompt": [7]}

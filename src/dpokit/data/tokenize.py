@@ -15,7 +15,9 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    its own EOS (`<|im_end|>\\n`) is dropped, since generation stops at EOS and never produces it.
    A response holding BOS, or EOS before its end (a literal `</s>` in the text, say), cannot
    satisfy this: the row is skipped (`special_token_in_response`). Where BOS and EOS are one
-   token (GPT-2, Pythia, OPT) a response's final EOS is that token, never a stray BOS.
+   token (GPT-2, Pythia, OPT) a response's final EOS is that token, never a stray BOS. A prompt
+   left with no token at all (empty text, no BOS) gives the first response token nothing to be
+   predicted from: the row is skipped (`empty_prompt`).
    Sampling encodes prompts with these same rules 0 and 1 (`PairTokenizer.encode_prompts`; no
    truncation), so a policy is sampled in exactly the context it was trained on.
 2. Boundary: a response's tokens are the tokens of the full text `prompt + response` after the
@@ -198,8 +200,14 @@ class PairTokenizer:
                 # text) would teach the model to stop and carry on: no exact tokenization exists.
                 self._skip(stats, "special_token_in_response", pair.index, problem)
                 continue
+            prompt = self._with_one_bos(prompt)
+            if not prompt:
+                # Nothing precedes the first response token, so no position predicts it.
+                self._skip(stats, "empty_prompt", pair.index,
+                           "field 'prompt' has no tokens and the tokenizer adds no BOS to start from")
+                continue
             stats.boundary_merges += merged_c or merged_r
-            out.append(EncodedPair(self._with_one_bos(prompt), chosen, rejected, pair.index, pair.scores))
+            out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores))
         return out
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[dict]]) -> list[list[int]]:
