@@ -230,24 +230,18 @@ def test_lora_policy_and_reference_log_probs_in_every_layout_and_head():
 
 
 @pytest.mark.parametrize("layout", ["auto", *LAYOUTS])
-def test_lora_trains_with_a_live_reference_in_every_layout(layout, tiny_model_dir, toy_data, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output", str(out),
-                     "--lora-r", "4", "--reference", "live", "--layout", layout, "--max-steps", "2",
-                     "--batch-size", "4", "--max-length", "32", "--progress", "off"])
-    assert code == 0, capsys.readouterr().err
-    assert (out / "adapter_model.safetensors").is_file()
-
-
-def test_lora_with_the_chunked_head_uses_it(tiny_model_dir, toy_data, tmp_path, capsys, monkeypatch):
+def test_lora_trains_with_a_live_reference_and_the_chunked_head_in_every_layout(layout, tiny_model_dir, toy_data,
+                                                                               tmp_path, capsys, monkeypatch):
     calls = []
     real = logprobs.chunked_head_logps
     monkeypatch.setattr(logprobs, "chunked_head_logps", lambda *a, **k: calls.append(1) or real(*a, **k))
-    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output",
-                     str(tmp_path / "run"), "--lora-r", "4", "--reference", "live", "--lm-head", "chunked",
+    out = tmp_path / "run"
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output", str(out),
+                     "--lora-r", "4", "--reference", "live", "--layout", layout, "--lm-head", "chunked",
                      "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--progress", "off"])
     assert code == 0, capsys.readouterr().err
     assert len(calls) == 2 * 2  # each step: the policy's forward and the adapters-disabled reference's
+    assert (out / "adapter_model.safetensors").is_file()
 
 
 def test_compile_under_lora_compiles_the_body_the_chunked_head_calls(monkeypatch):

@@ -10,6 +10,7 @@ import torch
 
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
+from dpokit.logprobs import model_body
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,8 +129,7 @@ class AdaptersDisabled:
 
     def __init__(self, peft_model: torch.nn.Module):
         self.peft_model = peft_model
-        # The transformers model's body (peft's own `base_model` is its tuner, which returns logits).
-        self.base_model = _WithAdaptersOff(peft_model.get_base_model().base_model, peft_model)
+        self.base_model = _WithAdaptersOff(model_body(peft_model), peft_model)  # what the chunked head calls
 
     @property
     def config(self):
