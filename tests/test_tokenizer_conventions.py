@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from conftest import SHARED_DATA
+from dpokit.data import read_pairs
 from dpokit.data.formats import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.demo.toy import make_pairs
@@ -192,3 +194,26 @@ def test_an_empty_prompt_needs_a_bos_to_start_from(name):
         assert [list(p.prompt_ids) for p in kept] == [[tok.bos_token_id]]
     else:
         assert kept == [] and stats.skipped == {"empty_prompt": [7]}
+
+
+REAL_FILES = {"text": "hh_rlhf_explicit_prompt_test1k.jsonl", "chat": "ultrafeedback_h4schema_reconstructed200.jsonl"}
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real samples not found at {SHARED_DATA}")
+@pytest.mark.parametrize("name", sorted(CONVENTIONS))
+def test_real_rows_decode_exactly_and_sample_as_trained(name):
+    """The real samples (HH-RLHF text rows; UltraFeedback conversations where a template exists)."""
+    from itertools import islice
+
+    convention = CONVENTIONS[name]
+    tok = build(convention)
+    source = SHARED_DATA / REAL_FILES["chat" if convention.template else "text"]
+    pairs = list(islice(read_pairs(str(source)), 60))
+    pair_tokenizer = PairTokenizer(tok, max_length=10**6)
+    kept, stats = pair_tokenizer.tokenize(pairs)
+    assert stats.skipped == {} and len(kept) == len(pairs), stats.examples
+    for pair, tokenized in zip(pairs, kept, strict=True):
+        prompt, chosen, rejected = pair_tokenizer.render(pair)
+        for response, ids in ((chosen, tokenized.chosen_ids), (rejected, tokenized.rejected_ids)):
+            assert _decode(tok, tokenized.prompt_ids + ids) == expected_sequence(convention, prompt, response)
+        assert encode_prompt(tok, pair.prompt) == list(tokenized.prompt_ids)
