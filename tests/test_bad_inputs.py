@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from dpokit import cli
+from dpokit.demo.bundled import BASE_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +37,17 @@ def world(tiny_model_dir, toy_data, tmp_path_factory):
     (d / "nomodel").mkdir()
     (d / "full").mkdir()
     (d / "full" / "notes.txt").write_text("keep me")
+    # Inputs that a mistaken output would destroy: a model copy, data, prompts, a config, a cache.
+    shutil.copytree(tiny_model_dir, d / "mymodel")
+    (d / "modellink").symlink_to(d / "mymodel", target_is_directory=True)
+    (d / "nested").mkdir()
+    for name in ("pairs.jsonl", "prompts.jsonl"):
+        (d / "nested" / name).write_text("\n".join(good[:4]) + "\n")
+    (d / "nested" / "template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    (d / "nested" / "train.yaml").write_text("beta: 0.1\n")
+    (d / "cache").mkdir()
+    (d / "run").mkdir()
+    (d / "run" / "report.md").write_text("\n".join(good[:2]) + "\n")
     return {"model": str(tiny_model_dir), "data": str(toy_data[0]), "d": str(d)}
 
 
@@ -110,6 +124,55 @@ CASES = [
     ("output not empty", _with("--output", "{d}/full"), ["full is not empty", "--overwrite"]),
     ("resume missing", _with("--resume", "{d}/no-ckpt"), ["--resume", "no such checkpoint"]),
     ("resume not a checkpoint", _with("--resume", "{d}/nomodel"), ["not a complete dpokit checkpoint"]),
+]
+
+NEVER_OVER_INPUTS = "dpokit never writes over its own inputs"
+PAIRS, PROMPTS = "{d}/nested/pairs.jsonl", "{d}/nested/prompts.jsonl"
+SMALL = ["--max-new-tokens", "2", "--progress", "off"]
+# Inputs are never outputs (issue 21.1): every writing command, whatever --overwrite says.
+CASES += [
+    ("train output is the model", _with("--model", "{d}/mymodel", "--output", "{d}/mymodel", "!--overwrite"),
+     ["--output {d}/mymodel is --model {d}/mymodel", NEVER_OVER_INPUTS]),
+    ("train output is the model by a symlink",
+     _with("--model", "{d}/mymodel", "--output", "{d}/modellink", "!--overwrite"), ["is --model"]),
+    ("train output is the model by ..",
+     _with("--model", "{d}/mymodel", "--output", "{d}/nested/../mymodel", "!--overwrite"), ["is --model"]),
+    ("train output inside the model", _with("--model", "{d}/mymodel", "--output", "{d}/mymodel/run"),
+     ["lies inside --model"]),
+    ("train output holds the data", _with("--data", PAIRS, "--output", "{d}/nested", "!--overwrite"),
+     ["--output {d}/nested contains --data " + PAIRS]),
+    ("train output is the eval data", _with("--eval-data", PAIRS, "--output", PAIRS), ["is --eval-data"]),
+    ("train output holds the tokenizer", _with("--tokenizer", "{d}/mymodel", "--output", "{d}", "!--overwrite"),
+     ["contains --tokenizer"]),
+    ("train output holds the reference model",
+     _with("--reference-model", "{d}/mymodel", "--output", "{d}", "!--overwrite"), ["contains --reference-model"]),
+    ("train output holds the chat template",
+     _with("--chat-template", "{d}/nested/template.jinja", "--output", "{d}/nested", "!--overwrite"),
+     ["contains --chat-template"]),
+    ("train output holds the config",
+     _with("--config", "{d}/nested/train.yaml", "--output", "{d}/nested", "!--overwrite"), ["contains --config"]),
+    ("train reference cache is the data", _with("--reference-cache", "{data}"), ["--reference-cache", "is --data"]),
+    ("train output inside the reference cache", _with("--reference-cache", "{d}/cache", "--output", "{d}/cache/r"),
+     ["--output {d}/cache/r lies inside --reference-cache {d}/cache"]),
+    ("sample output is the prompts",
+     ["sample", "--model", "{model}", "--prompts", PROMPTS, "--output", PROMPTS, *SMALL], ["is --prompts"]),
+    ("evaluate output is the data",
+     ["evaluate", "--model", "{model}", "--reference", "{model}", "--data", PAIRS, "--output", PAIRS,
+      "--max-length", "32"], ["--output " + PAIRS + " is --data"]),
+    ("evaluate output inside the model",
+     ["evaluate", "--model", "{d}/mymodel", "--reference", "{model}", "--data", PAIRS, "--output",
+      "{d}/mymodel/eval.json", "--max-length", "32"], ["lies inside --model"]),
+    ("inspect plot is the data", ["data", "inspect", PAIRS, "--plot", PAIRS], ["--plot " + PAIRS + " is PATH"]),
+    ("export over its run", ["export", "{d}/mymodel", "--output", "{d}/mymodel", "--overwrite"], ["is RUN"]),
+    ("sweep output holds the prompts",
+     ["sweep", "--model", "{model}", "--data", PAIRS, "--output", "{d}/nested", "--overwrite", "--prompts",
+      PROMPTS, "--judge", "sentiment", "--beta", "0.1", "--max-steps", "1", *SMALL], ["contains --data"]),
+    ("online output holds the prompts",
+     ["online", "--model", "{model}", "--output", "{d}/nested", "--overwrite", "--prompts", PROMPTS, "--judge",
+      "sentiment", "--rounds", "1", "--max-steps", "1", *SMALL], ["contains --prompts"]),
+    ("report over its prompts", ["report", "{d}/run", "--prompts", "{d}/run/report.md"], ["is --prompts"]),
+    ("demo output inside the bundled model", ["demo", "--quick", "--output", str(BASE_MODEL_DIR / "out")],
+     ["lies inside the bundled base model"]),
 ]
 
 

@@ -10,6 +10,7 @@ import torch
 
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
+from dpokit.paths import check_creatable, check_outputs_apart, clear_for_overwrite
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,6 +193,8 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     run, output = Path(run), Path(output)
     if not run.is_dir():
         raise DpokitError(f"export: {run} is not a folder")
+    check_outputs_apart([("--output", output)], [("RUN", run), ("--base", base)])
+    check_creatable(output, "export: --output")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise DpokitError(f"export: --output {output} is not empty; pass --overwrite or choose a new folder")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -206,6 +209,8 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     else:
         model = load_policy(str(run), torch.device("cpu"))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base or str(run))
+    if overwrite:
+        clear_for_overwrite(output, "export: --output")  # no file of an earlier export may survive
     atomic_save_pretrained(output, model.to(torch_dtype), tokenizer)
     return output
 

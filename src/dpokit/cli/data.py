@@ -6,6 +6,7 @@ import argparse
 
 from dpokit.cli.common import Parser, add_field
 from dpokit.config import coerce, iter_options
+from dpokit.paths import check_creatable, check_outputs_apart
 
 _INSPECT_SKIPS = ("data", "eval_data")
 
@@ -41,6 +42,10 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         if section == "data" and hasattr(args, f.name) and f.name not in _INSPECT_SKIPS:
             setattr(data, f.name, coerce(getattr(args, f.name), f, "--" + f.name.replace("_", "-")))
     validate_data(data)
+    if args.plot:
+        check_outputs_apart([("--plot", args.plot)], [("PATH", args.path), ("--model", args.model),
+                                                     ("--chat-template", data.chat_template)])
+        check_creatable(args.plot, "--plot", folder=False)
     tokenizer = None
     if args.model:
         from dpokit.models import load_tokenizer

@@ -32,6 +32,7 @@ from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
 from dpokit.losses import needs_reference
 from dpokit.models import build_reference, frozen_reference, load_policy, load_tokenizer, prepare_policy
+from dpokit.paths import check_run_paths, clear_for_overwrite
 from dpokit.reference import data_fingerprint
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
@@ -72,8 +73,6 @@ def seed_everything(seed: int) -> None:
 def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
     """Refuse to mix a new run into a folder that holds something else."""
     output = Path(cfg.train.output)
-    if output.exists() and not output.is_dir():
-        raise DpokitError(f"--output {output} is a file, not a folder")
     if not resuming and output.is_dir() and any(output.iterdir()) and not cfg.train.overwrite:
         if cfg.train.resume == "auto":
             raise DpokitError(f"--resume auto: {output} holds no complete checkpoint to resume from; "
@@ -83,6 +82,8 @@ def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
             f"--output {output} {what}; pass --resume auto to continue it, --overwrite to write over it, "
             "or choose a new folder"
         )
+    if not resuming and cfg.train.overwrite:
+        clear_for_overwrite(output)  # nothing of the previous run may survive beside the new one
     output.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_staging(output)
     return output
@@ -113,6 +114,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
     t = cfg.train
+    check_run_paths(cfg)  # before anything else: an output never lands on an input
     resume_from = ckpt.resolve_resume(cfg)
     if resume_from is not None:
         ckpt.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
