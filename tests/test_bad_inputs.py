@@ -45,6 +45,15 @@ def world(tiny_model_dir, toy_data, tmp_path_factory):
         (d / "nested" / name).write_text("\n".join(good[:4]) + "\n")
     (d / "nested" / "template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     (d / "nested" / "train.yaml").write_text("beta: 0.1\n")
+    (d / "deep.jsonl").write_text('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    (d / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (d / "surrogate.jsonl").write_text(good[0] + "\n" + '{"prompt": "a\\ud800b", "chosen": "x", "rejected": "y"}\n')
+    (d / "surrogate.json").write_text('[{"prompt": "a\\udc00", "chosen": "x", "rejected": "y"}]')
+    shutil.copytree(tiny_model_dir, d / "badweights")
+    weights = d / "badweights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    shutil.copytree(tiny_model_dir, d / "garbageweights")
+    (d / "garbageweights" / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
     (d / "cache").mkdir()
     (d / "run").mkdir()
     (d / "run" / "report.md").write_text("\n".join(good[:2]) + "\n")
@@ -104,7 +113,7 @@ CASES = [
     ("config wrong type", _with("--config", "{d}/wrongtype.yaml"), ["loss.beta: expected float, got 'high'"]),
     ("config not a mapping", _with("--config", "{d}/listtop.yaml"), ["listtop.yaml: expected a mapping"]),
     ("data missing", _with("--data", "{d}/nope.jsonl"), ["nope.jsonl does not exist"]),
-    ("data is a folder", _with("--data", "{d}"), ["is a folder but not one written by datasets.save_to_disk"]),
+    ("data is a folder", _with("--data", "{d}/nomodel"), ["is a folder but not one written by datasets.save_to_disk"]),
     ("data empty", _with("--data", "{d}/empty.jsonl"), ["empty.jsonl holds no rows"]),
     ("data blank lines", _with("--data", "{d}/blank.jsonl"), ["blank.jsonl holds no rows"]),
     ("bad json line", _with("--data", "{d}/badjson.jsonl"), ["badjson.jsonl, line 3", "not valid JSON"]),
@@ -171,6 +180,36 @@ CASES += [
      ["online", "--model", "{model}", "--output", "{d}/nested", "--overwrite", "--prompts", PROMPTS, "--judge",
       "sentiment", "--rounds", "1", "--max-steps", "1", *SMALL], ["contains --prompts"]),
     ("report over its prompts", ["report", "{d}/run", "--prompts", "{d}/run/report.md"], ["is --prompts"]),
+    # Named one-line errors where `internal error` answered (issue 21.3).
+    ("json nested too deep", _with("--data", "{d}/deep.jsonl"), ["deep.jsonl, line 1", "JSON nested deeper"]),
+    ("json array nested too deep", _with("--data", "{d}/deep.json"), ["deep.json", "JSON nested deeper"]),
+    ("lone surrogate escape", _with("--data", "{d}/surrogate.jsonl"),
+     ["surrogate.jsonl, line 2", "lone UTF-16 surrogate escape (\\ud800)"]),
+    ("lone surrogate in a json array", _with("--data", "{d}/surrogate.json"),
+     ["surrogate.json, row 1", "lone UTF-16 surrogate escape (\\udc00)"]),
+    ("lone surrogate in prompts",
+     ["sample", "--model", "{model}", "--prompts", "{d}/surrogate.jsonl", *SMALL], ["surrogate.jsonl, line 2"]),
+    ("truncated model weights", _with("--model", "{d}/badweights"),
+     ["{d}/badweights/model.safetensors is damaged"]),
+    ("garbage model weights", ["sample", "--model", "{d}/garbageweights", "--prompt", "hi", *SMALL],
+     ["{d}/garbageweights/model.safetensors is damaged"]),
+    ("output below a file", _with("--output", "{d}/afile/run"),
+     ["--output {d}/afile/run: cannot be created, because {d}/afile is a file"]),
+    ("reference cache below a file", _with("--reference-cache", "{d}/afile/cache"),
+     ["--reference-cache {d}/afile/cache: cannot be created"]),
+    ("plot below a file", ["data", "inspect", "{data}", "--plot", "{d}/afile/lengths.png"],
+     ["--plot {d}/afile/lengths.png: cannot be created, because {d}/afile is a file"]),
+    ("export below a file", ["export", "{model}", "--output", "{d}/afile/exported"],
+     ["export: --output {d}/afile/exported: cannot be created"]),
+    ("sample output below a file",
+     ["sample", "--model", "{model}", "--prompt", "hi", "--output", "{d}/afile/s.jsonl", *SMALL],
+     ["--output {d}/afile/s.jsonl: cannot be created"]),
+    ("evaluate output below a file",
+     ["evaluate", "--model", "{model}", "--reference", "{model}", "--data", "{data}", "--output", "{d}/afile/e.json"],
+     ["--output {d}/afile/e.json: cannot be created"]),
+    ("sweep output below a file",
+     ["sweep", "--model", "{model}", "--data", "{data}", "--output", "{d}/afile/s", "--prompts", PROMPTS, "--judge",
+      "sentiment", "--beta", "0.1"], ["--output {d}/afile/s: cannot be created"]),
     ("demo output inside the bundled model", ["demo", "--quick", "--output", str(BASE_MODEL_DIR / "out")],
      ["lies inside the bundled base model"]),
 ]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
@@ -72,8 +73,16 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
         )
     except (OSError, ValueError) as exc:
         raise DpokitError(f"could not load model '{name}': {_first_line(exc)}") from None
+    except SafetensorError as exc:  # a truncated download or copy, or not a weights file at all
+        raise DpokitError(f"model {name}: {_weights_file(name)} is damaged ({_first_line(exc)}); "
+                          "copy or download it again") from None
     disable_dropout(model)
     return model if load_in_4bit else model.to(device)  # 4-bit weights are placed by device_map
+
+
+def _weights_file(name: str) -> str:
+    folder = Path(name).expanduser()
+    return str(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "a weights file"
 
 
 def _four_bit_options(device: torch.device) -> dict:

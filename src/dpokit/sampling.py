@@ -9,7 +9,6 @@ its generation prompt for message lists), so the policy is sampled in the form i
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dpokit.data.sources import parse_json
 from dpokit.errors import DpokitError
 
 Prompt = str | list[dict[str, str]]
@@ -55,15 +55,12 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     if not path.is_file():
         raise DpokitError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a UTF-8 BOM (Windows editors) is not part of the text
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}, line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DpokitError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            row = parse_json(line, where)
             if not isinstance(row, dict) or "prompt" not in row:
                 raise DpokitError(f"{where}: missing field 'prompt'")
             prompts.append(check_prompt(row["prompt"], where))
