@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -54,6 +55,15 @@ def world(tiny_model_dir, toy_data, tmp_path_factory):
     weights.write_bytes(weights.read_bytes()[:1000])
     shutil.copytree(tiny_model_dir, d / "garbageweights")
     (d / "garbageweights" / "model.safetensors").write_bytes(b"not a safetensors file" * 10)
+    (d / "dupkey.yaml").write_text("beta: 0.1\nbatch_size: 4\nbeta: 5\n")
+    (d / "dupsection.yaml").write_text("beta: 0.1\nloss:\n  beta: 5\n")
+    (d / "boolcount.yaml").write_text("train:\n  learning_rate: 0.001\n  batch_size: true\n")
+    (d / "boolrate.yaml").write_text("beta: false\n")
+    (d / "usr.jsonl").write_text(json.dumps({"chosen": [{"role": "usr", "content": "hi"},
+                                                        {"role": "assistant", "content": "a"}],
+                                             "rejected": [{"role": "usr", "content": "hi"},
+                                                          {"role": "assistant", "content": "b"}]}) + "\n")
+    (d / "usrprompt.jsonl").write_text(json.dumps({"prompt": [{"role": "usr", "content": "hi"}]}) + "\n")
     (d / "cache").mkdir()
     (d / "run").mkdir()
     (d / "run" / "report.md").write_text("\n".join(good[:2]) + "\n")
@@ -210,6 +220,35 @@ CASES += [
     ("sweep output below a file",
      ["sweep", "--model", "{model}", "--data", "{data}", "--output", "{d}/afile/s", "--prompts", PROMPTS, "--judge",
       "sentiment", "--beta", "0.1"], ["--output {d}/afile/s: cannot be created"]),
+    # No setting taken silently (issue 21.2).
+    ("yaml duplicate key", _with("--config", "{d}/dupkey.yaml"),
+     ["dupkey.yaml line 3: 'beta' is given twice (first on line 1)"]),
+    ("yaml key flat and in its section", _with("--config", "{d}/dupsection.yaml"),
+     ["dupsection.yaml line 3", "loss.beta is already set"]),
+    ("yaml boolean for a count", _with("--config", "{d}/boolcount.yaml"),
+     ["boolcount.yaml line 3: train.batch_size: expected int, got True"]),
+    ("yaml boolean for a number", _with("--config", "{d}/boolrate.yaml"),
+     ["boolrate.yaml line 1: beta: expected float, got False"]),
+    ("unknown chat role, strict", _with("--data", "{d}/usr.jsonl", "!--strict"),
+     ["usr.jsonl, line 1", "role 'usr' is not one a chat template knows", "--strict"]),
+    ("unknown chat role in prompts", ["sample", "--model", "{model}", "--prompts", "{d}/usrprompt.jsonl", *SMALL],
+     ["usrprompt.jsonl, line 1", "role 'usr'"]),
+    ("max prompts zero", ["sample", "--model", "{model}", "--prompts", PROMPTS, "--max-prompts", "0", *SMALL],
+     ["--max-prompts must be at least 1"]),
+    ("report max prompts zero", ["report", "{d}/run", "--prompts", PROMPTS, "--max-prompts", "0"],
+     ["--max-prompts must be at least 1"]),
+    ("judge without prompts", ["evaluate", "--model", "{model}", "--reference", "{model}", "--data", "{data}",
+                               "--judge", "sentiment"], ["--judge sentiment scores samples drawn for --prompts"]),
+    # Smaller (issue 21.4).
+    ("config is a folder", _with("--config", "{d}/nomodel"), ["nomodel is a folder; give --config a YAML file"]),
+    ("sweep beta twice", ["sweep", "--model", "{model}", "--data", "{data}", "--output", "{d}/sw", "--prompts",
+                          PROMPTS, "--judge", "sentiment", "--beta", "0.1,0.10"], ["--beta: 0.1 given twice"]),
+    ("tokenizer not local, offline", _with("--tokenizer", "no_such_tok"),
+     ["tokenizer no_such_tok: no such folder; as a hub id: offline"]),
+    ("reference model not local, offline", _with("--reference-model", "missing"),
+     ["model missing: no such folder; as a hub id: offline"]),
+    ("data not local, offline", _with("--data", "mydata/pairs"),
+     ["data mydata/pairs: no such file or folder; as a hub id: offline"]),
     ("demo output inside the bundled model", ["demo", "--quick", "--output", str(BASE_MODEL_DIR / "out")],
      ["lies inside the bundled base model"]),
 ]

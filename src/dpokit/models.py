@@ -11,7 +11,13 @@ from safetensors import SafetensorError
 
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
-from dpokit.paths import check_creatable, check_outputs_apart, clear_for_overwrite
+from dpokit.paths import (
+    check_creatable,
+    check_outputs_apart,
+    clear_for_overwrite,
+    hub_unreachable,
+    in_hub_cache,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,6 +47,9 @@ def check_model_source(name: str, what: str = "model") -> None:
             raise DpokitError(f"{what} path {name} is not a Hugging Face model folder (no config.json)")
     elif _looks_like_path(name):
         raise DpokitError(f"{what} path {name} does not exist")
+    elif not in_hub_cache(name, "config.json" if what != "tokenizer" else "tokenizer_config.json") and (
+            reason := hub_unreachable()):
+        raise DpokitError(f"{what} {name}: no such folder; as a hub id: {reason}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):

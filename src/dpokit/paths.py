@@ -8,8 +8,10 @@ the check that an output can be created at all, and `--overwrite`'s clearing of 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -121,3 +123,40 @@ def check_run_paths(cfg, extra_inputs: Named = ()) -> None:
     check_creatable(output, "--output")
     if cache:
         check_creatable(cache, "--reference-cache")
+
+
+def hub_unreachable() -> str | None:
+    """Why a hub id cannot be fetched now ("offline (HF_HUB_OFFLINE=1)", "offline (no connection
+    ...)"), or None. Asked only for a name that is not a local path, so a mistyped path fails at
+    once instead of after a minute of network retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return "offline (HF_HUB_OFFLINE=1)"
+    host = _hub_host()
+    return None if _answers(host) else f"offline (no connection to {host})"
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+@functools.lru_cache(maxsize=4)
+def _answers(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def in_hub_cache(repo_id: str, filename: str) -> bool:
+    """True when `filename` of hub model `repo_id` is in the local Hugging Face cache (usable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id at all
+        return False

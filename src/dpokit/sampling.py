@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from dpokit.data.formats import CHAT_ROLES
 from dpokit.data.sources import parse_json
 from dpokit.errors import DpokitError
 
@@ -44,6 +45,9 @@ def check_prompt(prompt: Any, where: str) -> Prompt:
             if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                     and isinstance(message.get("content"), str)):
                 raise DpokitError(f"{where}: message {i + 1} must be an object with string 'role' and 'content'")
+            if message["role"] not in CHAT_ROLES:
+                raise DpokitError(f"{where}: message {i + 1} has role '{message['role']}', not one a chat template "
+                                  f"knows ({', '.join(CHAT_ROLES)})")
         return prompt
     raise DpokitError(f"{where}: field 'prompt' must be a string or a non-empty list of messages, "
                       f"got {type(prompt).__name__}")
@@ -52,6 +56,8 @@ def check_prompt(prompt: Any, where: str) -> Prompt:
 def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     """Read the `prompt` field of each JSON Lines row (prompt files and preference files alike)."""
     path = Path(path)
+    if limit is not None and limit < 1:  # 0 would otherwise read one prompt
+        raise DpokitError(f"--max-prompts must be at least 1 (or left out for all); got {limit}")
     if not path.is_file():
         raise DpokitError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
     prompts: list[Prompt] = []

@@ -70,6 +70,10 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     check_run_paths(base, [("--prompts", judging.prompts), ("--judge", judging.judge)])
     if not betas or any(not b > 0 for b in betas):
         raise DpokitError(f"--beta: every β must be positive; got {list(betas)}")
+    for flag, values in (("--beta", [f"{b:g}" for b in betas]), ("--loss", list(losses))):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # two runs into one folder: the second would be refused after the first trained
+            raise DpokitError(f"{flag}: {', '.join(twice)} given twice; list each value once")
     validate_sampling(sampling)
     configs = []
     for loss in losses:

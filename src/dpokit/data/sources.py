@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DpokitError
+from dpokit.paths import hub_unreachable
 
 Row = dict[str, Any]
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -60,7 +61,7 @@ def open_source(spec: str | Path) -> RowSource:
         return _saved_dataset(Path(folder).expanduser(), split, spec)
     if _HUB_ID.match(spec) and not spec.lower().endswith(FILE_SUFFIXES) and not path.parent.is_dir():
         name, _, split = spec.partition(":")
-        return _hub_dataset(name, split or "train")
+        return _hub_dataset(name, split or "train", spec)
     raise DpokitError(f"data file {spec} does not exist")
 
 
@@ -222,7 +223,10 @@ def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
     return RowSource(name, "saved dataset", "row", _dataset_rows(_pick_split(loaded, split, name), name))
 
 
-def _hub_dataset(name: str, split: str) -> RowSource:
+def _hub_dataset(name: str, split: str, spec: str) -> RowSource:
+    reason = hub_unreachable()
+    if reason and "HF_HUB_OFFLINE" not in reason:  # no connection: fail now, not after retries
+        raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason}")
     try:
         import datasets
     except ImportError:
@@ -230,6 +234,8 @@ def _hub_dataset(name: str, split: str) -> RowSource:
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated, bad split: all one line
+        if reason:  # HF_HUB_OFFLINE: datasets looked in its cache only
+            raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason} and not cached") from None
         raise DpokitError(
             f"data {name} is not a local file and could not be loaded from the hub "
             f"(split {split}): {_first_line(exc)}"
