@@ -63,8 +63,9 @@ def warn_warmup(warmup: int, total_steps: int, learning_rate: float, log: Log) -
     """A warm-up longer than the run never reaches the peak learning rate."""
     if warmup > total_steps:
         highest = learning_rate * total_steps / warmup
-        log(f"warning: warm-up of {warmup} steps is longer than the run's {total_steps} steps: the learning "
-            f"rate never reaches --learning-rate {learning_rate:g} (highest {highest:.3g}, at step {total_steps})")
+        log(f"warning: a warm-up of {warmup} steps is longer than the whole run ({total_steps} step(s)): the "
+            f"learning rate never reaches --learning-rate {learning_rate:g} (highest {highest:.3g}, at step "
+            f"{total_steps})")
 
 
 def model_config(name: str, trust_remote_code: bool = False) -> Any:
