@@ -129,10 +129,15 @@ def hub_unreachable() -> str | None:
     """Why a hub id cannot be fetched now ("offline (HF_HUB_OFFLINE=1)", "offline (no connection
     ...)"), or None. Asked only for a name that is not a local path, so a mistyped path fails at
     once instead of after a minute of network retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+    if hub_offline_by_setting():
         return "offline (HF_HUB_OFFLINE=1)"
     host = _hub_host()
     return None if _answers(host) else f"offline (no connection to {host})"
+
+
+def hub_offline_by_setting() -> bool:
+    """HF_HUB_OFFLINE is set: the libraries look in their caches only, and fail fast."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _hub_host() -> str:

@@ -162,8 +162,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     check_outputs_apart(written, [("--prompts", judging.prompts)])
     if judging.prompts:
         model = ModelConfig(**_section_from_args(args, ModelConfig, only=("device", "dtype")))
+        max_prompts = 4 if judging.max_prompts is None else judging.max_prompts  # 0 is refused, not 4
         sample_before_after(args.run_dir, judging.prompts, _sampling_options(args),
-                            max_prompts=4 if judging.max_prompts is None else judging.max_prompts, device=model.device, dtype=model.dtype)
+                            max_prompts=max_prompts, device=model.device, dtype=model.dtype)
     write_report(args.run_dir, log=print)
     return 0
 

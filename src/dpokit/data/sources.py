@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DpokitError
-from dpokit.paths import hub_unreachable
+from dpokit.paths import hub_offline_by_setting, hub_unreachable
 
 Row = dict[str, Any]
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -225,7 +225,7 @@ def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
 
 def _hub_dataset(name: str, split: str, spec: str) -> RowSource:
     reason = hub_unreachable()
-    if reason and "HF_HUB_OFFLINE" not in reason:  # no connection: fail now, not after retries
+    if reason and not hub_offline_by_setting():  # no connection: fail now, not after a minute of retries
         raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason}")
     try:
         import datasets
