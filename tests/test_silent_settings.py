@@ -105,3 +105,13 @@ def test_no_connection_fails_at_once_for_models_and_data(monkeypatch):
         check_model_source("no_such_tok", "tokenizer")
     with pytest.raises(DpokitError, match=r"data mydata/pairs: no such file or folder; as a hub id: offline"):
         read_pairs("mydata/pairs")
+
+
+def test_data_inspect_caps_max_length_as_train_does(tiny_model_dir, toy_data, capsys):
+    from dpokit import cli
+
+    assert cli.main(["data", "inspect", str(toy_data[1]), "--model", str(tiny_model_dir), "--max-length", "4096",
+                     "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "using --max-length 256" in captured.err
+    json.loads(captured.out)  # stdout stays one JSON object
