@@ -94,11 +94,14 @@ def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
     for guarded, what in ((here, "the current folder"), (resolved(Path.home()), "your home folder")):
         if folder_path == guarded or folder_path in guarded.parents:
             raise DpokitError(f"{option} {folder}: --overwrite would delete {what}; choose a folder of its own")
-    for item in folder_path.iterdir():
-        if item.is_dir() and not item.is_symlink():
-            shutil.rmtree(item)
-        else:
-            item.unlink()
+    try:
+        for item in folder_path.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    except OSError as exc:
+        raise DpokitError(f"{option} {folder}: --overwrite could not empty it ({exc.strerror}: {exc.filename})") from None
 
 
 def run_inputs(cfg) -> list[tuple[str, str | None]]:
