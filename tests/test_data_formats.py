@@ -252,7 +252,7 @@ def test_forced_layout_missing_column_and_unknown_paths(tmp_path):
 def test_hub_name_offline_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DpokitError, match=r"data no-such-org/no-such-set is not a local file and could not be "
-                                          r"loaded from the hub \(split test\)") as info:
+    with pytest.raises(DpokitError, match=r"data no-such-org/no-such-set:test: no such file or folder; as a hub "
+                                          r"id: offline \(HF_HUB_OFFLINE=1\) and not cached") as info:
         _read("no-such-org/no-such-set:test")
     assert "\n" not in str(info.value)

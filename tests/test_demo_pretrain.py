@@ -60,7 +60,9 @@ def test_same_seed_same_model_and_a_full_folder_is_refused(tmp_path, capsys):
     assert run_main("--output", first, "--steps", 2, "--samples", 0, *TINY) == 2
     err = capsys.readouterr().err
     assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    (first / "stale.bin").write_text("from an earlier model")
     assert run_main("--output", first, "--steps", 2, "--samples", 0, "--overwrite", *TINY[:-1], 6) == 0
+    assert not (first / "stale.bin").exists()  # --overwrite leaves nothing of the old model
     assert json.loads((first / "MANIFEST.json").read_text())["corpus"]["seed"] == 6
     verify_base_model(first)
 

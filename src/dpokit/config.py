@@ -254,13 +254,13 @@ def coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
             if text in ("0", "false", "no", "off"):
                 return False
             raise ValueError
+        if kind in ("int", "float") and isinstance(value, bool):
+            raise ValueError  # YAML's true/false are ints to Python, never a count or a rate
         if kind == "int":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value) if not isinstance(value, str) else int(float(value)) if "e" in value.lower() else int(value)
         if kind == "float":
-            if isinstance(value, bool):
-                raise ValueError
             return float(value)
         return str(value)
     except (TypeError, ValueError):
@@ -270,10 +270,12 @@ def coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a YAML config; sections as in RunConfig, or flat option names at the top level."""
     path = Path(path)
+    if path.is_dir():
+        raise DpokitError(f"config file {path} is a folder; give --config a YAML file")
     if not path.is_file():
         raise DpokitError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_strict_loader(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -289,13 +291,61 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
             for sub, subvalue in value.items():
                 if sub not in names:
                     raise DpokitError(f"{path}: unknown option '{key}.{sub}'")
-                values.setdefault(key, {})[sub] = coerce(subvalue, names[sub], f"{path}: {key}.{sub}")
+                _set_once(values, key, sub, coerce(subvalue, names[sub], f"{_at(path, sub)}: {key}.{sub}"),
+                          f"{_at(path, sub)}: {key}.{sub}")
         elif key.replace("-", "_") in by_name:
             section, f = by_name[key.replace("-", "_")]
-            values.setdefault(section, {})[f.name] = coerce(value, f, f"{path}: {key}")
+            _set_once(values, section, f.name, coerce(value, f, f"{_at(path, key)}: {key}"), f"{_at(path, key)}: {key}")
         else:
             raise DpokitError(f"{path}: unknown option '{key}'")
     return values
+
+
+def _set_once(values: dict[str, dict[str, Any]], section: str, name: str, value: Any, where: str) -> None:
+    """A flat key and its section form (`beta:` and `loss: {beta:}`) name one option: one value."""
+    if name in values.get(section, {}):
+        raise DpokitError(f"{where}: {section}.{name} is already set in this file; keep one")
+    values.setdefault(section, {})[name] = value
+
+
+class _Key(str):
+    """A YAML mapping key that remembers its line, for messages."""
+
+    line: int = 0
+
+
+def _at(path: Path, key: Any) -> str:
+    return f"{path} line {key.line}" if getattr(key, "line", 0) else str(path)
+
+
+def _strict_loader(path: Path) -> type:
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently) and records each key's line."""
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str) and key in seen:
+                    raise DpokitError(f"{path} line {line}: '{key}' is given twice (first on line {seen[key]}); "
+                                      "keep one")
+                if isinstance(key, str):
+                    seen[key] = line
+            mapping = super().construct_mapping(node, deep=deep)
+            lines = {key: seen[key] for key in mapping if isinstance(key, str)}
+            return {_with_line(key, lines.get(key)): value for key, value in mapping.items()}
+
+    return StrictLoader
+
+
+def _with_line(key: Any, line: int | None) -> Any:
+    if not isinstance(key, str) or line is None:
+        return key
+    tagged = _Key(key)
+    tagged.line = line
+    return tagged
 
 
 def build_config(*layers: dict[str, dict[str, Any]]) -> RunConfig:

@@ -28,6 +28,7 @@ from dpokit.judges import Judge, score_responses
 from dpokit.logprobs import sequence_logps
 from dpokit.models import autocast_context
 from dpokit.sampling import Completion, Prompt, generate_completions, prompt_text
+from dpokit.settings_checks import context_limit, fit_max_length
 
 Log = Callable[[str], None]
 EXAMPLES_KEPT = 3
@@ -288,6 +289,8 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
 
     if not data and not prompts:
         raise DpokitError("nothing to evaluate: give --data (preference pairs) and/or --prompts (with --judge)")
+    if judge and not prompts:
+        raise DpokitError(f"--judge {judge} scores samples drawn for --prompts; give --prompts too, or drop --judge")
     if reference is None:
         saved = (run_config_of(model) or {}).get("model") or {}
         reference = saved.get("reference_model") or saved.get("model")  # online rounds name their reference
@@ -303,6 +306,7 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
     reference_model = load_policy(reference, torch_device, trust_remote_code).eval()
     result: dict = {"policy": str(model), "reference": str(reference)}
     if data:
+        max_length = fit_max_length(max_length, max_prompt_length, context_limit(policy.config, tok), log)
         result["preferences"] = preference_metrics(
             policy, reference_model, tok, data, loss=loss_config_for(model, loss_overrides), max_length=max_length,
             max_prompt_length=max_prompt_length, batch_size=batch_size, device=torch_device, dtype=dtype, log=log)

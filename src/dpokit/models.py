@@ -7,10 +7,18 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
 from dpokit.logprobs import model_body
+from dpokit.paths import (
+    check_creatable,
+    check_outputs_apart,
+    clear_for_overwrite,
+    hub_unreachable,
+    in_hub_cache,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +48,9 @@ def check_model_source(name: str, what: str = "model") -> None:
             raise DpokitError(f"{what} path {name} is not a Hugging Face model folder (no config.json)")
     elif _looks_like_path(name):
         raise DpokitError(f"{what} path {name} does not exist")
+    elif not in_hub_cache(name, "config.json" if what != "tokenizer" else "tokenizer_config.json") and (
+            reason := hub_unreachable()):
+        raise DpokitError(f"{what} {name}: no such folder; as a hub id: {reason}")
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False):
@@ -72,8 +83,16 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
         )
     except (OSError, ValueError) as exc:
         raise DpokitError(f"could not load model '{name}': {_first_line(exc)}") from None
+    except SafetensorError as exc:  # a truncated download or copy, or not a weights file at all
+        raise DpokitError(f"model {name}: {_weights_file(name)} is damaged ({_first_line(exc)}); "
+                          "copy or download it again") from None
     disable_dropout(model)
     return model if load_in_4bit else model.to(device)  # 4-bit weights are placed by device_map
+
+
+def _weights_file(name: str) -> str:
+    folder = Path(name).expanduser()
+    return str(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "a weights file"
 
 
 def _four_bit_options(device: torch.device) -> dict:
@@ -215,6 +234,8 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     run, output = Path(run), Path(output)
     if not run.is_dir():
         raise DpokitError(f"export: {run} is not a folder")
+    check_outputs_apart([("--output", output)], [("RUN", run), ("--base", base)])
+    check_creatable(output, "export: --output")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise DpokitError(f"export: --output {output} is not empty; pass --overwrite or choose a new folder")
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
@@ -229,6 +250,8 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     else:
         model = load_policy(str(run), torch.device("cpu"))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base or str(run))
+    if overwrite:
+        clear_for_overwrite(output, "export: --output")  # no file of an earlier export may survive
     atomic_save_pretrained(output, model.to(torch_dtype), tokenizer)
     return output
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, OnlineConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_write_text
+from dpokit.paths import check_run_paths
 
 Log = Callable[[str], None]
 
@@ -116,6 +117,8 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
         raise DpokitError(f"--rounds must be at least {first_round} and --samples-per-prompt at least 2 "
                           f"(got {online.rounds} and {online.samples_per_prompt})")
     validate_sampling(sampling)
+    check_run_paths(base, [("--prompts", judging.prompts), ("--eval-prompts", online.eval_prompts),
+                           ("--judge", judging.judge)])
     root = prepare_root(base)
     device = resolve_device(base.model.device)
     judge = judge or load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size)

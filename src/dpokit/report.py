@@ -209,10 +209,10 @@ def sample_before_after(run_dir: str | Path, prompts_path: str, sampling, *, max
     from dpokit.sampling import prompt_text, read_prompts
 
     run_dir = Path(run_dir)
+    prompts = read_prompts(prompts_path, max_prompts)
     base = ((run_config_of(run_dir) or {}).get("model") or {}).get("model")
     if base is None:
         raise DpokitError(f"{run_dir}: no dpokit_config.yaml naming the base model, so no 'before' samples")
-    prompts = read_prompts(prompts_path, max_prompts)
     torch_device = resolve_device(device)
     tokenizer = load_tokenizer(str(run_dir))
     texts = {}

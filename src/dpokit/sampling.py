@@ -10,7 +10,6 @@ is sampled in the context it was trained on.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 import torch
 
-from dpokit.data.formats import RowSkip
+from dpokit.data.formats import CHAT_ROLES, RowSkip
+from dpokit.data.sources import parse_json
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
 
@@ -47,6 +47,9 @@ def check_prompt(prompt: Any, where: str) -> Prompt:
             if not (isinstance(message, dict) and isinstance(message.get("role"), str)
                     and isinstance(message.get("content"), str)):
                 raise DpokitError(f"{where}: message {i + 1} must be an object with string 'role' and 'content'")
+            if message["role"] not in CHAT_ROLES:
+                raise DpokitError(f"{where}: message {i + 1} has role '{message['role']}', not one a chat template "
+                                  f"knows ({', '.join(CHAT_ROLES)})")
         return prompt
     raise DpokitError(f"{where}: field 'prompt' must be a string or a non-empty list of messages, "
                       f"got {type(prompt).__name__}")
@@ -55,18 +58,17 @@ def check_prompt(prompt: Any, where: str) -> Prompt:
 def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
     """Read the `prompt` field of each JSON Lines row (prompt files and preference files alike)."""
     path = Path(path)
+    if limit is not None and limit < 1:  # 0 would otherwise read one prompt
+        raise DpokitError(f"--max-prompts must be at least 1 (or left out for all); got {limit}")
     if not path.is_file():
         raise DpokitError(f"prompts file {path} does not exist" if not path.exists() else f"{path} is not a file")
     prompts: list[Prompt] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # a UTF-8 BOM (Windows editors) is not part of the text
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             where = f"{path}, line {line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DpokitError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            row = parse_json(line, where)
             if not isinstance(row, dict) or "prompt" not in row:
                 raise DpokitError(f"{where}: missing field 'prompt'")
             prompts.append(check_prompt(row["prompt"], where))

@@ -19,6 +19,7 @@ from typing import Any
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_write_text
+from dpokit.paths import check_run_paths, clear_for_overwrite
 
 Log = Callable[[str], None]
 
@@ -36,6 +37,8 @@ def prepare_root(cfg: RunConfig) -> Path:
         raise DpokitError(f"--output {root} is a file, not a folder")
     if root.is_dir() and any(root.iterdir()) and not cfg.train.overwrite:
         raise DpokitError(f"--output {root} is not empty; choose a new folder or pass --overwrite")
+    if cfg.train.overwrite:
+        clear_for_overwrite(root)  # nothing of the previous sweep may survive beside the new one
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -64,8 +67,13 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
 
     if not judging.prompts or not judging.judge:
         raise DpokitError("dpokit sweep needs --prompts and --judge to place each run on the frontier")
+    check_run_paths(base, [("--prompts", judging.prompts), ("--judge", judging.judge)])
     if not betas or any(not b > 0 for b in betas):
         raise DpokitError(f"--beta: every β must be positive; got {list(betas)}")
+    for flag, values in (("--beta", [f"{b:g}" for b in betas]), ("--loss", list(losses))):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:  # two runs into one folder: the second would be refused after the first trained
+            raise DpokitError(f"{flag}: {', '.join(twice)} given twice; list each value once")
     validate_sampling(sampling)
     configs = []
     for loss in losses:

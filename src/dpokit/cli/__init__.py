@@ -13,7 +13,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from dpokit.cli.common import Parser, add_train_options, config_from_args
+from dpokit.cli.common import Parser, add_train_options, check_config_apart, config_from_args
 from dpokit.cli.data import add_data_command
 from dpokit.cli.demo import add_demo_command, add_online_command
 from dpokit.cli.evaluation import (
@@ -30,7 +30,9 @@ __all__ = ["build_parser", "config_from_args", "main"]
 def _cmd_train(args: argparse.Namespace) -> int:
     from dpokit.train.loop import train
 
-    train(config_from_args(args))
+    cfg = config_from_args(args)
+    check_config_apart(args, cfg.train.output)
+    train(cfg)
     return 0
 
 

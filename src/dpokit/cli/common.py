@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from dpokit.config import build_config, coerce, iter_options, load_yaml
+from dpokit.paths import check_outputs_apart
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,3 +74,8 @@ def config_from_args(args: argparse.Namespace, *fixed_layers: dict):
             flags.setdefault(section, {})[f.name] = coerce(getattr(args, f.name), f, flag)
     layers.append(flags)
     return build_config(*layers)
+
+
+def check_config_apart(args: argparse.Namespace, output: str | None) -> None:
+    """--config is an input like any other: the command's --output must not be, hold or lie in it."""
+    check_outputs_apart([("--output", output)], [("--config", getattr(args, "config", None))])

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dpokit.cli.common import Parser, add_field
 from dpokit.config import coerce, iter_options
+from dpokit.paths import check_creatable, check_outputs_apart
+from dpokit.settings_checks import context_limit, fit_max_length, model_config
 
 _INSPECT_SKIPS = ("data", "eval_data")
 
@@ -41,11 +44,19 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         if section == "data" and hasattr(args, f.name) and f.name not in _INSPECT_SKIPS:
             setattr(data, f.name, coerce(getattr(args, f.name), f, "--" + f.name.replace("_", "-")))
     validate_data(data)
+    if args.plot:
+        check_outputs_apart([("--plot", args.plot)], [("PATH", args.path), ("--model", args.model),
+                                                     ("--chat-template", data.chat_template)])
+        check_creatable(args.plot, "--plot", folder=False)
     tokenizer = None
     if args.model:
         from dpokit.models import load_tokenizer
 
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
+        # As train does: a --max-length past the model's positions is capped (the line goes to stderr).
+        limit = context_limit(model_config(args.model, args.trust_remote_code), tokenizer)
+        data.max_length = fit_max_length(data.max_length, data.max_prompt_length, limit,
+                                         lambda line: print(line, file=sys.stderr))
     report = inspect_data(args.path, data, tokenizer, plot=args.plot)
     print(report_json(report) if args.json else format_report(report))
     return 0 if report["rows_kept"] else 1

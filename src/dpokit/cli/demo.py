@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpokit.cli.common import add_section, add_train_options, config_from_args, section_from_args
+from dpokit.cli.common import (
+    add_section,
+    add_train_options,
+    check_config_apart,
+    config_from_args,
+    section_from_args,
+)
 from dpokit.config import (
     DemoConfig,
     JudgeConfig,
@@ -68,6 +74,7 @@ def _cmd_online(args: argparse.Namespace) -> int:
         raise DpokitError("dpokit online needs --prompts (to sample from) and --judge (to score the samples)")
     # Each round writes its own pairs file; the placeholder satisfies the config's check until then.
     base = config_from_args(args, {"data": {"data": "(sampled each round)"}})
+    check_config_apart(args, base.train.output)
     prompts = read_prompts(judging.prompts, judging.max_prompts)
     eval_prompts = read_prompts(online.eval_prompts) if online.eval_prompts else None
     summary, _ = run_online(base, prompts, online, judging, sampling, eval_prompts=eval_prompts,

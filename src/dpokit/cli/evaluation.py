@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from dpokit.cli.common import add_section as _add_section
 from dpokit.cli.common import add_train_options as _add_train_options
-from dpokit.cli.common import config_from_args
+from dpokit.cli.common import check_config_apart, config_from_args
 from dpokit.cli.common import section_from_args as _section_from_args
 from dpokit.config import (
     DataConfig,
@@ -24,6 +25,7 @@ from dpokit.config import (
     validate_sampling,
 )
 from dpokit.errors import DpokitError
+from dpokit.paths import check_creatable, check_outputs_apart
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -59,6 +61,11 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
     if bool(command.prompt) == bool(judging.prompts):
         raise DpokitError("give exactly one of --prompt TEXT and --prompts FILE.jsonl")
+    if command.samples_output:
+        partial = command.samples_output + ".partial"  # rows stream here first
+        check_outputs_apart([("--output", command.samples_output), ("--output", partial)],
+                            [("--model", model.model), ("--tokenizer", model.tokenizer), ("--prompts", judging.prompts)])
+        check_creatable(command.samples_output, "--output", folder=False)
     prompts = [check_prompt(command.prompt, "--prompt")] if command.prompt else read_prompts(
         judging.prompts, judging.max_prompts)
     run_sample(model.model, prompts, sampling, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
@@ -88,6 +95,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data = DataConfig(**_section_from_args(args, DataConfig, only=("data", "max_length", "max_prompt_length")))
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig))
     batch = _section_from_args(args, TrainConfig, only=("batch_size",)).get("batch_size", 8)
+    if command.evaluation_output:
+        check_outputs_apart([("--output", command.evaluation_output)], [
+            ("--model", model.model), ("--reference", command.reference), ("--tokenizer", model.tokenizer),
+            ("--data", data.data), ("--prompts", judging.prompts), ("--judge", judging.judge)])
+        check_creatable(command.evaluation_output, "--output", folder=False)
     # --json keeps stdout for the JSON object alone; progress lines go to stderr.
     log = (lambda line: print(line, file=sys.stderr)) if command.json_output else print
     result = evaluate_models(
@@ -125,6 +137,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     betas = parse_number_list(sweep.betas, "--beta")
     losses = [name.strip() for name in sweep.losses.split(",") if name.strip()]
     base = config_from_args(args)
+    check_config_apart(args, base.train.output)
     run_sweep(base, betas, losses, JudgeConfig(**_section_from_args(args, JudgeConfig)), _sampling_options(args))
     return 0
 
@@ -142,13 +155,16 @@ def add_sweep_command(sub) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dpokit.report import sample_before_after, write_report
+    from dpokit.report import CURVES_FILE, REPORT_FILE, SAMPLES_FILE, sample_before_after, write_report
 
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
+    written = [("RUN_DIR's", Path(args.run_dir) / name) for name in (REPORT_FILE, CURVES_FILE, SAMPLES_FILE)]
+    check_outputs_apart(written, [("--prompts", judging.prompts)])
     if judging.prompts:
         model = ModelConfig(**_section_from_args(args, ModelConfig, only=("device", "dtype")))
+        max_prompts = 4 if judging.max_prompts is None else judging.max_prompts  # 0 is refused, not 4
         sample_before_after(args.run_dir, judging.prompts, _sampling_options(args),
-                            max_prompts=judging.max_prompts or 4, device=model.device, dtype=model.dtype)
+                            max_prompts=max_prompts, device=model.device, dtype=model.dtype)
     write_report(args.run_dir, log=print)
     return 0
 

@@ -21,7 +21,7 @@ reaches into a nested field (`score_chosen=metadata.score`). Scores come from `s
 numbers. Every other column is kept on the pair as `extra`.
 
 Rows skipped (each counted with its row number; `--strict` turns all but `tied_scores` into
-errors): `non_string` (a field that should be text is not), `malformed_messages`,
+errors): `non_string` (a field that should be text is not), `malformed_messages`, `unknown_role`,
 `no_assistant_turn`, `prompt_mismatch`, `no_prompt`, `empty_response`, `identical` (chosen == rejected),
 `tied_scores` (only with `--drop-tied-scores`). A row that is not an object or lacks a column
 its layout needs is a broken file, not a bad row: that is always an error.
@@ -42,6 +42,8 @@ HH_ASSISTANT = "\n\nAssistant:"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool"}
+# Roles chat templates render; any other (a typo such as `usr`) would be rendered as if valid, or dropped.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
 
 Message = dict[str, str]
@@ -159,7 +161,7 @@ class PairReader:
     def _mapped(self, raw: Row, number: int) -> Row:
         if not self.columns:
             return raw
-        row = dict(raw)
+        row, renamed = dict(raw), {}
         for target, source in self.columns.items():
             value, found = _lookup(raw, source)
             if not found:
@@ -168,7 +170,8 @@ class PairReader:
                 )
             if "." not in source:
                 row.pop(source, None)
-            row[target] = value
+            renamed[target] = value
+        row.update(renamed)  # after every pop, so a swap (chosen=rejected,rejected=chosen) keeps both
         return row
 
     def _detect(self, rows: Iterator[tuple[int, Row]]) -> tuple[str, list[tuple[int, Row]]]:
@@ -312,6 +315,9 @@ def _messages(row: Row, name: str) -> list[Message]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
             raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
+        if message["role"] not in CHAT_ROLES:
+            raise RowSkip("unknown_role", f"field '{name}', message {i}: role '{message['role']}' is not one a chat "
+                                          f"template knows ({', '.join(CHAT_ROLES)})")
         out.append({"role": message["role"], "content": message["content"]})
     return out
 

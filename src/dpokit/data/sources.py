@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dpokit.errors import DpokitError
+from dpokit.paths import hub_offline_by_setting, hub_unreachable
 
 Row = dict[str, Any]
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
@@ -60,7 +61,7 @@ def open_source(spec: str | Path) -> RowSource:
         return _saved_dataset(Path(folder).expanduser(), split, spec)
     if _HUB_ID.match(spec) and not spec.lower().endswith(FILE_SUFFIXES) and not path.parent.is_dir():
         name, _, split = spec.partition(":")
-        return _hub_dataset(name, split or "train")
+        return _hub_dataset(name, split or "train", spec)
     raise DpokitError(f"data file {spec} does not exist")
 
 
@@ -78,8 +79,8 @@ def _local_file(path: Path, name: str) -> RowSource:
 
 
 def _open_text(path: Path, name: str):
-    try:
-        return path.open(encoding="utf-8", newline="")
+    try:  # utf-8-sig: a byte-order mark (Excel, Notepad) is dropped, not read as part of the first field
+        return path.open(encoding="utf-8-sig", newline="")
     except OSError as exc:
         raise DpokitError(f"cannot read data file {name}: {exc.strerror}") from None
 
@@ -105,12 +106,7 @@ def _jsonl_rows(handle, name: str) -> Iterator[tuple[int, Row]]:
             for line_no, line in enumerate(handle, start=1):  # noqa: B007 - used after a decode error
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DpokitError(
-                        f"{name}, line {line_no}: not valid JSON ({exc.msg} at column {exc.colno})"
-                    ) from None
+                row = parse_json(line, f"{name}, line {line_no}")
                 yield line_no, _object(row, f"{name}, line {line_no}")
         except UnicodeDecodeError:
             raise DpokitError(f"{name}: not UTF-8 text (line {line_no + 1})") from None
@@ -119,15 +115,45 @@ def _jsonl_rows(handle, name: str) -> Iterator[tuple[int, Row]]:
 def _json_array_rows(handle, name: str) -> Iterator[tuple[int, Row]]:
     with handle:
         try:
-            rows = json.load(handle)
-        except json.JSONDecodeError as exc:
-            raise DpokitError(
-                f"{name}, line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
-            ) from None
+            text = handle.read()
         except UnicodeDecodeError:
             raise DpokitError(f"{name}: not UTF-8 text") from None
+    rows = parse_json(text, name, whole_file=True)
+    check_each = _SURROGATE_ESCAPE.search(text) is not None
     for number, row in enumerate(rows, start=1):
+        if check_each:
+            _refuse_lone_surrogates(row, f"{name}, row {number}")
         yield number, _object(row, f"{name}, row {number}")
+
+
+# A \uD800-\uDFFF escape: half of a UTF-16 pair, which json decodes to a lone surrogate when unpaired.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def parse_json(text: str, where: str, whole_file: bool = False) -> Any:
+    """json.loads with one-line errors naming `where` ("FILE, line N"; a `whole_file` adds the
+    line): invalid JSON, nesting past the parser's depth, and a lone UTF-16 surrogate escape,
+    which is no character and cannot be encoded for the tokenizer (a whole file's rows are
+    checked by the caller, which can name the row)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        line = f", line {exc.lineno}" if whole_file else ""
+        raise DpokitError(f"{where}{line}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise DpokitError(f"{where}: JSON nested deeper than the parser can read") from None
+    if not whole_file and _SURROGATE_ESCAPE.search(text):
+        _refuse_lone_surrogates(value, where)
+    return value
+
+
+def _refuse_lone_surrogates(value: Any, where: str) -> None:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        escape = f"\\u{ord(exc.object[exc.start]):04x}"
+        raise DpokitError(f"{where}: a lone UTF-16 surrogate escape ({escape}) is not a character; "
+                          "fix or drop the row") from None
 
 
 def _object(row: Any, where: str) -> Row:
@@ -197,7 +223,10 @@ def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
     return RowSource(name, "saved dataset", "row", _dataset_rows(_pick_split(loaded, split, name), name))
 
 
-def _hub_dataset(name: str, split: str) -> RowSource:
+def _hub_dataset(name: str, split: str, spec: str) -> RowSource:
+    reason = hub_unreachable()
+    if reason and not hub_offline_by_setting():  # no connection: fail now, not after a minute of retries
+        raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason}")
     try:
         import datasets
     except ImportError:
@@ -205,6 +234,8 @@ def _hub_dataset(name: str, split: str) -> RowSource:
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated, bad split: all one line
+        if reason:  # HF_HUB_OFFLINE: datasets looked in its cache only
+            raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason} and not cached") from None
         raise DpokitError(
             f"data {name} is not a local file and could not be loaded from the hub "
             f"(split {split}): {_first_line(exc)}"

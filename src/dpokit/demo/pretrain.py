@@ -26,6 +26,7 @@ from dpokit.demo.bundled import BASE_MODEL_DIR, MANIFEST, file_sha256
 from dpokit.demo.corpus import generate_corpus, review_openings
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_save_pretrained, atomic_write_text
+from dpokit.paths import check_creatable, clear_for_overwrite
 from dpokit.sampling import encode_prompt
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out reviews come from a different stream of the grammar
@@ -132,10 +133,11 @@ def sample_reviews(model, tokenizer, prompts: list[str], seed: int, max_new_toke
 
 
 def _check_output(folder: Path, overwrite: bool) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise DpokitError(f"--output {folder} is a file, not a folder")
+    check_creatable(folder, "--output")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise DpokitError(f"--output {folder} is not empty; pass --overwrite to replace the model there")
+    if overwrite:
+        clear_for_overwrite(folder)  # no file of the previous model may survive beside the new one
 
 
 def pretrain(s: PretrainSettings) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_write_text
+from dpokit.paths import check_creatable, check_outputs_apart
 
 Log = Callable[[str], None]
 
@@ -99,7 +100,7 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
     """Run the whole experiment into `output`; print the table; return the summary (summary.json)."""
     import torch
 
-    from dpokit.demo.bundled import base_model_dir
+    from dpokit.demo.bundled import BASE_MODEL_DIR, base_model_dir
     from dpokit.demo.corpus import review_openings
     from dpokit.judges import load_judge
     from dpokit.models import load_policy, load_tokenizer
@@ -111,8 +112,8 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
     started = time.perf_counter()
     torch.set_num_threads(s.threads)
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise DpokitError(f"--output {out} is a file, not a folder")
+    check_outputs_apart([("--output", out)], [("the bundled base model", BASE_MODEL_DIR)])
+    check_creatable(out, "--output")
     out.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
     bar_setting = "on" if show else "off"

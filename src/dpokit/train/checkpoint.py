@@ -170,9 +170,10 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed |
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise DpokitError(f"--resume {path}: not a complete dpokit checkpoint (no {STATE_FILE})")
+    weights = _read_file(path, "model.safetensors", lambda f: load_file(str(f)))
+    extra = _read_file(path, "training_state.pt", lambda f: torch.load(f, weights_only=True))
     try:
-        load_trainable_state(policy, load_file(str(path / "model.safetensors")), ctx)
-        extra = torch.load(path / "training_state.pt", weights_only=True)
+        load_trainable_state(policy, weights, ctx)
         state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise DpokitError(f"--resume {path}: checkpoint is damaged or from another model ({exc})") from None
@@ -183,6 +184,19 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed |
     rng = extra["rng"]
     _set_rng_state(rng[ctx.rank] if len(rng) == ctx.world_size else rng[0])
     return state
+
+
+def _read_file(checkpoint: Path, name: str, read):
+    """Read one file of a checkpoint; a truncated or garbled one is named, with the checkpoint to
+    fall back to (the newest complete one before it)."""
+    try:
+        return read(checkpoint / name)
+    except Exception as exc:  # noqa: BLE001 - safetensors, zip, pickle and OS errors all mean "damaged"
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        older = [c for c in list_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
+        fallback = (f"; the last good checkpoint before it is {older[-1]} (pass --resume {older[-1]})" if older
+                    else "; no earlier checkpoint exists, so start over with --overwrite")
+        raise DpokitError(f"--resume: {checkpoint / name} is damaged ({reason}){fallback}") from None
 
 
 def saved_config(path: Path) -> dict[str, dict[str, Any]]:

@@ -31,11 +31,20 @@ from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
 from dpokit.losses import needs_reference
-from dpokit.models import build_reference, frozen_reference, load_policy, load_tokenizer, prepare_policy
+from dpokit.models import (
+    build_reference,
+    check_model_source,
+    frozen_reference,
+    load_policy,
+    load_tokenizer,
+    prepare_policy,
+)
+from dpokit.paths import check_run_paths, clear_for_overwrite
 from dpokit.reference import data_fingerprint
+from dpokit.settings_checks import context_limit, fit_max_length, model_config, warn_idle_options, warn_warmup
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
-from dpokit.train.optim import build_optimizer, build_scheduler
+from dpokit.train.optim import build_optimizer, build_scheduler, warmup_steps
 from dpokit.train.parallel import (
     Distributed,
     clip_grad_norm,
@@ -72,8 +81,6 @@ def seed_everything(seed: int) -> None:
 def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
     """Refuse to mix a new run into a folder that holds something else."""
     output = Path(cfg.train.output)
-    if output.exists() and not output.is_dir():
-        raise DpokitError(f"--output {output} is a file, not a folder")
     if not resuming and output.is_dir() and any(output.iterdir()) and not cfg.train.overwrite:
         if cfg.train.resume == "auto":
             raise DpokitError(f"--resume auto: {output} holds no complete checkpoint to resume from; "
@@ -83,6 +90,8 @@ def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
             f"--output {output} {what}; pass --resume auto to continue it, --overwrite to write over it, "
             "or choose a new folder"
         )
+    if not resuming and cfg.train.overwrite:
+        clear_for_overwrite(output)  # nothing of the previous run may survive beside the new one
     output.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_staging(output)
     return output
@@ -113,6 +122,14 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
     t = cfg.train
+    check_run_paths(cfg)  # before anything else: an output never lands on an input
+    for name in (cfg.model.model, cfg.model.reference_model):  # local paths first; offline fails at once
+        if name:
+            check_model_source(name)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model, cfg.model.trust_remote_code)
+    limit = context_limit(model_config(cfg.model.model, cfg.model.trust_remote_code), tokenizer)
+    cfg.data.max_length = fit_max_length(cfg.data.max_length, cfg.data.max_prompt_length, limit, log)
+    warn_idle_options(cfg, log)
     resume_from = ckpt.resolve_resume(cfg)
     if resume_from is not None:
         ckpt.check_resumable(ckpt.saved_config(resume_from), cfg, resume_from)
@@ -123,7 +140,6 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     seed_everything(t.seed)  # the same on every rank: identical initialisation (LoRA adapters too)
 
     # --- data, models, optimizer ---------------------------------------------------------
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.model, cfg.model.trust_remote_code)
     pair_tokenizer = PairTokenizer.from_config(tokenizer, cfg.data)
     train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log, cfg.data)
     eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log, cfg.data) if cfg.data.eval_data else []
@@ -142,6 +158,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     global_batch = cfg.global_batch_size * ctx.world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    warn_warmup(warmup_steps(t, total_steps), total_steps, t.learning_rate, log)
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = grad_scaler(device, cfg.model.dtype, ctx)

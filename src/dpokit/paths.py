@@ -1,0 +1,170 @@
+"""Where a command writes, checked against what it reads, before any work.
+
+One rule for every command: an output never is, contains or lies inside one of the command's
+own inputs (model, tokenizer, reference model, data, prompts, config, chat template, ...),
+whatever `--overwrite` says; paths are compared after resolving symlinks and `..`. Also here:
+the check that an output can be created at all, and `--overwrite`'s clearing of the old run.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+
+from dpokit.errors import DpokitError
+
+Named = Iterable[tuple[str, "str | Path | None"]]
+
+
+def resolved(path: str | Path) -> Path:
+    """The absolute path with `~`, symlinks and `..` resolved (missing tails are kept as given)."""
+    return Path(os.path.abspath(Path(path).expanduser())).resolve()
+
+
+def local_path(spec: str | Path | None) -> Path | None:
+    """The existing local file or folder an input option names, or None (a hub id, a judge name,
+    a path that does not exist). `FOLDER:SPLIT` data specs name FOLDER."""
+    if spec is None or str(spec) == "":
+        return None
+    path = Path(str(spec)).expanduser()
+    if path.exists():
+        return resolved(path)
+    folder, sep, _ = str(spec).rpartition(":")
+    if sep and folder and Path(folder).expanduser().exists():
+        return resolved(folder)
+    return None
+
+
+def _relation(output: Path, source: Path) -> str | None:
+    if output == source:
+        return "is"
+    if output in source.parents:
+        return "contains"
+    if source in output.parents:
+        return "lies inside"
+    return None
+
+
+def check_outputs_apart(outputs: Named, inputs: Named) -> None:
+    """Refuse an output that is, contains or lies inside an existing input; outputs and inputs
+    are (option, path) pairs, None paths are skipped."""
+    sources = [(option, spec, local_path(spec)) for option, spec in inputs]
+    for out_option, out_spec in outputs:
+        if out_spec is None or str(out_spec) == "":
+            continue
+        output = resolved(out_spec)
+        for in_option, in_spec, source in sources:
+            relation = _relation(output, source) if source is not None else None
+            if relation:
+                raise DpokitError(
+                    f"{out_option} {out_spec} {relation} {in_option} {in_spec}: dpokit never writes over "
+                    f"its own inputs (not even with --overwrite); choose another {out_option}"
+                )
+
+
+def check_creatable(path: str | Path, option: str, folder: bool = True) -> None:
+    """Fail with one line naming `option` when `path` cannot be created: a file stands where a
+    folder is needed (at `path` itself for a folder output, or above it), or the nearest existing
+    folder above it is not writable."""
+    target = Path(path).expanduser()
+    if folder and target.is_file():
+        raise DpokitError(f"{option} {path} is a file, not a folder")
+    if not folder and target.is_dir():
+        raise DpokitError(f"{option} {path} is a folder, not a file")
+    above = target.parent
+    while not above.exists() and above != above.parent:
+        above = above.parent
+    if above.exists() and not above.is_dir():
+        raise DpokitError(f"{option} {path}: cannot be created, because {above} is a file, not a folder")
+    if not target.exists() and not os.access(above, os.W_OK | os.X_OK):
+        raise DpokitError(f"{option} {path}: cannot be created (no permission to write in {above})")
+
+
+def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
+    """`--overwrite`: remove everything in `folder`, so nothing of the previous run survives
+    beside the new one (a LoRA adapter beside a full model would load as that adapter)."""
+    folder_path = resolved(folder)
+    if not folder_path.is_dir() or not any(folder_path.iterdir()):
+        return
+    here = resolved(Path.cwd())
+    for guarded, what in ((here, "the current folder"), (resolved(Path.home()), "your home folder")):
+        if folder_path == guarded or folder_path in guarded.parents:
+            raise DpokitError(f"{option} {folder}: --overwrite would delete {what}; choose a folder of its own")
+    try:
+        for item in folder_path.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    except OSError as exc:
+        raise DpokitError(f"{option} {folder}: --overwrite could not empty it ({exc.strerror}: {exc.filename})") from None
+
+
+def run_inputs(cfg) -> list[tuple[str, str | None]]:
+    """The files and folders a training run (a `RunConfig`) reads, by option."""
+    return [("--model", cfg.model.model), ("--tokenizer", cfg.model.tokenizer),
+            ("--reference-model", cfg.model.reference_model), ("--data", cfg.data.data),
+            ("--eval-data", cfg.data.eval_data), ("--chat-template", cfg.data.chat_template)]
+
+
+def check_run_paths(cfg, extra_inputs: Named = ()) -> None:
+    """A run's --output and --reference-cache against its inputs (and the caller's `extra_inputs`,
+    e.g. --config, --prompts). The reference cache is an input too: the output may hold it (its
+    default place is OUTPUT/reference-cache), but may not be it or lie inside it."""
+    inputs = [*run_inputs(cfg), *extra_inputs]
+    output, cache = cfg.train.output, cfg.speed.reference_cache
+    check_outputs_apart([("--output", output), ("--reference-cache", cache)], inputs)
+    if output and cache and local_path(cache) is not None:
+        relation = _relation(resolved(output), resolved(cache))
+        if relation in ("is", "lies inside"):
+            raise DpokitError(f"--output {output} {relation} --reference-cache {cache}: dpokit never writes over "
+                              "its own inputs (not even with --overwrite); choose another --output")
+    check_creatable(output, "--output")
+    if cache:
+        check_creatable(cache, "--reference-cache")
+
+
+def hub_unreachable() -> str | None:
+    """Why a hub id cannot be fetched now ("offline (HF_HUB_OFFLINE=1)", "offline (no connection
+    ...)"), or None. Asked only for a name that is not a local path, so a mistyped path fails at
+    once instead of after a minute of network retries."""
+    if hub_offline_by_setting():
+        return "offline (HF_HUB_OFFLINE=1)"
+    host = _hub_host()
+    return None if _answers(host) else f"offline (no connection to {host})"
+
+
+def hub_offline_by_setting() -> bool:
+    """HF_HUB_OFFLINE is set: the libraries look in their caches only, and fail fast."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_host() -> str:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    return urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+
+
+@functools.lru_cache(maxsize=4)
+def _answers(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def in_hub_cache(repo_id: str, filename: str) -> bool:
+    """True when `filename` of hub model `repo_id` is in the local Hugging Face cache (usable offline)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError:  # not a valid repo id at all
+        return False

@@ -1,0 +1,79 @@
+"""Settings that would be taken silently: capped with one line, warned about with the numbers.
+
+Each check runs before any heavy work and says what it did; none changes a setting without a line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from dpokit.errors import DpokitError
+from dpokit.paths import local_path
+
+Log = Callable[[str], None]
+
+# Config attributes that hold a model's number of positions, in the order architectures use them.
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Tokenizers without a known limit report a huge sentinel (int(1e30)); anything this large means "none".
+_NO_LIMIT = 10**9
+
+
+def context_limit(model_config: Any, tokenizer: Any = None) -> tuple[int, str] | None:
+    """(positions, where that number comes from): the model's position count, or the tokenizer's
+    model_max_length when smaller; None when neither says."""
+    limits = []
+    for name in _POSITION_FIELDS:
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            limits.append((value, f"the model's {name}"))
+            break
+    value = getattr(tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < _NO_LIMIT:
+        limits.append((value, "the tokenizer's model_max_length"))
+    return min(limits) if limits else None
+
+
+def fit_max_length(max_length: int, max_prompt_length: int | None, limit: tuple[int, str] | None,
+                   log: Log) -> int:
+    """--max-length, capped (with one line) at the positions the model has: past them a model
+    trains on positions it never learned (or fails on an index)."""
+    if limit is None or max_length <= limit[0]:
+        return max_length
+    positions, source = limit
+    if max_prompt_length is not None and max_prompt_length >= positions:
+        raise DpokitError(f"--max-prompt-length ({max_prompt_length}) must be below the model's context "
+                          f"({positions} positions, {source})")
+    log(f"--max-length {max_length} is beyond the model's context ({positions} positions, {source}); "
+        f"using --max-length {positions}")
+    return positions
+
+
+def warn_idle_options(cfg, log: Log) -> None:
+    """Options that do nothing in this run, and held-out data that is the training data."""
+    t, d = cfg.train, cfg.data
+    if t.eval_every and not d.eval_data:
+        log(f"warning: --eval-every {t.eval_every} does nothing without --eval-data")
+    train_file, eval_file = local_path(d.data), local_path(d.eval_data)
+    if d.eval_data and (d.eval_data == d.data or (train_file is not None and train_file == eval_file)):
+        log(f"warning: --eval-data is the training data ({d.data}): its figures measure fit, not generalisation")
+
+
+def warn_warmup(warmup: int, total_steps: int, learning_rate: float, log: Log) -> None:
+    """A warm-up longer than the run never reaches the peak learning rate."""
+    if warmup > total_steps:
+        highest = learning_rate * total_steps / warmup
+        log(f"warning: a warm-up of {warmup} steps is longer than the whole run ({total_steps} step(s)): the "
+            f"learning rate never reaches --learning-rate {learning_rate:g} (highest {highest:.3g}, at step "
+            f"{total_steps})")
+
+
+def model_config(name: str, trust_remote_code: bool = False) -> Any:
+    """The model's config (config.json) without its weights; None when it cannot be read here
+    (loading the model itself then reports why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
