@@ -240,14 +240,18 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
                 bar.update(1)
                 # log, evaluate, checkpoint
                 last = state.step == total_steps
+                entry = {}
                 if state.step % t.log_every == 0 or last:
                     entry = window.flush(state.step, state.step / steps_per_epoch, ctx.sum)
                     if entry:
                         check_finite_record(entry, state.step)
-                        if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
-                            entry.update(scorer.evaluate(eval_pairs, t.batch_size))
-                        record(entry)
-                        _report(entry, bar, show_bar, log, total_steps)
+                # Evaluations keep their own cadence, whatever --log-every is (the last one comes below).
+                if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
+                    entry = entry or {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4)}
+                    entry.update(scorer.evaluate(eval_pairs, t.batch_size))
+                if entry:
+                    record(entry)
+                    _report(entry, bar, show_bar, log, total_steps)
                 if t.save_every and state.step % t.save_every == 0 and not last:
                     save()
                 if signal_seen and not last:
@@ -331,6 +335,9 @@ def _handle_nonfinite(skip: bool, step: int, loss: torch.Tensor, grad_norm: torc
 
 
 def _report(entry: dict, bar: tqdm, show_bar: bool, log: Log, total: int) -> None:
+    if "loss" not in entry:  # an evaluation between two log lines
+        log(f"step {entry['step']}/{total}: {describe(entry)}")
+        return
     if show_bar:
         bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracies']:.2f}")
     else:
