@@ -105,7 +105,9 @@ class LossConfig:
         choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     )
     alpha_divergence_coef: float = _opt(
-        0.5, "α of --f-divergence alpha_divergence (default 0.5; 1 is reverse KL); must be > 0"
+        0.5, "α of --f-divergence alpha_divergence (default 0.5; 1 is reverse KL, toward 0 forward KL); must be > 0. "
+        "TRL 1.16's parameterisation, f'(t) = (t^(α−1) − 1)/(α − 1); the f-DPO paper's (and older TRL's) "
+        "α is 1 − this α",
     )
     discopop_tau: float = _opt(0.05, "τ of discopop: temperature of its logistic/exponential mix (default 0.05, the paper's)")
     simpo_gamma: float = _opt(0.5, "γ of simpo: target reward margin subtracted inside the sigmoid (default 0.5)")

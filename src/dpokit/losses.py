@@ -77,20 +77,26 @@ def _score(logratios: Tensor, f_divergence: str, alpha_divergence_coef: float) -
     """f'(π/ref) of f-DPO (Wang et al. 2023, Table 1), written in log-ratios as TRL 1.16 does."""
     if f_divergence == "reverse_kl":  # f'(t) = log t + 1; the constant cancels in Δ
         return logratios
-    if f_divergence == "forward_kl":  # f'(t) = 1 − 1/t
-        return 1 - torch.exp(-logratios)
+    if f_divergence == "forward_kl":  # f'(t) = 1 − 1/t: the α-divergence's f' at α = 0
+        return _power_score(logratios, 0.0)
     if f_divergence == "js_divergence":  # f'(t) = log(2t / (1 + t))
         return math.log(2) + F.logsigmoid(logratios)
     if f_divergence == "alpha_divergence":  # f'(t) = (t^(α−1) − 1) / (α − 1); reverse KL at α = 1
         a = alpha_divergence_coef
         if abs(a - 1.0) < 1e-6:
             return logratios
-        # Clamp the exponent so exp() stays finite (fp16/bf16 computed in fp32, as TRL does).
-        work = logratios.float() if logratios.dtype in (torch.float16, torch.bfloat16) else logratios
-        clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0 if work.dtype == torch.float32 else 700.0
-        t = torch.clamp((a - 1.0) * work, max=clamp_max)
-        return (torch.expm1(t) / (a - 1.0)).to(logratios.dtype)
+        return _power_score(logratios, a)
     raise DpokitError(f"--f-divergence must be one of {', '.join(F_DIVERGENCES)}; got {f_divergence!r}")
+
+
+def _power_score(logratios: Tensor, a: float) -> Tensor:
+    """(t^(a−1) − 1) / (a − 1) with t = exp(logratio), a ≠ 1. The exponent is clamped so exp() stays
+    finite (fp16/bf16 computed in fp32, as TRL does): an extreme log-ratio (−106 nats under forward
+    KL) gives a huge finite score, never inf, so the losses built on it never meet inf − inf or 0·inf."""
+    work = logratios.float() if logratios.dtype in (torch.float16, torch.bfloat16) else logratios
+    clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0 if work.dtype == torch.float32 else 700.0
+    t = torch.clamp((a - 1.0) * work, max=clamp_max)
+    return (torch.expm1(t) / (a - 1.0)).to(logratios.dtype)
 
 
 def _logratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
@@ -108,6 +114,8 @@ def _avg(logps: Tensor, lengths: Tensor) -> Tensor:
 
 def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
     """−(1−ε) log σ(z) − ε log σ(−z): the logistic loss with ε of the labels flipped."""
+    if eps == 0:  # not 0 · log σ(−z), which is NaN where log σ(−z) is −inf
+        return F.softplus(-z)
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
