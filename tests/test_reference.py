@@ -73,8 +73,8 @@ def test_a_corrupt_or_mismatched_cache_is_recomputed_not_trusted(tmp_path):
     path = cache_path(tmp_path, fingerprint)
     assert load_cache(path, fingerprint, 2) == "no cache file yet"
     save_cache(path, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]), fingerprint)
-    chosen, rejected = load_cache(path, fingerprint, 2)
-    assert chosen.tolist() == [-1.0, -2.0] and rejected.tolist() == [-3.0, -4.0]
+    chosen, rejected, computed = load_cache(path, fingerprint, 2)
+    assert chosen.tolist() == [-1.0, -2.0] and rejected.tolist() == [-3.0, -4.0] and computed.all()
     assert load_cache(path, {**fingerprint, "dtype": "bf16"}, 2) == "its fingerprint does not match"
     assert load_cache(path, fingerprint, 3) == "its contents do not fit the data"
     path.write_bytes(path.read_bytes()[:20])
