@@ -16,8 +16,6 @@ from safetensors import safe_open
 from dpokit.config import build_config
 from dpokit.demo.toy import make_pairs, save_tiny_model, write_jsonl
 from dpokit.errors import DpokitError
-from dpokit.io import run_folder_lock
-from dpokit.reference import reference_fingerprint
 from dpokit.train import loop
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
@@ -96,6 +94,8 @@ def test_reference_pass_covers_only_the_pairs_the_run_uses(tiny_model_dir, tmp_p
 
 def test_cache_key_holds_4bit_loading_and_the_attention_implementation(tiny_model_dir, toy_data, tmp_path,
                                                                          monkeypatch):
+    from dpokit.reference import reference_fingerprint
+
     base = reference_fingerprint("w", "fp32", load_in_4bit=False, attention="sdpa")
     assert base != reference_fingerprint("w", "fp32", load_in_4bit=True, attention="sdpa")
     assert base != reference_fingerprint("w", "fp32", load_in_4bit=False, attention="eager")
@@ -118,14 +118,18 @@ def test_cache_key_holds_4bit_loading_and_the_attention_implementation(tiny_mode
 
 
 def test_a_second_writer_is_refused_naming_the_holder(tiny_model_dir, toy_data, tmp_path):
+    from dpokit.io import run_folder_lock
+
     out = tmp_path / "run"
-    with run_folder_lock(out):
-        with pytest.raises(DpokitError, match=rf"--output {out} is in use by another dpokit process \(pid {os.getpid()}\)"):
-            train(_config(tiny_model_dir, toy_data[0], out, max_steps=1, resume="auto"), log=lambda _: None)
+    holder = rf"--output {out} is in use by another dpokit process \(pid {os.getpid()}\)"
+    with run_folder_lock(out), pytest.raises(DpokitError, match=holder):
+        train(_config(tiny_model_dir, toy_data[0], out, max_steps=1, resume="auto"), log=lambda _: None)
     train(_config(tiny_model_dir, toy_data[0], out, max_steps=1), log=lambda _: None)  # free again: it runs
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
+    from dpokit.io import run_folder_lock
+
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom dpokit.io import run_folder_lock\n"
                                f"with run_folder_lock({str(tmp_path)!r}):\n    print('held', flush=True)\n"
                                "    time.sleep(120)"], stdout=subprocess.PIPE, text=True)
@@ -143,6 +147,7 @@ def test_the_lock_dies_with_its_process(tmp_path):
 def test_sweep_online_and_demo_lock_their_folder(tmp_path):
     from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig
     from dpokit.demo.sentiment import run_demo, settings_for
+    from dpokit.io import run_folder_lock
     from dpokit.online import run_online
     from dpokit.sweep import run_sweep
 
