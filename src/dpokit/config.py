@@ -69,7 +69,13 @@ class DataConfig:
     drop_tied_scores: bool = _opt(False, "skip pairs whose score_chosen equals score_rejected (when scores exist)")
     max_length: int = _opt(1024, "most tokens in prompt + response; longer pairs are truncated (see README)")
     max_prompt_length: int | None = _opt(
-        None, "when a pair is too long, first cut its prompt to this many tokens (default: no cut)"
+        None, "when a pair is too long, first cut its prompt to this many tokens (default: only as much as "
+        "--min-response-share needs)"
+    )
+    min_response_share: float = _opt(
+        0.25, "when a pair is too long and --max-prompt-length is not set, cut the prompt so the longer response "
+        "keeps this share of --max-length (all of it when shorter); 0: never cut prompts, drop a pair whose "
+        "prompt alone fills --max-length (default 0.25)"
     )
     truncation_mode: str = _opt(
         "keep_end", "how a prompt is cut: keep_end (drop its start, keep BOS) or keep_start (drop its end); "
@@ -390,6 +396,8 @@ def validate_data(d: DataConfig) -> None:
         raise DpokitError(
             f"--max-prompt-length ({d.max_prompt_length}) must be below --max-length ({d.max_length})"
         )
+    if not 0.0 <= d.min_response_share < 1.0:
+        raise DpokitError(f"--min-response-share must be in [0, 1); got {d.min_response_share}")
     parse_columns(d.columns)
 
 
