@@ -139,3 +139,11 @@ def test_rows_longer_than_limit_never_exceed_it(word_tok):
     [tp], _ = pt.tokenize([_pair(text, " " + text, " dull")])
     assert len(tp.prompt_ids) + len(tp.chosen_ids) <= 10
     assert len(tp.prompt_ids) + len(tp.rejected_ids) <= 10
+
+
+def test_min_response_share_is_checked():
+    from dpokit.config import DataConfig, validate_data
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(DpokitError, match=r"--min-response-share must be in \[0, 1\)"):
+            validate_data(DataConfig(data="d.jsonl", min_response_share=bad))
