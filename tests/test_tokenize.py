@@ -143,6 +143,7 @@ def test_rows_longer_than_limit_never_exceed_it(word_tok):
 
 def test_min_response_share_is_checked():
     from dpokit.config import DataConfig, validate_data
+    from dpokit.errors import DpokitError
 
     for bad in (-0.1, 1.0):
         with pytest.raises(DpokitError, match=r"--min-response-share must be in \[0, 1\)"):
