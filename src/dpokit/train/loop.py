@@ -156,8 +156,10 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code, cfg.lora.load_in_4bit)
     policy = prepare_policy(policy, cfg.lora, cfg.scale.gradient_checkpointing)
     policy.train()
+    # The reference's weights fingerprint (the cache key's, computed once): rank 0 alone checks a
+    # resume and writes checkpoints, so the other ranks skip hashing.
     reference_weights = (run_reference_weights(cfg.model.model, cfg.model.reference_model, policy)
-                         if needs_reference(cfg.loss) else None)
+                         if needs_reference(cfg.loss) and ctx.is_main else None)
     if resume_from is not None:
         ckpt.check_resume_reference(resume_from, reference_weights, cfg.model.reference_model or cfg.model.model)
     # Reference log-probs precomputed (and cached) now from the initial weights, for the pairs the
