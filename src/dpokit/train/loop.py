@@ -150,8 +150,9 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     global_batch = cfg.global_batch_size * ctx.world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    train_fingerprint = data_fingerprint(train_pairs)
     if resume_from is not None:  # before any heavy work: a refused resume costs seconds
-        ckpt.check_resume_data(resume_from, data_fingerprint(train_pairs), global_batch)
+        ckpt.check_resume_data(resume_from, train_fingerprint, global_batch)
 
     policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code, cfg.lora.load_in_4bit)
     policy = prepare_policy(policy, cfg.lora, cfg.scale.gradient_checkpointing)
@@ -178,7 +179,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     scaler = grad_scaler(device, cfg.model.dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
 
-    state = ckpt.TrainState(data_fingerprint=data_fingerprint(train_pairs), reference_fingerprint=reference_weights,
+    state = ckpt.TrainState(data_fingerprint=train_fingerprint, reference_fingerprint=reference_weights,
                             global_batch_size=global_batch)
     if resume_from is not None:
         state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler)
