@@ -107,6 +107,10 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     evaluation samples, for a caller that evaluates more runs against the same reference).
     The folder is locked for the command's life (one writer at a time).
     """
+    if online.rounds < first_round or online.samples_per_prompt < 2:
+        raise DpokitError(f"--rounds must be at least {first_round} and --samples-per-prompt at least 2 "
+                          f"(got {online.rounds} and {online.samples_per_prompt})")
+    validate_sampling(sampling)
     with run_folder_lock(base.train.output):
         return _run_rounds(base, prompts, online, judging, sampling, eval_prompts=eval_prompts, judge=judge,
                            start_policy=start_policy, first_round=first_round,
@@ -122,10 +126,6 @@ def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, judgin
     from dpokit.sweep import evaluate_run, prepare_root, write_frontier_csv
     from dpokit.train.loop import train
 
-    if online.rounds < first_round or online.samples_per_prompt < 2:
-        raise DpokitError(f"--rounds must be at least {first_round} and --samples-per-prompt at least 2 "
-                          f"(got {online.rounds} and {online.samples_per_prompt})")
-    validate_sampling(sampling)
     root = prepare_root(base)
     device = resolve_device(base.model.device)
     judge = judge or load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size)

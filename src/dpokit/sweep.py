@@ -58,18 +58,6 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     --reference-cache names one): the reference log-probs do not depend on β or the loss. The
     folder is locked for the sweep's life (one writer at a time).
     """
-    with run_folder_lock(base.train.output):
-        return _sweep(base, betas, losses, judging, sampling, log)
-
-
-def _sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], judging: JudgeConfig,
-           sampling: SamplingConfig, log: Log) -> dict:
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.report import plot_frontier
-    from dpokit.sampling import read_prompts
-    from dpokit.train.loop import train
-
     if not judging.prompts or not judging.judge:
         raise DpokitError("dpokit sweep needs --prompts and --judge to place each run on the frontier")
     if not betas or any(not b > 0 for b in betas):
@@ -84,6 +72,18 @@ def _sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], judgi
             cfg.speed.reference_cache = base.speed.reference_cache or str(Path(base.train.output) / "reference-cache")
             validate(cfg)  # every run's config is checked before the first one trains
             configs.append(cfg)
+    with run_folder_lock(base.train.output):
+        return _sweep(base, configs, judging, sampling, log)
+
+
+def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, sampling: SamplingConfig,
+           log: Log) -> dict:
+    from dpokit.judges import load_judge
+    from dpokit.models import load_policy, load_tokenizer, resolve_device
+    from dpokit.report import plot_frontier
+    from dpokit.sampling import read_prompts
+    from dpokit.train.loop import train
+
     prompts = read_prompts(judging.prompts, judging.max_prompts)
     root = prepare_root(base)
     device = resolve_device(base.model.device)
