@@ -134,7 +134,7 @@ CASES = [
     ("empty response", _with("--data", "{d}/emptychosen.jsonl"), ["line 1", "'chosen' is an empty response"]),
     ("not utf-8", _with("--data", "{d}/latin1.jsonl"), ["latin1.jsonl", "not UTF-8"]),
     ("nothing left", _with("--data", "{d}/identical.jsonl"), ["identical.jsonl: no usable pairs"]),
-    ("all prompts too long", _with("--max-length", "2"), ["no usable pairs", "--max-length"]),
+    ("all prompts too long", _with("--max-length", "2", "--min-response-share", "0"), ["no usable pairs", "--max-length"]),
     ("eval data missing", _with("--eval-data", "{d}/nope-eval.jsonl"), ["nope-eval.jsonl does not exist"]),
     ("model missing", _with("--model", "{d}/no-model"), ["no-model does not exist"]),
     ("model not a model", _with("--model", "{d}/nomodel"), ["nomodel is not a Hugging Face model folder"]),

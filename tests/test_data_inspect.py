@@ -32,7 +32,8 @@ def data_file(tmp_path):
 
 
 def test_doctor_with_a_tokenizer_hand_worked(data_file):
-    report = inspect_data(str(data_file), DataConfig(max_length=12), tokenizer=build_tokenizer("word"))
+    report = inspect_data(str(data_file), DataConfig(max_length=12, min_response_share=0),
+                          tokenizer=build_tokenizer("word"))
     assert (report["rows_read"], report["rows_kept"], report["layout"]) == (7, 4, "standard")
     assert report["skipped"] == {"identical": 1, "empty_response": 1, "prompt_too_long": 1}
     assert report["skipped_rows"] == {"identical": [4], "empty_response": [5], "prompt_too_long": [6]}
@@ -43,7 +44,7 @@ def test_doctor_with_a_tokenizer_hand_worked(data_file):
     assert lengths["rejected"] == {"count": 5, "min": 2, "mean": 2.4, "median": 2, "p95": 4, "max": 4}
     assert lengths["longest_sequence"]["max"] == 19  # row 6: 17 + 2
     assert report["truncated"] == {"max_length": 12, "max_prompt_length": None, "truncation_mode": "keep_end",
-                                   "rows_cut": 1, "prompts_cut": 0, "responses_cut": 1, "rows_dropped": 1}
+                                   "min_response_share": 0, "rows_cut": 1, "prompts_cut": 0, "responses_cut": 1, "rows_dropped": 1}
     assert report["length_bias"] == {"pairs": 5, "chosen_longer": 0.6, "rejected_longer": 0.2, "equal": 0.2,
                                      "mean_difference": 2.0, "units": "tokens"}
     assert report["duplicate_prompts"] == {"rows": 1, "distinct_prompts": 1}
@@ -72,7 +73,9 @@ def test_cli_inspect_json_plot_and_errors(tiny_model_dir, data_file, tmp_path):
     report = json.loads(proc.stdout)
     for key in ("rows_read", "rows_kept", "skipped", "layout", "lengths", "truncated", "length_bias"):
         assert key in report
-    assert (report["rows_kept"], report["truncated"]["rows_cut"], report["length_bias"]["chosen_longer"]) == (4, 1, 0.6)
+    # By default row 6's long prompt is cut (not dropped): 5 rows kept, 2 cut.
+    assert (report["rows_kept"], report["truncated"]["rows_cut"], report["length_bias"]["chosen_longer"]) == (5, 2, 0.6)
+    assert report["truncated"]["prompts_cut"] == 1 and report["truncated"]["rows_dropped"] == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     bad = tmp_path / "bad.jsonl"

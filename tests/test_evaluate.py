@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dpokit.config import LossConfig, SamplingConfig
+from dpokit.config import DataConfig, LossConfig, SamplingConfig
 from dpokit.demo.toy import build_tiny_llama, build_tokenizer
 from dpokit.evaluate import (
     SampleSet,
@@ -137,7 +137,8 @@ def test_preference_metrics_equal_the_training_evaluation(trained_run, tiny_mode
     policy = AutoModelForCausalLM.from_pretrained(trained_run).eval()
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     figures = preference_metrics(policy, reference, tokenizer, str(eval_file), loss=LossConfig(beta=0.1),
-                                 max_length=32, batch_size=8, device=torch.device("cpu"), log=lambda _: None)
+                                 data=DataConfig(max_length=32), batch_size=8, device=torch.device("cpu"),
+                                 log=lambda _: None)
     records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     final = records[-1]
     assert figures["pairs"] == 16

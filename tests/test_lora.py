@@ -160,7 +160,8 @@ def test_bad_lora_and_4bit_options_are_one_line(tiny_model_dir, toy_data, tmp_pa
         loop.train(cfg, log=lambda _: None)
 
 
-def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch,
+                                                                   adam_close):
     captured = {}
     real = loop.prepare_policy
     monkeypatch.setattr(loop, "prepare_policy", lambda *a: captured.setdefault(a[2], real(*a)))
@@ -172,7 +173,7 @@ def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_
     assert base.is_gradient_checkpointing and not captured[False].get_base_model().is_gradient_checkpointing
     a = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "True" / "adapter_model.safetensors"))
-    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    adam_close(a, b, lr=1e-2, steps=2, atol=1e-6)
 
 
 def _lora_policy_and_base(tokenizer):

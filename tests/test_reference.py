@@ -30,13 +30,8 @@ def _run(model_dir, data, out, log=None, **speed):
     return [r["loss"] for r in result.history], weights, lines
 
 
-def _same_weights(a, b):
-    for name, tensor in a.items():
-        torch.testing.assert_close(tensor, b[name], atol=1e-5, rtol=0, msg=name)
-
-
 @pytest.mark.slow
-def test_precomputed_live_and_every_layout_train_alike(tiny_model_dir, tmp_path):
+def test_precomputed_live_and_every_layout_train_alike(tiny_model_dir, tmp_path, adam_close):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(12, seed=3))
     base_losses, base_weights, _ = _run(tiny_model_dir, data, tmp_path / "live", reference="live",
                                         layout="padded", lm_head="plain")
@@ -46,7 +41,7 @@ def test_precomputed_live_and_every_layout_train_alike(tiny_model_dir, tmp_path)
                   {"layout": "prefix-shared", "gradient_checkpointing": True}):
         losses, weights, _ = _run(tiny_model_dir, data, tmp_path / "r", **speed)
         assert losses == pytest.approx(base_losses, abs=1e-5), speed
-        _same_weights(weights, base_weights)
+        adam_close(weights, base_weights, lr=1e-3, steps=3)  # float noise x Adam: see conftest
 
 
 def test_cache_is_reused_only_for_the_same_weights_data_and_dtype(tmp_path):
@@ -78,8 +73,8 @@ def test_a_corrupt_or_mismatched_cache_is_recomputed_not_trusted(tmp_path):
     path = cache_path(tmp_path, fingerprint)
     assert load_cache(path, fingerprint, 2) == "no cache file yet"
     save_cache(path, torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -4.0]), fingerprint)
-    chosen, rejected = load_cache(path, fingerprint, 2)
-    assert chosen.tolist() == [-1.0, -2.0] and rejected.tolist() == [-3.0, -4.0]
+    chosen, rejected, computed = load_cache(path, fingerprint, 2)
+    assert chosen.tolist() == [-1.0, -2.0] and rejected.tolist() == [-3.0, -4.0] and computed.all()
     assert load_cache(path, {**fingerprint, "dtype": "bf16"}, 2) == "its fingerprint does not match"
     assert load_cache(path, fingerprint, 3) == "its contents do not fit the data"
     path.write_bytes(path.read_bytes()[:20])

@@ -109,9 +109,28 @@ def test_truncation_rules_and_counts(word_tok):
     assert out[3].rejected_ids[-1] == word_tok.eos_token_id  # fits after the prompt cut: EOS kept
     assert stats.prompts_cut == 2 and stats.responses_cut == 1 and stats.dropped_identical == 1
 
-    no_prompt_cut = PairTokenizer(word_tok, max_length=16)
+    no_prompt_cut = PairTokenizer(word_tok, max_length=16, min_response_share=0)  # asked to drop
     out, stats = no_prompt_cut.tokenize(pairs[3:4])
     assert out == [] and stats.dropped_prompt_too_long == 1 and stats.dropped_rows == [4]
+
+
+def test_by_default_long_prompts_are_cut_so_no_pair_is_lost(word_tok):
+    long_prompt = " ".join(["the film was"] * 6)  # 18 words + BOS = 19 tokens
+    long_response = " " + " ".join(["great"] * 10)  # 10 words + EOS = 11 tokens
+    pairs = [_pair(long_prompt, " great", " dull", index=1),  # the prompt alone fills --max-length 16
+             _pair(long_prompt, long_response, " dull", index=2),
+             _pair("the film", " " + " ".join(["great"] * 15), " dull", index=3)]  # short prompt: response cut
+    out, stats = PairTokenizer(word_tok, max_length=16).tokenize(pairs)
+    assert [tp.index for tp in out] == [1, 2, 3] and stats.dropped_prompt_too_long == 0
+    short, cut = out[0], out[1]
+    # Responses of 2 tokens keep all of them: the prompt is cut to 16 - 2 from the left, BOS kept.
+    assert len(short.prompt_ids) == 14 and short.prompt_ids[0] == word_tok.bos_token_id
+    assert short.chosen_ids[-1] == word_tok.eos_token_id
+    assert word_tok.decode(short.prompt_ids[1:]).split() == long_prompt.split()[-13:]
+    # An 11-token response keeps ceil(0.25 x 16) = 4 tokens: the prompt gets 12.
+    assert len(cut.prompt_ids) == 12 and len(cut.chosen_ids) == 4
+    assert len(out[2].prompt_ids) == 3 and len(out[2].chosen_ids) == 13
+    assert (stats.prompts_cut, stats.responses_cut, stats.rows_cut) == (2, 2, 3)
 
 
 def test_rows_longer_than_limit_never_exceed_it(word_tok):
@@ -120,3 +139,12 @@ def test_rows_longer_than_limit_never_exceed_it(word_tok):
     [tp], _ = pt.tokenize([_pair(text, " " + text, " dull")])
     assert len(tp.prompt_ids) + len(tp.chosen_ids) <= 10
     assert len(tp.prompt_ids) + len(tp.rejected_ids) <= 10
+
+
+def test_min_response_share_is_checked():
+    from dpokit.config import DataConfig, validate_data
+    from dpokit.errors import DpokitError
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(DpokitError, match=r"--min-response-share must be in \[0, 1\)"):
+            validate_data(DataConfig(data="d.jsonl", min_response_share=bad))

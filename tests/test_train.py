@@ -49,26 +49,50 @@ def test_learns_the_toy_preference_and_reloads(tiny_model_dir, toy_data, tmp_pat
     assert (tmp_path / "run" / "dpokit_config.yaml").is_file()
 
 
-def _final_weights(model_dir, data, out, batch_size, accumulation, steps):
+def _sgd_run(model_dir, data, out, batch_size, accumulation, steps, monkeypatch):
+    """Train with plain SGD and record each step's accumulated gradients before clip and step.
+
+    SGD, not AdamW: Adam divides by sqrt(v), so a coordinate whose gradient is float noise in
+    one run and other float noise in the other moves by up to the learning rate either way.
+    With SGD a float difference in a gradient stays that small in the weights."""
+    from dpokit.train import loop
+    from dpokit.train.parallel import clip_grad_norm as clip
+
+    grads: list[dict[str, torch.Tensor]] = []
+
+    def recording_clip(params, max_norm):
+        grads.append({str(i): p.grad.detach().clone() for i, p in enumerate(params)})
+        return clip(params, max_norm)
+
+    monkeypatch.setattr(loop, "clip_grad_norm", recording_clip)
+    monkeypatch.setattr(loop, "build_optimizer", lambda model, t: torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate))
     cfg = _config(model_dir, data, out, batch_size=batch_size, gradient_accumulation_steps=accumulation,
                   max_steps=steps, lr_scheduler="constant")
     result = train(cfg, log=lambda _: None)
     model = AutoModelForCausalLM.from_pretrained(out)
-    return [r["loss"] for r in result.history], {k: v.clone() for k, v in model.state_dict().items()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    return [r["loss"] for r in result.history], grads, weights
 
 
 @pytest.mark.parametrize(("pairs", "big", "small"), [(64, (8, 1), (4, 2)), (10, (6, 1), (3, 2))])
-def test_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, pairs, big, small):
+def test_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, monkeypatch, pairs, big, small):
     # With 10 pairs and 6 per step, the last step holds 4 pairs split 3 + 1: a per-micro-batch mean
     # would weigh that single pair three times too much, and this test would fail.
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(pairs, seed=7))
     steps = 3 if pairs > 10 else 2
-    loss_a, weights_a = _final_weights(tiny_model_dir, data, tmp_path / "a", *big, steps)
-    loss_b, weights_b = _final_weights(tiny_model_dir, data, tmp_path / "b", *small, steps)
+    loss_a, grads_a, weights_a = _sgd_run(tiny_model_dir, data, tmp_path / "a", *big, steps, monkeypatch)
+    loss_b, grads_b, weights_b = _sgd_run(tiny_model_dir, data, tmp_path / "b", *small, steps, monkeypatch)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.allclose(base[k], weights_a[k]) for k in base)  # the weights did move
     assert loss_a == pytest.approx(loss_b, abs=1e-5)
-    for name, tensor in weights_a.items():
+    assert len(grads_a) == len(grads_b) == steps
+    for step, (a, b) in enumerate(zip(grads_a, grads_b, strict=True)):
+        # fp32 sums of the same terms in another order: relative error ~1e-6 of the largest term.
+        scale = max(g.abs().max().item() for g in a.values())
+        for name, grad in a.items():
+            torch.testing.assert_close(grad, b[name], atol=1e-5 * scale, rtol=1e-4, msg=f"step {step + 1} {name}")
+    for name, tensor in weights_a.items():  # SGD: lr x (float noise in the gradients), far below 1e-5
         assert torch.allclose(tensor, weights_b[name], atol=1e-5, rtol=0), name
 
 

@@ -69,7 +69,13 @@ class DataConfig:
     drop_tied_scores: bool = _opt(False, "skip pairs whose score_chosen equals score_rejected (when scores exist)")
     max_length: int = _opt(1024, "most tokens in prompt + response; longer pairs are truncated (see README)")
     max_prompt_length: int | None = _opt(
-        None, "when a pair is too long, first cut its prompt to this many tokens (default: no cut)"
+        None, "when a pair is too long, first cut its prompt to this many tokens (default: only as much as "
+        "--min-response-share needs)"
+    )
+    min_response_share: float = _opt(
+        0.25, "when a pair is too long and --max-prompt-length is not set, cut the prompt so the longer response "
+        "keeps this share of --max-length (all of it when shorter); 0: never cut prompts, drop a pair whose "
+        "prompt alone fills --max-length (default 0.25)"
     )
     truncation_mode: str = _opt(
         "keep_end", "how a prompt is cut: keep_end (drop its start, keep BOS) or keep_start (drop its end); "
@@ -105,7 +111,9 @@ class LossConfig:
         choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
     )
     alpha_divergence_coef: float = _opt(
-        0.5, "α of --f-divergence alpha_divergence (default 0.5; 1 is reverse KL); must be > 0"
+        0.5, "α of --f-divergence alpha_divergence (default 0.5; 1 is reverse KL, toward 0 forward KL); must be > 0. "
+        "TRL 1.16's parameterisation, f'(t) = (t^(α−1) − 1)/(α − 1); the f-DPO paper's (and older TRL's) "
+        "α is 1 − this α",
     )
     discopop_tau: float = _opt(0.05, "τ of discopop: temperature of its logistic/exponential mix (default 0.05, the paper's)")
     simpo_gamma: float = _opt(0.5, "γ of simpo: target reward margin subtracted inside the sigmoid (default 0.5)")
@@ -438,6 +446,8 @@ def validate_data(d: DataConfig) -> None:
         raise DpokitError(
             f"--max-prompt-length ({d.max_prompt_length}) must be below --max-length ({d.max_length})"
         )
+    if not 0.0 <= d.min_response_share < 1.0:
+        raise DpokitError(f"--min-response-share must be in [0, 1); got {d.min_response_share}")
     parse_columns(d.columns)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.config import LossConfig, RunConfig, SamplingConfig
+from dpokit.config import DataConfig, LossConfig, RunConfig, SamplingConfig, validate_data
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate_padded
 from dpokit.judges import Judge, score_responses
@@ -49,17 +49,19 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
 # --- preference data -----------------------------------------------------------------------
 
 
-def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: LossConfig, max_length: int = 1024,
-                       max_prompt_length: int | None = None, batch_size: int = 8, device: torch.device,
+def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: LossConfig,
+                       data: DataConfig | None = None, batch_size: int = 8, device: torch.device,
                        dtype: str = "fp32", log: Log = print) -> dict:
-    """Implicit-reward figures of `policy` against `reference` on a file of preference pairs."""
+    """Implicit-reward figures of `policy` against `reference` on a file of preference pairs, read
+    and tokenized by `data`'s settings (format, columns, lengths, truncation) as training does."""
     from dpokit.data import PairTokenizer, load_tokenized_pairs
     from dpokit.train.scoring import PairScorer
 
     cfg = RunConfig()
     cfg.loss = loss
     cfg.model.dtype = dtype
-    pairs = load_tokenized_pairs(data_path, PairTokenizer(tokenizer, max_length, max_prompt_length), log)
+    data = data or DataConfig()
+    pairs = load_tokenized_pairs(data_path, PairTokenizer.from_config(tokenizer, data), log, data)
     figures = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device).evaluate(pairs, batch_size)
     return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
@@ -271,16 +273,37 @@ def loss_config_for(model_dir: str | Path, overrides: dict | None = None) -> Los
     return LossConfig(**{k: v for k, v in {**saved, **(overrides or {})}.items() if k in known})
 
 
+# Data settings `evaluate` takes from a dpokit run: everything that decides which pairs are read
+# and how they are tokenized. Not the files themselves, and not --chat-template: the run saved
+# its tokenizer with the template it trained with.
+RUN_DATA_SETTINGS = ("data_format", "columns", "strict", "drop_tied_scores", "max_length", "max_prompt_length",
+                     "min_response_share", "truncation_mode")
+
+
+def data_config_for(model_dir: str | Path, data: str, overrides: dict | None = None, log: Log = print) -> DataConfig:
+    """The run's own data settings (when `model_dir` is a dpokit run), then `overrides`; logs the result."""
+    saved = (run_config_of(model_dir) or {}).get("data") or {}
+    inherited = {k: v for k, v in saved.items() if k in RUN_DATA_SETTINGS}
+    given = {k: v for k, v in (overrides or {}).items() if k != "data"}
+    config = DataConfig(**{**inherited, **given, "data": data})
+    validate_data(config)
+    source = lambda name: "given" if name in given else "the run's" if name in inherited else "default"  # noqa: E731
+    shown = [*RUN_DATA_SETTINGS, *(["chat_template"] if config.chat_template else [])]
+    log("data settings: " + ", ".join(f"{name} {getattr(config, name)} ({source(name)})" for name in shown))
+    return config
+
+
 def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str | None = None,
                     device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False,
-                    data: str | None = None, loss_overrides: dict | None = None, max_length: int = 1024,
-                    max_prompt_length: int | None = None, batch_size: int = 8,
+                    data: str | None = None, loss_overrides: dict | None = None,
+                    data_overrides: dict | None = None, batch_size: int = 8,
                     prompts: str | None = None, max_prompts: int | None = None, judge: str | None = None,
                     judge_batch_size: int = 16, sampling: SamplingConfig | None = None,
                     progress: bool = False, log: Log = print) -> dict:
     """Load policy and reference, then every figure the inputs allow (see the module docstring).
 
-    `reference` defaults to the model a dpokit run started from (its dpokit_config.yaml).
+    `reference` defaults to the model a dpokit run started from (its dpokit_config.yaml); so do the
+    data settings of `data` (`data_overrides`, DataConfig field names, replace them).
     """
     from dpokit.errors import DpokitError
     from dpokit.judges import load_judge
@@ -298,6 +321,7 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
             raise DpokitError(f"--reference is required: {model} is not a dpokit run folder naming its base model")
         log(f"reference: {reference} (the model {model} was trained from)")
     sampling = sampling or SamplingConfig()
+    data_settings = data_config_for(model, data, data_overrides, log) if data else None
     prompt_list = read_prompts(prompts, max_prompts) if prompts else None
     torch_device = resolve_device(device)
     judge_fn = load_judge(judge, device=torch_device, batch_size=judge_batch_size) if judge else None
@@ -308,8 +332,8 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
     if data:
         max_length = fit_max_length(max_length, max_prompt_length, context_limit(policy.config, tok), log)
         result["preferences"] = preference_metrics(
-            policy, reference_model, tok, data, loss=loss_config_for(model, loss_overrides), max_length=max_length,
-            max_prompt_length=max_prompt_length, batch_size=batch_size, device=torch_device, dtype=dtype, log=log)
+            policy, reference_model, tok, data, loss=loss_config_for(model, loss_overrides), data=data_settings,
+            batch_size=batch_size, device=torch_device, dtype=dtype, log=log)
     if prompt_list:
         figures, _ = evaluate_on_prompts(policy, reference_model, tok, prompt_list, sampling, judge=judge_fn,
                                          judge_name=judge or "judge", judge_batch_size=judge_batch_size,

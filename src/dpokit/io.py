@@ -5,12 +5,22 @@ A crash mid-write leaves the previous file (or none), never a half-written one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from dpokit.errors import DpokitError
+
+# The advisory lock file a run holds in its folder (left in place: removing it would let two
+# processes lock two different files of the same name).
+LOCK_FILE = ".dpokit.lock"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -85,3 +95,40 @@ class JsonlWriter:
 
     def close(self) -> None:
         self._handle.close()
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """What a folder holds, the run lock file aside (a folder holding only that counts as empty)."""
+    return [p for p in Path(folder).iterdir() if p.name != LOCK_FILE]
+
+
+@contextmanager
+def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path]:
+    """Hold an exclusive advisory lock on `folder` (created if missing) while the block runs.
+
+    fcntl.flock on FOLDER/.dpokit.lock: the kernel releases it when the process exits, however it
+    exits (SIGKILL included), so no stale lock is ever left behind. A second process asking for it
+    is refused at once with one line naming the holder's pid (written into the file).
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DpokitError(f"{flag} {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the block
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DpokitError(f"{flag} {folder}: cannot lock the folder ({exc.strerror})") from None
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise DpokitError(f"{flag} {folder} is in use by another dpokit process (pid {holder}); wait for it "
+                              "to finish or stop it, or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()  # releases the lock

@@ -8,7 +8,8 @@ Notation: lr_c = π_c − ref_c and lr_r = π_r − ref_r are the log-ratios of 
 rejected responses, Δ = lr_c − lr_r, ε = label smoothing, len = response token count. The
 "score" of a log-ratio is the log-ratio itself under the default reverse KL, or its transform
 under `--f-divergence` (f-DPO, Wang et al. 2023, Thm. 1). Reference-based losses report the
-rewards β·lr_c and β·lr_r (TRL's convention); reference-free ones report β·π/len. Nothing calls
+rewards β·lr_c and β·lr_r (TRL's convention), on length-averaged log-probs for the losses
+that average them (IPO, sigmoid_norm); reference-free ones report β·π/len. Nothing calls
 `.item()` or branches on tensor values, so no function forces a host sync.
 """
 
@@ -50,11 +51,19 @@ _TENSOR_ARGS = (
 
 @dataclass(frozen=True)
 class LossOutput:
-    """Per-example tensors, each of shape (B,)."""
+    """Per-example tensors, each of shape (B,).
+
+    Rewards and log-probs are reported on what the loss sees (TRL's convention): a loss that
+    length-averages its log-probs (IPO, sigmoid_norm, the reference-free ones) reports rewards
+    β·lr/len and sets `chosen_logps`/`rejected_logps` to the averaged policy log-probs; None
+    there means the summed ones.
+    """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
+    chosen_logps: Tensor | None = None
+    rejected_logps: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -77,20 +86,26 @@ def _score(logratios: Tensor, f_divergence: str, alpha_divergence_coef: float) -
     """f'(π/ref) of f-DPO (Wang et al. 2023, Table 1), written in log-ratios as TRL 1.16 does."""
     if f_divergence == "reverse_kl":  # f'(t) = log t + 1; the constant cancels in Δ
         return logratios
-    if f_divergence == "forward_kl":  # f'(t) = 1 − 1/t
-        return 1 - torch.exp(-logratios)
+    if f_divergence == "forward_kl":  # f'(t) = 1 − 1/t: the α-divergence's f' at α = 0
+        return _power_score(logratios, 0.0)
     if f_divergence == "js_divergence":  # f'(t) = log(2t / (1 + t))
         return math.log(2) + F.logsigmoid(logratios)
     if f_divergence == "alpha_divergence":  # f'(t) = (t^(α−1) − 1) / (α − 1); reverse KL at α = 1
         a = alpha_divergence_coef
         if abs(a - 1.0) < 1e-6:
             return logratios
-        # Clamp the exponent so exp() stays finite (fp16/bf16 computed in fp32, as TRL does).
-        work = logratios.float() if logratios.dtype in (torch.float16, torch.bfloat16) else logratios
-        clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0 if work.dtype == torch.float32 else 700.0
-        t = torch.clamp((a - 1.0) * work, max=clamp_max)
-        return (torch.expm1(t) / (a - 1.0)).to(logratios.dtype)
+        return _power_score(logratios, a)
     raise DpokitError(f"--f-divergence must be one of {', '.join(F_DIVERGENCES)}; got {f_divergence!r}")
+
+
+def _power_score(logratios: Tensor, a: float) -> Tensor:
+    """(t^(a−1) − 1) / (a − 1) with t = exp(logratio), a ≠ 1. The exponent is clamped so exp() stays
+    finite (fp16/bf16 computed in fp32, as TRL does): an extreme log-ratio (−106 nats under forward
+    KL) gives a huge finite score, never inf, so the losses built on it never meet inf − inf or 0·inf."""
+    work = logratios.float() if logratios.dtype in (torch.float16, torch.bfloat16) else logratios
+    clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0 if work.dtype == torch.float32 else 700.0
+    t = torch.clamp((a - 1.0) * work, max=clamp_max)
+    return (torch.expm1(t) / (a - 1.0)).to(logratios.dtype)
 
 
 def _logratios(pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,8 +121,17 @@ def _avg(logps: Tensor, lengths: Tensor) -> Tensor:
     return logps / lengths.clamp(min=1.0)
 
 
+def _averaged_output(losses: Tensor, beta: float, lr_c: Tensor, lr_r: Tensor, pc: Tensor, pr: Tensor,
+                     len_c: Tensor, len_r: Tensor) -> LossOutput:
+    """Rewards β·lr/len and log-probs π/len: the length-averaged quantities such a loss sees."""
+    return LossOutput(losses, *_ref_rewards(beta, _avg(lr_c, len_c), _avg(lr_r, len_r)),
+                      _avg(pc, len_c).detach(), _avg(pr, len_r).detach())
+
+
 def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
     """−(1−ε) log σ(z) − ε log σ(−z): the logistic loss with ε of the labels flipped."""
+    if eps == 0:  # not 0 · log σ(−z), which is NaN where log σ(−z) is −inf
+        return F.softplus(-z)
     return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
 
 
@@ -148,7 +172,8 @@ def _ipo(*, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, 
     beta, f, a = o["beta"], o.get("f_divergence", "reverse_kl"), o.get("alpha_divergence_coef", 0.5)
     lr_c, lr_r = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     gap = _avg(_score(lr_c, f, a), chosen_lengths) - _avg(_score(lr_r, f, a), rejected_lengths)
-    return LossOutput((gap - 1 / (2 * beta)) ** 2, *_ref_rewards(beta, lr_c, lr_r))
+    return _averaged_output((gap - 1 / (2 * beta)) ** 2, beta, lr_c, lr_r, policy_chosen_logps, policy_rejected_logps,
+                            chosen_lengths, rejected_lengths)
 
 
 def _exo_pair(*, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps, **o):
@@ -227,7 +252,8 @@ def _sigmoid_norm(*, policy_chosen_logps, policy_rejected_logps, reference_chose
     beta, f, a = o["beta"], o.get("f_divergence", "reverse_kl"), o.get("alpha_divergence_coef", 0.5)
     lr_c, lr_r = _logratios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
     gap = _avg(_score(lr_c, f, a), chosen_lengths) - _avg(_score(lr_r, f, a), rejected_lengths)
-    return LossOutput(-F.logsigmoid(beta * gap), *_ref_rewards(beta, lr_c, lr_r))
+    return _averaged_output(-F.logsigmoid(beta * gap), beta, lr_c, lr_r, policy_chosen_logps, policy_rejected_logps,
+                            chosen_lengths, rejected_lengths)
 
 
 def _rdpo(*, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
@@ -238,8 +264,9 @@ def _rdpo(*, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
     return LossOutput(losses, *_ref_rewards(o["beta"], lr_c, lr_r))
 
 
-def _free_rewards(o: dict, avg_c: Tensor, avg_r: Tensor) -> tuple[Tensor, Tensor]:
-    return o["beta"] * avg_c.detach(), o["beta"] * avg_r.detach()
+def _free_rewards(o: dict, avg_c: Tensor, avg_r: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rewards β·π/len and the averaged log-probs π/len that reference-free losses see."""
+    return o["beta"] * avg_c.detach(), o["beta"] * avg_r.detach(), avg_c.detach(), avg_r.detach()
 
 
 def _sft(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, **o):
@@ -434,4 +461,5 @@ def loss_from_config(
     total = sum((out.losses * w for out, w in zip(outputs[1:], weights[1:], strict=True)), outputs[0].losses * weights[0])
     with_ref = [out for name, out in zip(names, outputs, strict=True) if LOSSES[name].needs_reference]
     rewards = (with_ref or outputs)[0]
-    return LossOutput(total, rewards.chosen_rewards, rewards.rejected_rewards)
+    return LossOutput(total, rewards.chosen_rewards, rewards.rejected_rewards, rewards.chosen_logps,
+                      rewards.rejected_logps)

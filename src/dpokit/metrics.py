@@ -27,6 +27,9 @@ class PairMetrics:
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+        # The log-probs the loss saw: length-averaged for the losses that average, else the sums.
+        chosen_logps = out.chosen_logps if out.chosen_logps is not None else logps.chosen_logps
+        rejected_logps = out.rejected_logps if out.rejected_logps is not None else logps.rejected_logps
         per_pair = torch.stack(
             [
                 out.losses.detach().float(),
@@ -34,8 +37,8 @@ class PairMetrics:
                 rejected.float(),
                 (chosen - rejected).float(),
                 (chosen > rejected).float(),
-                logps.chosen_logps.detach().float(),
-                logps.rejected_logps.detach().float(),
+                chosen_logps.detach().float(),
+                rejected_logps.detach().float(),
             ]
         ).sum(dim=1)
         self._sums = per_pair if self._sums is None else self._sums + per_pair

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dpokit.config import JudgeConfig, OnlineConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
-from dpokit.io import atomic_write_text
+from dpokit.io import atomic_write_text, run_folder_lock
 from dpokit.paths import check_run_paths
 
 Log = Callable[[str], None]
@@ -106,19 +106,29 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     pair samples (K = `online.samples_per_prompt`, a fresh seed per round) and the evaluation's.
     Returns ({"rounds": [...], "points": [reference row, round rows], ...}, the reference's
     evaluation samples, for a caller that evaluates more runs against the same reference).
+    The folder is locked for the command's life (one writer at a time).
     """
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.report import plot_frontier
-    from dpokit.sweep import evaluate_run, prepare_root, write_frontier_csv
-    from dpokit.train.loop import train
-
     if online.rounds < first_round or online.samples_per_prompt < 2:
         raise DpokitError(f"--rounds must be at least {first_round} and --samples-per-prompt at least 2 "
                           f"(got {online.rounds} and {online.samples_per_prompt})")
     validate_sampling(sampling)
     check_run_paths(base, [("--prompts", judging.prompts), ("--eval-prompts", online.eval_prompts),
                            ("--judge", judging.judge)])
+    with run_folder_lock(base.train.output):
+        return _run_rounds(base, prompts, online, judging, sampling, eval_prompts=eval_prompts, judge=judge,
+                           start_policy=start_policy, first_round=first_round,
+                           reference_samples=reference_samples, progress=progress, log=log)
+
+
+def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging: JudgeConfig,
+                sampling: SamplingConfig, *, eval_prompts: Sequence | None, judge, start_policy: str | None,
+                first_round: int, reference_samples, progress: bool, log: Log) -> tuple[dict, object]:
+    from dpokit.judges import load_judge
+    from dpokit.models import load_policy, load_tokenizer, resolve_device
+    from dpokit.report import plot_frontier
+    from dpokit.sweep import evaluate_run, prepare_root, write_frontier_csv
+    from dpokit.train.loop import train
+
     root = prepare_root(base)
     device = resolve_device(base.model.device)
     judge = judge or load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size)

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dpokit.errors import DpokitError
+from dpokit.io import folder_entries
 
 Named = Iterable[tuple[str, "str | Path | None"]]
 
@@ -86,16 +87,17 @@ def check_creatable(path: str | Path, option: str, folder: bool = True) -> None:
 
 def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
     """`--overwrite`: remove everything in `folder`, so nothing of the previous run survives
-    beside the new one (a LoRA adapter beside a full model would load as that adapter)."""
+    beside the new one (a LoRA adapter beside a full model would load as that adapter). The run
+    lock file stays: this process may hold it, and a new file would let a second writer in."""
     folder_path = resolved(folder)
-    if not folder_path.is_dir() or not any(folder_path.iterdir()):
+    if not folder_path.is_dir() or not folder_entries(folder_path):
         return
     here = resolved(Path.cwd())
     for guarded, what in ((here, "the current folder"), (resolved(Path.home()), "your home folder")):
         if folder_path == guarded or folder_path in guarded.parents:
             raise DpokitError(f"{option} {folder}: --overwrite would delete {what}; choose a folder of its own")
     try:
-        for item in folder_path.iterdir():
+        for item in folder_entries(folder_path):
             if item.is_dir() and not item.is_symlink():
                 shutil.rmtree(item)
             else:

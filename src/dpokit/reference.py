@@ -8,11 +8,15 @@ named by a fingerprint of
   in-memory state dict when the model is not a local folder),
 - the data: a hash of every pair's token ids in order (this covers the tokenizer, the chat
   template and the truncation settings: anything that changes a token changes the hash),
-- the settings that change log-probs: the compute dtype and CACHE_VERSION. The batch layout
-  and the LM-head mode are left out on purpose: they are equivalent (tests/test_layouts.py).
+- the settings that change log-probs: the compute dtype, 4-bit loading (QLoRA), the attention
+  implementation and CACHE_VERSION. The batch layout and the LM-head mode are left out on
+  purpose: they are equivalent (tests/test_layouts.py).
 
+Only the pairs a run will use are computed (a `--max-steps` run touches a fraction of a large
+file): the file holds one row per pair of the dataset and a `computed` mask, and a later run that
+needs more pairs (a longer run, a resumed one) computes the missing ones and extends it.
 A resumed run or a β sweep with the same model and data finds the file and skips the pass; a
-changed model, dataset or dtype never matches it. The file is written atomically and read with
+changed model, dataset or setting never matches it. The file is written atomically and read with
 safetensors (no pickle); one that does not match or cannot be read is recomputed, with a log line.
 """
 
@@ -33,7 +37,7 @@ from dpokit.data.tokenize import TokenizedPair
 from dpokit.logprobs import PairLogps
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: the `computed` mask (files cover part of a dataset)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 PairKey = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
@@ -62,6 +66,16 @@ def weights_fingerprint(model_source: str | None, model: torch.nn.Module | None 
     return "state:" + digest.hexdigest()
 
 
+def run_reference_weights(model: str | None, reference_model: str | None, policy: torch.nn.Module) -> str | None:
+    """Fingerprint of a run's reference weights: `--reference-model` when given, else the initial
+    policy (`--model`; call it before any training step). None for a `--reference-model` that is
+    not a local folder (its weights are not loaded here)."""
+    try:
+        return weights_fingerprint(reference_model, None) if reference_model else weights_fingerprint(model, policy)
+    except ValueError:
+        return None
+
+
 def _file_sha256(path: Path) -> bytes:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -70,9 +84,13 @@ def _file_sha256(path: Path) -> bytes:
     return digest.digest()
 
 
-def reference_fingerprint(model_source: str | None, model: torch.nn.Module, dtype: str) -> dict[str, str]:
-    """The weights and settings parts of a cache key (the data part is added per dataset)."""
-    return {"version": CACHE_VERSION, "weights": weights_fingerprint(model_source, model), "dtype": dtype}
+def reference_fingerprint(weights: str, dtype: str, *, load_in_4bit: bool = False,
+                          attention: str | None = None) -> dict[str, str]:
+    """The weights and settings parts of a cache key (the data part is added per dataset):
+    everything that changes a reference log-prob. 4-bit base weights give other log-probs than
+    full-precision ones, and attention kernels differ in rounding, so each gets its own cache."""
+    return {"version": CACHE_VERSION, "weights": weights, "dtype": dtype,
+            "load_in_4bit": str(bool(load_in_4bit)), "attention": str(attention)}
 
 
 def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
@@ -89,15 +107,20 @@ def cache_path(folder: Path, fingerprint: dict[str, str]) -> Path:
     return folder / f"reference-logps-{key[:24]}.safetensors"
 
 
-def save_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, fingerprint: dict[str, str]) -> None:
-    """Write the two (N,) tensors and the fingerprint atomically (temporary file, then rename)."""
+def save_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, fingerprint: dict[str, str],
+               computed: torch.Tensor | None = None) -> None:
+    """Write the (N,) tensors, which rows are `computed` (all when None) and the fingerprint
+    atomically (temporary file, then rename)."""
     from safetensors.torch import save_file
 
+    if computed is None:
+        computed = torch.ones(len(chosen), dtype=torch.bool)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu()},
+        save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu(),
+                   "computed": computed.to(torch.uint8).contiguous().cpu()},
                   tmp, metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -107,8 +130,9 @@ def save_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, fingerp
         raise
 
 
-def load_cache(path: Path, fingerprint: dict[str, str], num_pairs: int) -> tuple[torch.Tensor, torch.Tensor] | str:
-    """The cached (chosen, rejected) tensors, or a reason why the file cannot be used."""
+def load_cache(path: Path, fingerprint: dict[str, str], num_pairs: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+    """The cached (chosen, rejected, computed) tensors, or a reason why the file cannot be used."""
     from safetensors import safe_open
 
     if not path.is_file():
@@ -119,13 +143,14 @@ def load_cache(path: Path, fingerprint: dict[str, str], num_pairs: int) -> tuple
             if stored != fingerprint:
                 return "its fingerprint does not match"
             chosen, rejected = handle.get_tensor("chosen"), handle.get_tensor("rejected")
+            computed = handle.get_tensor("computed").bool()
     except Exception as exc:  # noqa: BLE001 - a corrupt cache is recomputed, never trusted
         return f"it cannot be read ({type(exc).__name__})"
-    if chosen.shape != (num_pairs,) or rejected.shape != (num_pairs,) or not (
-        torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
+    if any(t.shape != (num_pairs,) for t in (chosen, rejected, computed)) or not (
+        torch.isfinite(chosen[computed]).all() and torch.isfinite(rejected[computed]).all()
     ):
         return "its contents do not fit the data"
-    return chosen, rejected
+    return chosen, rejected, computed
 
 
 class PrecomputedReference:
@@ -167,32 +192,48 @@ def precompute_reference(
     cache_folder: Path,
     batch_size: int,
     log: Callable[[str], None] = print,
+    needed: Sequence[Sequence[int] | None] | None = None,
 ) -> PrecomputedReference:
-    """Load each dataset's reference log-probs from the cache, or compute and cache them.
+    """Load each dataset's reference log-probs from the cache, computing (and caching) what is missing.
 
     `compute` scores a list of pairs without gradients (the initial policy = the reference);
     `fingerprint` holds the weights and settings parts, the data part is added per dataset.
+    `needed[k]` lists the indices of dataset k the run will score (None: all of them); only those
+    are computed, the file keeps what earlier runs computed.
     """
     reference = PrecomputedReference()
-    for pairs in datasets:
+    for pairs, wanted in zip(datasets, needed or [None] * len(datasets), strict=True):
         if not pairs:
             continue
         full = {**fingerprint, "data": data_fingerprint(pairs), "num_pairs": str(len(pairs))}
         path = cache_path(cache_folder, full)
         cached = load_cache(path, full, len(pairs))
         if isinstance(cached, tuple):
-            log(f"reference log-probs of {len(pairs)} pairs: reused {path}")
-            reference.add(pairs, *cached)
-            continue
-        started = time.perf_counter()
-        chosen, rejected = [], []
-        for start in range(0, len(pairs), batch_size):
-            out = compute(pairs[start : start + batch_size])
-            chosen.append(out.chosen_logps.detach().float().cpu())
-            rejected.append(out.rejected_logps.detach().float().cpu())
-        chosen_t, rejected_t = torch.cat(chosen), torch.cat(rejected)
-        save_cache(path, chosen_t, rejected_t, full)
-        log(f"reference log-probs of {len(pairs)} pairs: computed in {time.perf_counter() - started:.1f} s "
-            f"({cached}), cached in {path}")
-        reference.add(pairs, chosen_t, rejected_t)
+            chosen, rejected, computed = cached
+        else:
+            chosen, rejected = torch.zeros(len(pairs)), torch.zeros(len(pairs))
+            computed = torch.zeros(len(pairs), dtype=torch.bool)
+        rows = sorted(set(range(len(pairs)) if wanted is None else wanted))
+        missing = [i for i in rows if not computed[i]]
+        if missing:
+            started = time.perf_counter()
+            _fill(compute, [pairs[i] for i in missing], missing, chosen, rejected, batch_size)
+            computed[missing] = True
+            save_cache(path, chosen, rejected, full, computed)
+            why = cached if isinstance(cached, str) else "the pairs this run uses were not all in it"
+            log(f"reference log-probs of {len(pairs)} pairs: computed {len(missing)} (the ones this run uses) "
+                f"in {time.perf_counter() - started:.1f} s ({why}), cached in {path}")
+        else:
+            log(f"reference log-probs of {len(pairs)} pairs: reused {path} ({len(rows)} used by this run)")
+        reference.add([pairs[i] for i in rows], chosen[rows], rejected[rows])
     return reference
+
+
+def _fill(compute: Callable[[Sequence[TokenizedPair]], PairLogps], pairs: Sequence[TokenizedPair],
+          rows: Sequence[int], chosen: torch.Tensor, rejected: torch.Tensor, batch_size: int) -> None:
+    """Score `pairs` in batches and write their log-probs into `chosen[rows]` and `rejected[rows]`."""
+    for start in range(0, len(pairs), batch_size):
+        out = compute(pairs[start : start + batch_size])
+        at = list(rows[start : start + batch_size])
+        chosen[at] = out.chosen_logps.detach().float().cpu()
+        rejected[at] = out.rejected_logps.detach().float().cpu()

@@ -18,7 +18,7 @@ from typing import Any
 
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
-from dpokit.io import atomic_write_text
+from dpokit.io import atomic_write_text, folder_entries, run_folder_lock
 from dpokit.paths import check_run_paths, clear_for_overwrite
 
 Log = Callable[[str], None]
@@ -35,7 +35,7 @@ def prepare_root(cfg: RunConfig) -> Path:
     root = Path(cfg.train.output)
     if root.exists() and not root.is_dir():
         raise DpokitError(f"--output {root} is a file, not a folder")
-    if root.is_dir() and any(root.iterdir()) and not cfg.train.overwrite:
+    if root.is_dir() and folder_entries(root) and not cfg.train.overwrite:
         raise DpokitError(f"--output {root} is not empty; choose a new folder or pass --overwrite")
     if cfg.train.overwrite:
         clear_for_overwrite(root)  # nothing of the previous sweep may survive beside the new one
@@ -57,14 +57,10 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
 
     Writes, in that folder: one run folder per (loss, β) (with its evaluation.json and report),
     frontier.csv (rewritten after each run, so an interrupted sweep keeps what it finished),
-    frontier.png and sweep.json.
+    frontier.png and sweep.json. The runs share one reference cache (OUTPUT/reference-cache unless
+    --reference-cache names one): the reference log-probs do not depend on β or the loss. The
+    folder is locked for the sweep's life (one writer at a time).
     """
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.report import plot_frontier
-    from dpokit.sampling import read_prompts
-    from dpokit.train.loop import train
-
     if not judging.prompts or not judging.judge:
         raise DpokitError("dpokit sweep needs --prompts and --judge to place each run on the frontier")
     check_run_paths(base, [("--prompts", judging.prompts), ("--judge", judging.judge)])
@@ -81,8 +77,21 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
             cfg = copy.deepcopy(base)
             cfg.loss.loss, cfg.loss.beta = loss, float(beta)
             cfg.train.output = str(Path(base.train.output) / run_name(loss, beta))
+            cfg.speed.reference_cache = base.speed.reference_cache or str(Path(base.train.output) / "reference-cache")
             validate(cfg)  # every run's config is checked before the first one trains
             configs.append(cfg)
+    with run_folder_lock(base.train.output):
+        return _sweep(base, configs, judging, sampling, log)
+
+
+def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, sampling: SamplingConfig,
+           log: Log) -> dict:
+    from dpokit.judges import load_judge
+    from dpokit.models import load_policy, load_tokenizer, resolve_device
+    from dpokit.report import plot_frontier
+    from dpokit.sampling import read_prompts
+    from dpokit.train.loop import train
+
     prompts = read_prompts(judging.prompts, judging.max_prompts)
     root = prepare_root(base)
     device = resolve_device(base.model.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -26,6 +27,10 @@ from dpokit.config import (
 )
 from dpokit.errors import DpokitError
 from dpokit.paths import check_creatable, check_outputs_apart
+
+# `evaluate --data` takes every data flag of `train` but --eval-data; for a dpokit run each one
+# defaults to the run's own setting (dpokit_config.yaml).
+EVALUATE_DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "eval_data")
 
 
 def _show_progress(args: argparse.Namespace) -> bool:
@@ -92,7 +97,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, sampling = _model_options(args), _sampling_options(args)
     command = EvaluateCommandConfig(**_section_from_args(args, EvaluateCommandConfig))
-    data = DataConfig(**_section_from_args(args, DataConfig, only=("data", "max_length", "max_prompt_length")))
+    data_flags = _section_from_args(args, DataConfig, only=EVALUATE_DATA_OPTIONS)
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig))
     batch = _section_from_args(args, TrainConfig, only=("batch_size",)).get("batch_size", 8)
     if command.evaluation_output:
@@ -104,9 +109,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if command.json_output else print
     result = evaluate_models(
         model.model, command.reference, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
-        trust_remote_code=model.trust_remote_code, data=data.data,
-        loss_overrides=_section_from_args(args, LossConfig), max_length=data.max_length,
-        max_prompt_length=data.max_prompt_length, batch_size=batch, prompts=judging.prompts,
+        trust_remote_code=model.trust_remote_code, data=data_flags.get("data"),
+        loss_overrides=_section_from_args(args, LossConfig), data_overrides=data_flags, batch_size=batch,
+        prompts=judging.prompts,
         max_prompts=judging.max_prompts, judge=judging.judge, judge_batch_size=judging.judge_batch_size,
         sampling=sampling, progress=_show_progress(args), log=log)
     if command.evaluation_output:
@@ -121,8 +126,8 @@ def add_evaluate_command(sub) -> None:
                             "preference pairs (--data), and on prompts (--prompts) the judged reward of each, "
                             "the win rate (--judge) and KL(policy || reference) from policy samples.")
     _add_section(parser, "evaluation options", EvaluateCommandConfig)
-    _add_section(parser, "preference data options", DataConfig, only=("data", "max_length", "max_prompt_length"),
-                 helps={"data": "preference pairs to compute reward accuracy and margins on"})
+    _add_section(parser, "preference data options (default: the run's own settings, as train's flags)", DataConfig,
+                 only=EVALUATE_DATA_OPTIONS, helps={"data": "preference pairs to compute reward accuracy and margins on"})
     _add_section(parser, "implicit reward options (default: the run's own)", LossConfig)
     _add_section(parser, "batch options", TrainConfig, only=("batch_size",))
     _add_section(parser, "prompt and judge options", JudgeConfig)

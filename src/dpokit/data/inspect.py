@@ -119,7 +119,8 @@ def _report(read: ReadStats, stats: TokenizeStats, tally: _Tally, kept: int, dat
     if tokenized:
         report["truncated"] = {
             "max_length": data.max_length, "max_prompt_length": data.max_prompt_length,
-            "truncation_mode": data.truncation_mode, "rows_cut": stats.rows_cut,
+            "truncation_mode": data.truncation_mode, "min_response_share": data.min_response_share,
+            "rows_cut": stats.rows_cut,
             "prompts_cut": stats.prompts_cut, "responses_cut": stats.responses_cut,
             "rows_dropped": stats.dropped_prompt_too_long,
         }
@@ -147,7 +148,8 @@ def format_report(report: dict[str, Any]) -> str:
     else:
         lines.append(
             f"truncation at --max-length {cut['max_length']} (--max-prompt-length {cut['max_prompt_length']}, "
-            f"{cut['truncation_mode']}): {cut['rows_cut']} rows cut ({cut['prompts_cut']} prompts, "
+            f"--min-response-share {cut['min_response_share']:g}, {cut['truncation_mode']}): "
+            f"{cut['rows_cut']} rows cut ({cut['prompts_cut']} prompts, "
             f"{cut['responses_cut']} pairs of responses), {cut['rows_dropped']} dropped with a prompt too long"
         )
     bias = report["length_bias"]

@@ -26,10 +26,13 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    the ones a model sees at generation time - and the response is tokenized on its own; such
    pairs are counted as `boundary_merges`.
 3. Truncation, only when prompt + the longer response exceed `max_length`: the prompt is cut to
-   `max_prompt_length` tokens if that is set - from the left by default (`keep_end`: BOS and the
-   prompt's end are kept), from the right with `keep_start` - then both responses are cut from
-   the right to the room left (a cut response loses its EOS, since it did not end). A pair whose
-   prompt leaves no room for a single response token is dropped (`prompt_too_long`).
+   `max_prompt_length` tokens if that is set, else just enough that the longer response keeps
+   `min_response_share` of `max_length` (all of it when shorter; at least one token) - from the
+   left by default (`keep_end`: BOS and the prompt's end are kept), from the right with
+   `keep_start` - then both responses are cut from the right to the room left (a cut response
+   loses its EOS, since it did not end). So no pair is lost to length by default; only with
+   `min_response_share` 0 (prompts never cut) is a pair whose prompt leaves no room for a single
+   response token dropped (`prompt_too_long`).
 4. Pairs whose chosen and rejected tokens are identical carry no preference: dropped
    (`identical_tokens`).
 Every cut and drop is counted in `TokenizeStats`, with the row numbers of the drops.
@@ -37,6 +40,7 @@ Every cut and drop is counted in `TokenizeStats`, with the row numbers of the dr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -46,6 +50,8 @@ from dpokit.data.formats import PreferencePair, RowSkip, first_difference
 from dpokit.errors import DpokitError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+# Share of --max-length a long prompt leaves to the responses when --max-prompt-length is not set.
+MIN_RESPONSE_SHARE = 0.25
 _CHUNK = 512  # pairs encoded per batched tokenizer call
 
 
@@ -112,7 +118,8 @@ class PairTokenizer:
     """Applies the module's rules with one Hugging Face tokenizer and one set of limits."""
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
-                 truncation_mode: str = "keep_end", strict: bool = False):
+                 truncation_mode: str = "keep_end", strict: bool = False,
+                 min_response_share: float = MIN_RESPONSE_SHARE):
         if tokenizer.eos_token_id is None:
             raise DpokitError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
         if truncation_mode not in TRUNCATION_MODES:
@@ -123,6 +130,7 @@ class PairTokenizer:
         self.max_prompt_length = max_prompt_length
         self.truncation_mode = truncation_mode
         self.strict = strict
+        self.min_response_share = min_response_share
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = tokenizer.bos_token_id
         self.adds_bos = _tokenizer_adds_bos(tokenizer)
@@ -134,7 +142,8 @@ class PairTokenizer:
         (so a tokenizer saved afterwards carries the template the model was trained with)."""
         if data.chat_template:
             tokenizer.chat_template = read_chat_template(data.chat_template)
-        return cls(tokenizer, data.max_length, data.max_prompt_length, data.truncation_mode, data.strict)
+        return cls(tokenizer, data.max_length, data.max_prompt_length, data.truncation_mode, data.strict,
+                   data.min_response_share)
 
     # --- rule 0: rendering ----------------------------------------------------------------------
 
@@ -266,9 +275,10 @@ class PairTokenizer:
 
     def fit(self, pair: EncodedPair, stats: TokenizeStats) -> TokenizedPair | None:
         prompt, chosen, rejected = pair.prompt, pair.chosen, pair.rejected
-        if len(prompt) + max(len(chosen), len(rejected)) > self.max_length:
+        longest = max(len(chosen), len(rejected))
+        if len(prompt) + longest > self.max_length:
             cut = False
-            keep = self.max_prompt_length
+            keep = self.max_prompt_length if self.max_prompt_length is not None else self._prompt_budget(longest)
             if keep is not None and len(prompt) > keep:
                 if self.truncation_mode == "keep_start":
                     prompt = prompt[:keep]
@@ -281,7 +291,8 @@ class PairTokenizer:
             if room < 1:
                 stats.dropped_prompt_too_long += 1
                 stats.drop("prompt_too_long", pair.index, f"{stats.where(pair.index)}: the prompt alone has "
-                                                          f"{len(prompt)} tokens (--max-length {self.max_length})")
+                                                          f"{len(prompt)} tokens (--max-length {self.max_length}, "
+                                                          "--min-response-share 0: prompts are not cut)")
                 return None
             if max(len(chosen), len(rejected)) > room:
                 chosen, rejected = chosen[:room], rejected[:room]
@@ -293,6 +304,14 @@ class PairTokenizer:
             stats.drop("identical_tokens", pair.index, f"{stats.where(pair.index)}: chosen and rejected have the same tokens")
             return None
         return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.index, pair.scores)
+
+    def _prompt_budget(self, longest: int) -> int | None:
+        """Prompt tokens that leave the longer response `min_response_share` of max_length (all of
+        it when shorter, one token at least); None when prompts are never cut (share 0)."""
+        if self.min_response_share <= 0:
+            return None
+        floor = max(1, math.ceil(self.min_response_share * self.max_length))
+        return max(1, self.max_length - min(longest, floor))
 
     # --- everything -----------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
 from dpokit.errors import DpokitError
-from dpokit.io import atomic_write_text
+from dpokit.io import atomic_write_text, run_folder_lock
 from dpokit.paths import check_creatable, check_outputs_apart
 
 Log = Callable[[str], None]
@@ -97,7 +97,13 @@ def _run_config(s: DemoSettings, model: str, pairs: Path, output: Path, *, loss:
 
 def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: bool = True, progress: bool | None = None,
              log: Log = print) -> DemoResult:
-    """Run the whole experiment into `output`; print the table; return the summary (summary.json)."""
+    """Run the whole experiment into `output`; print the table; return the summary (summary.json).
+    The folder is locked for the demo's life (one writer at a time)."""
+    with run_folder_lock(output):
+        return _run_demo(s, output, online=online, progress=progress, log=log)
+
+
+def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
     import torch
 
     from dpokit.demo.bundled import BASE_MODEL_DIR, base_model_dir

@@ -42,7 +42,7 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Options that do not change what a run computes: they may differ between a run and its resume.
 RESUME_MAY_CHANGE = {
     "output", "overwrite", "progress", "log_every", "eval_every", "eval_data", "save_every",
-    "keep_checkpoints", "resume", "device",
+    "keep_checkpoints", "resume", "device", "reference_cache",
     # How the work is split and stored, not what is computed (the global batch is checked apart).
     "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing",
 }
@@ -217,6 +217,38 @@ def check_resumable(saved: dict[str, dict[str, Any]], cfg: RunConfig, where: Pat
                 f"cannot resume from {where}: {flag} differs (checkpoint: {before!r}, now: {now!r}); "
                 "use the original value or start a new run in another --output"
             )
+
+
+def _saved_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DpokitError(f"--resume {path}: checkpoint is damaged ({exc})") from None
+
+
+_START_OVER = "or start over with --overwrite (or in another --output)"
+
+
+def check_resume_data(path: Path, data_fingerprint: str, global_batch: int) -> None:
+    """Refuse a resume whose training data or global batch differ from the checkpoint's; reads
+    only trainer_state.json, so it runs before the model is loaded or the reference computed."""
+    saved = _saved_state(path)
+    if saved.get("data_fingerprint") != data_fingerprint:
+        raise DpokitError(f"cannot resume from {path}: the training data (or its tokenization: --max-length, "
+                          f"the tokenizer, ...) differs from the checkpoint's; use the original data, {_START_OVER}")
+    if saved.get("global_batch_size", 0) not in (0, global_batch):
+        raise DpokitError(
+            f"cannot resume from {path}: the global batch (batch size x accumulation x processes) "
+            f"was {saved['global_batch_size']}, now {global_batch}; split the same global batch differently"
+        )
+
+
+def check_resume_reference(path: Path, reference_weights: str | None, source: str | None) -> None:
+    """Refuse a resume whose reference weights (the model folder's files) changed since the checkpoint."""
+    before = _saved_state(path).get("reference_fingerprint")
+    if before is not None and reference_weights is not None and before != reference_weights:
+        raise DpokitError(f"cannot resume from {path}: the reference model's weights ({source}) changed since the "
+                          f"checkpoint; restore the original weights, {_START_OVER}")
 
 
 def resolve_resume(cfg: RunConfig) -> Path | None:

@@ -17,6 +17,7 @@ import math
 import random
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -29,7 +30,7 @@ from dpokit.config import RunConfig, dump_yaml
 from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
-from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text
+from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text, folder_entries, run_folder_lock
 from dpokit.losses import needs_reference
 from dpokit.models import (
     build_reference,
@@ -40,7 +41,7 @@ from dpokit.models import (
     prepare_policy,
 )
 from dpokit.paths import check_run_paths, clear_for_overwrite
-from dpokit.reference import data_fingerprint
+from dpokit.reference import data_fingerprint, run_reference_weights
 from dpokit.settings_checks import context_limit, fit_max_length, model_config, warn_idle_options, warn_warmup
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
@@ -81,7 +82,9 @@ def seed_everything(seed: int) -> None:
 def prepare_output(cfg: RunConfig, resuming: bool) -> Path:
     """Refuse to mix a new run into a folder that holds something else."""
     output = Path(cfg.train.output)
-    if not resuming and output.is_dir() and any(output.iterdir()) and not cfg.train.overwrite:
+    if output.exists() and not output.is_dir():
+        raise DpokitError(f"--output {output} is a file, not a folder")
+    if not resuming and output.is_dir() and folder_entries(output) and not cfg.train.overwrite:
         if cfg.train.resume == "auto":
             raise DpokitError(f"--resume auto: {output} holds no complete checkpoint to resume from; "
                               "pass --overwrite to start over there, or choose a new folder")
@@ -115,9 +118,27 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     """Run one training job: a single process, or one rank of a torchrun launch."""
     ctx, device = init_distributed(cfg.model.device)
     try:
-        return _train(cfg, ctx.main_only(log), ctx, device)
+        # One writer per run folder: a second train/resume on it is refused while this one lives.
+        with run_folder_lock(cfg.train.output) if ctx.is_main else nullcontext():
+            return _train(cfg, ctx.main_only(log), ctx, device)
     finally:
         teardown(ctx)
+
+
+def pairs_the_run_uses(num_pairs: int, seed: int, total_steps: int, batch_size: int, accumulation: int,
+                       ctx: Distributed) -> list[int] | None:
+    """Indices of the training pairs the run's `total_steps` steps will score, by the same seeded
+    order and split as the loop (with each epoch's stand-in pair); None when that is all of them."""
+    used: set[int] = set()
+    steps_left, epoch = total_steps, 0
+    while steps_left > 0 and len(used) < num_pairs:
+        order = epoch_order(num_pairs, seed, epoch)
+        used.add(order[0])  # the stand-in a rank short of pairs scores at weight 0
+        for _, micro_batches in islice(rank_steps(order, batch_size, accumulation, ctx), steps_left):
+            used.update(i for indices in micro_batches for i in indices)
+            steps_left -= 1
+        epoch += 1
+    return None if len(used) == num_pairs else sorted(used)
 
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
@@ -144,40 +165,43 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log, cfg.data)
     eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log, cfg.data) if cfg.data.eval_data else []
 
-    policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code, cfg.lora.load_in_4bit)
-    policy = prepare_policy(policy, cfg.lora, cfg.scale.gradient_checkpointing)
-    policy.train()
-    # Reference log-probs precomputed (and cached) now from the initial weights, or a live
-    # reference (see --reference); then the policy (and a live reference) are wrapped for torchrun.
-    scorer = build_scorer(cfg, policy, lambda: _build_reference(cfg, policy, device), tokenizer.pad_token_id,
-                          device, [train_pairs, eval_pairs], output, log, ctx.world_size)
-    policy = scorer.policy = parallelize(policy, cfg, ctx)
-    if scorer.live_reference:
-        scorer.reference = parallelize(scorer.reference, cfg, ctx)
-
     global_batch = cfg.global_batch_size * ctx.world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warn_warmup(warmup_steps(t, total_steps), total_steps, t.learning_rate, log)
+    train_fingerprint = data_fingerprint(train_pairs)
+    if resume_from is not None:  # before any heavy work: a refused resume costs seconds
+        ckpt.check_resume_data(resume_from, train_fingerprint, global_batch)
+
+    policy = load_policy(cfg.model.model, device, cfg.model.trust_remote_code, cfg.lora.load_in_4bit)
+    policy = prepare_policy(policy, cfg.lora, cfg.scale.gradient_checkpointing)
+    policy.train()
+    # The reference's weights fingerprint (the cache key's, computed once): rank 0 alone checks a
+    # resume and writes checkpoints, so the other ranks skip hashing.
+    reference_weights = (run_reference_weights(cfg.model.model, cfg.model.reference_model, policy)
+                         if needs_reference(cfg.loss) and ctx.is_main else None)
+    if resume_from is not None:
+        ckpt.check_resume_reference(resume_from, reference_weights, cfg.model.reference_model or cfg.model.model)
+    # Reference log-probs precomputed (and cached) now from the initial weights, for the pairs the
+    # run will use, or a live reference (see --reference); then the policy (and a live reference)
+    # are wrapped for torchrun.
+    used = pairs_the_run_uses(len(train_pairs), t.seed, total_steps, t.batch_size, t.gradient_accumulation_steps, ctx)
+    scorer = build_scorer(cfg, policy, lambda: _build_reference(cfg, policy, device), tokenizer.pad_token_id,
+                          device, [train_pairs, eval_pairs], output, log, ctx.world_size, needed=[used, None],
+                          reference_weights=reference_weights)
+    policy = scorer.policy = parallelize(policy, cfg, ctx)
+    if scorer.live_reference:
+        scorer.reference = parallelize(scorer.reference, cfg, ctx)
+
     optimizer = build_optimizer(policy, t)
     scheduler = build_scheduler(optimizer, t, total_steps)
     scaler = grad_scaler(device, cfg.model.dtype, ctx)
     params = [p for p in policy.parameters() if p.requires_grad]
 
-    state = ckpt.TrainState(data_fingerprint=data_fingerprint(train_pairs),
-                            reference_fingerprint=getattr(scorer, "reference_fingerprint", None),
+    state = ckpt.TrainState(data_fingerprint=train_fingerprint, reference_fingerprint=reference_weights,
                             global_batch_size=global_batch)
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler)
-        if saved.data_fingerprint != state.data_fingerprint:
-            raise DpokitError(f"cannot resume from {resume_from}: the training data (or its tokenization) "
-                              "differs from the checkpoint's")
-        if saved.global_batch_size not in (0, global_batch):
-            raise DpokitError(
-                f"cannot resume from {resume_from}: the global batch (batch size x accumulation x processes) "
-                f"was {saved.global_batch_size}, now {global_batch}; split the same global batch differently"
-            )
-        state = saved
+        state = ckpt.load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler)
         state.global_batch_size = global_batch
         log(f"resuming from {resume_from} at step {state.step}/{total_steps}")
     if ctx.is_main:  # rank 0 alone writes files
@@ -257,14 +281,18 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
                 bar.update(1)
                 # log, evaluate, checkpoint
                 last = state.step == total_steps
+                entry = {}
                 if state.step % t.log_every == 0 or last:
                     entry = window.flush(state.step, state.step / steps_per_epoch, ctx.sum)
                     if entry:
                         check_finite_record(entry, state.step)
-                        if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
-                            entry.update(scorer.evaluate(eval_pairs, t.batch_size))
-                        record(entry)
-                        _report(entry, bar, show_bar, log, total_steps)
+                # Evaluations keep their own cadence, whatever --log-every is (the last one comes below).
+                if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
+                    entry = entry or {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4)}
+                    entry.update(scorer.evaluate(eval_pairs, t.batch_size))
+                if entry:
+                    record(entry)
+                    _report(entry, bar, show_bar, log, total_steps)
                 if t.save_every and state.step % t.save_every == 0 and not last:
                     save()
                 if signal_seen and not last:
@@ -348,6 +376,9 @@ def _handle_nonfinite(skip: bool, step: int, loss: torch.Tensor, grad_norm: torc
 
 
 def _report(entry: dict, bar: tqdm, show_bar: bool, log: Log, total: int) -> None:
+    if "loss" not in entry:  # an evaluation between two log lines
+        log(f"step {entry['step']}/{total}: {describe(entry)}")
+        return
     if show_bar:
         bar.set_postfix(loss=f"{entry['loss']:.4f}", acc=f"{entry['rewards/accuracies']:.2f}")
     else:

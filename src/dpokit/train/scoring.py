@@ -22,7 +22,12 @@ from dpokit.logprobs import PairLogps, model_body, sequence_logps, supports_layo
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.models import autocast_context
-from dpokit.reference import PrecomputedReference, precompute_reference, reference_fingerprint
+from dpokit.reference import (
+    PrecomputedReference,
+    precompute_reference,
+    reference_fingerprint,
+    run_reference_weights,
+)
 
 
 @dataclass
@@ -154,6 +159,8 @@ def build_scorer(
     output: Path,
     log: Callable[[str], None] = print,
     world_size: int = 1,
+    needed: Sequence[Sequence[int] | None] | None = None,
+    reference_weights: str | None = None,
 ) -> PairScorer:
     """The run's scorer, with its reference ready: cached or precomputed, live, or none.
 
@@ -161,7 +168,9 @@ def build_scorer(
     checkpoint restore): a cache miss computes the reference log-probs with `policy` itself
     (under LoRA the adapters start at zero, so that is the base model). `make_live_reference`
     builds the live reference only when one is used. `datasets` are every set of pairs the run
-    will score (train, eval).
+    will score (train, eval); `needed[k]`, the indices of dataset k the run will use (None: all),
+    limits the precomputed pass to those. `reference_weights` is the reference's weights
+    fingerprint when the caller has it already (`run_reference_weights`).
     """
     compile_if_asked(policy, cfg)
     scorer = PairScorer(cfg, policy, None, pad_id, device)
@@ -179,13 +188,15 @@ def build_scorer(
         scorer.reference = make_live_reference()
         scorer.live_reference = True
         return scorer
-    fingerprint = reference_fingerprint(cfg.model.model, policy, cfg.model.dtype)
+    weights = reference_weights or run_reference_weights(cfg.model.model, None, policy)
+    fingerprint = reference_fingerprint(weights, cfg.model.dtype, load_in_4bit=cfg.lora.load_in_4bit,
+                                        attention=getattr(getattr(policy, "config", None), "_attn_implementation", None))
     folder = Path(cfg.speed.reference_cache) if cfg.speed.reference_cache else output / "reference-cache"
     was_training = policy.training
     policy.eval()
     try:
         scorer.reference = precompute_reference(
-            scorer.no_grad_logps, datasets, fingerprint, folder, 2 * cfg.train.batch_size, log
+            scorer.no_grad_logps, datasets, fingerprint, folder, 2 * cfg.train.batch_size, log, needed
         )
     finally:
         policy.train(was_training)
