@@ -330,7 +330,8 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
     reference_model = load_policy(reference, torch_device, trust_remote_code).eval()
     result: dict = {"policy": str(model), "reference": str(reference)}
     if data:
-        max_length = fit_max_length(max_length, max_prompt_length, context_limit(policy.config, tok), log)
+        data_settings.max_length = fit_max_length(data_settings.max_length, data_settings.max_prompt_length,
+                                                  context_limit(policy.config, tok), log)
         result["preferences"] = preference_metrics(
             policy, reference_model, tok, data, loss=loss_config_for(model, loss_overrides), data=data_settings,
             batch_size=batch_size, device=torch_device, dtype=dtype, log=log)

@@ -103,7 +103,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if command.evaluation_output:
         check_outputs_apart([("--output", command.evaluation_output)], [
             ("--model", model.model), ("--reference", command.reference), ("--tokenizer", model.tokenizer),
-            ("--data", data.data), ("--prompts", judging.prompts), ("--judge", judging.judge)])
+            ("--data", data_flags.get("data")), ("--prompts", judging.prompts), ("--judge", judging.judge)])
         check_creatable(command.evaluation_output, "--output", folder=False)
     # --json keeps stdout for the JSON object alone; progress lines go to stderr.
     log = (lambda line: print(line, file=sys.stderr)) if command.json_output else print
