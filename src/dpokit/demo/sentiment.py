@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
+from dpokit.demo.bundled import BASE_MODEL_DIR, base_model_dir
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_write_text, run_folder_lock
 from dpokit.paths import check_creatable, check_outputs_apart
@@ -99,6 +100,8 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
              log: Log = print) -> DemoResult:
     """Run the whole experiment into `output`; print the table; return the summary (summary.json).
     The folder is locked for the demo's life (one writer at a time)."""
+    check_outputs_apart([("--output", output)], [("the bundled base model", BASE_MODEL_DIR)])
+    check_creatable(output, "--output")
     with run_folder_lock(output):
         return _run_demo(s, output, online=online, progress=progress, log=log)
 
@@ -106,7 +109,6 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
 def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
     import torch
 
-    from dpokit.demo.bundled import BASE_MODEL_DIR, base_model_dir
     from dpokit.demo.corpus import review_openings
     from dpokit.judges import load_judge
     from dpokit.models import load_policy, load_tokenizer
@@ -118,8 +120,6 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
     started = time.perf_counter()
     torch.set_num_threads(s.threads)
     out = Path(output)
-    check_outputs_apart([("--output", out)], [("the bundled base model", BASE_MODEL_DIR)])
-    check_creatable(out, "--output")
     out.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
     bar_setting = "on" if show else "off"

@@ -116,6 +116,7 @@ def _rewind_metrics(path: Path, step: int) -> None:
 
 def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     """Run one training job: a single process, or one rank of a torchrun launch."""
+    check_run_paths(cfg)  # before anything else, the lock file included: an output never lands on an input
     ctx, device = init_distributed(cfg.model.device)
     try:
         # One writer per run folder: a second train/resume on it is refused while this one lives.
@@ -143,7 +144,6 @@ def pairs_the_run_uses(num_pairs: int, seed: int, total_steps: int, batch_size: 
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
     t = cfg.train
-    check_run_paths(cfg)  # before anything else: an output never lands on an input
     for name in (cfg.model.model, cfg.model.reference_model):  # local paths first; offline fails at once
         if name:
             check_model_source(name)
