@@ -18,7 +18,8 @@ from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.logprobs import PairLogps, sequence_logps, supports_layout
+from dpokit.attention import layout_blocker
+from dpokit.logprobs import PairLogps, sequence_logps
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.models import autocast_context
@@ -66,11 +67,13 @@ class PairScorer:
         speed = cfg.speed
         self.chunked_head = {"auto": None, "chunked": True, "plain": False}[speed.lm_head]
         if speed.layout == "auto":
-            self.layouts = [lay for lay in ("packed", "prefix-shared") if supports_layout(policy, lay)] or ["padded"]
+            self.layouts = [lay for lay in ("packed", "prefix-shared") if layout_blocker(policy, lay) is None]
+            self.layouts = self.layouts or ["padded"]
         else:
-            if not supports_layout(policy, speed.layout):
-                raise DpokitError(f"--layout {speed.layout} needs sdpa or eager attention; this model uses "
-                                  f"{policy.config._attn_implementation}")
+            why = layout_blocker(policy, speed.layout)
+            if why is not None:
+                model_type = getattr(policy.config, "model_type", "this model")
+                raise DpokitError(f"--layout {speed.layout} is not exact for {model_type}: {why}")
             self.layouts = [speed.layout]
         self.cost = LayoutCost(getattr(policy, "config", None))
 
