@@ -24,6 +24,7 @@ from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.models import autocast_context
 from dpokit.reference import PrecomputedReference, precompute_reference, reference_fingerprint
+from dpokit.train.layout_guard import check_first_batch
 
 
 @dataclass
@@ -175,6 +176,10 @@ def build_scorer(
             raise DpokitError("under torchrun only --layout padded and --lm-head plain are supported yet "
                               "(auto picks them)")
         scorer.layouts, scorer.chunked_head = ["padded"], False
+    else:
+        # Before the reference is precomputed in the same layout: a layout that is not exact here
+        # falls back to padded + plain (under auto) before it scores anything.
+        check_first_batch(scorer, list(datasets[0][: cfg.train.batch_size]), output, log)
     if not needs_reference(cfg.loss):
         return scorer
     if uses_live_reference(cfg, world_size):
