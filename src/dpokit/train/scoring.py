@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from dpokit.attention import layout_blocker
 from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.attention import layout_blocker
 from dpokit.logprobs import PairLogps, sequence_logps
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
