@@ -144,6 +144,7 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
             "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(),
+            "layout_check_s": json.loads((result.output / "layout_check.json").read_text()).get("seconds", 0.0),
             "notes": [line for line in lines if line.startswith("reference")]}
 
 
@@ -182,7 +183,8 @@ def worker_trl(folder: Path, opts: dict) -> dict:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
-            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(), "notes": []}
+            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(),
+            "notes": []}
 
 
 def worker_gemm(opts: dict) -> dict:
@@ -229,7 +231,15 @@ def summarise(name: str, runs: list[dict], info: dict, opts: dict, gemm: float) 
             "peak_gpu_mb": statistics.median(run.get("peak_gpu_mb", 0.0) for run in runs),
             "before_first_step_s": statistics.median(run["before_first_step_s"] for run in runs),
             "mfu": flops / seconds / gemm, "runs": len(runs), "timed_s_all": [round(r["timed_s"], 2) for r in runs],
-            "losses": runs[0]["losses"], "notes": runs[0]["notes"]}
+            "losses": runs[0]["losses"], "notes": runs[0]["notes"], **_layout_check_cost(runs, seconds / opts["steps"])}
+
+
+def _layout_check_cost(runs: list[dict], step_s: float) -> dict:
+    """dpokit's first-batch layout check: seconds, and as a fraction of a 100-step run's step time."""
+    if "layout_check_s" not in runs[0]:
+        return {}
+    check_s = statistics.median(run["layout_check_s"] for run in runs)
+    return {"layout_check_s": check_s, "layout_check_of_100_steps": check_s / (100 * step_s)}
 
 
 def print_table(title: str, rows: list[dict], baseline: str | None) -> None:
@@ -250,6 +260,10 @@ def print_table(title: str, rows: list[dict], baseline: str | None) -> None:
               + f"{r['before_first_step_s']:8.1f} {r['pairs_per_cpu_s']:11.2f} {r['mfu']:20.1%} {ratio}  {losses}")
     if base:
         print(f"(ratios against: {baseline})")
+    for r in rows:
+        if "layout_check_s" in r:
+            print(f"{r['name']}: first-batch layout check {r['layout_check_s']:.3f} s = "
+                  f"{r['layout_check_of_100_steps']:.3%} of 100 timed steps")
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ outcome is written to `layout_check.json` in the run folder.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def check_first_batch(scorer, pairs: Sequence[TokenizedPair], output: Path,
               "fallback": False}
     if not candidates and head == "plain" or not pairs:
         return _write(record, output)
+    started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
@@ -67,6 +69,7 @@ def check_first_batch(scorer, pairs: Sequence[TokenizedPair], output: Path,
             record["checked"].append(_check(model, pairs, scorer, layout, plain, chunk))
     finally:
         model.train(was_training)
+    record["seconds"] = round(time.perf_counter() - started, 4)  # its cost, for the benchmark
     failed = [c for c in record["checked"] if not c["exact"]]
     if failed:
         _fall_back(scorer, record, failed[0], model_type, head, log)
