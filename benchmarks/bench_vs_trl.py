@@ -183,8 +183,7 @@ def worker_trl(folder: Path, opts: dict) -> dict:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
-            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(),
-            "notes": []}
+            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(), "notes": []}
 
 
 def worker_gemm(opts: dict) -> dict:
