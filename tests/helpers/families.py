@@ -41,6 +41,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mpt": ("mpt", {"d_model": 16, "n_layers": 2, "n_heads": 2, "max_seq_len": 128}),
     "bloom": ("bloom", {"hidden_size": 16, "n_layer": 2, "n_head": 2}),
     "olmo2": ("olmo2", _LLAMA_LIKE),
+    "persimmon": ("persimmon", {k: v for k, v in _LLAMA_LIKE.items() if k != "num_key_value_heads"}),
     "stablelm": ("stablelm", _LLAMA_LIKE),
     "starcoder2": ("starcoder2", {**_LLAMA_LIKE, **_SW}),
     "cohere": ("cohere", _LLAMA_LIKE),

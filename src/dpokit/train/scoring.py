@@ -17,7 +17,7 @@ import torch
 from dpokit.attention import layout_blocker
 from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
-from dpokit.data.batching import PairBatch, collate, plan_rows
+from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
 from dpokit.errors import DpokitError
 from dpokit.logprobs import PairLogps, sequence_logps
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
@@ -179,7 +179,9 @@ def build_scorer(
     else:
         # Before the reference is precomputed in the same layout: a layout that is not exact here
         # falls back to padded + plain (under auto) before it scores anything.
-        check_first_batch(scorer, list(datasets[0][: cfg.train.batch_size]), output, log)
+        train_pairs = datasets[0]
+        first = epoch_order(len(train_pairs), cfg.train.seed, 0)[: cfg.train.batch_size]
+        check_first_batch(scorer, [train_pairs[i] for i in first], output, log)
     if not needs_reference(cfg.loss):
         return scorer
     if uses_live_reference(cfg, world_size):
