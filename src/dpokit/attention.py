@@ -31,7 +31,9 @@ _LOCAL_BY_COLUMN = ("its local attention window is measured by column, so reject
 
 
 def _config(model):
-    return getattr(model, "config", None)
+    """The model's config; a LoRA reference (`models.AdaptersDisabled`) holds it on its peft model."""
+    config = getattr(model, "config", None)
+    return config if config is not None else getattr(getattr(model, "peft_model", None), "config", None)
 
 
 def attention_impl(model) -> str:
