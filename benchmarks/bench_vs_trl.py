@@ -144,7 +144,13 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
             "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(),
+            **_layout_check_seconds(result.output),
             "notes": [line for line in lines if line.startswith("reference")]}
+
+
+def _layout_check_seconds(output: Path) -> dict:
+    record = json.loads((output / "layout_check.json").read_text())
+    return {"layout_check_s": record.get("seconds", 0.0), "layout_check_cpu_s": record.get("cpu_seconds", 0.0)}
 
 
 def worker_trl(folder: Path, opts: dict) -> dict:
@@ -229,7 +235,17 @@ def summarise(name: str, runs: list[dict], info: dict, opts: dict, gemm: float) 
             "peak_gpu_mb": statistics.median(run.get("peak_gpu_mb", 0.0) for run in runs),
             "before_first_step_s": statistics.median(run["before_first_step_s"] for run in runs),
             "mfu": flops / seconds / gemm, "runs": len(runs), "timed_s_all": [round(r["timed_s"], 2) for r in runs],
-            "losses": runs[0]["losses"], "notes": runs[0]["notes"]}
+            "losses": runs[0]["losses"], "notes": runs[0]["notes"], **_layout_check_cost(runs, seconds / opts["steps"], cpu_seconds / opts["steps"])}
+
+
+def _layout_check_cost(runs: list[dict], step_s: float, step_cpu_s: float) -> dict:
+    """dpokit's first-batch layout check: seconds, and as a fraction of 100 steps (wall and CPU time)."""
+    if "layout_check_s" not in runs[0]:
+        return {}
+    check_s = statistics.median(run["layout_check_s"] for run in runs)
+    check_cpu_s = statistics.median(run["layout_check_cpu_s"] for run in runs)
+    return {"layout_check_s": check_s, "layout_check_of_100_steps": check_s / (100 * step_s),
+            "layout_check_cpu_of_100_steps": check_cpu_s / (100 * step_cpu_s)}
 
 
 def print_table(title: str, rows: list[dict], baseline: str | None) -> None:
@@ -250,6 +266,11 @@ def print_table(title: str, rows: list[dict], baseline: str | None) -> None:
               + f"{r['before_first_step_s']:8.1f} {r['pairs_per_cpu_s']:11.2f} {r['mfu']:20.1%} {ratio}  {losses}")
     if base:
         print(f"(ratios against: {baseline})")
+    for r in rows:
+        if "layout_check_s" in r:
+            print(f"{r['name']}: first-batch layout check {r['layout_check_s']:.3f} s = "
+                  f"{r['layout_check_of_100_steps']:.3%} of 100 timed steps "
+                  f"({r['layout_check_cpu_of_100_steps']:.3%} in CPU time)")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dpokit.attention import attention_inputs
 from dpokit.data.batching import PairBatch
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
@@ -174,50 +175,6 @@ def head_is_plain(model: torch.nn.Module) -> bool:
     return verdict
 
 
-def block_attention_mask(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> torch.Tensor:
-    """(R, T) segments and branches -> (R, 1, T, T) bool, True where query t may attend key s.
-
-    t attends s when both are in the same block, s <= t, and s is shared (prompt) or on t's
-    own branch: block-diagonal causal attention, and rejected never sees chosen.
-    """
-    width = segment_ids.shape[1]
-    idx = torch.arange(width, device=segment_ids.device)
-    causal = idx[None, :] <= idx[:, None]
-    same_block = segment_ids[:, :, None] == segment_ids[:, None, :]
-    key_branch = branch_ids[:, None, :]
-    visible = (key_branch == 0) | (key_branch == branch_ids[:, :, None])
-    return (same_block & visible & causal)[:, None]
-
-
-def supports_layout(model: torch.nn.Module, layout: str) -> bool:
-    """Packed needs a 4D mask (sdpa, eager) or varlen attention (flash); prefix-shared a 4D mask."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", "eager") or "eager"
-    if layout == "padded":
-        return True
-    if impl in ("sdpa", "eager"):
-        return True
-    return layout == "packed" and "flash" in impl
-
-
-def attention_inputs(model: torch.nn.Module, batch: PairBatch) -> dict[str, torch.Tensor | None]:
-    """The attention_mask / position_ids keyword arguments for `batch` in the model's attention form."""
-    if batch.layout == "padded":
-        return {"attention_mask": batch.attention_mask}
-    if not supports_layout(model, batch.layout):
-        raise ValueError(f"layout {batch.layout} is not supported with attention "
-                         f"{model.config._attn_implementation}; use sdpa or eager")
-    impl = model.config._attn_implementation
-    if "flash" in impl:
-        # Varlen attention: transformers finds sequence starts where the position ids restart.
-        return {"attention_mask": None, "position_ids": batch.position_ids}
-    allowed = block_attention_mask(batch.segment_ids, batch.branch_ids)
-    if impl == "eager":
-        # Eager attention adds the mask to the scores.
-        allowed = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device).masked_fill_(
-            ~allowed, torch.finfo(torch.float32).min)
-    return {"attention_mask": allowed, "position_ids": batch.position_ids}
-
-
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool | None = None,
                    chunk: int | None = None) -> PairLogps:
     """Run `model` on the batch and sum each sequence's scored-token log-probs.
@@ -226,15 +183,16 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool 
     False = the plain path (full logits from the model); True = require the chunked head.
     """
     use_chunked = head_is_plain(model) if chunked_head is None else chunked_head
-    inputs = {"input_ids": batch.input_ids, "use_cache": False, **attention_inputs(model, batch)}
+    inputs = {"use_cache": False, **attention_inputs(model, batch)}
+    shape = batch.input_ids.shape  # FlashAttention runs packed rows as one flattened row
     if use_chunked:
         body, head = model_body(model), model.get_output_embeddings()
         if body is None or not isinstance(head, torch.nn.Linear):
             raise ValueError("the chunked LM head needs a model with a body and a Linear output layer")
-        hidden = body(**inputs).last_hidden_state[batch.score_rows, batch.score_cols]
+        hidden = body(**inputs).last_hidden_state.view(*shape, -1)[batch.score_rows, batch.score_cols]
         logps = chunked_head_logps(hidden, head.weight, head.bias, batch.targets, chunk)
     else:
-        logits = model(**inputs).logits
+        logits = model(**inputs).logits.view(*shape, -1)
         logps = token_logps(logits[batch.score_rows, batch.score_cols], batch.targets, chunk)
     num_seqs = 2 * batch.num_pairs
     summed = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, batch.score_seq, logps)

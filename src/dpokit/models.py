@@ -194,9 +194,11 @@ def frozen_reference(policy: torch.nn.Module) -> torch.nn.Module:
 def disable_dropout(model: torch.nn.Module) -> None:
     """Zero every dropout: DPO's log-ratios must be deterministic for policy and reference alike.
 
-    Covers `nn.Dropout` modules and the float `*dropout*` attributes attention layers read
-    directly (Llama's `attention_dropout`), so train mode (needed by gradient checkpointing)
-    stays dropout-free. The model's config is left as it was, so the saved model keeps it.
+    Covers `nn.Dropout` modules, the float `*dropout*` attributes attention layers read directly
+    (Llama's `attention_dropout`), and the config's float `*dropout*` / `*pdrop*` fields that some
+    models read at forward time (Falcon's `hidden_dropout`, Persimmon, MPT's `attn_config`), so
+    train mode (needed by gradient checkpointing) stays dropout-free. The saved config therefore
+    records dropout 0, as the model was trained.
     """
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -204,6 +206,21 @@ def disable_dropout(model: torch.nn.Module) -> None:
         for name, value in list(vars(module).items()):
             if "dropout" in name and isinstance(value, float):
                 setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            _zero_config_dropout(config, set())
+
+
+def _zero_config_dropout(config, seen: set[int]) -> None:
+    """Zero the float dropout fields of a (transformers) config and of its sub-configs."""
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for name, value in list(vars(config).items()):
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+        elif hasattr(value, "to_dict") and not isinstance(value, torch.nn.Module):  # text_config, attn_config
+            _zero_config_dropout(value, seen)
 
 
 def autocast_context(device: torch.device, dtype: str):

@@ -14,7 +14,7 @@ reads only that spec, so every layout yields the same per-sequence log-probs.
 
 Packed and prefix-shared rows describe attention with `segment_ids` (which block a token is in)
 and `branch_ids` (0 = visible to the whole block, 1 = chosen, 2 = rejected);
-`logprobs.attention_inputs` turns them into the mask form the model's attention wants.
+`attention.attention_inputs` turns them into the mask form the model's attention wants.
 """
 
 from __future__ import annotations

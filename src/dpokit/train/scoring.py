@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 
+from dpokit.attention import layout_blocker
 from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
-from dpokit.data.batching import PairBatch, collate, plan_rows
+from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.logprobs import PairLogps, model_body, sequence_logps, supports_layout
+from dpokit.logprobs import PairLogps, model_body, sequence_logps
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.models import autocast_context
@@ -28,6 +29,7 @@ from dpokit.reference import (
     reference_fingerprint,
     run_reference_weights,
 )
+from dpokit.train.layout_guard import check_first_batch
 
 
 @dataclass
@@ -71,11 +73,13 @@ class PairScorer:
         speed = cfg.speed
         self.chunked_head = {"auto": None, "chunked": True, "plain": False}[speed.lm_head]
         if speed.layout == "auto":
-            self.layouts = [lay for lay in ("packed", "prefix-shared") if supports_layout(policy, lay)] or ["padded"]
+            self.layouts = [lay for lay in ("packed", "prefix-shared") if layout_blocker(policy, lay) is None]
+            self.layouts = self.layouts or ["padded"]
         else:
-            if not supports_layout(policy, speed.layout):
-                raise DpokitError(f"--layout {speed.layout} needs sdpa or eager attention; this model uses "
-                                  f"{policy.config._attn_implementation}")
+            why = layout_blocker(policy, speed.layout)
+            if why is not None:
+                model_type = getattr(policy.config, "model_type", "this model")
+                raise DpokitError(f"--layout {speed.layout} is not exact for {model_type}: {why}")
             self.layouts = [speed.layout]
         self.cost = LayoutCost(getattr(policy, "config", None))
 
@@ -182,6 +186,12 @@ def build_scorer(
             raise DpokitError("under torchrun only --layout padded and --lm-head plain are supported yet "
                               "(auto picks them)")
         scorer.layouts, scorer.chunked_head = ["padded"], False
+    else:
+        # Before the reference is precomputed in the same layout: a layout that is not exact here
+        # falls back to padded + plain (under auto) before it scores anything.
+        train_pairs = datasets[0]
+        first = epoch_order(len(train_pairs), cfg.train.seed, 0)[: cfg.train.batch_size]
+        check_first_batch(scorer, [train_pairs[i] for i in first], output, log)
     if not needs_reference(cfg.loss):
         return scorer
     if uses_live_reference(cfg, world_size):
