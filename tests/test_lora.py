@@ -4,6 +4,8 @@ Also the precision options that go with it: fp16 loss scaling and the 4-bit guar
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -241,7 +243,11 @@ def test_lora_trains_with_a_live_reference_and_the_chunked_head_in_every_layout(
                      "--lora-r", "4", "--reference", "live", "--layout", layout, "--lm-head", "chunked",
                      "--max-steps", "2", "--batch-size", "4", "--max-length", "32", "--progress", "off"])
     assert code == 0, capsys.readouterr().err
-    assert len(calls) == 2 * 2  # each step: the policy's forward and the adapters-disabled reference's
+    guard = json.loads((out / "layout_check.json").read_text())
+    assert guard["lm_head"] == "chunked" and not guard["fallback"]
+    # Each step: the policy's forward and the adapters-disabled reference's; plus the first-batch
+    # guard's one chunked scoring per layout it checked.
+    assert len(calls) == 2 * 2 + len(guard["checked"])
     assert (out / "adapter_model.safetensors").is_file()
 
 
