@@ -1,0 +1,160 @@
+"""What a new user meets following the README (issue 22): metrics that read right, skipped steps
+that are logged, errors that name the right thing, files with the usual modes, quiet pipes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dpokit.config import build_config
+from dpokit.demo.bundled import base_model_dir
+from dpokit.demo.toy import make_pairs, write_jsonl
+from dpokit.errors import DpokitError
+from dpokit.logprobs import PairLogps
+from dpokit.losses import LossOutput
+from dpokit.metrics import FLOAT32_ROUNDOFF, TIE_ROUNDOFF_UNITS, PairMetrics
+from dpokit.train import checkpoint as ckpt
+from dpokit.train import loop, metrics_window, scoring
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _config(model_dir, data, out, eval_data=None, **train):
+    section = {"output": str(out), "learning_rate": 1e-3, "batch_size": 4, "max_steps": 3, "progress": "off",
+               **train}
+    data_section = {"data": str(data), "max_length": 32}
+    if eval_data:
+        data_section["eval_data"] = str(eval_data)
+    return build_config({"model": {"model": str(model_dir)}, "data": data_section, "train": section})
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("walk")
+    return write_jsonl(folder / "t.jsonl", make_pairs(12, seed=3)), write_jsonl(folder / "e.jsonl", make_pairs(8, seed=4))
+
+
+# --- item 3: throughput is training time; ties at the start are ties -----------------------------
+
+
+def test_throughput_leaves_out_evaluation_and_saving(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    # The metrics clock jumps 1000 s during each evaluation and each checkpoint save; a window
+    # that counted them could not reach 4 pairs / 1000 s.
+    clock = {"offset": 0.0}
+    monkeypatch.setattr(metrics_window, "time", SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + clock["offset"]))
+
+    def jumping(real):
+        def wrapper(*args, **kwargs):
+            clock["offset"] += 1000.0
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(scoring.PairScorer, "evaluate", jumping(scoring.PairScorer.evaluate))
+    monkeypatch.setattr(ckpt, "save_checkpoint", jumping(ckpt.save_checkpoint))
+    out = tmp_path / "run"
+    loop.train(_config(tiny_model_dir, small_data[0], out, small_data[1], eval_every=1, save_every=1),
+               log=lambda _: None)
+    steps = [r for r in _records(out) if "throughput/pairs_per_s" in r]
+    assert len(steps) == 3 and clock["offset"] >= 4000  # evaluated and saved after steps 1 and 2
+    assert all(r["throughput/pairs_per_s"] > 0.04 for r in steps), [r["throughput/pairs_per_s"] for r in steps]
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix-shared"])
+def test_policy_equal_to_reference_reads_as_ties_in_every_layout(small_data, tmp_path, layout):
+    # The demo's model: its cached reference (a pass at twice the batch size) differs from the
+    # step-1 policy pass by float32 rounding in every layout.
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(16, seed=5))
+    cfg = _config(base_model_dir(), data, tmp_path / "run", small_data[1], max_steps=1, batch_size=8, eval_every=1)
+    cfg.speed.layout = layout
+    result = loop.train(cfg, log=lambda _: None)
+    step0, step1 = result.history[0], result.history[1]
+    assert step0["step"] == 0 and step0["eval_rewards/accuracies"] == 0.0
+    assert step1["step"] == 1 and step1["rewards/accuracies"] == 0.0
+    assert abs(step1["rewards/margins"]) < 1e-4  # the margins themselves are noise, not learning
+
+
+def test_a_margin_beyond_float_noise_counts_as_a_win():
+    logps = PairLogps(chosen_logps=torch.tensor([-50.0, -50.0, -50.0]),
+                      rejected_logps=torch.tensor([-50.0, -50.0, -50.0]),
+                      chosen_lengths=torch.tensor([10, 10, 10]), rejected_lengths=torch.tensor([10, 10, 10]))
+    beta = 0.1
+    tolerance = beta * TIE_ROUNDOFF_UNITS * FLOAT32_ROUNDOFF * 2 * 100.0  # 7.6e-5
+    margins = torch.tensor([0.0, 0.5 * tolerance, 2 * tolerance])
+    out = LossOutput(losses=torch.zeros(3), chosen_rewards=margins, rejected_rewards=torch.zeros(3))
+    metrics = PairMetrics(beta)
+    metrics.add(out, logps)
+    assert metrics.compute()["rewards/accuracies"] == pytest.approx(1 / 3)
+
+
+# --- items 4 and 5: skipped and non-finite steps say what happened ------------------------------
+
+
+def test_fp16_step_skipped_by_the_loss_scaler_is_logged_and_counted(tiny_model_dir, small_data, tmp_path,
+                                                                    monkeypatch, recwarn):
+    # A first loss scale of 2**40 overflows fp16 gradients for sure; the backoff brings it to 2**10.
+    monkeypatch.setattr(loop, "grad_scaler", lambda device, dtype, ctx: torch.amp.GradScaler(
+        device.type, init_scale=2.0**40, backoff_factor=2.0**-30, enabled=dtype == "fp16"))
+    out, lines = tmp_path / "fp16", []
+    cfg = _config(tiny_model_dir, small_data[0], out)
+    cfg.model.dtype = "fp16"
+    result = loop.train(cfg, log=lines.append)
+    assert result.nonfinite_skipped == 1
+    assert any(line.startswith("step 1: the fp16 gradient overflowed") for line in lines), lines
+    records = _records(out)
+    assert records[0] == {"step": 1, "epoch": records[0]["epoch"], "skipped": "fp16_gradient_overflow",
+                          "loss_scale": 1024.0}
+    assert [r["step"] for r in records if "loss" in r] == [2, 3]
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
+def test_a_non_finite_gradient_is_not_called_a_non_finite_loss(tiny_model_dir, small_data, tmp_path, monkeypatch):
+    real = loop.clip_grad_norm
+
+    def overflowing(params, max_norm):
+        return real(params, max_norm) * float("inf")
+
+    monkeypatch.setattr(loop, "clip_grad_norm", overflowing)
+    with pytest.raises(DpokitError, match=r"step 1: non-finite gradient \(norm inf; the loss [0-9.]+ is finite\)"):
+        loop.train(_config(tiny_model_dir, small_data[0], tmp_path / "run"), log=lambda _: None)
+
+
+# --- item 14: every published file gets the usual mode ----------------------------------------
+
+
+def test_checkpoint_and_final_weights_are_written_with_the_usual_mode(tiny_model_dir, small_data, tmp_path):
+    old = os.umask(0o022)
+    try:
+        loop.train(_config(tiny_model_dir, small_data[0], tmp_path / "run", max_steps=2, save_every=1),
+                   log=lambda _: None)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name == "model.safetensors" and "checkpoints" in p.parts for p in files)
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+            if p.stat().st_mode & 0o777 != 0o644} == {}
+
+
+# --- item 10: a reader that goes away is a normal end -------------------------------------------
+
+
+def test_a_closed_pipe_is_a_quiet_normal_exit(small_data):
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dpokit", "data", "inspect", str(small_data[0])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # like `| head` that has read what it wanted, before dpokit writes
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert stderr == ""
