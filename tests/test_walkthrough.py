@@ -158,3 +158,39 @@ def test_a_closed_pipe_is_a_quiet_normal_exit(small_data):
     stderr = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, stderr
     assert stderr == ""
+
+
+# --- item 2: a causal LM is not a judge ---------------------------------------------------------
+
+
+def test_a_causal_lm_given_as_judge_is_refused_naming_the_missing_head(tiny_model_dir):
+    from dpokit.judges import load_judge
+
+    with pytest.raises(DpokitError, match=r"lack the scoring head \(score\.weight missing\)"):
+        load_judge(str(tiny_model_dir))
+
+
+# --- item 7: a run names its models from any directory -----------------------------------------
+
+
+def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_elsewhere(
+        tiny_model_dir, small_data, tmp_path, monkeypatch):
+    import yaml
+
+    from dpokit.evaluate import evaluate_models
+    from dpokit.models import export_model
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    relative = os.path.relpath(tiny_model_dir, work)
+    loop.train(_config(relative, small_data[0], "runs/a", max_steps=1), log=lambda _: None)
+    saved = yaml.safe_load((work / "runs" / "a" / "dpokit_config.yaml").read_text())
+    assert saved["model"]["model"] == str(Path(tiny_model_dir).resolve())
+
+    monkeypatch.chdir(elsewhere)
+    run = str(work / "runs" / "a")
+    result = evaluate_models(run, data=str(small_data[1]), max_length=32, log=lambda _: None)
+    assert result["reference"] == str(Path(tiny_model_dir).resolve())
+    assert export_model(run, elsewhere / "exported", merge=False).is_dir()

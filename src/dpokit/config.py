@@ -391,6 +391,22 @@ def validate_data(d: DataConfig) -> None:
     parse_columns(d.columns)
 
 
+def with_absolute_model_paths(config: RunConfig) -> RunConfig:
+    """A copy whose local model, tokenizer and reference paths are absolute (hub ids stay as given),
+    so the run folder's dpokit_config.yaml still names them when read from another directory."""
+
+    def resolved(name: str | None) -> str | None:
+        if not name:
+            return name
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+
+    model = dataclasses.replace(config.model, model=resolved(config.model.model),
+                                tokenizer=resolved(config.model.tokenizer),
+                                reference_model=resolved(config.model.reference_model))
+    return dataclasses.replace(config, model=model)
+
+
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 

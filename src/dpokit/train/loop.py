@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpokit.config import RunConfig, dump_yaml
+from dpokit.config import RunConfig, dump_yaml, with_absolute_model_paths
 from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
@@ -113,6 +113,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
+    cfg = with_absolute_model_paths(cfg)  # the saved config must name them from any directory
     t = cfg.train
     resume_from = ckpt.resolve_resume(cfg)
     if resume_from is not None:
