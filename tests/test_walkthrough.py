@@ -194,3 +194,54 @@ def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_els
     result = evaluate_models(run, data=str(small_data[1]), max_length=32, log=lambda _: None)
     assert result["reference"] == str(Path(tiny_model_dir).resolve())
     assert export_model(run, elsewhere / "exported", merge=False).is_dir()
+
+
+# --- item 12: one option name, one meaning --------------------------------------------------------
+
+
+def test_evaluate_reference_model_is_the_reference_and_the_old_spelling_says_so(trained_run, toy_data, capsys):
+    from dpokit.cli import main
+
+    args = ["evaluate", "--model", str(trained_run), "--data", str(toy_data[1]), "--max-length", "32", "--json"]
+    assert main([*args, "--reference-model", str(trained_run)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == str(trained_run)
+    assert result["preferences"]["rewards/margins"] == 0.0  # the policy against itself
+    assert main([*args, "--reference", str(trained_run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"use --reference-model {trained_run}" in err[0], err
+
+
+def _help(*command: str) -> str:
+    from dpokit.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:
+        parser = action.choices[command[0]]
+    return " ".join(parser.format_help().split())
+
+
+def test_help_lists_only_what_each_command_uses():
+    from dpokit.demo.sentiment import settings_for
+
+    sample = _help("sample")
+    assert "--reference-model" not in sample and "loss scaling" not in sample and "--dtype" in sample
+    assert "--reference-model" in _help("evaluate")
+    full_betas = len(settings_for("full").betas)
+    assert full_betas == 5 and "five β" in _help("demo")
+
+
+def test_sweep_trains_a_combined_loss(tiny_model_dir, small_data, tmp_path):
+    import yaml
+
+    from dpokit.cli import main
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film"}, {"prompt": "the plot"}])
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--beta", "0.1", "--loss", "sigmoid,sft", "--loss-weights", "1,0.5", "--model",
+                 str(tiny_model_dir), "--data", str(small_data[0]), "--output", str(out), "--max-steps", "1",
+                 "--batch-size", "4", "--max-length", "32", "--prompts", str(prompts), "--judge", "sentiment",
+                 "--num-samples", "1", "--max-new-tokens", "2", "--progress", "off"])
+    assert code == 0
+    saved = yaml.safe_load((out / "sigmoid+sft-beta0.1" / "dpokit_config.yaml").read_text())
+    assert saved["loss"]["loss"] == "sigmoid,sft" and saved["loss"]["loss_weights"] == "1,0.5"

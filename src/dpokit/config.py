@@ -447,7 +447,9 @@ class JudgeConfig:
 @dataclass
 class SweepConfig:
     betas: str = _opt("0.01,0.05,0.1,0.3,1", "comma-separated β values, one training run each", flag="--beta")
-    losses: str = _opt("sigmoid", "comma-separated losses; every loss is trained at every β", flag="--loss")
+    losses: str = _opt(
+        "sigmoid", "the loss of each run, as in train (sigmoid,sft is one combined loss, weighted by --loss-weights); "
+        "give --loss again to sweep several losses, each trained at every β", flag="--loss")
 
 
 @dataclass
@@ -467,7 +469,7 @@ class OnlineConfig:
 class DemoConfig:
     demo_output: str = _opt("demo-output", "folder for the demo's files (default: demo-output)", flag="--output")
     quick: bool = _opt(False, "a smoke version in under a minute: fewer prompts, one β, short runs")
-    full: bool = _opt(False, "a bigger run: more prompts and samples, six β, longer runs, four online rounds")
+    full: bool = _opt(False, "a bigger run: more prompts and samples, five β, longer runs, four online rounds")
     online: bool = _opt(True, "also run online DPO rounds (continuing the DPO run at the largest β), on the same frontier")
     demo_seed: int = _opt(0, "seed of the prompts, the sampling and the training", flag="--seed")
 
@@ -509,6 +511,5 @@ class SampleCommandConfig:
 
 @dataclass
 class EvaluateCommandConfig:
-    reference: str | None = _opt(None, "the reference model folder (default: the base model a dpokit run names)")
     json_output: bool = _opt(False, "print the figures as one JSON object instead of a table", flag="--json")
     evaluation_output: str | None = _opt(None, "also write the figures as JSON to this file", flag="--output")
