@@ -245,3 +245,48 @@ def test_sweep_trains_a_combined_loss(tiny_model_dir, small_data, tmp_path):
     assert code == 0
     saved = yaml.safe_load((out / "sigmoid+sft-beta0.1" / "dpokit_config.yaml").read_text())
     assert saved["loss"]["loss"] == "sigmoid,sft" and saved["loss"]["loss_weights"] == "1,0.5"
+
+
+# --- item 13: train and the data doctor agree, and say only what holds ---------------------------
+
+
+def _rows_file(path: Path, rows: list[tuple[str, str, str]]) -> Path:
+    return write_jsonl(path, [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in rows])
+
+
+def test_train_warns_about_glued_prompt_and_response_text_like_the_doctor(tiny_model_dir, tmp_path):
+    from dpokit.config import DataConfig
+    from dpokit.data import PairTokenizer, load_tokenized_pairs
+    from dpokit.data.inspect import format_report, inspect_data
+    from dpokit.models import load_tokenizer
+
+    data = _rows_file(tmp_path / "glued.jsonl", [("the film was", "great", "dull"), ("the plot", " fun", " flat"),
+                                                 ("the cast", "warm", " bleak")])
+    lines = []
+    load_tokenized_pairs(str(data), PairTokenizer.from_config(load_tokenizer(str(tiny_model_dir)), DataConfig()),
+                         lines.append)
+    warning = "warning: 2 rows have no whitespace between prompt and response"
+    assert any(warning in line for line in lines), lines
+    assert warning in format_report(inspect_data(str(data), DataConfig()))
+
+
+def test_doctor_names_verbosity_only_when_chosen_answers_are_longer(tmp_path):
+    from dpokit.config import DataConfig
+    from dpokit.data.inspect import format_report, inspect_data
+    from dpokit.demo.toy import build_tokenizer
+
+    longer_rejected = _rows_file(tmp_path / "r.jsonl", [("the film", " fun", " dull and flat"),
+                                                        ("the plot", " great", " bleak so grim")])
+    text = format_report(inspect_data(str(longer_rejected), DataConfig(), tokenizer=build_tokenizer("word")))
+    assert "rejected longer 100.0%" in text and "learn verbosity" not in text
+    assert "length None" not in text and "prompts are never cut: no --max-prompt-length" in text
+    longer_chosen = _rows_file(tmp_path / "c.jsonl", [("the film", " fun and warm", " dull")])
+    assert "(DPO can learn verbosity from this)" in format_report(inspect_data(str(longer_chosen), DataConfig()))
+
+
+def test_an_eval_set_with_no_usable_row_counts_the_rows_it_read(tiny_model_dir, small_data, tmp_path):
+    same = _rows_file(tmp_path / "same.jsonl", [("the film", " fun", " fun"), ("the plot", " dull", " dull")])
+    lines = []
+    with pytest.raises(DpokitError, match=r"same\.jsonl: no usable pairs \(0/2 pairs kept"):
+        loop.train(_config(tiny_model_dir, small_data[0], tmp_path / "run", same), log=lines.append)
+    assert not [line for line in lines if "0/0" in line]
