@@ -290,3 +290,36 @@ def test_an_eval_set_with_no_usable_row_counts_the_rows_it_read(tiny_model_dir, 
     with pytest.raises(DpokitError, match=r"same\.jsonl: no usable pairs \(0/2 pairs kept"):
         loop.train(_config(tiny_model_dir, small_data[0], tmp_path / "run", same), log=lines.append)
     assert not [line for line in lines if "0/0" in line]
+
+
+# --- item 6: LoRA run folders work wherever a model is taken ------------------------------------
+
+
+def test_a_lora_run_folder_samples_evaluates_and_reports(tiny_model_dir, small_data, tmp_path, capsys):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.cli import main
+    from dpokit.models import load_policy
+
+    run = tmp_path / "lora"
+    cfg = _config(tiny_model_dir, small_data[0], run, max_steps=2, learning_rate=1e-2)
+    cfg.lora.lora_r, cfg.lora.lora_alpha = 4, 8.0
+    loop.train(cfg, log=lambda _: None)
+    assert not (run / "config.json").exists()
+
+    merged = load_policy(str(run), torch.device("cpu")).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run)).eval()
+    ids = torch.tensor([[2, 5, 9, 11, 3]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=0)
+
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the film"}])
+    assert main(["sample", "--model", str(run), "--prompt", "the film", "--max-new-tokens", "3"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(run), "--data", str(small_data[1]), "--max-length", "32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference"] == str(Path(tiny_model_dir).resolve())  # the base, from the run's config
+    assert result["preferences"]["rewards/margins"] != 0.0  # the adapter is in the policy
+    assert main(["report", str(run), "--prompts", str(prompts), "--max-new-tokens", "3"]) == 0
+    assert (run / "samples.json").is_file()
