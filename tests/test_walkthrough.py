@@ -323,3 +323,43 @@ def test_a_lora_run_folder_samples_evaluates_and_reports(tiny_model_dir, small_d
     assert result["preferences"]["rewards/margins"] != 0.0  # the adapter is in the policy
     assert main(["report", str(run), "--prompts", str(prompts), "--max-new-tokens", "3"]) == 0
     assert (run / "samples.json").is_file()
+
+
+# --- item 11: a stop signal under torchrun ends like a single process ------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_prints_the_resume_line_once_and_exits_143(tiny_model_dir, tmp_path):
+    import signal
+
+    from dpokit.train.checkpoint import list_checkpoints
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(64, seed=5))
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "dpokit.cli.torchrun", "--standalone", "--nproc-per-node", "2", "-m", "dpokit",
+           "train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps", "200",
+           "--batch-size", "2", "--max-length", "32", "--progress", "off", "--save-every", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + 180
+    while not list_checkpoints(out) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler or `kill` would
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 143, output[-3000:]
+    assert output.count("SIGTERM received: stopped after step") == 1, output[-3000:]
+    assert "--resume auto" in output and "Traceback" not in output, output[-3000:]
+
+
+# --- item 16: the README's torchrun commands run as written after `make demo` ---------------------
+
+
+def test_readme_torchrun_commands_use_the_venv():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = readme.split("```")[1::2]
+    launches = [line.strip() for block in blocks for line in block.splitlines() if "torchrun " in line
+                and not line.strip().startswith("#")]
+    assert launches, "the README shows a torchrun launch"
+    assert all(line.startswith((".venv/bin/torchrun ", ".venv/bin/dpokit-torchrun ")) for line in launches), launches

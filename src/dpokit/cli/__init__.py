@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # a reader that went away shows here, in the handler below, not at exit
         return code
     except TrainingInterrupted as exc:
-        print(f"dpokit: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every torchrun process stops; rank 0 says how to resume
+            print(f"dpokit: {exc}", file=sys.stderr)
         return exc.exit_code
     except DpokitError as exc:
         if args.debug:
