@@ -363,3 +363,37 @@ def test_readme_torchrun_commands_use_the_venv():
                 and not line.strip().startswith("#")]
     assert launches, "the README shows a torchrun launch"
     assert all(line.startswith((".venv/bin/torchrun ", ".venv/bin/dpokit-torchrun ")) for line in launches), launches
+
+
+# --- item 15: the demo's picture and the README say the same ---------------------------------------
+
+
+def test_frontier_draws_the_dpo_curve_from_the_base_model(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    from dpokit.report import plot_frontier
+
+    drawn = []
+    real_plot = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append(a[:2]) or real_plot(self, *a, **k))
+    points = [{"method": "reference", "beta": None, "reward": 0.2, "kl": 0.0},
+              {"method": "DPO", "beta": 0.1, "reward": 0.7, "kl": 10.0},
+              {"method": "DPO", "beta": 1.0, "reward": 0.6, "kl": 4.0},
+              {"method": "Preferred-FT", "beta": None, "reward": 0.4, "kl": 3.0, "label": "20 steps"}]
+    plot_frontier(points, tmp_path / "f.png", from_reference=("DPO",))
+    assert ([0.0, 4.0], [0.2, 0.6]) in [(list(x), list(y)) for x, y in drawn]  # star -> β=1
+    assert not [x for x, _ in drawn if list(x) == [0.0, 3.0]]  # Preferred-FT is not drawn from the star
+
+
+def test_readme_demo_options_match_the_presets():
+    from dpokit.demo.sentiment import settings_for
+
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    quick, full = settings_for("quick"), settings_for("full")
+    assert (f"`--quick` (a smoke version: {quick.train_prompts} prompts, one β, {quick.steps} steps" in readme
+            and len(quick.betas) == 1)
+    words = {4: "four", 5: "five", 6: "six"}
+    assert (f"`--full` ({full.train_prompts} prompts × {full.samples_per_prompt} samples, {full.max_new_tokens} new "
+            f"tokens, {words[len(full.betas)]} β, {full.steps} steps, {words[full.online_rounds]} online rounds"
+            in readme)
+    assert "drawn from the base model" in readme  # true of frontier.png since from_reference=(DPO,)
