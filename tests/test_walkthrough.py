@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 
 from dpokit.config import build_config
 from dpokit.demo.bundled import base_model_dir
-from dpokit.demo.toy import make_pairs, write_jsonl
+from dpokit.demo.toy import GLOOMY, OPENERS, UPBEAT, make_pairs, write_jsonl
 from dpokit.errors import DpokitError
 from dpokit.logprobs import PairLogps
 from dpokit.losses import LossOutput
@@ -72,13 +73,23 @@ def test_throughput_leaves_out_evaluation_and_saving(tiny_model_dir, small_data,
     assert all(r["throughput/pairs_per_s"] > 0.04 for r in steps), [r["throughput/pairs_per_s"] for r in steps]
 
 
+def _pairs_of_varied_lengths(n: int, seed: int) -> list[dict]:
+    """Prompts and responses of 3-18 words: batches of different widths and packings."""
+    rng = random.Random(seed)
+    return [{"prompt": rng.choice(OPENERS) + " was" + " very" * rng.randint(0, 6),
+             "chosen": " " + " ".join(rng.choice(UPBEAT) for _ in range(rng.randint(1, 12))),
+             "rejected": " " + " ".join(rng.choice(GLOOMY) for _ in range(rng.randint(1, 12)))} for _ in range(n)]
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed", "prefix-shared"])
-def test_policy_equal_to_reference_reads_as_ties_in_every_layout(small_data, tmp_path, layout):
-    # The demo's model: its cached reference (a pass at twice the batch size) differs from the
-    # step-1 policy pass by float32 rounding in every layout.
-    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(16, seed=5))
-    cfg = _config(base_model_dir(), data, tmp_path / "run", small_data[1], max_steps=1, batch_size=8, eval_every=1)
-    cfg.speed.layout = layout
+def test_policy_equal_to_reference_reads_as_ties_in_every_layout(tmp_path, layout):
+    # The demo's model: the cached reference (one pass at twice the batch size) and the policy's
+    # passes in batches of 8 differ by float32 rounding (before: step-0 held-out accuracy 0.25
+    # packed, 0.0625 prefix-shared).
+    rows = _pairs_of_varied_lengths(32, seed=0)
+    data, held_out = write_jsonl(tmp_path / "d.jsonl", rows[:16]), write_jsonl(tmp_path / "e.jsonl", rows[16:])
+    cfg = _config(base_model_dir(), data, tmp_path / "run", held_out, max_steps=1, batch_size=8, eval_every=1)
+    cfg.data.max_length, cfg.speed.layout = 64, layout
     result = loop.train(cfg, log=lambda _: None)
     step0, step1 = result.history[0], result.history[1]
     assert step0["step"] == 0 and step0["eval_rewards/accuracies"] == 0.0
