@@ -180,7 +180,7 @@ def add_report_command(sub) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a dpokit run folder (holding metrics.jsonl)")
     _add_section(parser, "before/after samples", JudgeConfig, only=("prompts", "max_prompts"),
                  helps={"max_prompts": "prompts sampled for the report (default here: 4)"})
-    _add_section(parser, "model options", ModelConfig, only=("device", "dtype"))
+    _add_section(parser, "model options", ModelConfig, only=("device", "dtype"), helps={"dtype": _FORWARD_DTYPE_HELP})
     _add_section(parser, "sampling options", SamplingConfig)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser.set_defaults(func=_cmd_report)
