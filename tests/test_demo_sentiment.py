@@ -48,3 +48,5 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     # The point of the demo: DPO raises the judged reward on held-out prompts at the fixed seed.
     assert runs["dpo-beta0.3"]["reward"] > summary["base_reward"]
     assert runs["dpo-beta0.3"]["kl"] > 0
+    # The shared point says in the picture that online round 1 is this DPO run.
+    assert runs["dpo-beta0.3"]["label"] == "β=0.3 = online round 1" and runs["online-round-1"]["label"] == ""

@@ -46,10 +46,10 @@ def test_bad_input_gets_one_line_errors(tiny_model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": 3}\n')
     _fails_with_one_line(capsys, [*base, "--prompts", bad], f"{bad}, line 1", "'prompt' must be a string")
-    _fails_with_one_line(capsys, ["evaluate", "--model", tiny_model_dir, "--prompts", bad], "--reference is required")
-    _fails_with_one_line(capsys, ["evaluate", "--model", tiny_model_dir, "--reference", tiny_model_dir],
+    _fails_with_one_line(capsys, ["evaluate", "--model", tiny_model_dir, "--prompts", bad], "--reference-model is required")
+    _fails_with_one_line(capsys, ["evaluate", "--model", tiny_model_dir, "--reference-model", tiny_model_dir],
                          "nothing to evaluate")
-    _fails_with_one_line(capsys, ["evaluate", "--model", tiny_model_dir, "--reference", tiny_model_dir,
+    _fails_with_one_line(capsys, ["evaluate", "--model", tiny_model_dir, "--reference-model", tiny_model_dir,
                                   "--prompts", tmp_path / "missing.jsonl"], "missing.jsonl does not exist")
     _fails_with_one_line(capsys, ["sweep", "--beta", "0.1,x", "--model", tiny_model_dir, "--data", bad,
                                   "--output", tmp_path / "s"], "--beta: expected comma-separated float")

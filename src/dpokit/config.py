@@ -451,6 +451,22 @@ def validate_data(d: DataConfig) -> None:
     parse_columns(d.columns)
 
 
+def with_absolute_model_paths(config: RunConfig) -> RunConfig:
+    """A copy whose local model, tokenizer and reference paths are absolute (hub ids stay as given),
+    so the run folder's dpokit_config.yaml still names them when read from another directory."""
+
+    def resolved(name: str | None) -> str | None:
+        if not name:
+            return name
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.exists() else name
+
+    model = dataclasses.replace(config.model, model=resolved(config.model.model),
+                                tokenizer=resolved(config.model.tokenizer),
+                                reference_model=resolved(config.model.reference_model))
+    return dataclasses.replace(config, model=model)
+
+
 def dump_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
@@ -491,7 +507,9 @@ class JudgeConfig:
 @dataclass
 class SweepConfig:
     betas: str = _opt("0.01,0.05,0.1,0.3,1", "comma-separated β values, one training run each", flag="--beta")
-    losses: str = _opt("sigmoid", "comma-separated losses; every loss is trained at every β", flag="--loss")
+    losses: str = _opt(
+        "sigmoid", "the loss of each run, as in train (sigmoid,sft is one combined loss, weighted by --loss-weights); "
+        "give --loss again to sweep several losses, each trained at every β", flag="--loss")
 
 
 @dataclass
@@ -511,7 +529,7 @@ class OnlineConfig:
 class DemoConfig:
     demo_output: str = _opt("demo-output", "folder for the demo's files (default: demo-output)", flag="--output")
     quick: bool = _opt(False, "a smoke version in under a minute: fewer prompts, one β, short runs")
-    full: bool = _opt(False, "a bigger run: more prompts and samples, six β, longer runs, four online rounds")
+    full: bool = _opt(False, "a bigger run: more prompts and samples, five β, longer runs, four online rounds")
     online: bool = _opt(True, "also run online DPO rounds (continuing the DPO run at the largest β), on the same frontier")
     demo_seed: int = _opt(0, "seed of the prompts, the sampling and the training", flag="--seed")
 
@@ -553,6 +571,5 @@ class SampleCommandConfig:
 
 @dataclass
 class EvaluateCommandConfig:
-    reference: str | None = _opt(None, "the reference model folder (default: the base model a dpokit run names)")
     json_output: bool = _opt(False, "print the figures as one JSON object instead of a table", flag="--json")
     evaluation_output: str | None = _opt(None, "also write the figures as JSON to this file", flag="--output")

@@ -318,7 +318,8 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
         saved = (run_config_of(model) or {}).get("model") or {}
         reference = saved.get("reference_model") or saved.get("model")  # online rounds name their reference
         if reference is None:
-            raise DpokitError(f"--reference is required: {model} is not a dpokit run folder naming its base model")
+            raise DpokitError(f"--reference-model is required: {model} is not a dpokit run folder naming its base "
+                              "model")
         log(f"reference: {reference} (the model {model} was trained from)")
     sampling = sampling or SamplingConfig()
     data_settings = data_config_for(model, data, data_overrides, log) if data else None

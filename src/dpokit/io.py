@@ -74,9 +74,12 @@ def make_staging_dir(parent: Path, prefix: str) -> Path:
 
 
 def fsync_tree(folder: Path) -> None:
-    """Flush every file in `folder` to disk, so a rename after it publishes complete files."""
+    """Flush every file in `folder` to disk, so a rename after it publishes complete files; each gets
+    the mode a plain open() would give (safetensors writes its files 0600 through a temporary file)."""
+    mode = 0o666 & ~current_umask()
     for item in Path(folder).iterdir():
         if item.is_file():
+            item.chmod(mode)
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
 

@@ -58,9 +58,11 @@ class RewardModelJudge:
 
         self.tokenizer = load_tokenizer(path)
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=torch.float32, output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise DpokitError(f"judge {path}: not a sequence-classification model ({_first_line(exc)})") from None
+        _check_scoring_head(path, loading["missing_keys"])
         if self.model.config.num_labels not in (1, 2):
             raise DpokitError(f"judge {path}: has {self.model.config.num_labels} labels; a reward model needs 1 "
                               "(its logit is the reward) or 2 (logit[1] - logit[0])")
@@ -85,6 +87,16 @@ class RewardModelJudge:
             reward = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
             scores.extend(reward.tolist())
         return scores
+
+
+def _check_scoring_head(path: str, missing: set[str]) -> None:
+    """Weights missing from the checkpoint are freshly random (a causal LM has no scoring head): such a
+    "judge" would score by chance, differently at every load."""
+    if missing:
+        names = ", ".join(sorted(missing)[:4]) + (", ..." if len(missing) > 4 else "")
+        raise DpokitError(f"judge {path}: its weights lack the scoring head ({names} missing), so it would score "
+                          "at random; give a trained reward model (AutoModelForSequenceClassification), not a "
+                          "causal LM")
 
 
 def _import_function(spec: str) -> Judge:

@@ -18,25 +18,50 @@ PAIR_METRICS = (
 )
 
 
-class PairMetrics:
-    """Sums per-pair quantities over any number of batches; `compute()` gives their means."""
+# Ties. Two passes of the same weights over the same pair (the policy against its reference at the
+# first step, or against the cached reference computed in another batch layout) agree only up to
+# float32 rounding: each summed log-prob carries an error of a few units of roundoff u = 2**-24
+# times its magnitude (measured: at most 3 u across layouts, batch sizes and LM-head paths on the
+# tiny test model and the demo model). A margin within 64 u of the magnitudes of the four
+# log-probs of the pair (policy and reference, taken as twice the policy's) is a tie, not a win;
+# as in TRL, a tie does not count toward rewards/accuracies, so training starts from 0.
+# Under bf16/fp16 autocast the logits themselves are rounded more coarsely, and step-1 noise can
+# exceed this float32 tolerance.
+TIE_ROUNDOFF_UNITS = 64
+FLOAT32_ROUNDOFF = 2.0**-24
 
-    def __init__(self) -> None:
+
+def tie_tolerance(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B,) largest |reward margin| that float32 rounding of the log-probs alone can produce
+    (the log-probs the loss saw: summed, or length-averaged for the losses that average)."""
+    magnitude = 2 * (chosen_logps.detach().abs() + rejected_logps.detach().abs())
+    return beta * TIE_ROUNDOFF_UNITS * FLOAT32_ROUNDOFF * magnitude.float()
+
+
+class PairMetrics:
+    """Sums per-pair quantities over any number of batches; `compute()` gives their means.
+
+    `beta` scales the tie tolerance (rewards are β times log-ratios): see TIE_ROUNDOFF_UNITS.
+    """
+
+    def __init__(self, beta: float = 1.0) -> None:
         self._sums: torch.Tensor | None = None
         self.pairs = 0
+        self.beta = beta
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
         # The log-probs the loss saw: length-averaged for the losses that average, else the sums.
         chosen_logps = out.chosen_logps if out.chosen_logps is not None else logps.chosen_logps
         rejected_logps = out.rejected_logps if out.rejected_logps is not None else logps.rejected_logps
+        wins = (chosen - rejected).float() > tie_tolerance(chosen_logps, rejected_logps, self.beta)
         per_pair = torch.stack(
             [
                 out.losses.detach().float(),
                 chosen.float(),
                 rejected.float(),
                 (chosen - rejected).float(),
-                (chosen > rejected).float(),
+                wins.float(),
                 chosen_logps.detach().float(),
                 rejected_logps.detach().float(),
             ]

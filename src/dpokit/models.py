@@ -75,6 +75,8 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
     """
     from transformers import AutoModelForCausalLM
 
+    if is_lora_run(name) and not load_in_4bit:
+        return load_lora_run(Path(name).expanduser(), device, trust_remote_code)
     check_model_source(name)
     extra = _four_bit_options(device) if load_in_4bit else {}
     try:
@@ -93,6 +95,23 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
 def _weights_file(name: str) -> str:
     folder = Path(name).expanduser()
     return str(folder / "model.safetensors") if (folder / "model.safetensors").is_file() else "a weights file"
+
+
+def is_lora_run(name: str) -> bool:
+    """A folder holding a LoRA adapter (a `--lora-r` run) rather than a whole model."""
+    path = Path(name).expanduser()
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def load_lora_run(run: Path, device: torch.device, trust_remote_code: bool = False,
+                  base: str | None = None) -> torch.nn.Module:
+    """A LoRA run as a plain model: its base model (`base`, else the run's --model) with the adapter
+    folded into the weights (peft's merge: W + B·A·α/r), so it samples and scores like any model."""
+    from peft import PeftModel
+
+    base = base or _run_model_name(run)
+    model = load_policy(base, device, trust_remote_code)
+    return PeftModel.from_pretrained(model, str(run)).merge_and_unload()
 
 
 def _four_bit_options(device: torch.device) -> dict:
@@ -260,10 +279,8 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     if adapter and not merge:
         raise DpokitError(f"export: {run} holds a LoRA adapter; pass --merge to fold it into the base model")
     if adapter:
-        from peft import PeftModel
-
         base = base or _run_model_name(run)
-        model = PeftModel.from_pretrained(load_policy(base, torch.device("cpu")), run).merge_and_unload()
+        model = load_lora_run(run, torch.device("cpu"), base=base)
     else:
         model = load_policy(str(run), torch.device("cpu"))
     tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base or str(run))
@@ -286,5 +303,6 @@ def _run_model_name(run: Path) -> str:
             return name
     name = json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not name:
-        raise DpokitError(f"export: {run} does not say which base model its adapter belongs to; pass --base")
+        raise DpokitError(f"{run} does not say which base model its LoRA adapter belongs to (no dpokit_config.yaml); "
+                          "merge it with dpokit export --merge --base BASE")
     return name

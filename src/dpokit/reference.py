@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.io import current_umask
 from dpokit.logprobs import PairLogps
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
@@ -122,6 +123,7 @@ def save_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, fingerp
         save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu(),
                    "computed": computed.to(torch.uint8).contiguous().cpu()},
                   tmp, metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp and safetensors make 0600
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)

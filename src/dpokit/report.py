@@ -91,12 +91,15 @@ def plot_training_curves(records: Sequence[dict], path: str | Path) -> Path:
     return _save_png(figure, Path(path))
 
 
-def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str | None = None) -> Path:
+def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str | None = None,
+                  from_reference: Sequence[str] = ()) -> Path:
     """The reward–KL frontier: judged reward against KL(π ‖ π_ref), one labelled point per run.
 
     Each point is a dict with `method`, `beta`, `reward`, `kl` and optionally `reward_stderr`
     and `kl_stderr` (drawn as error bars) and `label` (shown next to it instead of its β; empty: no label). A point whose method is "reference" (β None, KL 0)
-    is drawn as a star: where every run started.
+    is drawn as a star: where every run started. The curves of the methods in `from_reference`
+    start at the star (a dashed segment to their lowest-KL point): the frontier a method traces
+    from the model it trained from.
     """
     if not points:
         raise DpokitError("plot_frontier: no points to draw")
@@ -109,6 +112,9 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
     for method, color in zip(methods, palette * (1 + len(methods) // len(palette)), strict=False):
         mine = sorted((p for p in points if str(p["method"]) == method), key=lambda p: p["kl"])
         xs, ys = [p["kl"] for p in mine], [p["reward"] for p in mine]
+        start = next((p for p in points if p["method"] == "reference"), None)
+        if method in from_reference and start is not None:
+            ax.plot([start["kl"], xs[0]], [start["reward"], ys[0]], color=color, linestyle="--", linewidth=1)
         ax.errorbar(xs, ys, xerr=[p.get("kl_stderr") or 0 for p in mine],
                     yerr=[p.get("reward_stderr") or 0 for p in mine], color=color, marker="o", capsize=3,
                     linestyle="-", linewidth=1, label=method)

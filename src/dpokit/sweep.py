@@ -28,7 +28,8 @@ CSV_FIELDS = ("run", "method", "beta", "reward", "reward_stderr", "kl", "kl_stde
 
 
 def run_name(loss: str, beta: float) -> str:
-    return f"{loss}-beta{beta:g}"
+    """Folder name of one run: a combined loss sigmoid,sft gives sigmoid+sft-beta0.1."""
+    return f"{loss.replace(',', '+')}-beta{beta:g}"
 
 
 def prepare_root(cfg: RunConfig) -> Path:

@@ -8,6 +8,7 @@ help texts. Each group of subcommands lives in its own module and registers itse
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 import warnings
@@ -96,6 +97,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
+def _closed_pipe() -> int:
+    """The reader of our output went away (`dpokit data inspect ... | head`): a normal, quiet end.
+    stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -104,9 +114,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader that went away shows here, in the handler below, not at exit
+        return code
     except TrainingInterrupted as exc:
-        print(f"dpokit: {exc}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every torchrun process stops; rank 0 says how to resume
+            print(f"dpokit: {exc}", file=sys.stderr)
         return exc.exit_code
     except DpokitError as exc:
         if args.debug:
@@ -116,6 +129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpokit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return _closed_pipe()
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a one-line message
         if args.debug:
             raise

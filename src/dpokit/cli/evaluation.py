@@ -51,8 +51,14 @@ def _sampling_options(args: argparse.Namespace) -> SamplingConfig:
     return sampling
 
 
-def _add_model_and_sampling(parser: argparse.ArgumentParser, model_help: str) -> None:
-    _add_section(parser, "model options", ModelConfig, helps={"model": model_help})
+# The model options of the commands that only run forward passes (no loss scaling, no gradients).
+_FORWARD_DTYPE_HELP = "compute precision of the forward passes: fp32, or bf16 / fp16 autocast (default: fp32)"
+_SAMPLE_MODEL_OPTIONS = ("model", "tokenizer", "dtype", "device", "trust_remote_code")
+
+
+def _add_model_and_sampling(parser: argparse.ArgumentParser, helps: dict[str, str], only: tuple[str, ...] = ()
+                            ) -> None:
+    _add_section(parser, "model options", ModelConfig, only=only, helps={"dtype": _FORWARD_DTYPE_HELP, **helps})
     _add_section(parser, "sampling options", SamplingConfig)
     _add_section(parser, "output options", TrainConfig, only=("progress",))
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
@@ -87,7 +93,8 @@ def add_sample_command(sub) -> None:
     _add_section(parser, "prompt file options", JudgeConfig, only=("prompts", "max_prompts"))
     parser.add_argument("--seed", dest="sample_seed", default=argparse.SUPPRESS, metavar="SEED",
                         help="same as --sample-seed")
-    _add_model_and_sampling(parser, "the model to sample from: a model folder or hub id (required)")
+    _add_model_and_sampling(parser, {"model": "the model to sample from: a model folder or hub id (required)"},
+                            only=_SAMPLE_MODEL_OPTIONS)
     parser.set_defaults(func=_cmd_sample)
 
 
@@ -95,6 +102,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from dpokit.evaluate import evaluate_models, format_table
     from dpokit.io import atomic_write_text
 
+    if hasattr(args, "renamed_reference"):
+        raise DpokitError("evaluate: the reference model is now --reference-model, as in train (where --reference "
+                          f"chooses auto, precomputed or live): use --reference-model {args.renamed_reference}")
     model, sampling = _model_options(args), _sampling_options(args)
     command = EvaluateCommandConfig(**_section_from_args(args, EvaluateCommandConfig))
     data_flags = _section_from_args(args, DataConfig, only=EVALUATE_DATA_OPTIONS)
@@ -102,13 +112,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     batch = _section_from_args(args, TrainConfig, only=("batch_size",)).get("batch_size", 8)
     if command.evaluation_output:
         check_outputs_apart([("--output", command.evaluation_output)], [
-            ("--model", model.model), ("--reference", command.reference), ("--tokenizer", model.tokenizer),
+            ("--model", model.model), ("--reference-model", model.reference_model), ("--tokenizer", model.tokenizer),
             ("--data", data_flags.get("data")), ("--prompts", judging.prompts), ("--judge", judging.judge)])
         check_creatable(command.evaluation_output, "--output", folder=False)
     # --json keeps stdout for the JSON object alone; progress lines go to stderr.
     log = (lambda line: print(line, file=sys.stderr)) if command.json_output else print
     result = evaluate_models(
-        model.model, command.reference, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
+        model.model, model.reference_model, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
         trust_remote_code=model.trust_remote_code, data=data_flags.get("data"),
         loss_overrides=_section_from_args(args, LossConfig), data_overrides=data_flags, batch_size=batch,
         prompts=judging.prompts,
@@ -131,17 +141,23 @@ def add_evaluate_command(sub) -> None:
     _add_section(parser, "implicit reward options (default: the run's own)", LossConfig)
     _add_section(parser, "batch options", TrainConfig, only=("batch_size",))
     _add_section(parser, "prompt and judge options", JudgeConfig)
-    _add_model_and_sampling(parser, "the policy to evaluate: a model folder (a dpokit run) or hub id (required)")
+    _add_model_and_sampling(parser, {
+        "model": "the policy to evaluate: a model folder (a dpokit run) or hub id (required)",
+        "reference_model": "the reference model folder or hub id (default: the model a dpokit run started from, "
+                           "or the --reference-model it was trained with)"})
+    # evaluate used to take the reference model as --reference, which in train chooses auto|precomputed|live.
+    parser.add_argument("--reference", dest="renamed_reference", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.set_defaults(func=_cmd_evaluate)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from dpokit.sweep import run_sweep
 
-    sweep = SweepConfig(**_section_from_args(args, SweepConfig))
+    sweep = SweepConfig(**_section_from_args(args, SweepConfig, only=("betas",)))
     betas = parse_number_list(sweep.betas, "--beta")
-    losses = [name.strip() for name in sweep.losses.split(",") if name.strip()]
-    base = config_from_args(args)
+    # Each --loss is one run's loss, exactly as train reads it (sigmoid,sft: one combined loss).
+    losses = [spec.strip() for spec in getattr(args, "losses", None) or [sweep.losses]]
+    base = config_from_args(args, {"loss": {"loss": losses[0]}})  # checked with the first; each run with its own
     check_config_apart(args, base.train.output)
     run_sweep(base, betas, losses, JudgeConfig(**_section_from_args(args, JudgeConfig)), _sampling_options(args))
     return 0
@@ -151,7 +167,10 @@ def add_sweep_command(sub) -> None:
     parser = sub.add_parser("sweep", help="train per β (and loss), evaluate each, draw the reward-KL frontier",
                             description="Train once per β (and per --loss), evaluate each run on --prompts with "
                             "--judge, and write frontier.png and frontier.csv (judged reward vs KL) in --output.")
-    _add_section(parser, "sweep options", SweepConfig)
+    _add_section(parser, "sweep options", SweepConfig, only=("betas",))
+    losses = next(f for f in dataclasses.fields(SweepConfig) if f.name == "losses")
+    parser.add_argument(losses.metadata["flag"], dest="losses", action="append", default=argparse.SUPPRESS,
+                        metavar="LOSS", help=f"{losses.metadata['help']} (default: {losses.default})")
     _add_section(parser, "prompt and judge options", JudgeConfig)
     _add_section(parser, "sampling options", SamplingConfig)
     _add_train_options(parser, skip=("beta", "loss"))
@@ -181,7 +200,7 @@ def add_report_command(sub) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a dpokit run folder (holding metrics.jsonl)")
     _add_section(parser, "before/after samples", JudgeConfig, only=("prompts", "max_prompts"),
                  helps={"max_prompts": "prompts sampled for the report (default here: 4)"})
-    _add_section(parser, "model options", ModelConfig, only=("device", "dtype"))
+    _add_section(parser, "model options", ModelConfig, only=("device", "dtype"), helps={"dtype": _FORWARD_DTYPE_HELP})
     _add_section(parser, "sampling options", SamplingConfig)
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser.set_defaults(func=_cmd_report)

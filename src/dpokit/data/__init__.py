@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dpokit.data.formats import PreferencePair, ReadStats
+from dpokit.data.inspect import glued_text, glued_text_warning
 from dpokit.data.read import read_pairs
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair, TokenizeStats
 from dpokit.errors import DpokitError
@@ -21,15 +22,24 @@ def load_tokenized_pairs(
     """Read, normalise and tokenize a source of pairs (`data`: a DataConfig, default settings
     when None); log what was skipped, cut or dropped, by reason and row; refuse an empty result."""
     reader = read_pairs(path, data)
-    pairs, stats = pair_tokenizer.tokenize(reader, where=reader.source.where)
+    glued = [0]
+
+    def counting_glued_text():  # the data doctor's warning, counted while the pairs stream past
+        for pair in reader:
+            glued[0] += glued_text(pair)
+            yield pair
+
+    pairs, stats = pair_tokenizer.tokenize(counting_glued_text(), where=reader.source.where)
     read = reader.stats
-    log(f"{path}: {read.rows_read} rows read ({read.layout} layout); {stats.summary()}")
+    log(f"{path}: {read.rows_read} rows read ({read.layout} layout); {stats.summary(read.rows_read)}")
     for line in skip_report(read, stats):
         log(f"{path}: {line}")
+    if glued[0]:
+        log(f"{path}: {glued_text_warning(glued[0])}")
     if not pairs:
         first = next(iter({**read.examples, **stats.examples}.values()), None)
         raise DpokitError(
-            f"{path}: no usable pairs ({stats.summary()})"
+            f"{path}: no usable pairs ({stats.summary(read.rows_read)})"
             + (f"; first problem: {first}" if first else "; raise --max-length or check the data")
         )
     return pairs

@@ -30,6 +30,18 @@ _CHUNK = 512
 FIELDS = ("prompt", "chosen", "rejected")
 
 
+def glued_text(pair: PreferencePair) -> bool:
+    """A text pair whose prompt and response meet with no whitespace ("the ovenTo cook"): they are
+    concatenated exactly as written, so the model sees the two words run together."""
+    return not pair.is_chat and bool(pair.prompt) and not pair.prompt[-1:].isspace() and any(
+        not response[:1].isspace() for response in (pair.chosen, pair.rejected))
+
+
+def glued_text_warning(rows: int) -> str:
+    return (f"warning: {rows} rows have no whitespace between prompt and response; text layouts are "
+            "concatenated exactly as written")
+
+
 class _Tally:
     """Per-pair measurements, accumulated in compact arrays."""
 
@@ -40,10 +52,7 @@ class _Tally:
 
     def add_pair(self, pair: PreferencePair) -> None:
         self.prompt_counts[hash(_prompt_key(pair.prompt))] += 1
-        if not pair.is_chat and pair.prompt and not pair.prompt[-1:].isspace() and any(
-            not response[:1].isspace() for response in (pair.chosen, pair.rejected)
-        ):
-            self.glued += 1
+        self.glued += glued_text(pair)
 
     def add_lengths(self, prompt: int, chosen: int, rejected: int) -> None:
         for name, value in zip(FIELDS, (prompt, chosen, rejected), strict=True):
@@ -146,10 +155,10 @@ def format_report(report: dict[str, Any]) -> str:
     if cut is None:
         lines.append("truncation: not estimated without a tokenizer (pass --model)")
     else:
+        prompt_rule = _prompt_rule(cut)
         lines.append(
-            f"truncation at --max-length {cut['max_length']} (--max-prompt-length {cut['max_prompt_length']}, "
-            f"--min-response-share {cut['min_response_share']:g}, {cut['truncation_mode']}): "
-            f"{cut['rows_cut']} rows cut ({cut['prompts_cut']} prompts, "
+            f"truncation at --max-length {cut['max_length']} ({prompt_rule}): {cut['rows_cut']} rows cut "
+            f"({cut['prompts_cut']} prompts, "
             f"{cut['responses_cut']} pairs of responses), {cut['rows_dropped']} dropped with a prompt too long"
         )
     bias = report["length_bias"]
@@ -157,7 +166,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(
             f"length bias: chosen longer in {bias['chosen_longer']:.1%} of pairs (rejected longer "
             f"{bias['rejected_longer']:.1%}, equal {bias['equal']:.1%}); mean chosen - rejected = "
-            f"{bias['mean_difference']:+.1f} {bias['units']} (DPO can learn verbosity from this)"
+            f"{bias['mean_difference']:+.1f} {bias['units']}"
+            # Only longer chosen answers teach length; longer rejected ones teach the opposite, if anything.
+            + (" (DPO can learn verbosity from this)" if bias["chosen_longer"] > bias["rejected_longer"]
+               and bias["mean_difference"] > 0 else "")
         )
     dup = report["duplicate_prompts"]
     lines.append(f"duplicate prompts: {dup['rows']} rows repeat an earlier prompt ({dup['distinct_prompts']} "
@@ -169,8 +181,7 @@ def format_report(report: dict[str, Any]) -> str:
     if boundary["merges"] is not None:
         lines.append(f"boundary merges (tokens merged across prompt|response): {boundary['merges']}")
     if boundary["glued_text_rows"]:
-        lines.append(f"warning: {boundary['glued_text_rows']} rows have no whitespace between prompt and response; "
-                     "text layouts are concatenated exactly as written")
+        lines.append(glued_text_warning(boundary["glued_text_rows"]))
     if "plot" in report:
         lines.append(f"histogram written to {report['plot']}")
     return "\n".join(lines)
@@ -238,3 +249,13 @@ def _fraction(part: int, whole: int) -> float | None:
 
 def _round(x: float) -> float:
     return round(x, 4)
+
+
+def _prompt_rule(cut: dict) -> str:
+    """How long prompts are cut, in the options' words (never printing an unset option as None)."""
+    mode = cut["truncation_mode"]
+    if cut["max_prompt_length"] is not None:
+        return f"--max-prompt-length {cut['max_prompt_length']}, {mode}"
+    if cut["min_response_share"] > 0:
+        return f"long prompts cut ({mode}) so responses keep --min-response-share {cut['min_response_share']:g}"
+    return "prompts are never cut: no --max-prompt-length, --min-response-share 0"

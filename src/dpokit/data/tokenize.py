@@ -102,11 +102,12 @@ class TokenizeStats:
         self.skipped.setdefault(reason, []).append(row)
         self.examples.setdefault(reason, message)
 
-    def summary(self) -> str:
+    def summary(self, rows_read: int | None = None) -> str:
+        """`rows_read`: every row of the source, those skipped before tokenizing included."""
         skipped = sum(len(rows) for reason, rows in self.skipped.items()
                       if reason not in ("prompt_too_long", "identical_tokens"))
         return (
-            f"{self.kept}/{self.rows} pairs kept; {self.prompts_cut} prompts and {self.responses_cut} "
+            f"{self.kept}/{self.rows if rows_read is None else rows_read} pairs kept; {self.prompts_cut} prompts and {self.responses_cut} "
             f"responses cut to fit; dropped {self.dropped_prompt_too_long} with a prompt too long, "
             f"{self.dropped_identical} with chosen == rejected tokens"
             + (f", {skipped} that cannot be tokenized exactly (see below)" if skipped else "")

@@ -196,7 +196,8 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
             base_cfg, train_prompts, online_cfg, judging, eval_sampling, eval_prompts=eval_prompts, judge=judge,
             start_policy=str(out / "runs" / first["run"]), first_round=2, reference_samples=reference_samples,
             progress=show, log=quiet)
-        # Round 1 is the DPO run itself: the same point, labelled once (by its β) in the picture.
+        # Round 1 is the DPO run itself: the same point, labelled once in the picture, saying so.
+        first["label"] = f"β={first['beta']:g} = online round 1"
         points.append({**first, "run": "online-round-1", "method": ONLINE, "label": ""})
         for r in online_summary["rounds"]:
             point = {**r["point"], "run": f"online-round-{r['round']}", "method": ONLINE,
@@ -213,8 +214,9 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
     base_reward = reference_row["reward"]
     for point in points:
         point["base_reward"] = base_reward
+    # DPO's curve starts at the base model, as the frontier the checks below interpolate does.
     plot_frontier([reference_row, *points], out / "frontier.png",
-                  title="dpokit demo: reward–KL frontier on held-out review openings")
+                  title="dpokit demo: reward–KL frontier on held-out review openings", from_reference=(DPO,))
     checks = frontier_checks(points, base_reward)
     elapsed = time.perf_counter() - started
     detail.close()

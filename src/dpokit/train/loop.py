@@ -16,6 +16,7 @@ import json
 import math
 import random
 import sys
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dpokit.config import RunConfig, dump_yaml
+from dpokit.config import RunConfig, dump_yaml, with_absolute_model_paths
 from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
@@ -143,6 +144,7 @@ def pairs_the_run_uses(num_pairs: int, seed: int, total_steps: int, batch_size: 
 
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
+    cfg = with_absolute_model_paths(cfg)  # the saved config must name them from any directory
     t = cfg.train
     for name in (cfg.model.model, cfg.model.reference_model):  # local paths first; offline fails at once
         if name:
@@ -234,7 +236,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     if eval_pairs and t.eval_every and state.step == 0:
         # Step 0: the policy equals the reference, so every reward is 0 - the baseline to beat.
         record({"step": 0, "epoch": 0.0, **scorer.evaluate(eval_pairs, t.batch_size)})
-    window = MetricsWindow()
+    window = MetricsWindow(cfg.loss.beta)
 
     # --- the loop ----------------------------------------------------------------------------
     with StopRequest() as stop:
@@ -264,17 +266,21 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
                 # finiteness check (must precede the update), clip, step, schedule
                 scaler.unscale_(optimizer)
                 grad_norm = clip_grad_norm(params, t.max_grad_norm)
+                loss_finite, grad_finite = bool(torch.isfinite(step_loss)), bool(torch.isfinite(grad_norm))
                 # Under fp16 an overflowing gradient is routine: the scaler skips the step and lowers its scale.
-                grad_ok = bool(torch.isfinite(grad_norm)) or scaler.is_enabled()
-                if bool(torch.isfinite(step_loss)) and grad_ok:
-                    if torch.isfinite(grad_norm):
+                scaler_skips = loss_finite and not grad_finite and scaler.is_enabled()
+                if loss_finite and (grad_finite or scaler_skips):
+                    if grad_finite:
                         window.add_step(scored_batches, grad_norm, scheduler.get_last_lr()[0])
                     scaler.step(optimizer)
                 else:
                     _handle_nonfinite(t.skip_nonfinite, state.step + 1, step_loss, grad_norm, output, log)
                     state.nonfinite_skipped += 1
                 scaler.update()
-                scheduler.step()
+                if scaler_skips:
+                    state.nonfinite_skipped += 1
+                    record(_scaler_skip_record(state.step + 1, (state.step + 1) / steps_per_epoch, scaler, log))
+                _advance_schedule(scheduler)
                 optimizer.zero_grad(set_to_none=True)
                 state.step += 1
                 state.step_in_epoch += 1
@@ -289,12 +295,14 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
                 # Evaluations keep their own cadence, whatever --log-every is (the last one comes below).
                 if eval_pairs and t.eval_every and state.step % t.eval_every == 0 and not last:
                     entry = entry or {"step": state.step, "epoch": round(state.step / steps_per_epoch, 4)}
-                    entry.update(scorer.evaluate(eval_pairs, t.batch_size))
+                    with window.paused():  # training throughput leaves evaluation out
+                        entry.update(scorer.evaluate(eval_pairs, t.batch_size))
                 if entry:
                     record(entry)
                     _report(entry, bar, show_bar, log, total_steps)
                 if t.save_every and state.step % t.save_every == 0 and not last:
-                    save()
+                    with window.paused():
+                        save()
                 if signal_seen and not last:
                     path = save()
                     bar.close()
@@ -361,11 +369,32 @@ class _Savable:
             self.model.save_pretrained(folder, state_dict=self.state_dict)
 
 
+def _advance_schedule(scheduler) -> None:
+    """One schedule step per optimizer step, taken or skipped: the learning rate follows the step count
+    (so a resumed run is exact). PyTorch warns when the first optimizer step was skipped; that is this
+    deliberate choice, not a mistake to show users."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
+
+
+def _scaler_skip_record(step: int, epoch: float, scaler, log: Log) -> dict:
+    """The metrics.jsonl line (and console line) of a step the fp16 loss scaler skipped."""
+    scale = float(scaler.get_scale())
+    log(f"step {step}: the fp16 gradient overflowed; the loss scaler skipped the step and lowered its scale "
+        f"to {scale:g}")
+    return {"step": step, "epoch": round(epoch, 4), "skipped": "fp16_gradient_overflow", "loss_scale": scale}
+
+
 def _handle_nonfinite(skip: bool, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, output: Path,
                       log: Log) -> None:
-    what = f"loss {loss.item()}, gradient norm {grad_norm.item()}"
+    # Name what is non-finite: a finite loss with an overflowing gradient calls for other remedies.
+    if torch.isfinite(loss):
+        what = f"gradient (norm {grad_norm.item()}; the loss {loss.item():.6g} is finite)"
+    else:
+        what = f"loss {loss.item()}, gradient norm {grad_norm.item()}"
     if skip:
-        log(f"step {step}: non-finite ({what}); step skipped (--skip-nonfinite)")
+        log(f"step {step}: non-finite {what}; step skipped (--skip-nonfinite)")
         return
     found = ckpt.list_checkpoints(output)
     last_good = f"; the last good checkpoint is {found[-1]} (--resume auto)" if found else ""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -13,16 +14,27 @@ from dpokit.metrics import PairMetrics
 
 
 class MetricsWindow:
-    def __init__(self) -> None:
+    def __init__(self, beta: float = 1.0) -> None:
+        self.beta = beta  # scales the tie tolerance of rewards/accuracies
         self.reset()
 
     def reset(self) -> None:
-        self.metrics = PairMetrics()
+        self.metrics = PairMetrics(self.beta)
         self.grad_norms: list[torch.Tensor] = []
         self.tokens = 0
         self.steps = 0
         self.learning_rate = 0.0
         self.started = time.perf_counter()
+        self.paused_seconds = 0.0  # evaluation and checkpoint time inside the window
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, saving) is not training time: throughput leaves it out."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - began
 
     def add_step(self, scored_batches, grad_norm: torch.Tensor, learning_rate: float) -> None:
         for scored in scored_batches:
@@ -42,7 +54,7 @@ class MetricsWindow:
         """
         if not self.steps:
             return {}
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        elapsed = max(time.perf_counter() - self.started - self.paused_seconds, 1e-9)
         if sum_over_ranks is not None:
             self.tokens = self.metrics.merge_across_ranks(sum_over_ranks, extra=self.tokens)
         record = {"step": step, "epoch": round(epoch, 4), **self.metrics.compute()}

@@ -123,7 +123,7 @@ class PairScorer:
 
     def evaluate(self, pairs: Sequence[TokenizedPair], batch_size: int) -> dict[str, float]:
         """Mean loss, rewards and accuracy on held-out pairs, under TRL's `eval_` names."""
-        metrics = PairMetrics()
+        metrics = PairMetrics(self.cfg.loss.beta)
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad():
