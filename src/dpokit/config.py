@@ -63,6 +63,10 @@ class DataConfig:
     chat_template: str | None = _opt(
         None, "Jinja chat template file for conversational data (default: the tokenizer's own template)"
     )
+    chat_template_kwargs: str | None = _opt(
+        None, "JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'; a row's "
+        "chat_template_kwargs column overrides it key by key"
+    )
     strict: bool = _opt(
         False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
     )
@@ -379,6 +383,7 @@ def _validate_lora(config: RunConfig) -> None:
 def validate_data(d: DataConfig) -> None:
     """The data section alone (shared by `train` and `data inspect`)."""
     from dpokit.data.formats import parse_columns
+    from dpokit.data.templates import parse_template_kwargs
 
     if not d.max_length > 0:
         raise DpokitError(f"--max-length must be a positive number; got {d.max_length}")
@@ -389,6 +394,7 @@ def validate_data(d: DataConfig) -> None:
             f"--max-prompt-length ({d.max_prompt_length}) must be below --max-length ({d.max_length})"
         )
     parse_columns(d.columns)
+    parse_template_kwargs(d.chat_template_kwargs)
 
 
 def dump_yaml(config: RunConfig) -> str:

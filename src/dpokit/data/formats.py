@@ -42,9 +42,11 @@ HH_ASSISTANT = "\n\nAssistant:"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool"}
+AGENT_ROLES = ("assistant", "tool")  # the messages of one assistant turn
+MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept beside role, content
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Text = str | list[Message]
 
 
@@ -274,12 +276,19 @@ def _split_conversations(prompt, chosen, rejected):
 
 
 def _split_last_assistant(messages: list[Message], name: str):
-    if all(m["role"] == "assistant" for m in messages):
+    """(context, last assistant turn), or (None, messages) for a reply alone. An assistant turn is
+    the assistant's messages after the last user (or system) message, with the tool results it
+    called for: an agent's trajectory is one turn, a response spanning several messages."""
+    if messages[0]["role"] == "assistant" and all(m["role"] in AGENT_ROLES for m in messages):
         return None, messages
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message")
-    return messages[:last], messages[last:]
+    start = len(messages)
+    while start and messages[start - 1]["role"] in AGENT_ROLES:
+        start -= 1
+    while start < len(messages) and messages[start]["role"] != "assistant":
+        start += 1  # tool results before the turn's first assistant message belong to the context
+    if start == len(messages):
+        raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message after its last user turn")
+    return messages[:start], messages[start:]
 
 
 _LAYOUT_FUNCTIONS = {"standard": _standard, "implicit": _implicit, "conversational": _conversational,
@@ -307,12 +316,22 @@ def _messages(row: Row, name: str) -> list[Message]:
     value = row[name]
     if not isinstance(value, list) or not value:
         raise RowSkip("malformed_messages", f"field '{name}' must be a non-empty list of messages, got {_type(value)}")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
-        out.append({"role": message["role"], "content": message["content"]})
+    return [_message(message, name, i) for i, message in enumerate(value)]
+
+
+def _message(message: Any, name: str, i: int) -> Message:
+    """One `{role, content}` message, keeping the tool-calling keys a chat template renders
+    (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`); a message holding `tool_calls`
+    may have no content. Keys a hub dataset fills with null are dropped."""
+    role = message.get("role") if isinstance(message, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(role, str) or not (isinstance(content, str) or (content is None and calls)):
+        raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
+    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+        raise RowSkip("malformed_messages", f"field '{name}', message {i}: 'tool_calls' must be a list of objects")
+    out = {"role": role, "content": content}
+    out.update({key: message[key] for key in MESSAGE_KEYS if message.get(key) is not None})
     return out
 
 
@@ -333,8 +352,8 @@ def _sharegpt_messages(row: Row, name: str) -> list[Message]:
 
 def _check_responses(chosen: Text, rejected: Text) -> None:
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        text = response if isinstance(response, str) else "".join(m["content"] for m in response)
-        if not text.strip():
+        text = response if isinstance(response, str) else "".join(m["content"] or "" for m in response)
+        if not text.strip() and not any("tool_calls" in m for m in response):
             raise RowSkip("empty_response", f"field '{name}' is an empty response")
     if chosen == rejected:
         raise RowSkip("identical", "chosen and rejected are identical (no preference)")
