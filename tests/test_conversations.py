@@ -161,3 +161,29 @@ def test_bad_template_kwargs_are_one_line(value, message):
     with pytest.raises(DpokitError, match=message):
         validate_data(DataConfig(data="x.jsonl", chat_template_kwargs=value))
 
+
+
+def test_the_doctor_reports_turns_tools_and_template_kwargs(tmp_path):
+    from dpokit.data.inspect import format_report, inspect_data
+
+    path = tmp_path / "chat.jsonl"
+    rows = [{"prompt": USER, "chosen": AGENT_TURN, "rejected": GUESS, "tools": [WEATHER_TOOL]},
+            {"chosen": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"},
+                        {"role": "user", "content": "the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+             "rejected": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"},
+                          {"role": "user", "content": "the capital of France?"}, {"role": "assistant", "content": "Rome."}],
+             "chat_template_kwargs": {"enable_thinking": True}}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = DataConfig(data=str(path), chat_template_kwargs='{"enable_thinking": false}')
+    tok = build(TEMPLATES["qwen-tools"])
+    report = inspect_data(str(path), data, tok)
+    assert report["rows_kept"] == 2 and report["skipped"] == {}
+    chat = report["conversations"]
+    assert (chat["assistant_turns"]["min"], chat["assistant_turns"]["max"]) == (1, 2)
+    assert (chat["response_messages"]["min"], chat["response_messages"]["max"]) == (1, 3)
+    assert (chat["rows_with_tools"], chat["rows_with_tool_calls"], chat["rows_with_template_kwargs"]) == (1, 1, 1)
+    assert chat["template_kwargs"] == {"enable_thinking": False}
+    assert "conversations: 1.5 assistant turns on average (max 2), 1 rows with tools" in format_report(report)
+    text_file = tmp_path / "text.jsonl"
+    text_file.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
+    assert inspect_data(str(text_file), DataConfig(data=str(text_file)))["conversations"] is None
