@@ -47,8 +47,12 @@ class DataConfig:
     data: str | None = _opt(
         None,
         "training pairs: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder (FOLDER[:SPLIT]) "
-        "or a hub dataset ORG/NAME[:SPLIT] (required)",
+        "or a hub dataset ORG/NAME[:SPLIT] or ORG/NAME:CONFIG:SPLIT (required); .jsonl.gz/.json.gz are read compressed",
     )
+    data_config: str | None = _opt(
+        None, "hub datasets only: the configuration to load (as in ORG/NAME:CONFIG:SPLIT), for --data and --eval-data"
+    )
+    data_dir: str | None = _opt(None, "hub datasets only: the folder inside the dataset repository to load (data_dir)")
     eval_data: str | None = _opt(None, "held-out pairs (any source --data takes), evaluated every --eval-every steps")
     data_format: str = _opt(
         "auto",
