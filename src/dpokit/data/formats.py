@@ -11,7 +11,10 @@ Layouts (`--data-format`, `auto` detects from the first row that has a usable `c
   a `prompt` (a string, meaning one user message, or a list of messages). A list holding more
   than assistant messages is a whole conversation: it is split before its last assistant turn,
   and that context must be the same for chosen and rejected and must end with `prompt` when one
-  is given (else `prompt_mismatch`).
+  is given (else `prompt_mismatch`). An assistant turn is everything after the last user or
+  system message: an agent's `tool_calls`, the `tool` results and its answer form one response;
+  a list that starts with an assistant message and holds only assistant and tool messages is a
+  response as a whole. Messages keep `tool_calls`, `tool_call_id`, `name`, `reasoning_content`.
 - `sharegpt`: `conversations` as `{from, value}` messages (human/gpt/system), and `chosen`,
   `rejected` as one such message or a list of them.
 
