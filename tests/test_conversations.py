@@ -187,3 +187,90 @@ def test_the_doctor_reports_turns_tools_and_template_kwargs(tmp_path):
     text_file = tmp_path / "text.jsonl"
     text_file.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
     assert inspect_data(str(text_file), DataConfig(data=str(text_file)))["conversations"] is None
+
+
+MULTI_TURN = {  # two branches sharing the first user turn, differing from the first assistant turn on
+    "chosen": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hello world"},
+               {"role": "user", "content": "the capital of France?"}, {"role": "assistant", "content": "Paris."}],
+    "rejected": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "be brief"},
+                 {"role": "user", "content": "the capital of France?"}, {"role": "assistant", "content": "Rome."}],
+}
+TURN_ENDS = {"chatml-instruct": ("<|im_end|>", "<|im_end|>"), "llama3": ("<|eot_id|>", "<|eot_id|>"),
+             "gemma": ("<end_of_turn>\n", "<end_of_turn>\n<eos>")}
+
+
+def _segments(tok, ids, mask, trained=True) -> list[str]:
+    """The decoded runs of consecutive tokens whose mask is `trained`."""
+    runs, current = [], []
+    for token, m in zip(ids, mask, strict=True):
+        if m == trained:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return [_decode(tok, run) for run in [*runs, current] if run]
+
+
+def _turn_pairs(tmp_path, turns: str):
+    path = tmp_path / "multi.jsonl"
+    path.write_text(json.dumps(MULTI_TURN) + "\n")
+    reader = read_pairs(str(path), DataConfig(data=str(path), train_on_turns=turns))
+    return list(reader), reader.stats
+
+
+@pytest.mark.parametrize("name", ["chatml-instruct", "llama3", "gemma"])
+def test_train_on_all_turns_masks_exactly_the_assistant_tokens(tmp_path, name):
+    pairs, _ = _turn_pairs(tmp_path, "all")
+    assert pairs[0].prompt == MULTI_TURN["chosen"][:1] and pairs[0].chosen == MULTI_TURN["chosen"][1:]
+    convention, tok, pair_tokenizer, [kept], stats = _tokenize(name, pairs, train_on_turns="all")
+    assert stats.skipped == {}
+    first, last = TURN_ENDS[name]
+    for ids, mask, (one, two) in ((kept.chosen_ids, kept.chosen_mask, ("hello world", "Paris.")),
+                                  (kept.rejected_ids, kept.rejected_mask, ("be brief", "Rome."))):
+        assert len(mask) == len(ids)
+        assert _segments(tok, ids, mask) == [one + first, two + last]  # the assistant's tokens, turn ends included
+        [between] = _segments(tok, ids, mask, trained=False)
+        assert "the capital of France?" in between and one not in between  # the user turn and headers: context
+    prompt, chosen, _ = pair_tokenizer.render(pairs[0])
+    assert _decode(tok, kept.prompt_ids + kept.chosen_ids) == expected_sequence(convention, prompt, chosen)
+
+
+def test_train_on_the_last_turn_keeps_todays_rule(tmp_path):
+    pairs, stats = _turn_pairs(tmp_path, "last")
+    assert pairs == [] and stats.skipped == {"prompt_mismatch": [1]}  # the branches differ before the last turn
+    _, _, _, [kept], _ = _tokenize("chatml-instruct", [PreferencePair(USER, GUESS, AGENT_TURN[2:], 1)],
+                                   train_on_turns="all")
+    assert kept.chosen_mask is None  # a single assistant message: every token trained, as before
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed", "prefix-shared"])
+def test_masked_turns_score_only_the_assistant_tokens_in_every_layout(tmp_path, layout):
+    import torch
+
+    from dpokit.data.batching import collate
+    from dpokit.demo.toy import build_tiny_llama
+    from dpokit.logprobs import sequence_logps
+
+    pairs, _ = _turn_pairs(tmp_path, "all")
+    _, tok, _, [kept], _ = _tokenize("chatml-instruct", pairs, train_on_turns="all")
+    model = build_tiny_llama(tok, seed=3).eval()
+    with torch.no_grad():
+        out = sequence_logps(model, collate([kept], tok.pad_token_id, layout))
+    for ids, mask, logps, count in ((kept.chosen_ids, kept.chosen_mask, out.chosen_logps, out.chosen_lengths),
+                                    (kept.rejected_ids, kept.rejected_mask, out.rejected_logps, out.rejected_lengths)):
+        sequence = torch.tensor([list(kept.prompt_ids + ids)])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=sequence).logits.double(), dim=-1)[0]
+        p = len(kept.prompt_ids)
+        naive = sum(logp[p + k - 1, ids[k]].item() for k in range(len(ids)) if mask[k])
+        assert count.item() == sum(mask) < len(ids)
+        assert abs(logps.item() - naive) < 1e-4  # float32 forward vs float64 reference sum of ~20 terms
+
+
+def test_truncation_cuts_the_masks_with_the_responses(tmp_path):
+    pairs, _ = _turn_pairs(tmp_path, "all")
+    _, tok, _, [full], _ = _tokenize("chatml-instruct", pairs, train_on_turns="all")
+    limit = len(full.prompt_ids) + 6
+    [cut], stats = PairTokenizer(tok, max_length=limit, train_on_turns="all").tokenize(pairs)
+    assert stats.responses_cut == 1 and len(cut.chosen_mask) == len(cut.chosen_ids) == 6
+    assert cut.chosen_mask == full.chosen_mask[:6]

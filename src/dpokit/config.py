@@ -71,6 +71,11 @@ class DataConfig:
         None, "JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'; a row's "
         "chat_template_kwargs column overrides it key by key"
     )
+    train_on_turns: str = _opt(
+        "last", "conversations: last (the loss covers the last assistant turn; chosen and rejected must share "
+        "everything before it) or all (every assistant turn from the first one where they differ; only the "
+        "assistant's tokens are in the loss)", choices=("last", "all"),
+    )
     strict: bool = _opt(
         False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
     )

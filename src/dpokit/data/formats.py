@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from dpokit.data.sources import Row, RowSource
@@ -45,6 +46,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool"}
+TURN_MODES = ("last", "all")  # --train-on-turns
 AGENT_ROLES = ("assistant", "tool")  # the messages of one assistant turn
 MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept beside role, content
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
@@ -120,9 +122,12 @@ class PairReader:
     """Iterate canonical pairs from a source; `stats` fills in as rows are read."""
 
     def __init__(self, source: RowSource, layout: str = "auto", columns: str | None = None,
-                 strict: bool = False, drop_tied_scores: bool = False):
+                 strict: bool = False, drop_tied_scores: bool = False, train_on_turns: str = "last"):
         if layout not in ("auto", *LAYOUTS):
             raise DpokitError(f"--data-format must be one of auto, {', '.join(LAYOUTS)}; got {layout!r}")
+        if train_on_turns not in TURN_MODES:
+            raise DpokitError(f"--train-on-turns must be one of {', '.join(TURN_MODES)}; got {train_on_turns!r}")
+        self.all_turns = train_on_turns == "all"
         self.source, self.layout, self.strict = source, layout, strict
         self.columns = parse_columns(columns)
         self.drop_tied_scores = drop_tied_scores
@@ -136,6 +141,8 @@ class PairReader:
             layout, buffered = self._detect(rows)
         self.stats.layout = layout
         normalise = _LAYOUT_FUNCTIONS[layout]
+        if self.all_turns and layout in ("conversational", "sharegpt"):
+            normalise = partial(normalise, all_turns=True)
         for number, raw in _chain(buffered, rows):
             self.stats.rows_read += 1
             row = self._mapped(raw, number)
@@ -245,30 +252,36 @@ def split_transcript(text: str, name: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _conversational(row: Row, where: str):
+def _conversational(row: Row, where: str, all_turns: bool = False):
     _require(row, ("chosen", "rejected"), "conversational", where)
     chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
     prompt = None
     if "prompt" in row and row["prompt"] is not None:
         value = row["prompt"]
         prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(row, "prompt")
-    return (*_split_conversations(prompt, chosen, rejected), {"prompt", "chosen", "rejected", "messages"})
+    return (*_split_conversations(prompt, chosen, rejected, all_turns), {"prompt", "chosen", "rejected", "messages"})
 
 
-def _sharegpt(row: Row, where: str):
+def _sharegpt(row: Row, where: str, all_turns: bool = False):
     _require(row, ("conversations", "chosen", "rejected"), "sharegpt", where)
     prompt = _sharegpt_messages(row, "conversations")
     chosen, rejected = _sharegpt_messages(row, "chosen"), _sharegpt_messages(row, "rejected")
-    return (*_split_conversations(prompt, chosen, rejected), {"conversations", "chosen", "rejected"})
+    return (*_split_conversations(prompt, chosen, rejected, all_turns), {"conversations", "chosen", "rejected"})
 
 
-def _split_conversations(prompt, chosen, rejected):
+def _split_conversations(prompt, chosen, rejected, all_turns: bool = False):
     """Explicit prompt and/or whole conversations -> (context, chosen reply, rejected reply)."""
+    if all_turns and not _is_reply(chosen) and not _is_reply(rejected):
+        return _check_context(prompt, *_split_at_divergence(chosen, rejected))
     context_c, reply_c = _split_last_assistant(chosen, "chosen")
     context_r, reply_r = _split_last_assistant(rejected, "rejected")
     if context_c is not None and context_r is not None and context_c != context_r:
         raise RowSkip("prompt_mismatch", "chosen and rejected conversations differ before the last assistant turn")
     context = context_c if context_c is not None else context_r
+    return _check_context(prompt, context, reply_c, reply_r)
+
+
+def _check_context(prompt, context, reply_c, reply_r):
     if context is None:
         context = prompt
     elif prompt is not None and context[len(context) - len(prompt):] != prompt:
@@ -278,11 +291,36 @@ def _split_conversations(prompt, chosen, rejected):
     return context, reply_c, reply_r
 
 
+def _split_at_divergence(chosen: list[Message], rejected: list[Message]):
+    """`--train-on-turns all`: (shared turns, chosen from the assistant turn where the two first
+    differ, rejected likewise). Each response may hold later user turns (masked out of the loss
+    by the tokenizer) and must end with an assistant message."""
+    same = 0
+    while same < min(len(chosen), len(rejected)) and chosen[same] == rejected[same]:
+        same += 1
+    start = same
+    while start and chosen[start - 1]["role"] in AGENT_ROLES:
+        start -= 1  # back to the start of the assistant turn the first difference is in
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if same < len(messages) and messages[same]["role"] not in AGENT_ROLES:
+            raise RowSkip("prompt_mismatch", f"chosen and rejected differ first in a {messages[same]['role']} "
+                                             f"message (message {same}), not in an assistant turn")
+        if start >= len(messages) or messages[start]["role"] != "assistant" or messages[-1]["role"] != "assistant":
+            raise RowSkip("no_assistant_turn", f"field '{name}' does not end with an assistant message after "
+                                               "the turns it shares")
+    return chosen[:start], chosen[start:], rejected[start:]
+
+
+def _is_reply(messages: list[Message]) -> bool:
+    """A reply alone (not a whole conversation): starts with the assistant, holds no user turn."""
+    return messages[0]["role"] == "assistant" and all(m["role"] in AGENT_ROLES for m in messages)
+
+
 def _split_last_assistant(messages: list[Message], name: str):
     """(context, last assistant turn), or (None, messages) for a reply alone. An assistant turn is
     the assistant's messages after the last user (or system) message, with the tool results it
     called for: an agent's trajectory is one turn, a response spanning several messages."""
-    if messages[0]["role"] == "assistant" and all(m["role"] in AGENT_ROLES for m in messages):
+    if _is_reply(messages):
         return None, messages
     start = len(messages)
     while start and messages[start - 1]["role"] in AGENT_ROLES:

@@ -22,4 +22,5 @@ def read_pairs(spec: str, data=None) -> PairReader:
         raise DpokitError(f"--data-config / --data-dir apply to hub datasets only; {spec} is a local {source.kind}")
     if data is None:
         return PairReader(source)
-    return PairReader(source, data.data_format, data.columns, data.strict, data.drop_tied_scores)
+    return PairReader(source, data.data_format, data.columns, data.strict, data.drop_tied_scores,
+                      getattr(data, "train_on_turns", "last"))

@@ -58,6 +58,7 @@ from dpokit.data.templates import (
     row_tools,
     without_tool_calls,
 )
+from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -73,6 +74,8 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     index: int
     scores: tuple[float, float] | None = None
+    chosen_mask: tuple[bool, ...] | None = None  # --train-on-turns all: True on the tokens in the loss
+    rejected_mask: tuple[bool, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,6 +92,8 @@ class EncodedPair:
     rejected: list[int]
     index: int
     scores: tuple[float, float] | None = None
+    chosen_mask: list[bool] | None = None  # --train-on-turns all: True on the tokens trained
+    rejected_mask: list[bool] | None = None
 
 
 @dataclass
@@ -128,7 +133,7 @@ class PairTokenizer:
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
                  truncation_mode: str = "keep_end", strict: bool = False,
-                 template_kwargs: dict | None = None):
+                 template_kwargs: dict | None = None, train_on_turns: str = "last"):
         if tokenizer.eos_token_id is None:
             raise DpokitError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
         if truncation_mode not in TRUNCATION_MODES:
@@ -140,6 +145,7 @@ class PairTokenizer:
         self.truncation_mode = truncation_mode
         self.strict = strict
         self.template_kwargs = dict(template_kwargs or {})  # passed to every chat template call
+        self.all_turns = train_on_turns == "all"  # loss masks on multi-turn responses (data/turns.py)
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = tokenizer.bos_token_id
         self.adds_bos = _tokenizer_adds_bos(tokenizer)
@@ -152,7 +158,8 @@ class PairTokenizer:
         if data.chat_template:
             tokenizer.chat_template = read_chat_template(data.chat_template)
         return cls(tokenizer, data.max_length, data.max_prompt_length, data.truncation_mode, data.strict,
-                   template_kwargs=parse_template_kwargs(getattr(data, "chat_template_kwargs", None)))
+                   template_kwargs=parse_template_kwargs(getattr(data, "chat_template_kwargs", None)),
+                   train_on_turns=getattr(data, "train_on_turns", "last"))
 
     # --- rule 0: rendering ----------------------------------------------------------------------
 
@@ -218,11 +225,17 @@ class PairTokenizer:
         full_chosen = self._encode([p + c for _, (p, c, _) in rendered])
         full_rejected = self._encode([p + r for _, (p, _, r) in rendered])
         out = []
-        for (pair, (_, chosen_text, rejected_text)), prompt, fc, fr in zip(
+        for (pair, (prompt_text, chosen_text, rejected_text)), prompt, fc, fr in zip(
             rendered, prompts, full_chosen, full_rejected, strict=True
         ):
             chosen, merged_c = self._response_ids(prompt, fc, chosen_text)
             rejected, merged_r = self._response_ids(prompt, fr, rejected_text)
+            try:
+                masks = (self._turn_mask(pair, pair.chosen, prompt_text, chosen_text, chosen, merged_c),
+                         self._turn_mask(pair, pair.rejected, prompt_text, rejected_text, rejected, merged_r))
+            except RowSkip as bad:
+                self._skip(stats, bad.reason, pair.index, str(bad))
+                continue
             chosen, rejected = self._with_one_eos(chosen), self._with_one_eos(rejected)
             problem = (self._special_inside(chosen, "chosen", pair.chosen)
                        or self._special_inside(rejected, "rejected", pair.rejected))
@@ -238,8 +251,26 @@ class PairTokenizer:
                            "field 'prompt' has no tokens and the tokenizer adds no BOS to start from")
                 continue
             stats.boundary_merges += merged_c or merged_r
-            out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores))
+            out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores,
+                                   _with_final_eos(masks[0], chosen), _with_final_eos(masks[1], rejected)))
         return out
+
+    def _turn_mask(self, pair: PreferencePair, reply: Text, prompt_text: str, response_text: str,
+                   ids: list[int], merged: bool) -> list[bool] | None:
+        """`--train-on-turns all`: True on the response tokens that are the assistant's own
+        (`data/turns.py`); None (every token trained) otherwise."""
+        if not self.all_turns or isinstance(reply, str) or all(m["role"] == "assistant" for m in reply):
+            return None
+        tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
+        spans = assistant_spans(lambda messages, generation: self._apply_template(messages, generation, tools, kwargs),
+                                pair.prompt, reply, prompt_text, prompt_text + response_text, self.tokenizer.eos_token)
+        text = response_text if merged else prompt_text + response_text
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded["input_ids"][len(encoded["input_ids"]) - len(ids):] != ids:
+            raise RowSkip("template_boundary", "the response's tokens shift when tokenized with offsets")
+        shift = 0 if merged else len(prompt_text)
+        offsets = encoded["offset_mapping"][len(encoded["input_ids"]) - len(ids):]
+        return token_mask([(start - shift, end - shift) for start, end in offsets], spans)
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[dict]]) -> list[list[int]]:
         """Prompt ids exactly as training gives them (rules 0 and 1, no truncation): what sampling
@@ -331,7 +362,8 @@ class PairTokenizer:
             stats.dropped_identical += 1
             stats.drop("identical_tokens", pair.index, f"{stats.where(pair.index)}: chosen and rejected have the same tokens")
             return None
-        return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.index, pair.scores)
+        return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.index, pair.scores,
+                             *_cut_masks(pair, len(chosen), len(rejected)))
 
     # --- everything -----------------------------------------------------------------------------
 
@@ -351,6 +383,17 @@ class PairTokenizer:
                 out.append(tokenized)
         stats.kept = len(out)
         return out, stats
+
+
+def _with_final_eos(mask: list[bool] | None, ids: list[int]) -> tuple[bool, ...] | None:
+    """A token mask after rule 1: `ids` is a prefix of the raw response plus the final EOS (trained)."""
+    return None if mask is None else (*mask[: len(ids) - 1], True)
+
+
+def _cut_masks(pair: EncodedPair, chosen: int, rejected: int) -> tuple[tuple[bool, ...] | None, ...]:
+    """The masks of a pair whose responses truncation cut to `chosen` and `rejected` tokens."""
+    return tuple(None if mask is None else tuple(mask[:n])
+                 for mask, n in ((pair.chosen_mask, chosen), (pair.rejected_mask, rejected)))
 
 
 def read_chat_template(path: str) -> str:
