@@ -114,3 +114,24 @@ def test_hub_options_contradicting_or_on_a_local_file_are_one_line(hub_stub):
     with pytest.raises(DpokitError, match=r"--data-config / --data-dir apply to hub datasets only; .* is a local jsonl$"):
         _pairs(HH, DataConfig(data_dir="harmless-base"))
     assert hub_stub[0] == []
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["jsonl", "jsonl.gz"])
+def test_a_large_json_lines_file_streams_row_by_row(tmp_path, compressed):
+    """Reading and normalising holds one row at a time: the peak of Python allocations stays a
+    small fraction of what the rows would take as Python objects held together (~2 KiB each here)."""
+    import tracemalloc
+
+    rows = [json.loads(line) for line in UF.read_text(encoding="utf-8").splitlines()]
+    text = "".join(json.dumps(rows[i % len(rows)]) + "\n" for i in range(4000))
+    path = tmp_path / ("big.jsonl.gz" if compressed else "big.jsonl")
+    path.write_bytes(gzip.compress(text.encode()) if compressed else text.encode())
+    held = sum(len(line) for line in text.splitlines())  # a lower bound for the rows held as objects
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in read_pairs(str(path)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 8 * len(_pairs(UF)[0])  # the 500-row sample, 8 times over
+    assert peak < held / 20, (peak, held)
