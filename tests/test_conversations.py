@@ -6,6 +6,7 @@ of JSON schemas, Qwen3's `enable_thinking`."""
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
@@ -131,10 +132,11 @@ def test_a_template_that_cannot_render_tools_skips_the_row_with_a_reason():
                            extra={"tools": [WEATHER_TOOL]}),
             PreferencePair(USER, AGENT_TURN, GUESS, 2),  # tool_calls the plain ChatML template drops
             PreferencePair(USER, GUESS, [{"role": "assistant", "content": "no idea"}], 3, extra={"tools": "[{"}),
-            PreferencePair(USER, GUESS, [{"role": "assistant", "content": "no idea"}], 4)]
+            PreferencePair(USER, GUESS, [{"role": "assistant", "content": "no idea"}], 4),
+            PreferencePair("What is the weather in Paris?", " Sunny.", " Rainy.", 5, extra={"tools": [WEATHER_TOOL]})]
     _, _, _, kept, stats = _tokenize("chatml-instruct", rows)
     assert [k.index for k in kept] == [4]
-    assert stats.skipped == {"tools_unsupported": [1, 2], "malformed_tools": [3]}
+    assert stats.skipped == {"tools_unsupported": [1, 2, 5], "malformed_tools": [3]}
     assert "does not render the row's 'tools'" in stats.examples["tools_unsupported"]
 
 
@@ -182,7 +184,7 @@ def test_the_doctor_reports_turns_tools_and_template_kwargs(tmp_path):
     assert (chat["assistant_turns"]["min"], chat["assistant_turns"]["max"]) == (1, 2)
     assert (chat["response_messages"]["min"], chat["response_messages"]["max"]) == (1, 3)
     assert (chat["rows_with_tools"], chat["rows_with_tool_calls"], chat["rows_with_template_kwargs"]) == (1, 1, 1)
-    assert chat["template_kwargs"] == {"enable_thinking": False}
+    assert chat["template_kwargs"] == {"enable_thinking": False} and chat["train_on_turns"] == "last"
     assert "conversations: 1.5 assistant turns on average (max 2), 1 rows with tools" in format_report(report)
     text_file = tmp_path / "text.jsonl"
     text_file.write_text(json.dumps({"prompt": "a", "chosen": " b", "rejected": " c"}) + "\n")
@@ -274,3 +276,23 @@ def test_truncation_cuts_the_masks_with_the_responses(tmp_path):
     [cut], stats = PairTokenizer(tok, max_length=limit, train_on_turns="all").tokenize(pairs)
     assert stats.responses_cut == 1 and len(cut.chosen_mask) == len(cut.chosen_ids) == 6
     assert cut.chosen_mask == full.chosen_mask[:6]
+
+
+@pytest.mark.slow
+def test_train_end_to_end_on_agent_turns_all_turns_and_template_kwargs(tmp_path, capsys):
+    """The CLI path: flags reach the tokenizer, masked multi-turn pairs and tool rows train."""
+    from dpokit import cli
+    from dpokit.demo.toy import build_tiny_llama
+
+    tok = build(TEMPLATES["qwen-tools"])
+    model_dir = tmp_path / "model"
+    build_tiny_llama(tok, seed=0).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    rows = [MULTI_TURN, {"chosen": [*USER, *AGENT_TURN], "rejected": [*USER, *GUESS], "tools": [WEATHER_TOOL]}] * 4
+    data = tmp_path / "agent.jsonl.gz"
+    data.write_bytes(gzip.compress("".join(json.dumps(row) + "\n" for row in rows).encode()))
+    code = cli.main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "run"),
+                     "--train-on-turns", "all", "--chat-template-kwargs", '{"enable_thinking": false}',
+                     "--max-steps", "2", "--batch-size", "4", "--max-length", "512", "--progress", "off"])
+    log = capsys.readouterr().out
+    assert code == 0 and "8/8 pairs kept" in log, log

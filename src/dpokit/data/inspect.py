@@ -67,7 +67,8 @@ class _Tally:
         return {"assistant_turns": _describe(self.turns), "response_messages": _describe(self.response_messages),
                 "rows_with_tools": self.with_tools, "rows_with_tool_calls": self.with_tool_calls,
                 "rows_with_template_kwargs": self.with_template_kwargs,
-                "template_kwargs": parse_template_kwargs(getattr(data, "chat_template_kwargs", None))}
+                "template_kwargs": parse_template_kwargs(getattr(data, "chat_template_kwargs", None)),
+                "train_on_turns": getattr(data, "train_on_turns", "last")}
 
     def add_lengths(self, prompt: int, chosen: int, rejected: int) -> None:
         for name, value in zip(FIELDS, (prompt, chosen, rejected), strict=True):

@@ -166,6 +166,8 @@ class PairTokenizer:
     def render(self, pair: PreferencePair) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
         if not pair.is_chat:
+            if row_tools(pair) is not None:  # text is used as written: nothing would render them
+                raise RowSkip("tools_unsupported", "the row has 'tools' but its text layout uses no chat template")
             return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
         tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
         prompt = self._apply_template(pair.prompt, True, tools, kwargs)
