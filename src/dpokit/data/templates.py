@@ -30,7 +30,8 @@ def parse_template_kwargs(value: str | dict | None) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as exc:
-            raise DpokitError(f"--chat-template-kwargs: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise DpokitError(f"--chat-template-kwargs: not valid JSON ({exc.msg} at column {exc.colno}); in YAML "
+                              "write it as a quoted JSON string") from None
     if not isinstance(value, dict):
         raise DpokitError(f"--chat-template-kwargs: expected a JSON object such as '{{\"enable_thinking\": false}}', "
                           f"got {type(value).__name__}")
