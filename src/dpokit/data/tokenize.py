@@ -92,8 +92,8 @@ class EncodedPair:
     rejected: list[int]
     index: int
     scores: tuple[float, float] | None = None
-    chosen_mask: list[bool] | None = None  # --train-on-turns all: True on the tokens trained
-    rejected_mask: list[bool] | None = None
+    chosen_mask: tuple[bool, ...] | None = None  # --train-on-turns all: True on the tokens trained
+    rejected_mask: tuple[bool, ...] | None = None
 
 
 @dataclass
