@@ -296,3 +296,16 @@ def test_train_end_to_end_on_agent_turns_all_turns_and_template_kwargs(tmp_path,
                      "--max-steps", "2", "--batch-size", "4", "--max-length", "512", "--progress", "off"])
     log = capsys.readouterr().out
     assert code == 0 and "8/8 pairs kept" in log, log
+
+
+def test_all_turns_skips_branches_that_differ_in_a_user_turn_or_end_without_the_assistant(tmp_path):
+    user_differs = json.loads(json.dumps(MULTI_TURN))
+    user_differs["rejected"][1] = user_differs["chosen"][1]
+    user_differs["rejected"][2] = {"role": "user", "content": "the capital of Italy?"}
+    ends_with_user = {"chosen": MULTI_TURN["chosen"][:3], "rejected": MULTI_TURN["rejected"][:3]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in (MULTI_TURN, user_differs, ends_with_user)))
+    reader = read_pairs(str(path), DataConfig(data=str(path), train_on_turns="all"))
+    assert [p.index for p in reader] == [1]
+    assert reader.stats.skipped == {"prompt_mismatch": [2], "no_assistant_turn": [3]}
+    assert "differ first in a user message (message 2)" in reader.stats.examples["prompt_mismatch"]
