@@ -47,7 +47,7 @@ def test_gzip_json_array(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("cut.jsonl.gz", gzip.compress(HH.read_bytes())[:20000], r"^cut.jsonl.gz: the gzip stream breaks after row \d+"),
+    ("cut.jsonl.gz", gzip.compress(HH.read_bytes())[:20000], r"^cut.jsonl.gz: the gzip stream breaks after line \d+"),
     ("fake.jsonl.gz", b"not gzip at all", r"^fake.jsonl.gz: not a readable gzip file"),
     ("data.jsonl.zst", b"(\xb5/\xfd", r"^data.jsonl.zst: zstd-compressed data is not read"),
     ("data.csv.gz", gzip.compress(b"a,b\n1,2\n"), r"^data.csv.gz: only .jsonl.gz, .ndjson.gz and .json.gz"),

@@ -100,18 +100,18 @@ def _compressed_file(path: Path, name: str, suffix: str) -> RowSource:
         handle.close()
         raise DpokitError(f"{name}: not a readable gzip file ({_first_line(exc)})") from None
     if inner == ".json" and first == "[":
-        return RowSource(name, "json.gz", "row", _gzip_errors(_json_array_rows(handle, name), name))
-    return RowSource(name, "jsonl.gz", "line", _gzip_errors(_jsonl_rows(handle, name), name))
+        return RowSource(name, "json.gz", "row", _gzip_errors(_json_array_rows(handle, name), name, "row"))
+    return RowSource(name, "jsonl.gz", "line", _gzip_errors(_jsonl_rows(handle, name), name, "line"))
 
 
-def _gzip_errors(rows: Iterator[tuple[int, Row]], name: str) -> Iterator[tuple[int, Row]]:
+def _gzip_errors(rows: Iterator[tuple[int, Row]], name: str, unit: str) -> Iterator[tuple[int, Row]]:
     """A truncated or corrupt gzip stream fails mid-read: one line naming the file and the last row."""
     number = 0
     try:
         for number, row in rows:  # noqa: B007 - used after an error
             yield number, row
     except (OSError, EOFError) as exc:
-        raise DpokitError(f"{name}: the gzip stream breaks after row {number} ({_first_line(exc)})") from None
+        raise DpokitError(f"{name}: the gzip stream breaks after {unit} {number} ({_first_line(exc)})") from None
 
 
 def _open_text(path: Path, name: str):
