@@ -47,8 +47,12 @@ class DataConfig:
     data: str | None = _opt(
         None,
         "training pairs: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder (FOLDER[:SPLIT]) "
-        "or a hub dataset ORG/NAME[:SPLIT] (required)",
+        "or a hub dataset ORG/NAME[:SPLIT] or ORG/NAME:CONFIG:SPLIT (required); .jsonl.gz/.json.gz are read compressed",
     )
+    data_config: str | None = _opt(
+        None, "hub datasets only: the configuration to load (as in ORG/NAME:CONFIG:SPLIT), for --data and --eval-data"
+    )
+    data_dir: str | None = _opt(None, "hub datasets only: the folder inside the dataset repository to load (data_dir)")
     eval_data: str | None = _opt(None, "held-out pairs (any source --data takes), evaluated every --eval-every steps")
     data_format: str = _opt(
         "auto",
@@ -62,6 +66,15 @@ class DataConfig:
     )
     chat_template: str | None = _opt(
         None, "Jinja chat template file for conversational data (default: the tokenizer's own template)"
+    )
+    chat_template_kwargs: str | None = _opt(
+        None, "JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'; a row's "
+        "chat_template_kwargs column overrides it key by key"
+    )
+    train_on_turns: str = _opt(
+        "last", "conversations: last (the loss covers the last assistant turn; chosen and rejected must share "
+        "everything before it) or all (every assistant turn from the first one where they differ; only the "
+        "assistant's tokens are in the loss)", choices=("last", "all"),
     )
     strict: bool = _opt(
         False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
@@ -437,6 +450,7 @@ def _validate_lora(config: RunConfig) -> None:
 def validate_data(d: DataConfig) -> None:
     """The data section alone (shared by `train` and `data inspect`)."""
     from dpokit.data.formats import parse_columns
+    from dpokit.data.templates import parse_template_kwargs
 
     if not d.max_length > 0:
         raise DpokitError(f"--max-length must be a positive number; got {d.max_length}")
@@ -449,6 +463,7 @@ def validate_data(d: DataConfig) -> None:
     if not 0.0 <= d.min_response_share < 1.0:
         raise DpokitError(f"--min-response-share must be in [0, 1); got {d.min_response_share}")
     parse_columns(d.columns)
+    parse_template_kwargs(d.chat_template_kwargs)
 
 
 def with_absolute_model_paths(config: RunConfig) -> RunConfig:

@@ -41,12 +41,14 @@ from dpokit.logprobs import PairLogps
 CACHE_VERSION = "2"  # 2: the `computed` mask (files cover part of a dataset)
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
-PairKey = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+PairKey = tuple[tuple[int, ...], ...]  # prompt, chosen, rejected ids (+ masks when set)
 
 
 def pair_key(pair: TokenizedPair) -> PairKey:
-    """What identifies a pair for the reference: its token ids (not its position or row number)."""
-    return (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)
+    """What identifies a pair for the reference: its token ids (not its position or row number),
+    and which response tokens are scored when `--train-on-turns all` masks some."""
+    masks = tuple(tuple(map(int, m)) for m in (pair.chosen_mask, pair.rejected_mask) if m is not None)
+    return (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids, *masks)
 
 
 def weights_fingerprint(model_source: str | None, model: torch.nn.Module | None = None) -> str:

@@ -88,10 +88,13 @@ class _Block:
     scored_at: list[int] = field(default_factory=list)  # column of each scored token
 
 
-def _sequence_block(prompt: Sequence[int], response: Sequence[int], seq: int) -> _Block:
+def _sequence_block(prompt: Sequence[int], response: Sequence[int], seq: int,
+                    mask: Sequence[bool] | None = None) -> _Block:
     n_prompt, n = len(prompt), len(prompt) + len(response)
     block = _Block(list(prompt) + list(response), list(range(n)), [SHARED] * n)
     for col in range(n_prompt, n):
+        if mask is not None and not mask[col - n_prompt]:
+            continue  # --train-on-turns all: a user turn or template markup inside the response
         # The hidden state at col - 1 predicts the token at col.
         block.scores.append((col - 1, seq))
         block.scored_at.append(col)
@@ -107,9 +110,13 @@ def _pair_block(pair: TokenizedPair, i: int, num_pairs: int) -> _Block:
         [SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
     )
     for k in range(c):
+        if pair.chosen_mask is not None and not pair.chosen_mask[k]:
+            continue
         block.scores.append((p - 1 + k, i))
         block.scored_at.append(p + k)
     for k in range(r):
+        if pair.rejected_mask is not None and not pair.rejected_mask[k]:
+            continue
         block.scores.append((p - 1 if k == 0 else p + c + k - 1, num_pairs + i))
         block.scored_at.append(p + c + k)
     return block
@@ -119,8 +126,8 @@ def _blocks(pairs: Sequence[TokenizedPair], layout: str) -> list[_Block]:
     b = len(pairs)
     if layout == "prefix-shared":
         return [_pair_block(p, i, b) for i, p in enumerate(pairs)]
-    chosen = [_sequence_block(p.prompt_ids, p.chosen_ids, i) for i, p in enumerate(pairs)]
-    rejected = [_sequence_block(p.prompt_ids, p.rejected_ids, b + i) for i, p in enumerate(pairs)]
+    chosen = [_sequence_block(p.prompt_ids, p.chosen_ids, i, p.chosen_mask) for i, p in enumerate(pairs)]
+    rejected = [_sequence_block(p.prompt_ids, p.rejected_ids, b + i, p.rejected_mask) for i, p in enumerate(pairs)]
     return chosen + rejected
 
 

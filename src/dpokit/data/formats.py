@@ -11,7 +11,10 @@ Layouts (`--data-format`, `auto` detects from the first row that has a usable `c
   a `prompt` (a string, meaning one user message, or a list of messages). A list holding more
   than assistant messages is a whole conversation: it is split before its last assistant turn,
   and that context must be the same for chosen and rejected and must end with `prompt` when one
-  is given (else `prompt_mismatch`).
+  is given (else `prompt_mismatch`). An assistant turn is everything after the last user or
+  system message: an agent's `tool_calls`, the `tool` results and its answer form one response;
+  a list that starts with an assistant message and holds only assistant and tool messages is a
+  response as a whole. Messages keep `tool_calls`, `tool_call_id`, `name`, `reasoning_content`.
 - `sharegpt`: `conversations` as `{from, value}` messages (human/gpt/system), and `chosen`,
   `rejected` as one such message or a list of them.
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from dpokit.data.sources import Row, RowSource
@@ -44,9 +48,12 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "tool": "tool"}
 # Roles chat templates render; any other (a typo such as `usr`) would be rendered as if valid, or dropped.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+TURN_MODES = ("last", "all")  # --train-on-turns
+AGENT_ROLES = ("assistant", "tool")  # the messages of one assistant turn
+MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept beside role, content
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
 
-Message = dict[str, str]
+Message = dict[str, Any]
 Text = str | list[Message]
 
 
@@ -117,9 +124,12 @@ class PairReader:
     """Iterate canonical pairs from a source; `stats` fills in as rows are read."""
 
     def __init__(self, source: RowSource, layout: str = "auto", columns: str | None = None,
-                 strict: bool = False, drop_tied_scores: bool = False):
+                 strict: bool = False, drop_tied_scores: bool = False, train_on_turns: str = "last"):
         if layout not in ("auto", *LAYOUTS):
             raise DpokitError(f"--data-format must be one of auto, {', '.join(LAYOUTS)}; got {layout!r}")
+        if train_on_turns not in TURN_MODES:
+            raise DpokitError(f"--train-on-turns must be one of {', '.join(TURN_MODES)}; got {train_on_turns!r}")
+        self.all_turns = train_on_turns == "all"
         self.source, self.layout, self.strict = source, layout, strict
         self.columns = parse_columns(columns)
         self.drop_tied_scores = drop_tied_scores
@@ -133,6 +143,8 @@ class PairReader:
             layout, buffered = self._detect(rows)
         self.stats.layout = layout
         normalise = _LAYOUT_FUNCTIONS[layout]
+        if self.all_turns and layout in ("conversational", "sharegpt"):
+            normalise = partial(normalise, all_turns=True)
         for number, raw in _chain(buffered, rows):
             self.stats.rows_read += 1
             row = self._mapped(raw, number)
@@ -243,30 +255,36 @@ def split_transcript(text: str, name: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-def _conversational(row: Row, where: str):
+def _conversational(row: Row, where: str, all_turns: bool = False):
     _require(row, ("chosen", "rejected"), "conversational", where)
     chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
     prompt = None
     if "prompt" in row and row["prompt"] is not None:
         value = row["prompt"]
         prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(row, "prompt")
-    return (*_split_conversations(prompt, chosen, rejected), {"prompt", "chosen", "rejected", "messages"})
+    return (*_split_conversations(prompt, chosen, rejected, all_turns), {"prompt", "chosen", "rejected", "messages"})
 
 
-def _sharegpt(row: Row, where: str):
+def _sharegpt(row: Row, where: str, all_turns: bool = False):
     _require(row, ("conversations", "chosen", "rejected"), "sharegpt", where)
     prompt = _sharegpt_messages(row, "conversations")
     chosen, rejected = _sharegpt_messages(row, "chosen"), _sharegpt_messages(row, "rejected")
-    return (*_split_conversations(prompt, chosen, rejected), {"conversations", "chosen", "rejected"})
+    return (*_split_conversations(prompt, chosen, rejected, all_turns), {"conversations", "chosen", "rejected"})
 
 
-def _split_conversations(prompt, chosen, rejected):
+def _split_conversations(prompt, chosen, rejected, all_turns: bool = False):
     """Explicit prompt and/or whole conversations -> (context, chosen reply, rejected reply)."""
+    if all_turns and not _is_reply(chosen) and not _is_reply(rejected):
+        return _check_context(prompt, *_split_at_divergence(chosen, rejected))
     context_c, reply_c = _split_last_assistant(chosen, "chosen")
     context_r, reply_r = _split_last_assistant(rejected, "rejected")
     if context_c is not None and context_r is not None and context_c != context_r:
         raise RowSkip("prompt_mismatch", "chosen and rejected conversations differ before the last assistant turn")
     context = context_c if context_c is not None else context_r
+    return _check_context(prompt, context, reply_c, reply_r)
+
+
+def _check_context(prompt, context, reply_c, reply_r):
     if context is None:
         context = prompt
     elif prompt is not None and context[len(context) - len(prompt):] != prompt:
@@ -276,13 +294,45 @@ def _split_conversations(prompt, chosen, rejected):
     return context, reply_c, reply_r
 
 
+def _split_at_divergence(chosen: list[Message], rejected: list[Message]):
+    """`--train-on-turns all`: (shared turns, chosen from the assistant turn where the two first
+    differ, rejected likewise). Each response may hold later user turns (masked out of the loss
+    by the tokenizer) and must end with an assistant message."""
+    same = 0
+    while same < min(len(chosen), len(rejected)) and chosen[same] == rejected[same]:
+        same += 1
+    start = same
+    while start and chosen[start - 1]["role"] in AGENT_ROLES:
+        start -= 1  # back to the start of the assistant turn the first difference is in
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        if same < len(messages) and messages[same]["role"] not in AGENT_ROLES:
+            raise RowSkip("prompt_mismatch", f"chosen and rejected differ first in a {messages[same]['role']} "
+                                             f"message (message {same}), not in an assistant turn")
+        if start >= len(messages) or messages[start]["role"] != "assistant" or messages[-1]["role"] != "assistant":
+            raise RowSkip("no_assistant_turn", f"field '{name}' does not end with an assistant message after "
+                                               "the turns it shares")
+    return chosen[:start], chosen[start:], rejected[start:]
+
+
+def _is_reply(messages: list[Message]) -> bool:
+    """A reply alone (not a whole conversation): starts with the assistant, holds no user turn."""
+    return messages[0]["role"] == "assistant" and all(m["role"] in AGENT_ROLES for m in messages)
+
+
 def _split_last_assistant(messages: list[Message], name: str):
-    if all(m["role"] == "assistant" for m in messages):
+    """(context, last assistant turn), or (None, messages) for a reply alone. An assistant turn is
+    the assistant's messages after the last user (or system) message, with the tool results it
+    called for: an agent's trajectory is one turn, a response spanning several messages."""
+    if _is_reply(messages):
         return None, messages
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message")
-    return messages[:last], messages[last:]
+    start = len(messages)
+    while start and messages[start - 1]["role"] in AGENT_ROLES:
+        start -= 1
+    while start < len(messages) and messages[start]["role"] != "assistant":
+        start += 1  # tool results before the turn's first assistant message belong to the context
+    if start == len(messages):
+        raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message after its last user turn")
+    return messages[:start], messages[start:]
 
 
 _LAYOUT_FUNCTIONS = {"standard": _standard, "implicit": _implicit, "conversational": _conversational,
@@ -310,15 +360,25 @@ def _messages(row: Row, name: str) -> list[Message]:
     value = row[name]
     if not isinstance(value, list) or not value:
         raise RowSkip("malformed_messages", f"field '{name}' must be a non-empty list of messages, got {_type(value)}")
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
-                or not isinstance(message.get("content"), str):
-            raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
-        if message["role"] not in CHAT_ROLES:
-            raise RowSkip("unknown_role", f"field '{name}', message {i}: role '{message['role']}' is not one a chat "
-                                          f"template knows ({', '.join(CHAT_ROLES)})")
-        out.append({"role": message["role"], "content": message["content"]})
+    return [_message(message, name, i) for i, message in enumerate(value)]
+
+
+def _message(message: Any, name: str, i: int) -> Message:
+    """One `{role, content}` message, keeping the tool-calling keys a chat template renders
+    (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`); a message holding `tool_calls`
+    may have no content. Keys a hub dataset fills with null are dropped."""
+    role = message.get("role") if isinstance(message, dict) else None
+    content = message.get("content") if isinstance(message, dict) else None
+    calls = message.get("tool_calls") if isinstance(message, dict) else None
+    if not isinstance(role, str) or not (isinstance(content, str) or (content is None and calls)):
+        raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
+    if role not in CHAT_ROLES:
+        raise RowSkip("unknown_role", f"field '{name}', message {i}: role '{role}' is not one a chat "
+                                      f"template knows ({', '.join(CHAT_ROLES)})")
+    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+        raise RowSkip("malformed_messages", f"field '{name}', message {i}: 'tool_calls' must be a list of objects")
+    out = {"role": role, "content": content}
+    out.update({key: message[key] for key in MESSAGE_KEYS if message.get(key) is not None})
     return out
 
 
@@ -339,8 +399,8 @@ def _sharegpt_messages(row: Row, name: str) -> list[Message]:
 
 def _check_responses(chosen: Text, rejected: Text) -> None:
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        text = response if isinstance(response, str) else "".join(m["content"] for m in response)
-        if not text.strip():
+        text = response if isinstance(response, str) else "".join(m["content"] or "" for m in response)
+        if not text.strip() and not any("tool_calls" in m for m in response):
             raise RowSkip("empty_response", f"field '{name}' is an empty response")
     if chosen == rejected:
         raise RowSkip("identical", "chosen and rejected are identical (no preference)")

@@ -21,8 +21,9 @@ from collections import Counter
 from itertools import islice
 from typing import Any
 
-from dpokit.data.formats import PreferencePair, ReadStats, Text
+from dpokit.data.formats import AGENT_ROLES, PreferencePair, ReadStats, Text
 from dpokit.data.read import read_pairs
+from dpokit.data.templates import KWARGS_COLUMN, TOOLS_COLUMN, has_tool_calls, parse_template_kwargs
 from dpokit.data.tokenize import PairTokenizer, TokenizeStats
 from dpokit.errors import DpokitError
 
@@ -49,10 +50,34 @@ class _Tally:
         self.lengths = {name: array("l") for name in FIELDS}
         self.prompt_counts: Counter[int] = Counter()
         self.glued = 0
+        self.turns = array("l")  # assistant turns per conversation (prompt + chosen)
+        self.response_messages = array("l")  # messages in the chosen response
+        self.with_tools = self.with_tool_calls = self.with_template_kwargs = 0
 
     def add_pair(self, pair: PreferencePair) -> None:
         self.prompt_counts[hash(_prompt_key(pair.prompt))] += 1
+        if pair.is_chat:
+            self.add_conversation(pair)
         self.glued += glued_text(pair)
+
+    def add_conversation(self, pair: PreferencePair) -> None:
+        conversation = [*pair.prompt, *pair.chosen]
+        self.turns.append(sum(m["role"] == "assistant" and (i == 0 or conversation[i - 1]["role"] not in AGENT_ROLES)
+                              for i, m in enumerate(conversation)))
+        self.response_messages.append(len(pair.chosen))
+        self.with_tools += bool(pair.extra.get(TOOLS_COLUMN))
+        self.with_tool_calls += any(has_tool_calls(m) for m in (pair.prompt, pair.chosen, pair.rejected))
+        self.with_template_kwargs += pair.extra.get(KWARGS_COLUMN) is not None
+
+    def conversations(self, data) -> dict[str, Any] | None:
+        """Turns, tools and template arguments of conversational pairs (None for text layouts)."""
+        if not self.turns:
+            return None
+        return {"assistant_turns": _describe(self.turns), "response_messages": _describe(self.response_messages),
+                "rows_with_tools": self.with_tools, "rows_with_tool_calls": self.with_tool_calls,
+                "rows_with_template_kwargs": self.with_template_kwargs,
+                "template_kwargs": parse_template_kwargs(getattr(data, "chat_template_kwargs", None)),
+                "train_on_turns": getattr(data, "train_on_turns", "last")}
 
     def add_lengths(self, prompt: int, chosen: int, rejected: int) -> None:
         for name, value in zip(FIELDS, (prompt, chosen, rejected), strict=True):
@@ -122,6 +147,7 @@ def _report(read: ReadStats, stats: TokenizeStats, tally: _Tally, kept: int, dat
         "identical_pairs": len(skipped_rows.get("identical", [])) + len(skipped_rows.get("identical_tokens", [])),
         "tied_scores": {"rows_with_scores": read.rows_with_scores, "tied": read.tied_scores}
         if read.rows_with_scores else None,
+        "conversations": tally.conversations(data),
         "boundary": {"merges": stats.boundary_merges if tokenized else None,
                      "glued_text_rows": tally.glued if read.layout in ("standard", "implicit") else None},
     }
@@ -177,6 +203,12 @@ def format_report(report: dict[str, Any]) -> str:
     ties = report["tied_scores"]
     lines.append("scores: none found" if ties is None else
                  f"scores: {ties['tied']} of {ties['rows_with_scores']} rows have tied scores")
+    chat = report["conversations"]
+    if chat is not None:
+        lines.append(f"conversations: {chat['assistant_turns']['mean']} assistant turns on average (max "
+                     f"{chat['assistant_turns']['max']}), {chat['rows_with_tools']} rows with tools, "
+                     f"{chat['rows_with_tool_calls']} with tool calls, template arguments {chat['template_kwargs']} "
+                     f"(+ {chat['rows_with_template_kwargs']} rows with their own)")
     boundary = report["boundary"]
     if boundary["merges"] is not None:
         lines.append(f"boundary merges (tokens merged across prompt|response): {boundary['merges']}")
@@ -236,7 +268,7 @@ def _describe(values: array) -> dict[str, Any]:
 
 
 def _characters(text: Text) -> int:
-    return len(text) if isinstance(text, str) else sum(len(m["content"]) for m in text)
+    return len(text) if isinstance(text, str) else sum(len(m["content"] or "") for m in text)
 
 
 def _prompt_key(prompt: Text) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dpokit.data.formats import PairReader, PreferencePair, ReadStats
 from dpokit.data.sources import open_source
+from dpokit.errors import DpokitError
 
 __all__ = ["PairReader", "PreferencePair", "ReadStats", "read_pairs"]
 
@@ -15,7 +16,11 @@ __all__ = ["PairReader", "PreferencePair", "ReadStats", "read_pairs"]
 def read_pairs(spec: str, data=None) -> PairReader:
     """An iterable of `PreferencePair`s from `spec`, configured by a `DataConfig` (or defaults);
     its `.stats` (rows read, layout, rows skipped by reason) is complete once iterated."""
-    source = open_source(spec)
+    config, data_dir = getattr(data, "data_config", None), getattr(data, "data_dir", None)
+    source = open_source(spec, config, data_dir)
+    if (config or data_dir) and source.kind != "hub dataset":
+        raise DpokitError(f"--data-config / --data-dir apply to hub datasets only; {spec} is a local {source.kind}")
     if data is None:
         return PairReader(source)
-    return PairReader(source, data.data_format, data.columns, data.strict, data.drop_tied_scores)
+    return PairReader(source, data.data_format, data.columns, data.strict, data.drop_tied_scores,
+                      getattr(data, "train_on_turns", "last"))

@@ -11,7 +11,11 @@ Accepted specs:
 - `*.csv` / `*.tsv`: a header row, then one pair per row (string fields only);
 - `*.parquet`: read in record batches with pyarrow;
 - a folder written by `datasets.save_to_disk` (`folder` or `folder:split` for a DatasetDict);
-- a hub dataset id, `org/name` or `org/name:split` (default split `train`), when online.
+- `*.jsonl.gz` / `*.ndjson.gz` / `*.json.gz`: the same, gzip-compressed, decompressed as read
+  (`.zst` is refused with a one-line hint: no small zstd library is a dependency);
+- a hub dataset id, `org/name`, `org/name:split` (default split `train`) or
+  `org/name:config:split`, when online; `--data-config` / `--data-dir` name its configuration
+  and data folder (`datasets.load_dataset(name, config, data_dir=..., split=...)`).
 `datasets`/`pyarrow` are imported only for the last three, so JSON Lines training never pays
 for them.
 """
@@ -19,6 +23,7 @@ for them.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import re
 import sys
@@ -31,8 +36,8 @@ from dpokit.errors import DpokitError
 from dpokit.paths import hub_offline_by_setting, hub_unreachable
 
 Row = dict[str, Any]
-FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
+FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".gz", ".zst")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+){0,2}$")
 _BATCH = 1024
 
 
@@ -49,7 +54,8 @@ class RowSource:
         return f"{self.name}, {self.unit} {number}"
 
 
-def open_source(spec: str | Path) -> RowSource:
+def open_source(spec: str | Path, config: str | None = None, data_dir: str | None = None) -> RowSource:
+    """Open `spec`; `config` and `data_dir` are for hub datasets only (see `parse_hub_spec`)."""
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -60,13 +66,14 @@ def open_source(spec: str | Path) -> RowSource:
     if folder and Path(folder).expanduser().is_dir():
         return _saved_dataset(Path(folder).expanduser(), split, spec)
     if _HUB_ID.match(spec) and not spec.lower().endswith(FILE_SUFFIXES) and not path.parent.is_dir():
-        name, _, split = spec.partition(":")
-        return _hub_dataset(name, split or "train", spec)
+        return _hub_dataset(*parse_hub_spec(spec, config), data_dir, spec)
     raise DpokitError(f"data file {spec} does not exist")
 
 
 def _local_file(path: Path, name: str) -> RowSource:
     suffix = path.suffix.lower()
+    if suffix in (".gz", ".zst"):
+        return _compressed_file(path, name, suffix)
     if suffix == ".parquet":
         return RowSource(name, "parquet", "row", _parquet_rows(path, name))
     if suffix in (".csv", ".tsv"):
@@ -76,6 +83,36 @@ def _local_file(path: Path, name: str) -> RowSource:
     if suffix == ".json" and first == "[":
         return RowSource(name, "json", "row", _json_array_rows(handle, name))
     return RowSource(name, "jsonl", "line", _jsonl_rows(handle, name))
+
+
+def _compressed_file(path: Path, name: str, suffix: str) -> RowSource:
+    """JSON Lines or a JSON array, gzip-compressed: decompressed while read, never whole in memory
+    (a JSON array is parsed whole, as uncompressed)."""
+    inner = Path(path.stem).suffix.lower()
+    if suffix == ".zst":
+        raise DpokitError(f"{name}: zstd-compressed data is not read (no zstd library is a dependency); "
+                          f"decompress it first (zstd -d {path.name}) or recompress with gzip")
+    if inner not in (".jsonl", ".ndjson", ".json"):
+        raise DpokitError(f"{name}: only .jsonl.gz, .ndjson.gz and .json.gz are read compressed")
+    handle = gzip.open(path, "rt", encoding="utf-8-sig", newline="")  # noqa: SIM115 - the row iterator closes it; utf-8-sig drops a BOM
+    try:
+        first = _first_char(handle, name)
+    except (OSError, EOFError) as exc:
+        handle.close()
+        raise DpokitError(f"{name}: not a readable gzip file ({_first_line(exc)})") from None
+    if inner == ".json" and first == "[":
+        return RowSource(name, "json.gz", "row", _gzip_errors(_json_array_rows(handle, name), name, "row"))
+    return RowSource(name, "jsonl.gz", "line", _gzip_errors(_jsonl_rows(handle, name), name, "line"))
+
+
+def _gzip_errors(rows: Iterator[tuple[int, Row]], name: str, unit: str) -> Iterator[tuple[int, Row]]:
+    """A truncated or corrupt gzip stream fails mid-read: one line naming the file and the last row."""
+    number = 0
+    try:
+        for number, row in rows:  # noqa: B007 - used after an error
+            yield number, row
+    except (OSError, EOFError) as exc:
+        raise DpokitError(f"{name}: the gzip stream breaks after {unit} {number} ({_first_line(exc)})") from None
 
 
 def _open_text(path: Path, name: str):
@@ -223,7 +260,20 @@ def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
     return RowSource(name, "saved dataset", "row", _dataset_rows(_pick_split(loaded, split, name), name))
 
 
-def _hub_dataset(name: str, split: str, spec: str) -> RowSource:
+def parse_hub_spec(spec: str, config: str | None = None) -> tuple[str, str, str | None]:
+    """`org/name[:split]` or `org/name:config:split` -> (name, split, config); `config` is the
+    `--data-config` flag, which a config named in the spec must not contradict."""
+    name, *parts = spec.split(":")
+    split = parts[-1] if parts else "train"
+    named = parts[0] if len(parts) == 2 else None
+    if named and config and named != config:
+        raise DpokitError(f"data {spec} names config '{named}' but --data-config is '{config}'; keep one")
+    return name, split, named or config
+
+
+def _hub_dataset(name: str, split: str, config: str | None = None, data_dir: str | None = None,
+                 spec: str | None = None) -> RowSource:
+    spec = spec or name
     reason = hub_unreachable()
     if reason and not hub_offline_by_setting():  # no connection: fail now, not after a minute of retries
         raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason}")
@@ -232,7 +282,7 @@ def _hub_dataset(name: str, split: str, spec: str) -> RowSource:
     except ImportError:
         raise DpokitError(f"{name}: reading a hub dataset needs `pip install datasets`") from None
     try:
-        loaded = datasets.load_dataset(name, split=split)
+        loaded = datasets.load_dataset(name, config, data_dir=data_dir, split=split)
     except Exception as exc:  # noqa: BLE001 - offline, missing, gated, bad split: all one line
         if reason:  # HF_HUB_OFFLINE: datasets looked in its cache only
             raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason} and not cached") from None
@@ -240,7 +290,8 @@ def _hub_dataset(name: str, split: str, spec: str) -> RowSource:
             f"data {name} is not a local file and could not be loaded from the hub "
             f"(split {split}): {_first_line(exc)}"
         ) from None
-    return RowSource(f"{name}:{split}", "hub dataset", "row", _dataset_rows(loaded, name))
+    label = ":".join(part for part in (name, config, split) if part) + (f" (data_dir {data_dir})" if data_dir else "")
+    return RowSource(label, "hub dataset", "row", _dataset_rows(loaded, name))
 
 
 def _pick_split(loaded, split: str | None, name: str):

@@ -7,14 +7,21 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    prompt is the conversation rendered with the generation prompt, and each response is the text
    the full conversation (prompt + reply) renders to after it. If the prompt's rendering is not a
    prefix of the full rendering the boundary is undefined: the row is skipped as
-   `template_boundary` (a template that raises for a row: `template_error`).
+   `template_boundary` (a template that raises for a row: `template_error`). The template also
+   gets the row's `tools` and template arguments (`data/templates.py`); a row with tools or tool
+   calls that the template does not render (its text is the same without them) is skipped as
+   `tools_unsupported`.
 1. Special tokens: the prompt starts with BOS exactly once when the tokenizer itself adds BOS or
    the rendered text already starts with it (a template that writes BOS is not doubled by the
    tokenizer, and a BOS written into the text is not doubled either). Each response ends with EOS
    exactly once: an EOS already at its end is not doubled, and whitespace a template writes after
    its own EOS (`<|im_end|>\\n`) is dropped, since generation stops at EOS and never produces it.
    A response holding BOS, or EOS before its end (a literal `</s>` in the text, say), cannot
-   satisfy this: the row is skipped (`special_token_in_response`). Where BOS and EOS are one
+   satisfy this: the row is skipped (`special_token_in_response`). One exception, multi-turn
+   responses under templates that close every turn with EOS (ChatML's `<|im_end|>`, Llama 3's
+   `<|eot_id|>`): an EOS the template writes inside a conversational response (no message text
+   holds the EOS text itself) is that template's end of an earlier turn, and stays, exactly as the
+   template writes it; the response still ends with exactly one final EOS. Where BOS and EOS are one
    token (GPT-2, Pythia, OPT) a response's final EOS is that token, never a stray BOS. A prompt
    left with no token at all (empty text, no BOS) gives the first response token nothing to be
    predicted from: the row is skipped (`empty_prompt`).
@@ -40,13 +47,22 @@ Every cut and drop is counted in `TokenizeStats`, with the row numbers of the dr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from dpokit.data.formats import PreferencePair, RowSkip, first_difference
+from dpokit.data.formats import PreferencePair, RowSkip, Text, first_difference
+from dpokit.data.templates import (
+    has_tool_calls,
+    parse_template_kwargs,
+    row_template_kwargs,
+    row_tools,
+    without_tool_calls,
+)
+from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -64,6 +80,8 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     index: int
     scores: tuple[float, float] | None = None
+    chosen_mask: tuple[bool, ...] | None = None  # --train-on-turns all: True on the tokens in the loss
+    rejected_mask: tuple[bool, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +98,8 @@ class EncodedPair:
     rejected: list[int]
     index: int
     scores: tuple[float, float] | None = None
+    chosen_mask: tuple[bool, ...] | None = None  # --train-on-turns all: True on the tokens trained
+    rejected_mask: tuple[bool, ...] | None = None
 
 
 @dataclass
@@ -120,7 +140,8 @@ class PairTokenizer:
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
                  truncation_mode: str = "keep_end", strict: bool = False,
-                 min_response_share: float = MIN_RESPONSE_SHARE):
+                 min_response_share: float = MIN_RESPONSE_SHARE, template_kwargs: dict | None = None,
+                 train_on_turns: str = "last"):
         if tokenizer.eos_token_id is None:
             raise DpokitError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
         if truncation_mode not in TRUNCATION_MODES:
@@ -132,6 +153,8 @@ class PairTokenizer:
         self.truncation_mode = truncation_mode
         self.strict = strict
         self.min_response_share = min_response_share
+        self.template_kwargs = dict(template_kwargs or {})  # passed to every chat template call
+        self.all_turns = train_on_turns == "all"  # loss masks on multi-turn responses (data/turns.py)
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = tokenizer.bos_token_id
         self.adds_bos = _tokenizer_adds_bos(tokenizer)
@@ -144,18 +167,24 @@ class PairTokenizer:
         if data.chat_template:
             tokenizer.chat_template = read_chat_template(data.chat_template)
         return cls(tokenizer, data.max_length, data.max_prompt_length, data.truncation_mode, data.strict,
-                   data.min_response_share)
+                   data.min_response_share,
+                   template_kwargs=parse_template_kwargs(getattr(data, "chat_template_kwargs", None)),
+                   train_on_turns=getattr(data, "train_on_turns", "last"))
 
     # --- rule 0: rendering ----------------------------------------------------------------------
 
     def render(self, pair: PreferencePair) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
         if not pair.is_chat:
+            if row_tools(pair) is not None:  # text is used as written: nothing would render them
+                raise RowSkip("tools_unsupported", "the row has 'tools' but its text layout uses no chat template")
             return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
-        prompt = self.render_prompt(pair.prompt)
+        tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
+        prompt = self._apply_template(pair.prompt, True, tools, kwargs)
         texts = [prompt]
         for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            full = self._apply_template([*pair.prompt, *reply], add_generation_prompt=False)
+            full = self._apply_template([*pair.prompt, *reply], False, tools, kwargs)
+            self._check_tools_rendered([*pair.prompt, *reply], full, tools, kwargs, name)
             if not full.startswith(prompt):
                 at = first_difference(prompt, full)
                 raise RowSkip("template_boundary", f"the chat template renders the prompt differently alone and "
@@ -167,15 +196,25 @@ class PairTokenizer:
         """A prompt's text: as written, or messages through the chat template with its generation prompt."""
         if isinstance(prompt, str):
             return prompt
-        return self._apply_template(prompt, add_generation_prompt=True)
+        return self._apply_template(prompt, True, None, self.template_kwargs)
 
-    def _apply_template(self, messages, add_generation_prompt: bool) -> str:
+    def _check_tools_rendered(self, conversation, full: str, tools, kwargs, name: str) -> None:
+        """Tools or tool calls a template leaves out would train on a conversation the data does
+        not hold: such a template renders the same text without them."""
+        if tools is not None and full == self._apply_template(conversation, False, None, kwargs):
+            raise RowSkip("tools_unsupported", "the chat template does not render the row's 'tools'")
+        if has_tool_calls(conversation) and full == self._apply_template(
+                without_tool_calls(conversation), False, tools, kwargs):
+            raise RowSkip("tools_unsupported", f"the chat template does not render the 'tool_calls' in '{name}'")
+
+    def _apply_template(self, messages, add_generation_prompt: bool, tools=None, kwargs=None) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise DpokitError("conversational data needs a chat template, and this tokenizer has none; "
                               "pass --chat-template FILE.jinja")
         try:
             return self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
+                **(kwargs or {})
             )
         except Exception as exc:  # noqa: BLE001 - jinja raises its own types, templates raise_exception
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -198,13 +237,20 @@ class PairTokenizer:
         full_chosen = self._encode([p + c for _, (p, c, _) in rendered])
         full_rejected = self._encode([p + r for _, (p, _, r) in rendered])
         out = []
-        for (pair, (_, chosen_text, rejected_text)), prompt, fc, fr in zip(
+        for (pair, (prompt_text, chosen_text, rejected_text)), prompt, fc, fr in zip(
             rendered, prompts, full_chosen, full_rejected, strict=True
         ):
             chosen, merged_c = self._response_ids(prompt, fc, chosen_text)
             rejected, merged_r = self._response_ids(prompt, fr, rejected_text)
+            try:
+                masks = (self._turn_mask(pair, pair.chosen, prompt_text, chosen_text, chosen, merged_c),
+                         self._turn_mask(pair, pair.rejected, prompt_text, rejected_text, rejected, merged_r))
+            except RowSkip as bad:
+                self._skip(stats, bad.reason, pair.index, str(bad))
+                continue
             chosen, rejected = self._with_one_eos(chosen), self._with_one_eos(rejected)
-            problem = self._special_inside(chosen, "chosen") or self._special_inside(rejected, "rejected")
+            problem = (self._special_inside(chosen, "chosen", pair.chosen)
+                       or self._special_inside(rejected, "rejected", pair.rejected))
             if problem:
                 # A BOS, or an EOS before the end, inside a response (often a literal "</s>" in scraped
                 # text) would teach the model to stop and carry on: no exact tokenization exists.
@@ -217,8 +263,26 @@ class PairTokenizer:
                            "field 'prompt' has no tokens and the tokenizer adds no BOS to start from")
                 continue
             stats.boundary_merges += merged_c or merged_r
-            out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores))
+            out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores,
+                                   _with_final_eos(masks[0], chosen), _with_final_eos(masks[1], rejected)))
         return out
+
+    def _turn_mask(self, pair: PreferencePair, reply: Text, prompt_text: str, response_text: str,
+                   ids: list[int], merged: bool) -> list[bool] | None:
+        """`--train-on-turns all`: True on the response tokens that are the assistant's own
+        (`data/turns.py`); None (every token trained) otherwise."""
+        if not self.all_turns or isinstance(reply, str) or all(m["role"] == "assistant" for m in reply):
+            return None
+        tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
+        spans = assistant_spans(lambda messages, generation: self._apply_template(messages, generation, tools, kwargs),
+                                pair.prompt, reply, prompt_text, prompt_text + response_text, self.tokenizer.eos_token)
+        text = response_text if merged else prompt_text + response_text
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded["input_ids"][len(encoded["input_ids"]) - len(ids):] != ids:
+            raise RowSkip("template_boundary", "the response's tokens shift when tokenized with offsets")
+        shift = 0 if merged else len(prompt_text)
+        offsets = encoded["offset_mapping"][len(encoded["input_ids"]) - len(ids):]
+        return token_mask([(start - shift, end - shift) for start, end in offsets], spans)
 
     def encode_prompts(self, prompts: Sequence[str | Sequence[dict]]) -> list[list[int]]:
         """Prompt ids exactly as training gives them (rules 0 and 1, no truncation): what sampling
@@ -226,13 +290,21 @@ class PairTokenizer:
         chat template fails for a prompt."""
         return [self._with_one_bos(ids) for ids in self._encode([self.render_prompt(p) for p in prompts])]
 
-    def _special_inside(self, ids: list[int], name: str) -> str | None:
-        if self.eos_id in ids[:-1]:
+    def _special_inside(self, ids: list[int], name: str, response: Text) -> str | None:
+        turn_ends = self._template_turn_ends(response)
+        if self.eos_id in ids[:-1] and not turn_ends:
             return f"field '{name}' contains the EOS token {self.tokenizer.eos_token!r} before its end"
         # The final token is the response's EOS, which is BOS too for GPT-2, Pythia and OPT.
-        if self.bos_id is not None and self.bos_id in ids[:-1]:
+        if self.bos_id is not None and self.bos_id in ids[:-1] and not (turn_ends and self.bos_id == self.eos_id):
             return f"field '{name}' contains the BOS token {self.tokenizer.bos_token!r}"
         return None
+
+    def _template_turn_ends(self, response: Text) -> bool:
+        """True when every EOS inside a response was written by the chat template (an earlier
+        turn's end): the response is messages and none of their text holds the EOS text."""
+        if isinstance(response, str):
+            return False
+        return self.tokenizer.eos_token not in json.dumps(response, ensure_ascii=False)
 
     def _skip(self, stats: TokenizeStats, reason: str, index: int, problem: str) -> None:
         message = f"{stats.where(index)}: {problem}"
@@ -304,7 +376,8 @@ class PairTokenizer:
             stats.dropped_identical += 1
             stats.drop("identical_tokens", pair.index, f"{stats.where(pair.index)}: chosen and rejected have the same tokens")
             return None
-        return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.index, pair.scores)
+        return TokenizedPair(tuple(prompt), tuple(chosen), tuple(rejected), pair.index, pair.scores,
+                             *_cut_masks(pair, len(chosen), len(rejected)))
 
     def _prompt_budget(self, longest: int) -> int | None:
         """Prompt tokens that leave the longer response `min_response_share` of max_length (all of
@@ -332,6 +405,17 @@ class PairTokenizer:
                 out.append(tokenized)
         stats.kept = len(out)
         return out, stats
+
+
+def _with_final_eos(mask: list[bool] | None, ids: list[int]) -> tuple[bool, ...] | None:
+    """A token mask after rule 1: `ids` is a prefix of the raw response plus the final EOS (trained)."""
+    return None if mask is None else (*mask[: len(ids) - 1], True)
+
+
+def _cut_masks(pair: EncodedPair, chosen: int, rejected: int) -> tuple[tuple[bool, ...] | None, ...]:
+    """The masks of a pair whose responses truncation cut to `chosen` and `rejected` tokens."""
+    return tuple(None if mask is None else tuple(mask[:n])
+                 for mask, n in ((pair.chosen_mask, chosen), (pair.rejected_mask, rejected)))
 
 
 def read_chat_template(path: str) -> str:
