@@ -277,7 +277,7 @@ def loss_config_for(model_dir: str | Path, overrides: dict | None = None) -> Los
 # and how they are tokenized. Not the files themselves, and not --chat-template: the run saved
 # its tokenizer with the template it trained with.
 RUN_DATA_SETTINGS = ("data_format", "columns", "strict", "drop_tied_scores", "max_length", "max_prompt_length",
-                     "min_response_share", "truncation_mode")
+                     "min_response_share", "truncation_mode", "chat_template_kwargs", "train_on_turns")
 
 
 def data_config_for(model_dir: str | Path, data: str, overrides: dict | None = None, log: Log = print) -> DataConfig:
@@ -289,7 +289,8 @@ def data_config_for(model_dir: str | Path, data: str, overrides: dict | None = N
     validate_data(config)
     source = lambda name: "given" if name in given else "the run's" if name in inherited else "default"  # noqa: E731
     shown = [*RUN_DATA_SETTINGS, *(["chat_template"] if config.chat_template else [])]
-    log("data settings: " + ", ".join(f"{name} {getattr(config, name)} ({source(name)})" for name in shown))
+    log("data settings: " + ", ".join(f"{name} {getattr(config, name)} ({source(name)})" for name in shown
+                                      if getattr(config, name) is not None))  # unset options are not listed
     return config
 
 
