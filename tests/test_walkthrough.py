@@ -202,7 +202,7 @@ def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_els
 
     monkeypatch.chdir(elsewhere)
     run = str(work / "runs" / "a")
-    result = evaluate_models(run, data=str(small_data[1]), max_length=32, log=lambda _: None)
+    result = evaluate_models(run, data=str(small_data[1]), data_overrides={"max_length": 32}, log=lambda _: None)
     assert result["reference"] == str(Path(tiny_model_dir).resolve())
     assert export_model(run, elsewhere / "exported", merge=False).is_dir()
 
@@ -290,7 +290,11 @@ def test_doctor_names_verbosity_only_when_chosen_answers_are_longer(tmp_path):
                                                         ("the plot", " great", " bleak so grim")])
     text = format_report(inspect_data(str(longer_rejected), DataConfig(), tokenizer=build_tokenizer("word")))
     assert "rejected longer 100.0%" in text and "learn verbosity" not in text
-    assert "length None" not in text and "prompts are never cut: no --max-prompt-length" in text
+    assert "length None" not in text
+    assert "long prompts cut (keep_end) so responses keep --min-response-share 0.25" in text
+    never = format_report(inspect_data(str(longer_rejected), DataConfig(min_response_share=0),
+                                       tokenizer=build_tokenizer("word")))
+    assert "prompts are never cut: no --max-prompt-length, --min-response-share 0" in never
     longer_chosen = _rows_file(tmp_path / "c.jsonl", [("the film", " fun and warm", " dull")])
     assert "(DPO can learn verbosity from this)" in format_report(inspect_data(str(longer_chosen), DataConfig()))
 
