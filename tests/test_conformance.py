@@ -17,13 +17,11 @@ from dpokit.attention import attention_inputs, block_attention_mask, layout_bloc
 from dpokit.cli import main
 from dpokit.config import build_config
 from dpokit.data.batching import LAYOUTS, collate
-from dpokit.data.read import PreferencePair
-from dpokit.data.tokenize import PairTokenizer
 from dpokit.demo.toy import build_tokenizer, make_pairs, write_jsonl
 from dpokit.logprobs import head_is_plain, sequence_logps
 from dpokit.models import disable_dropout
 from dpokit.train.scoring import PairScorer
-from helpers.families import FAMILIES, WINDOW, attention_kinds, build_family
+from helpers.families import FAMILIES, WINDOW, attention_kinds, build_family, family_pairs
 
 PACK = 24  # packed rows hold two or three sequences, prefix-shared rows two pairs
 
@@ -35,8 +33,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def pairs(tok):
-    rows = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(make_pairs(4, 5))]
-    kept, _ = PairTokenizer(tok, max_length=64).tokenize(rows)
+    kept = family_pairs(tok)
     assert min(len(p.prompt_ids) + min(len(p.chosen_ids), len(p.rejected_ids)) for p in kept) > WINDOW
     return kept
 

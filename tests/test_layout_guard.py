@@ -12,13 +12,11 @@ import torch
 
 import dpokit.attention
 from dpokit.config import build_config
-from dpokit.data.read import PreferencePair
-from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import build_tokenizer, make_pairs
+from dpokit.demo.toy import build_tokenizer
 from dpokit.errors import DpokitError
 from dpokit.train.layout_guard import check_first_batch
 from dpokit.train.scoring import PairScorer
-from helpers.families import build_family
+from helpers.families import build_family, family_pairs
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +26,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def pairs(tok):
-    rows = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(make_pairs(4, 5))]
-    return PairTokenizer(tok, max_length=64).tokenize(rows)[0]
+    return family_pairs(tok)
 
 
 def _scorer(model, tok, layout="auto", lm_head="auto"):

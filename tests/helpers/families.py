@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from dpokit.data.read import PreferencePair
+from dpokit.data.tokenize import PairTokenizer
+from dpokit.demo.toy import make_pairs
+
 WINDOW = 4
 _LLAMA_LIKE = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                "num_key_value_heads": 1, "max_position_embeddings": 128}
@@ -81,3 +85,9 @@ def build_family(name: str, tokenizer, attn: str = "eager", seed: int = 0, dropo
     torch.manual_seed(seed)
     config = family_config(name, tokenizer, attn, dropout)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def family_pairs(tok, count: int = 4) -> list:
+    """Toy pairs tokenized for the matrix: their sequences are longer than WINDOW."""
+    rows = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(make_pairs(count, 5))]
+    return PairTokenizer(tok, max_length=64).tokenize(rows)[0]
