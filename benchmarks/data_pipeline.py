@@ -13,6 +13,7 @@ import argparse
 import json
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from pathlib import Path
 from dpokit.config import DataConfig
 from dpokit.data import read_pairs
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import GLOOMY, NEUTRAL, OPENERS, UPBEAT, build_tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny-model builders
+from helpers.toy import GLOOMY, NEUTRAL, OPENERS, UPBEAT, build_tokenizer  # noqa: E402
 
 
 def write_rows(path: Path, n: int) -> None:

@@ -10,6 +10,8 @@
 # after installing the torch you want); no network is needed. TRL is optional: point TRL_PYTHON
 # at a python that imports trl (its own environment); without it the TRL rows are skipped.
 # Everything is printed and also kept in ${OUT:-gpu-check-out}/ (log + JSON).
+# The tiny-model builders live with the tests (tests/helpers/toy.py).
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/tests${PYTHONPATH:+:$PYTHONPATH}"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(test -x .venv/bin/python && echo .venv/bin/python || echo python3)}
@@ -36,7 +38,7 @@ step "2. bf16 run through the CLI (tiny model; first loss must be ln 2, all fini
 timeout 120 "$PYTHON" - <<'EOF' 2>&1 | tee "$OUT/bf16.log" || status=1
 import json, math, subprocess, sys, tempfile
 from pathlib import Path
-from dpokit.demo.toy import make_pairs, save_tiny_model, write_jsonl
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 tmp = Path(tempfile.mkdtemp())
 model = save_tiny_model(tmp / "m")
 data = write_jsonl(tmp / "d.jsonl", make_pairs(64, seed=1))

@@ -11,6 +11,8 @@
 # memory (MiB, rank 0), and the largest weight difference to the fp32 single-process run (for the
 # runs that should match it: fp32 DDP/FSDP2 with the same global batch; bf16/fp16 are expected to
 # differ by rounding). Paste the table into benchmarks/RESULTS.md with the GPU name and date.
+# The tiny-model builders live with the tests (tests/helpers/toy.py).
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)/tests${PYTHONPATH:+:$PYTHONPATH}"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -29,7 +31,7 @@ echo "work folder: $WORK   GPUs: $GPUS   model: hidden $HIDDEN x $LAYERS layers 
 "$PY" - "$WORK" "$HIDDEN" "$LAYERS" <<'EOF'
 import sys
 from pathlib import Path
-from dpokit.demo.toy import build_tokenizer, build_tiny_llama, make_pairs, write_jsonl
+from helpers.toy import build_tokenizer, build_tiny_llama, make_pairs, write_jsonl
 work, hidden, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 tok = build_tokenizer("word")
 model = build_tiny_llama(tok, seed=0, hidden=hidden, layers=layers, heads=max(4, hidden // 64))

@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vs_trl import MAIN, prepare  # noqa: E402
 
 from dpokit.config import build_config  # noqa: E402
-from dpokit.data.read import PreferencePair  # noqa: E402
+from dpokit.data.pairs import PreferencePair  # noqa: E402
 from dpokit.data.tokenize import PairTokenizer  # noqa: E402
-from dpokit.models import load_policy, load_tokenizer  # noqa: E402
-from dpokit.train.layout_guard import check_first_batch  # noqa: E402
-from dpokit.train.scoring import PairScorer  # noqa: E402
+from dpokit.model.layout_guard import check_first_batch  # noqa: E402
+from dpokit.model.load import load_policy, load_tokenizer  # noqa: E402
+from dpokit.scoring import PairScorer  # noqa: E402
 
 
 def _first_batch(folder: Path, tokenizer, order: list[int]):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpokit.demo.toy import make_pairs, save_tiny_model, write_jsonl
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from dpokit import cli
-from dpokit.demo.bundled import BASE_MODEL_DIR
+from dpokit.experiments.demo.bundled import BASE_MODEL_DIR
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ rendered text exactly."""
 import pytest
 
 from dpokit.config import DataConfig
-from dpokit.data.formats import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import build_tokenizer
 from dpokit.errors import DpokitError
+from helpers.toy import build_tokenizer
 
 # Writes BOS itself (as Llama-3 and Gemma templates do) on top of a tokenizer that also adds BOS.
 TEMPLATE_WITH_BOS = (

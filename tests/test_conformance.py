@@ -13,15 +13,15 @@ import json
 import pytest
 import torch
 
-from dpokit.attention import attention_inputs, block_attention_mask, layout_blocker
 from dpokit.cli import main
 from dpokit.config import build_config
 from dpokit.data.batching import LAYOUTS, collate
-from dpokit.demo.toy import build_tokenizer, make_pairs, write_jsonl
-from dpokit.logprobs import head_is_plain, sequence_logps
-from dpokit.models import disable_dropout
-from dpokit.train.scoring import PairScorer
+from dpokit.model.attention import attention_inputs, block_attention_mask, layout_blocker
+from dpokit.model.load import disable_dropout
+from dpokit.model.logprobs import head_is_plain, sequence_logps
+from dpokit.scoring import PairScorer
 from helpers.families import FAMILIES, WINDOW, attention_kinds, build_family, family_pairs
+from helpers.toy import build_tokenizer, make_pairs, write_jsonl
 
 PACK = 24  # packed rows hold two or three sequences, prefix-shared rows two pairs
 

@@ -13,7 +13,7 @@ import pytest
 
 from dpokit.config import DataConfig, validate_data
 from dpokit.data import read_pairs
-from dpokit.data.formats import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
@@ -166,7 +166,7 @@ def test_bad_template_kwargs_are_one_line(value, message):
 
 
 def test_the_doctor_reports_turns_tools_and_template_kwargs(tmp_path):
-    from dpokit.data.inspect import format_report, inspect_data
+    from dpokit.data.doctor import format_report, inspect_data
 
     path = tmp_path / "chat.jsonl"
     rows = [{"prompt": USER, "chosen": AGENT_TURN, "rejected": GUESS, "tools": [WEATHER_TOOL]},
@@ -250,8 +250,8 @@ def test_masked_turns_score_only_the_assistant_tokens_in_every_layout(tmp_path, 
     import torch
 
     from dpokit.data.batching import collate
-    from dpokit.demo.toy import build_tiny_llama
-    from dpokit.logprobs import sequence_logps
+    from dpokit.model.logprobs import sequence_logps
+    from helpers.toy import build_tiny_llama
 
     pairs, _ = _turn_pairs(tmp_path, "all")
     _, tok, _, [kept], _ = _tokenize("chatml-instruct", pairs, train_on_turns="all")
@@ -282,7 +282,7 @@ def test_truncation_cuts_the_masks_with_the_responses(tmp_path):
 def test_train_end_to_end_on_agent_turns_all_turns_and_template_kwargs(tmp_path, capsys):
     """The CLI path: flags reach the tokenizer, masked multi-turn pairs and tool rows train."""
     from dpokit import cli
-    from dpokit.demo.toy import build_tiny_llama
+    from helpers.toy import build_tiny_llama
 
     tok = build(TEMPLATES["qwen-tools"])
     model_dir = tmp_path / "model"

@@ -6,7 +6,7 @@ import pytest
 
 from dpokit.config import DataConfig, validate_data
 from dpokit.data import read_pairs
-from dpokit.data.formats import parse_columns
+from dpokit.data.pairs import parse_columns
 from dpokit.errors import DpokitError
 
 HH_CHOSEN = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: fine, thanks"

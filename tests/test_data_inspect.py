@@ -5,8 +5,8 @@ import json
 import pytest
 
 from dpokit.config import DataConfig
-from dpokit.data.inspect import format_report, inspect_data
-from dpokit.demo.toy import build_tokenizer, make_pairs
+from dpokit.data.doctor import format_report, inspect_data
+from helpers.toy import build_tokenizer, make_pairs
 from test_cli import _one_line_error, dpokit
 
 # Word tokenizer: one token per word; prompts get BOS, responses EOS.

@@ -8,9 +8,9 @@ import pytest
 from conftest import SHARED_DATA
 from dpokit.config import DataConfig
 from dpokit.data import read_pairs
-from dpokit.data.inspect import inspect_data
+from dpokit.data.doctor import inspect_data
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import build_tokenizer
+from helpers.toy import build_tokenizer
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real samples not found at {SHARED_DATA}")
 

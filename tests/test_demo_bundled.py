@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.demo.bundled import BASE_MODEL_DIR, base_model_dir, load_base_model, verify_base_model
-from dpokit.demo.corpus import review_openings
+from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, base_model_dir, load_base_model, verify_base_model
+from dpokit.experiments.demo.corpus import review_openings
 
 ROOT = Path(__file__).resolve().parents[1]
 

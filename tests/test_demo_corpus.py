@@ -2,8 +2,8 @@
 
 import re
 
-from dpokit.demo import corpus
-from dpokit.demo.corpus import generate_corpus, is_held_out_opening, review_openings
+from dpokit.experiments.demo import corpus
+from dpokit.experiments.demo.corpus import generate_corpus, is_held_out_opening, review_openings
 
 # A small hand-made lexicon, independent of the generator's own word lists, in the spirit of the
 # VADER-like judge that will score continuations.

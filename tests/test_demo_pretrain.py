@@ -1,4 +1,4 @@
-"""`python -m dpokit.demo.pretrain` end to end on a tiny corpus and model, into a tmp folder."""
+"""`python -m dpokit.experiments.demo.pretrain` end to end on a tiny corpus and model, into a tmp folder."""
 
 import json
 import math
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from dpokit.demo.bundled import load_base_model, verify_base_model
-from dpokit.demo.pretrain import main
 from dpokit.errors import DpokitError
+from dpokit.experiments.demo.bundled import load_base_model, verify_base_model
+from dpokit.experiments.demo.pretrain import main
 
 TINY = ["--reviews", 300, "--held-out-reviews", 40, "--tokenizer-reviews", 300, "--vocab-size", 400,
         "--hidden-size", 32, "--layers", 1, "--heads", 2, "--kv-heads", 1, "--intermediate-size", 64,
@@ -25,7 +25,7 @@ def run_main(*args) -> int:
 def test_pretrain_entry_point_writes_a_verified_loadable_model_folder(tmp_path):
     out = tmp_path / "model"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dpokit.demo.pretrain", "--output", str(out), "--steps", "6",
+    proc = subprocess.run([sys.executable, "-m", "dpokit.experiments.demo.pretrain", "--output", str(out), "--steps", "6",
                            "--samples", "2", *map(str, TINY)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "step 3/6" in proc.stdout and "step 6/6" in proc.stdout

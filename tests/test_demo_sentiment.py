@@ -3,7 +3,7 @@
 import json
 
 from dpokit.cli import main
-from dpokit.demo.sentiment import DPO, ONLINE, PREFERRED_FT, frontier_checks
+from dpokit.experiments.demo.sentiment import DPO, ONLINE, PREFERRED_FT, frontier_checks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from dpokit.cli import main
-from dpokit.demo.toy import make_pairs, write_jsonl
+from helpers.toy import make_pairs, write_jsonl
 from test_cli import dpokit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,8 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit.config import DataConfig, LossConfig, SamplingConfig
-from dpokit.demo.toy import build_tiny_llama, build_tokenizer
-from dpokit.evaluate import (
+from dpokit.eval.evaluate import (
     SampleSet,
     completion_logps,
     draw_samples,
@@ -19,9 +18,10 @@ from dpokit.evaluate import (
     mean_and_stderr,
     preference_metrics,
 )
-from dpokit.judges import load_judge
-from dpokit.models import load_tokenizer
-from dpokit.sampling import generate_completions
+from dpokit.eval.judges import load_judge
+from dpokit.eval.sampling import generate_completions
+from dpokit.model.load import load_tokenizer
+from helpers.toy import build_tiny_llama, build_tokenizer
 
 PROMPTS = ["the film was", "my friend", "the music seemed very", "this movie", "the cast"]
 

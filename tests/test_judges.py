@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from dpokit.demo.toy import build_tokenizer
 from dpokit.errors import DpokitError
-from dpokit.judges import RewardModelJudge, load_judge, score_responses
+from dpokit.eval.judges import RewardModelJudge, load_judge, score_responses
+from helpers.toy import build_tokenizer
 
 
 def test_sentiment_judge_orders_and_bounds_short_texts():

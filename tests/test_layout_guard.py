@@ -10,13 +10,13 @@ import json
 import pytest
 import torch
 
-import dpokit.attention
+import dpokit.model.attention
 from dpokit.config import build_config
-from dpokit.demo.toy import build_tokenizer
 from dpokit.errors import DpokitError
-from dpokit.train.layout_guard import check_first_batch
-from dpokit.train.scoring import PairScorer
+from dpokit.model.layout_guard import check_first_batch
+from dpokit.scoring import PairScorer
 from helpers.families import build_family, family_pairs
+from helpers.toy import build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def _scorer(model, tok, layout="auto", lm_head="auto"):
 
 
 def _hide_window(monkeypatch):
-    monkeypatch.setattr(dpokit.attention, "layer_windows", lambda config: {dpokit.attention.FULL: None})
+    monkeypatch.setattr(dpokit.model.attention, "layer_windows", lambda config: {dpokit.model.attention.FULL: None})
 
 
 def test_exact_layouts_are_kept_and_recorded(tok, pairs, tmp_path):
@@ -72,7 +72,7 @@ def test_a_wrong_layout_asked_for_explicitly_stops_with_the_gap(tok, pairs, tmp_
 
 
 def test_a_layout_the_model_cannot_run_falls_back(tok, pairs, tmp_path, monkeypatch):
-    monkeypatch.setattr(dpokit.attention, "layout_blocker", lambda model, layout: None)
+    monkeypatch.setattr(dpokit.model.attention, "layout_blocker", lambda model, layout: None)
     scorer = _scorer(build_family("bloom", tok, "eager"), tok)
     scorer.layouts = ["packed"]
     lines = []

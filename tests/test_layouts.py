@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dpokit.data.batching import LAYOUTS, collate, pack_rows
-from dpokit.data.read import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair
-from dpokit.demo.toy import build_tiny_llama, build_tokenizer, make_pairs
-from dpokit.logprobs import chunked_head_logps, head_is_plain, sequence_logps, token_logps
+from dpokit.model.logprobs import chunked_head_logps, head_is_plain, sequence_logps, token_logps
+from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs
 
 
 def _pairs(tok, n=6, seed=5):

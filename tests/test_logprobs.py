@@ -3,10 +3,10 @@
 import torch
 
 from dpokit.data.batching import collate_padded
-from dpokit.data.read import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import build_tiny_llama, build_tokenizer, make_pairs
-from dpokit.logprobs import sequence_logps
+from dpokit.model.logprobs import sequence_logps
+from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs
 
 
 def _setup(n=6):

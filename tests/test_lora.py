@@ -11,16 +11,18 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from dpokit import cli, logprobs, models
+from dpokit import cli, scoring
 from dpokit.config import LoraSection, build_config
 from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import LAYOUTS, collate, collate_padded
-from dpokit.data.formats import PreferencePair
-from dpokit.demo.toy import build_tiny_llama, build_tokenizer, make_pairs
+from dpokit.data.pairs import PreferencePair
 from dpokit.errors import DpokitError
-from dpokit.logprobs import head_is_plain, sequence_logps
-from dpokit.train import loop, scoring
+from dpokit.model import load as models
+from dpokit.model import logprobs
+from dpokit.model.logprobs import head_is_plain, sequence_logps
+from dpokit.train import loop
 from dpokit.train.checkpoint import list_checkpoints
+from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs
 
 
 def _config(model_dir, data, out, lora=True, **train):

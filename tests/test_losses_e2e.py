@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit import cli, models
+from dpokit import cli
 from dpokit.losses import LOSSES
+from dpokit.model import load as models
 
 CASES = [(name, []) for name in sorted(LOSSES)] + [("sigmoid,sft", ["--loss-weights", "1,0.5"])]
 

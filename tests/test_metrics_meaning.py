@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from dpokit.config import LossConfig
-from dpokit.logprobs import PairLogps
 from dpokit.losses import loss_from_config
 from dpokit.metrics import PairMetrics
+from dpokit.model.logprobs import PairLogps
 
 # One pair: chosen gains 2 nats over 20 tokens (0.1 per token), rejected 1 nat over 4 (0.25 per
 # token). Summed, chosen wins (reward 0.2 > 0.1); per token - what IPO optimises - it loses.

@@ -8,10 +8,10 @@ import yaml
 
 from dpokit.cli import main
 from dpokit.config import build_config
-from dpokit.demo.toy import make_pairs, save_tiny_model, write_jsonl
 from dpokit.errors import DpokitError
-from dpokit.online import preference_pairs
+from dpokit.experiments.online import preference_pairs
 from dpokit.train.loop import train
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 
 
 def test_best_worst_pairs_the_top_score_over_the_bottom_one():

@@ -9,8 +9,8 @@ import pytest
 
 from dpokit import cli
 from dpokit.errors import DpokitError
+from dpokit.experiments.sweep import prepare_root
 from dpokit.paths import check_creatable, check_outputs_apart, clear_for_overwrite
-from dpokit.sweep import prepare_root
 
 TRAIN = ["--max-steps", "1", "--max-length", "32", "--progress", "off"]
 

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import load_file
 
 from dpokit.config import build_config
-from dpokit.demo.toy import make_pairs, write_jsonl
 from dpokit.errors import DpokitError
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
 from dpokit.train.parallel import Distributed, compute_sharded, rank_steps
+from helpers.toy import make_pairs, write_jsonl
 
 STEPS = 8
 # 21 pairs, global batch 8: steps of 8, 8, 5 pairs per epoch. In the 5-pair step of a 2-process

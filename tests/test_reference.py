@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 from dpokit.config import build_config
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.demo.toy import make_pairs, save_tiny_model, write_jsonl
-from dpokit.reference import cache_path, data_fingerprint, load_cache, save_cache
+from dpokit.model.reference import cache_path, data_fingerprint, load_cache, save_cache
 from dpokit.train.loop import train
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 
 
 def _run(model_dir, data, out, log=None, **speed):

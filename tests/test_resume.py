@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpokit import scoring
 from dpokit.config import build_config
-from dpokit.demo.toy import make_pairs, write_jsonl
 from dpokit.errors import DpokitError
 from dpokit.train import checkpoint as ckpt_module
-from dpokit.train import scoring
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
+from helpers.toy import make_pairs, write_jsonl
 
 STEPS = 12
 

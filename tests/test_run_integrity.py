@@ -14,11 +14,11 @@ import pytest
 from safetensors import safe_open
 
 from dpokit.config import build_config
-from dpokit.demo.toy import make_pairs, save_tiny_model, write_jsonl
 from dpokit.errors import DpokitError
 from dpokit.train import loop
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 
 
 def _config(model_dir, data, out, eval_data=None, speed=None, **train_opts):
@@ -94,7 +94,7 @@ def test_reference_pass_covers_only_the_pairs_the_run_uses(tiny_model_dir, tmp_p
 
 def test_cache_key_holds_4bit_loading_and_the_attention_implementation(tiny_model_dir, toy_data, tmp_path,
                                                                          monkeypatch):
-    from dpokit.reference import reference_fingerprint
+    from dpokit.model.reference import reference_fingerprint
 
     base = reference_fingerprint("w", "fp32", load_in_4bit=False, attention="sdpa")
     assert base != reference_fingerprint("w", "fp32", load_in_4bit=True, attention="sdpa")
@@ -146,10 +146,10 @@ def test_the_lock_dies_with_its_process(tmp_path):
 
 def test_sweep_online_and_demo_lock_their_folder(tmp_path):
     from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig
-    from dpokit.demo.sentiment import run_demo, settings_for
+    from dpokit.experiments.demo.sentiment import run_demo, settings_for
+    from dpokit.experiments.online import run_online
+    from dpokit.experiments.sweep import run_sweep
     from dpokit.io import run_folder_lock
-    from dpokit.online import run_online
-    from dpokit.sweep import run_sweep
 
     base = build_config({"model": {"model": "m"}, "data": {"data": "d"}, "train": {"output": str(tmp_path)}})
     judging = JudgeConfig(prompts="p.jsonl", judge="sentiment")
@@ -162,8 +162,8 @@ def test_sweep_online_and_demo_lock_their_folder(tmp_path):
 
 
 def test_sweep_runs_share_one_reference_cache(tiny_model_dir, tmp_path, monkeypatch):
-    import dpokit.report
-    import dpokit.sweep
+    import dpokit.eval.report
+    import dpokit.experiments.sweep
     from dpokit.config import JudgeConfig, SamplingConfig
 
     trained = []
@@ -174,15 +174,15 @@ def test_sweep_runs_share_one_reference_cache(tiny_model_dir, tmp_path, monkeypa
 
     def fake_evaluate(run_dir, run, *args, **kwargs):
         row = {"run": run, "reward": 0.0, "reward_stderr": 0.0, "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
-        return dpokit.sweep.RunEvaluation(row, dict(row, run="reference"), None, {})
+        return dpokit.experiments.sweep.RunEvaluation(row, dict(row, run="reference"), None, {})
 
     monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(dpokit.sweep, "evaluate_run", fake_evaluate)
-    monkeypatch.setattr(dpokit.report, "plot_frontier", lambda *a, **k: None)
+    monkeypatch.setattr(dpokit.experiments.sweep, "evaluate_run", fake_evaluate)
+    monkeypatch.setattr(dpokit.eval.report, "plot_frontier", lambda *a, **k: None)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
     base = build_config({"model": {"model": str(tiny_model_dir)}, "data": {"data": "d.jsonl"},
                          "train": {"output": str(tmp_path / "sweep")}})
-    dpokit.sweep.run_sweep(base, [0.1, 0.5], ["sigmoid", "ipo"], JudgeConfig(prompts=str(prompts), judge="sentiment"),
+    dpokit.experiments.sweep.run_sweep(base, [0.1, 0.5], ["sigmoid", "ipo"], JudgeConfig(prompts=str(prompts), judge="sentiment"),
                            SamplingConfig(), log=lambda _: None)
     assert len(trained) == 4
     assert {cfg.speed.reference_cache for cfg in trained} == {str(tmp_path / "sweep" / "reference-cache")}

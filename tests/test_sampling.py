@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import dpokit
-from dpokit.demo.toy import build_tiny_llama, build_tokenizer, make_pairs, write_jsonl
 from dpokit.errors import DpokitError
-from dpokit.sampling import encode_prompt, generate_completions, read_prompts, sample
+from dpokit.eval.sampling import encode_prompt, generate_completions, read_prompts, sample
+from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs, write_jsonl
 
 PROMPTS = ["the film was", "my friend", "the music seemed very", "this movie"]
 

@@ -11,8 +11,8 @@ from dpokit import paths
 from dpokit.config import DataConfig, build_config
 from dpokit.data import read_pairs
 from dpokit.errors import DpokitError
-from dpokit.models import check_model_source
-from dpokit.sampling import read_prompts
+from dpokit.eval.sampling import read_prompts
+from dpokit.model.load import check_model_source
 from dpokit.settings_checks import context_limit, fit_max_length
 from dpokit.train.loop import train
 

@@ -3,9 +3,9 @@
 import pytest
 
 from dpokit.data.batching import collate_padded
-from dpokit.data.read import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import build_tokenizer
+from helpers.toy import build_tokenizer
 
 CORPUS = [
     "hello world, the weather is lovely today and the world says hello back",

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import SHARED_DATA
 from dpokit.data import read_pairs
-from dpokit.data.formats import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import make_pairs
-from dpokit.sampling import encode_prompt, generate_completions
+from dpokit.eval.sampling import encode_prompt, generate_completions
+from helpers.toy import make_pairs
 
 # ChatML (Qwen2.5, SmolLM2): every turn, the assistant's included, ends with <|im_end|> and a newline.
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit.config import build_config
-from dpokit.demo.toy import make_pairs, write_jsonl
 from dpokit.train.loop import train
+from helpers.toy import make_pairs, write_jsonl
 
 
 def _config(model_dir, data, out, **train_opts):

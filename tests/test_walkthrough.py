@@ -15,15 +15,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from dpokit import scoring
 from dpokit.config import build_config
-from dpokit.demo.bundled import base_model_dir
-from dpokit.demo.toy import GLOOMY, OPENERS, UPBEAT, make_pairs, write_jsonl
 from dpokit.errors import DpokitError
-from dpokit.logprobs import PairLogps
+from dpokit.experiments.demo.bundled import base_model_dir
 from dpokit.losses import LossOutput
 from dpokit.metrics import FLOAT32_ROUNDOFF, TIE_ROUNDOFF_UNITS, PairMetrics
+from dpokit.model.logprobs import PairLogps
 from dpokit.train import checkpoint as ckpt
-from dpokit.train import loop, metrics_window, scoring
+from dpokit.train import loop, metrics_window
+from helpers.toy import GLOOMY, OPENERS, UPBEAT, make_pairs, write_jsonl
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -175,7 +176,7 @@ def test_a_closed_pipe_is_a_quiet_normal_exit(small_data):
 
 
 def test_a_causal_lm_given_as_judge_is_refused_naming_the_missing_head(tiny_model_dir):
-    from dpokit.judges import load_judge
+    from dpokit.eval.judges import load_judge
 
     with pytest.raises(DpokitError, match=r"lack the scoring head \(score\.weight missing\)"):
         load_judge(str(tiny_model_dir))
@@ -188,8 +189,8 @@ def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_els
         tiny_model_dir, small_data, tmp_path, monkeypatch):
     import yaml
 
-    from dpokit.evaluate import evaluate_models
-    from dpokit.models import export_model
+    from dpokit.eval.evaluate import evaluate_models
+    from dpokit.model.load import export_model
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()
@@ -233,7 +234,7 @@ def _help(*command: str) -> str:
 
 
 def test_help_lists_only_what_each_command_uses():
-    from dpokit.demo.sentiment import settings_for
+    from dpokit.experiments.demo.sentiment import settings_for
 
     sample = _help("sample")
     assert "--reference-model" not in sample and "loss scaling" not in sample and "--dtype" in sample
@@ -268,8 +269,8 @@ def _rows_file(path: Path, rows: list[tuple[str, str, str]]) -> Path:
 def test_train_warns_about_glued_prompt_and_response_text_like_the_doctor(tiny_model_dir, tmp_path):
     from dpokit.config import DataConfig
     from dpokit.data import PairTokenizer, load_tokenized_pairs
-    from dpokit.data.inspect import format_report, inspect_data
-    from dpokit.models import load_tokenizer
+    from dpokit.data.doctor import format_report, inspect_data
+    from dpokit.model.load import load_tokenizer
 
     data = _rows_file(tmp_path / "glued.jsonl", [("the film was", "great", "dull"), ("the plot", " fun", " flat"),
                                                  ("the cast", "warm", " bleak")])
@@ -283,8 +284,8 @@ def test_train_warns_about_glued_prompt_and_response_text_like_the_doctor(tiny_m
 
 def test_doctor_names_verbosity_only_when_chosen_answers_are_longer(tmp_path):
     from dpokit.config import DataConfig
-    from dpokit.data.inspect import format_report, inspect_data
-    from dpokit.demo.toy import build_tokenizer
+    from dpokit.data.doctor import format_report, inspect_data
+    from helpers.toy import build_tokenizer
 
     longer_rejected = _rows_file(tmp_path / "r.jsonl", [("the film", " fun", " dull and flat"),
                                                         ("the plot", " great", " bleak so grim")])
@@ -315,7 +316,7 @@ def test_a_lora_run_folder_samples_evaluates_and_reports(tiny_model_dir, small_d
     from transformers import AutoModelForCausalLM
 
     from dpokit.cli import main
-    from dpokit.models import load_policy
+    from dpokit.model.load import load_policy
 
     run = tmp_path / "lora"
     cfg = _config(tiny_model_dir, small_data[0], run, max_steps=2, learning_rate=1e-2)
@@ -386,7 +387,7 @@ def test_readme_torchrun_commands_use_the_venv():
 def test_frontier_draws_the_dpo_curve_from_the_base_model(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
-    from dpokit.report import plot_frontier
+    from dpokit.eval.report import plot_frontier
 
     drawn = []
     real_plot = Axes.plot
@@ -401,7 +402,7 @@ def test_frontier_draws_the_dpo_curve_from_the_base_model(tmp_path, monkeypatch)
 
 
 def test_readme_demo_options_match_the_presets():
-    from dpokit.demo.sentiment import settings_for
+    from dpokit.experiments.demo.sentiment import settings_for
 
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
     quick, full = settings_for("quick"), settings_for("full")

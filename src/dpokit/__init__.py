@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # Heavy modules (torch, transformers) load on first use, not at `import dpokit`.
-_LAZY = {"sample": ("dpokit.sampling", "sample")}
+_LAZY = {"sample": ("dpokit.eval.sampling", "sample")}
 
 
 def __getattr__(name: str):

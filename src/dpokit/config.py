@@ -449,7 +449,7 @@ def _validate_lora(config: RunConfig) -> None:
 
 def validate_data(d: DataConfig) -> None:
     """The data section alone (shared by `train` and `data inspect`)."""
-    from dpokit.data.formats import parse_columns
+    from dpokit.data.pairs import parse_columns
     from dpokit.data.templates import parse_template_kwargs
 
     if not d.max_length > 0:

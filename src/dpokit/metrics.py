@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.logprobs import PairLogps
 from dpokit.losses import LossOutput
+from dpokit.model.logprobs import PairLogps
 
 PAIR_METRICS = (
     "loss",

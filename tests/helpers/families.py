@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.data.read import PreferencePair
+from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.demo.toy import make_pairs
+from helpers.toy import make_pairs
 
 WINDOW = 4
 _LLAMA_LIKE = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -37,7 +37,7 @@ def add_data_command(sub) -> None:
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     from dpokit.config import DataConfig, validate_data
-    from dpokit.data.inspect import format_report, inspect_data, report_json
+    from dpokit.data.doctor import format_report, inspect_data, report_json
 
     data = DataConfig()
     for section, f in iter_options():
@@ -50,7 +50,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         check_creatable(args.plot, "--plot", folder=False)
     tokenizer = None
     if args.model:
-        from dpokit.models import load_tokenizer
+        from dpokit.model.load import load_tokenizer
 
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         # As train does: a --max-length past the model's positions is capped (the line goes to stderr).

@@ -36,7 +36,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dpokit.demo.sentiment import run_demo, settings_for
+    from dpokit.experiments.demo.sentiment import run_demo, settings_for
 
     demo = DemoConfig(**section_from_args(args, DemoConfig))
     if demo.quick and demo.full:
@@ -62,9 +62,9 @@ def add_demo_command(sub) -> None:
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
-    from dpokit.online import run_online
-    from dpokit.report import format_number
-    from dpokit.sampling import read_prompts
+    from dpokit.eval.report import format_number
+    from dpokit.eval.sampling import read_prompts
+    from dpokit.experiments.online import run_online
 
     judging = JudgeConfig(**section_from_args(args, JudgeConfig))
     online = OnlineConfig(**section_from_args(args, OnlineConfig))

@@ -65,7 +65,7 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser, helps: dict[str, st
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from dpokit.sampling import check_prompt, read_prompts, run_sample
+    from dpokit.eval.sampling import check_prompt, read_prompts, run_sample
 
     model, sampling = _model_options(args), _sampling_options(args)
     command = SampleCommandConfig(**_section_from_args(args, SampleCommandConfig))
@@ -99,7 +99,7 @@ def add_sample_command(sub) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dpokit.evaluate import evaluate_models, format_table
+    from dpokit.eval.evaluate import evaluate_models, format_table
     from dpokit.io import atomic_write_text
 
     if hasattr(args, "renamed_reference"):
@@ -151,7 +151,7 @@ def add_evaluate_command(sub) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from dpokit.sweep import run_sweep
+    from dpokit.experiments.sweep import run_sweep
 
     sweep = SweepConfig(**_section_from_args(args, SweepConfig, only=("betas",)))
     betas = parse_number_list(sweep.betas, "--beta")
@@ -179,7 +179,7 @@ def add_sweep_command(sub) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dpokit.report import CURVES_FILE, REPORT_FILE, SAMPLES_FILE, sample_before_after, write_report
+    from dpokit.eval.report import CURVES_FILE, REPORT_FILE, SAMPLES_FILE, sample_before_after, write_report
 
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
     written = [("RUN_DIR's", Path(args.run_dir) / name) for name in (REPORT_FILE, CURVES_FILE, SAMPLES_FILE)]

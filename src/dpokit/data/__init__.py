@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dpokit.data.formats import PreferencePair, ReadStats
-from dpokit.data.inspect import glued_text, glued_text_warning
-from dpokit.data.read import read_pairs
+from dpokit.data.doctor import glued_text, glued_text_warning
+from dpokit.data.pairs import PreferencePair, ReadStats, read_pairs
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair, TokenizeStats
 from dpokit.errors import DpokitError
 

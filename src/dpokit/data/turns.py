@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from dpokit.data.formats import Message, RowSkip
+from dpokit.data.pairs import Message, RowSkip
 
 Render = Callable[[list[Message], bool], str]  # (messages, add_generation_prompt) -> text
 

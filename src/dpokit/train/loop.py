@@ -33,7 +33,7 @@ from dpokit.data.batching import epoch_order
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter, atomic_save_pretrained, atomic_write_text, folder_entries, run_folder_lock
 from dpokit.losses import needs_reference
-from dpokit.models import (
+from dpokit.model.load import (
     build_reference,
     check_model_source,
     frozen_reference,
@@ -41,8 +41,9 @@ from dpokit.models import (
     load_tokenizer,
     prepare_policy,
 )
+from dpokit.model.reference import data_fingerprint, run_reference_weights
 from dpokit.paths import check_run_paths, clear_for_overwrite
-from dpokit.reference import data_fingerprint, run_reference_weights
+from dpokit.scoring import build_scorer
 from dpokit.settings_checks import context_limit, fit_max_length, model_config, warn_idle_options, warn_warmup
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
@@ -59,7 +60,6 @@ from dpokit.train.parallel import (
     teardown,
     unwrap,
 )
-from dpokit.train.scoring import build_scorer
 from dpokit.train.signals import StopRequest
 
 Log = Callable[[str], None]
@@ -348,7 +348,7 @@ def _build_reference(cfg: RunConfig, policy: torch.nn.Module, device: torch.devi
 
 def _write_report(output: Path, log: Log) -> None:
     """Training curves and report.md; the model is already saved, so a plotting failure only warns."""
-    from dpokit.report import write_report
+    from dpokit.eval.report import write_report
 
     try:
         log(f"report: {write_report(output)}")

@@ -96,7 +96,7 @@ def init_distributed(device_option: str) -> tuple[Distributed, torch.device]:
     Without torchrun's WORLD_SIZE this is a world of one and nothing is initialised. An already
     initialised group (dpokit called from the user's own distributed script) is used as it is.
     """
-    from dpokit.models import resolve_device
+    from dpokit.model.load import resolve_device
 
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)

@@ -1,7 +1,7 @@
 """Generation from a policy: batched, seeded, chat-template aware, with the KV cache.
 
 `sample()` returns text; `generate_completions()` also keeps the token ids, which the KL
-estimate in `dpokit.evaluate` scores under policy and reference. Prompts are rendered and
+estimate in `dpokit.eval.evaluate` scores under policy and reference. Prompts are rendered and
 tokenized by training's own prompt encoding (`PairTokenizer.encode_prompts`: the chat template
 with its generation prompt for message lists, BOS exactly when training puts one), so the policy
 is sampled in the context it was trained on.
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dpokit.data.formats import CHAT_ROLES, RowSkip
+from dpokit.data.pairs import CHAT_ROLES, RowSkip
 from dpokit.data.sources import parse_json
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
@@ -280,7 +280,7 @@ def run_sample(model: str, prompts: Sequence[Prompt], sampling, *, tokenizer: st
     import os
 
     from dpokit.io import JsonlWriter
-    from dpokit.models import autocast_context, load_policy, load_tokenizer, resolve_device
+    from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 
     torch_device = resolve_device(device)
     tok = load_tokenizer(tokenizer or model, trust_remote_code)

@@ -5,9 +5,9 @@ pairs the best over the worst, and DPO-trains from the current policy with the r
 the starting model (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback";
 Dong et al. 2024, "RLHF Workflow"). Round 1 is plain offline DPO on the starting model's samples.
 
-Everything here is made of the shared pieces: `dpokit.evaluate.draw_samples` samples and judges,
+Everything here is made of the shared pieces: `dpokit.eval.evaluate.draw_samples` samples and judges,
 `dpokit.train.loop.train` trains (with `model.reference_model` naming the starting model), and
-`dpokit.sweep.evaluate_run` places each round on the reward–KL frontier.
+`dpokit.experiments.sweep.evaluate_run` places each round on the reward–KL frontier.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def sample_preference_pairs(model, tokenizer, prompts: Sequence, judge, sampling
     Returns the pair rows and stats: the mean judged reward of the samples (an on-policy measure
     of where the model is), the pair count and what was skipped.
     """
-    from dpokit.evaluate import draw_samples, mean_and_stderr
+    from dpokit.eval.evaluate import draw_samples, mean_and_stderr
 
     samples = draw_samples(model, tokenizer, prompts, sampling, dtype=dtype, judge=judge, judge_name=judge_name,
                            judge_batch_size=judge_batch_size, progress=progress)
@@ -123,10 +123,10 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
 def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging: JudgeConfig,
                 sampling: SamplingConfig, *, eval_prompts: Sequence | None, judge, start_policy: str | None,
                 first_round: int, reference_samples, progress: bool, log: Log) -> tuple[dict, object]:
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.report import plot_frontier
-    from dpokit.sweep import evaluate_run, prepare_root, write_frontier_csv
+    from dpokit.eval.judges import load_judge
+    from dpokit.eval.report import plot_frontier
+    from dpokit.experiments.sweep import evaluate_run, prepare_root, write_frontier_csv
+    from dpokit.model.load import load_policy, load_tokenizer, resolve_device
     from dpokit.train.loop import train
 
     root = prepare_root(base)

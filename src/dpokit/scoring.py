@@ -14,22 +14,22 @@ from pathlib import Path
 
 import torch
 
-from dpokit.attention import layout_blocker
 from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.logprobs import PairLogps, model_body, sequence_logps
 from dpokit.losses import LossOutput, loss_from_config, needs_reference
 from dpokit.metrics import PairMetrics
-from dpokit.models import autocast_context
-from dpokit.reference import (
+from dpokit.model.attention import layout_blocker
+from dpokit.model.layout_guard import check_first_batch
+from dpokit.model.load import autocast_context
+from dpokit.model.logprobs import PairLogps, model_body, sequence_logps
+from dpokit.model.reference import (
     PrecomputedReference,
     precompute_reference,
     reference_fingerprint,
     run_reference_weights,
 )
-from dpokit.train.layout_guard import check_first_batch
 
 
 @dataclass

@@ -54,7 +54,7 @@ class RewardModelJudge:
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification
 
-        from dpokit.models import load_tokenizer
+        from dpokit.model.load import load_tokenizer
 
         self.tokenizer = load_tokenizer(path)
         try:

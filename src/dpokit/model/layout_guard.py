@@ -22,7 +22,7 @@ from dpokit.data import TokenizedPair
 from dpokit.data.batching import collate
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_write_text
-from dpokit.logprobs import PairLogps, head_is_plain, sequence_logps
+from dpokit.model.logprobs import PairLogps, head_is_plain, sequence_logps
 
 # fp32: summed log-probs of a few hundred tokens agree across layouts to ~1e-5 (the conformance
 # matrix); wrong attention shows up as 1e-2 and more. The relative term covers long sequences:

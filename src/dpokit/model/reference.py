@@ -35,7 +35,7 @@ import torch
 
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.io import current_umask
-from dpokit.logprobs import PairLogps
+from dpokit.model.logprobs import PairLogps
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
 CACHE_VERSION = "2"  # 2: the `computed` mask (files cover part of a dataset)

@@ -1,13 +1,13 @@
 """`dpokit demo`: the DPO paper's controlled-sentiment experiment (its IMDb task) in miniature.
 
-The policy is the bundled base model (`dpokit.demo.bundled`), pretrained on generated movie
+The policy is the bundled base model (`dpokit.experiments.demo.bundled`), pretrained on generated movie
 reviews of every sentiment; prompts are neutral review openings; the ground-truth judge is VADER
 sentiment. As in the paper (section 6.1): sample several completions per prompt from the base
 model, score each with the judge, pair higher over lower; train DPO at a few β and the Preferred-FT
 baseline (supervised fine-tuning on the chosen responses) from the same start; evaluate every run on
 held-out prompts (mean judged reward, KL to the base model); draw the reward–KL frontier. With
 online rounds, the DPO run at `online_beta` continues for more rounds of sampling from the current
-policy (`dpokit.online`), on the same frontier.
+policy (`dpokit.experiments.online`), on the same frontier.
 
 Every piece is the library's own: sampling, judges, train, evaluate_run (the sweep's), online.
 """
@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
-from dpokit.demo.bundled import BASE_MODEL_DIR, base_model_dir
 from dpokit.errors import DpokitError
+from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, base_model_dir
 from dpokit.io import atomic_write_text, run_folder_lock
 from dpokit.paths import check_creatable, check_outputs_apart
 
@@ -40,7 +40,7 @@ class DemoSettings:
     train_prompts: int = 128
     eval_prompts: int = 64
     samples_per_prompt: int = 4  # completions sampled per training prompt to build the pairs
-    pairing: str = "all"  # every two samples of a prompt with different scores (see dpokit.online)
+    pairing: str = "all"  # every two samples of a prompt with different scores (see dpokit.experiments.online)
     eval_samples: int = 4  # completions per held-out prompt for judged reward and KL
     max_new_tokens: int = 32
     betas: tuple[float, ...] = (1.0, 0.3, 0.1)
@@ -109,12 +109,12 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
 def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
     import torch
 
-    from dpokit.demo.corpus import review_openings
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer
-    from dpokit.online import run_online, sample_preference_pairs, write_pairs
-    from dpokit.report import plot_frontier
-    from dpokit.sweep import evaluate_run
+    from dpokit.eval.judges import load_judge
+    from dpokit.eval.report import plot_frontier
+    from dpokit.experiments.demo.corpus import review_openings
+    from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
+    from dpokit.experiments.sweep import evaluate_run
+    from dpokit.model.load import load_policy, load_tokenizer
     from dpokit.train.loop import train
 
     started = time.perf_counter()

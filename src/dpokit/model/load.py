@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError
-from dpokit.logprobs import model_body
+from dpokit.model.logprobs import model_body
 from dpokit.paths import (
     check_creatable,
     check_outputs_apart,

@@ -1,8 +1,8 @@
 """A tiny, offline DPO task: a small Llama built from a config, a tokenizer trained on the spot,
 and preference pairs whose chosen responses use "upbeat" words and rejected ones "gloomy" words.
 
-The builders serve the tests: tiny models for every check, built from configs, nothing downloaded.
-`dpokit demo` runs the DPO paper's sentiment experiment instead (`dpokit.demo.sentiment`).
+Test fixtures (and the benchmarks' tiny models): built from configs, nothing downloaded.
+`dpokit demo` runs the DPO paper's sentiment experiment instead (`dpokit.experiments.demo`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import random
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>"]
+from dpokit.experiments.demo.tokenizer import SPECIAL_TOKENS, llama_style, train_bpe_tokenizer
+
 OPENERS = ["the film", "this movie", "the plot", "the cast", "the ending", "the music", "the story", "my friend"]
 NEUTRAL = ["was", "felt", "seemed", "is", "looked", "sounded", "became", "stayed", "and", "so", "very", "quite"]
 UPBEAT = ["great", "lovely", "wonderful", "bright", "brilliant", "moving", "fun", "charming", "superb", "warm"]
@@ -28,38 +30,21 @@ def build_tokenizer(kind: str = "word", corpus: list[str] | None = None, vocab_s
     """A Llama-style tokenizer (adds BOS, has EOS and PAD) trained with `tokenizers`.
 
     kind="word": one token per word (whitespace split). kind="bpe": byte-level BPE trained on
-    `corpus`, whose merges can cross a prompt/response boundary.
+    `corpus`, whose merges can cross a prompt/response boundary (the demo's own tokenizer).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     corpus = corpus or [" ".join(toy_words())]
-    if kind == "word":
-        vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + toy_words())}
-        for text in corpus:
-            for word in text.split():
-                vocab.setdefault(word, len(vocab))
-        tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    elif kind == "bpe":
-        tok = Tokenizer(models.BPE(unk_token=None))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tok.train_from_iterator(corpus, trainer=trainer)
-    else:
+    if kind == "bpe":
+        return train_bpe_tokenizer(corpus, vocab_size)
+    if kind != "word":
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + toy_words())}
+    for text in corpus:
+        for word in text.split():
+            vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return llama_style(tok)
 
 
 def build_tiny_llama(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2, heads: int = 4):

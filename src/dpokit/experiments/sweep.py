@@ -87,10 +87,10 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
 
 def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, sampling: SamplingConfig,
            log: Log) -> dict:
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.report import plot_frontier
-    from dpokit.sampling import read_prompts
+    from dpokit.eval.judges import load_judge
+    from dpokit.eval.report import plot_frontier
+    from dpokit.eval.sampling import read_prompts
+    from dpokit.model.load import load_policy, load_tokenizer, resolve_device
     from dpokit.train.loop import train
 
     prompts = read_prompts(judging.prompts, judging.max_prompts)
@@ -126,7 +126,7 @@ def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, 
 class RunEvaluation:
     row: dict  # the run's frontier row (CSV_FIELDS)
     reference_row: dict  # the reference's row: its reward, at KL 0
-    reference_samples: Any  # dpokit.evaluate.SampleSet, reused by the next run
+    reference_samples: Any  # dpokit.eval.evaluate.SampleSet, reused by the next run
     figures: dict  # everything evaluate_on_prompts measured (evaluation.json)
 
 
@@ -139,9 +139,9 @@ def evaluate_run(run_dir: str | Path, run: str, method: str, beta: float | None,
     Writes the run's evaluation.json and report. Pass the returned `reference_samples` to the next
     call: every run is compared with the same reference samples and scores (same seed, same prompts).
     """
-    from dpokit.evaluate import evaluate_on_prompts
-    from dpokit.models import load_policy
-    from dpokit.report import write_report
+    from dpokit.eval.evaluate import evaluate_on_prompts
+    from dpokit.eval.report import write_report
+    from dpokit.model.load import load_policy
 
     device = next(reference.parameters()).device
     policy = load_policy(str(run_dir), device, trust_remote_code).eval()

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpokit.attention import attention_inputs
 from dpokit.data.batching import PairBatch
+from dpokit.model.attention import attention_inputs
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
 # length adapts to the vocabulary, so peak memory does not grow with it.

@@ -210,9 +210,9 @@ def sample_before_after(run_dir: str | Path, prompts_path: str, sampling, *, max
                         device: str = "auto", dtype: str = "fp32", log: Log = print) -> Path:
     """Sample the run's base model and trained policy on the same prompts with the same seed,
     and save the pairs as samples.json for the report."""
-    from dpokit.evaluate import draw_samples, run_config_of
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.sampling import prompt_text, read_prompts
+    from dpokit.eval.evaluate import draw_samples, run_config_of
+    from dpokit.eval.sampling import prompt_text, read_prompts
+    from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 
     run_dir = Path(run_dir)
     prompts = read_prompts(prompts_path, max_prompts)

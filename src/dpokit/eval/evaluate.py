@@ -8,7 +8,7 @@ Every function returns plain, JSON-serialisable dicts of figures:
   rate (ties count half).
 - `kl_estimate`: KL(π ‖ π_ref) ≈ mean over the policy's own samples y ~ π(·|x) of
   log π(y|x) − log π_ref(y|x), with its standard error. Log-probs come from the one log-prob path,
-  `dpokit.logprobs.sequence_logps`.
+  `dpokit.model.logprobs.sequence_logps`.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 from dpokit.config import DataConfig, LossConfig, RunConfig, SamplingConfig, validate_data
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate_padded
-from dpokit.judges import Judge, score_responses
-from dpokit.logprobs import sequence_logps
-from dpokit.models import autocast_context
-from dpokit.sampling import Completion, Prompt, generate_completions, prompt_text
+from dpokit.eval.judges import Judge, score_responses
+from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text
+from dpokit.model.load import autocast_context
+from dpokit.model.logprobs import sequence_logps
 from dpokit.settings_checks import context_limit, fit_max_length
 
 Log = Callable[[str], None]
@@ -55,7 +55,7 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
     """Implicit-reward figures of `policy` against `reference` on a file of preference pairs, read
     and tokenized by `data`'s settings (format, columns, lengths, truncation) as training does."""
     from dpokit.data import PairTokenizer, load_tokenized_pairs
-    from dpokit.train.scoring import PairScorer
+    from dpokit.scoring import PairScorer
 
     cfg = RunConfig()
     cfg.loss = loss
@@ -232,7 +232,7 @@ def _examples(policy: SampleSet, reference: SampleSet | None) -> list[dict]:
 
 def format_table(result: dict) -> str:
     """A readable two-column table of every figure in an evaluation result."""
-    from dpokit.report import format_number
+    from dpokit.eval.report import format_number
 
     lines = []
     for section in ("preferences", "judged", "kl"):
@@ -307,9 +307,9 @@ def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str 
     data settings of `data` (`data_overrides`, DataConfig field names, replace them).
     """
     from dpokit.errors import DpokitError
-    from dpokit.judges import load_judge
-    from dpokit.models import load_policy, load_tokenizer, resolve_device
-    from dpokit.sampling import read_prompts
+    from dpokit.eval.judges import load_judge
+    from dpokit.eval.sampling import read_prompts
+    from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 
     if not data and not prompts:
         raise DpokitError("nothing to evaluate: give --data (preference pairs) and/or --prompts (with --judge)")

@@ -1,6 +1,6 @@
 """Pretrain the demo's base model from scratch on the generated review corpus.
 
-    python -m dpokit.demo.pretrain [--output DIR] [--steps N] [--seed S] [--overwrite]
+    python -m dpokit.experiments.demo.pretrain [--output DIR] [--steps N] [--seed S] [--overwrite]
 
 regenerates the model folder that ships under `dpokit/demo/base_model/`: a byte-level BPE
 tokenizer trained with `tokenizers` on the corpus, a small Llama (transformers) trained by next-token
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from dpokit.demo.bundled import BASE_MODEL_DIR, MANIFEST, file_sha256
-from dpokit.demo.corpus import generate_corpus, review_openings
 from dpokit.errors import DpokitError
+from dpokit.eval.sampling import encode_prompt
+from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, MANIFEST, file_sha256
+from dpokit.experiments.demo.corpus import generate_corpus, review_openings
+from dpokit.experiments.demo.tokenizer import train_bpe_tokenizer
 from dpokit.io import atomic_save_pretrained, atomic_write_text
 from dpokit.paths import check_creatable, clear_for_overwrite
-from dpokit.sampling import encode_prompt
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out reviews come from a different stream of the grammar
 
@@ -142,7 +143,6 @@ def _check_output(folder: Path, overwrite: bool) -> None:
 
 def pretrain(s: PretrainSettings) -> dict:
     """Run the whole recipe and write the model folder; returns the manifest."""
-    from dpokit.demo.toy import build_tokenizer
 
     if s.steps < 1 or s.reviews < 2 or s.held_out_reviews < 1 or s.samples < 0:
         raise DpokitError("--steps, --reviews, --held-out-reviews must be positive and --samples >= 0")
@@ -153,7 +153,7 @@ def pretrain(s: PretrainSettings) -> dict:
 
     corpus = generate_corpus(s.reviews, s.seed)
     held_out = generate_corpus(s.held_out_reviews, s.seed + HELD_OUT_SEED_OFFSET)
-    tokenizer = build_tokenizer("bpe", corpus[: s.tokenizer_reviews], vocab_size=s.vocab_size)
+    tokenizer = train_bpe_tokenizer(corpus[: s.tokenizer_reviews], vocab_size=s.vocab_size)
     train_stream = _token_stream(tokenizer, corpus)
     held_stream = _token_stream(tokenizer, held_out)
     if len(train_stream) <= s.block_size + 1:
@@ -217,12 +217,12 @@ def pretrain(s: PretrainSettings) -> dict:
         (folder / stale).unlink(missing_ok=True)
     config = model.config.to_dict()
     manifest = {
-        "description": "dpokit demo base model: a small Llama pretrained from scratch on dpokit.demo.corpus reviews",
+        "description": "dpokit demo base model: a small Llama pretrained from scratch on dpokit.experiments.demo.corpus reviews",
         "files": {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in written},
         "model_config": {k: config[k] for k in sorted(config) if isinstance(config[k], (int, float, str, bool))},
         "parameters": n_params,
         "corpus": {
-            "generator": "dpokit.demo.corpus.generate_corpus", "seed": s.seed, "reviews": s.reviews,
+            "generator": "dpokit.experiments.demo.corpus.generate_corpus", "seed": s.seed, "reviews": s.reviews,
             "train_tokens": len(train_stream), "held_out_seed": s.seed + HELD_OUT_SEED_OFFSET,
             "held_out_reviews": s.held_out_reviews, "held_out_tokens": len(held_stream),
             "sha256": hashlib.sha256("\n".join(corpus).encode("utf-8")).hexdigest(),
@@ -256,7 +256,7 @@ def _version(name: str) -> str:
 
 def parse_args(argv: list[str] | None) -> PretrainSettings:
     defaults = PretrainSettings()
-    parser = argparse.ArgumentParser(prog="python -m dpokit.demo.pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpokit.experiments.demo.pretrain", description=__doc__.split("\n")[0])
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

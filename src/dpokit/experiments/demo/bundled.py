@@ -1,4 +1,4 @@
-"""The demo's bundled base model: a small Llama pretrained by `dpokit.demo.pretrain` on generated
+"""The demo's bundled base model: a small Llama pretrained by `dpokit.experiments.demo.pretrain` on generated
 movie reviews, shipped inside the package (no download, no pretrained weights from elsewhere).
 
 `load_base_model()` checks every file against MANIFEST.json's sha256 before loading, so a
@@ -33,7 +33,7 @@ def read_manifest(folder: str | Path = BASE_MODEL_DIR) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DpokitError(f"{path}: missing; the bundled demo model is not installed "
-                          "(regenerate it with `python -m dpokit.demo.pretrain`)") from None
+                          "(regenerate it with `python -m dpokit.experiments.demo.pretrain`)") from None
     except (OSError, ValueError) as exc:
         raise DpokitError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or not manifest["files"]:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from dpokit.data.sources import Row, RowSource
+from dpokit.data.sources import Row, RowSource, open_source
 from dpokit.errors import DpokitError
 
 LAYOUTS = ("standard", "implicit", "conversational", "sharegpt")
@@ -449,3 +449,16 @@ def _type(value: Any) -> str:
 def _chain(first: list, rest: Iterator):
     yield from first
     yield from rest
+
+
+def read_pairs(spec: str, data=None) -> PairReader:
+    """An iterable of `PreferencePair`s from `spec`, configured by a `DataConfig` (or defaults);
+    its `.stats` (rows read, layout, rows skipped by reason) is complete once iterated."""
+    config, data_dir = getattr(data, "data_config", None), getattr(data, "data_dir", None)
+    source = open_source(spec, config, data_dir)
+    if (config or data_dir) and source.kind != "hub dataset":
+        raise DpokitError(f"--data-config / --data-dir apply to hub datasets only; {spec} is a local {source.kind}")
+    if data is None:
+        return PairReader(source)
+    return PairReader(source, data.data_format, data.columns, data.strict, data.drop_tied_scores,
+                      getattr(data, "train_on_turns", "last"))
