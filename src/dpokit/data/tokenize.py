@@ -63,7 +63,7 @@ from dpokit.data.templates import (
     without_tool_calls,
 )
 from dpokit.data.turns import assistant_spans, token_mask
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, first_line
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
 # Share of --max-length a long prompt leaves to the responses when --max-prompt-length is not set.
@@ -217,8 +217,7 @@ class PairTokenizer:
                 **(kwargs or {})
             )
         except Exception as exc:  # noqa: BLE001 - jinja raises its own types, templates raise_exception
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise RowSkip("template_error", f"the chat template failed: {first}") from None
+            raise RowSkip("template_error", f"the chat template failed: {first_line(exc)}") from None
 
     # --- rules 1 and 2: ids with an exact boundary ---------------------------------------------
 
