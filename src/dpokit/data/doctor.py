@@ -21,7 +21,8 @@ from collections import Counter
 from itertools import islice
 from typing import Any
 
-from dpokit.data.pairs import AGENT_ROLES, PreferencePair, ReadStats, Text, read_pairs
+from dpokit.data.conversations import AGENT_ROLES
+from dpokit.data.pairs import PreferencePair, ReadStats, Text, read_pairs
 from dpokit.data.templates import KWARGS_COLUMN, TOOLS_COLUMN, has_tool_calls, parse_template_kwargs
 from dpokit.data.tokenize import PairTokenizer, TokenizeStats
 from dpokit.errors import DpokitError

@@ -41,6 +41,20 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+){0,2}$")
 _BATCH = 1024
 
 
+class RowSkip(Exception):
+    """A bad row (as opposed to a broken file, which is a DpokitError): skipped and counted, or an
+    error with --strict. Raised while a row becomes a pair (`pairs`) or token ids (`tokenize`)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def value_type(value: Any) -> str:
+    """A value's type in a message about a row, in JSON's words for null."""
+    return "null" if value is None else type(value).__name__
+
+
 @dataclass
 class RowSource:
     """One opened source. `where(n)` names row n in messages, e.g. `data.jsonl, line 7`."""

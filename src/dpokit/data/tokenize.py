@@ -54,7 +54,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from dpokit.data.pairs import PreferencePair, RowSkip, Text, first_difference
+from dpokit.data.pairs import PreferencePair, Text, first_difference
+from dpokit.data.sources import RowSkip
 from dpokit.data.templates import (
     has_tool_calls,
     parse_template_kwargs,
