@@ -190,7 +190,7 @@ def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_els
     import yaml
 
     from dpokit.eval.evaluate import evaluate_models
-    from dpokit.model.load import export_model
+    from dpokit.model.export import export_model
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir()

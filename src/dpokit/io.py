@@ -1,6 +1,8 @@
 """Atomic file output: write to a temporary name beside the target, then rename into place.
 
-A crash mid-write leaves the previous file (or none), never a half-written one.
+A crash mid-write leaves the previous file (or none), never a half-written one. Also here, at
+the bottom where every layer can use them: the names of the files a run folder holds, the
+reader of a run's resolved config, and `Log`, the callback progress lines go to.
 """
 
 from __future__ import annotations
@@ -11,16 +13,36 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from dpokit.errors import DpokitError
+import yaml
+
+from dpokit.errors import DpokitError, first_line
+
+# Where a function writes its progress lines: `print`, or a caller's collector.
+Log = Callable[[str], None]
 
 # The advisory lock file a run holds in its folder (left in place: removing it would let two
 # processes lock two different files of the same name).
 LOCK_FILE = ".dpokit.lock"
+# The resolved config a training run writes into its folder (what `--resume`, `evaluate` and
+# `export` read back to learn how the run was trained).
+RUN_CONFIG_FILE = "dpokit_config.yaml"
+
+
+def read_run_config(run_dir: str | Path) -> dict | None:
+    """The resolved config a dpokit run wrote into `run_dir`, or None for any other folder."""
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DpokitError(f"{path}: not a readable run config ({first_line(exc)})") from None
+    return loaded if isinstance(loaded, dict) else None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

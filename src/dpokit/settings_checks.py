@@ -5,13 +5,11 @@ Each check runs before any heavy work and says what it did; none changes a setti
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from dpokit.errors import DpokitError
+from dpokit.io import Log
 from dpokit.paths import local_path
-
-Log = Callable[[str], None]
 
 # Config attributes that hold a model's number of positions, in the order architectures use them.
 _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

@@ -42,7 +42,7 @@ def _debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dpokit.model.load import export_model
+    from dpokit.model.export import export_model
 
     out = export_model(args.run, args.output, merge=args.merge, base=args.base, dtype=args.dtype,
                        overwrite=args.overwrite)

@@ -6,7 +6,9 @@ import argparse
 import sys
 
 from dpokit.cli.common import Parser, add_field
-from dpokit.config import coerce, iter_options
+from dpokit.config import DataConfig, coerce, iter_options, validate_data
+from dpokit.data.doctor import format_report, inspect_data, report_json
+from dpokit.model.load import load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart
 from dpokit.settings_checks import context_limit, fit_max_length, model_config
 
@@ -36,9 +38,6 @@ def add_data_command(sub) -> None:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from dpokit.config import DataConfig, validate_data
-    from dpokit.data.doctor import format_report, inspect_data, report_json
-
     data = DataConfig()
     for section, f in iter_options():
         if section == "data" and hasattr(args, f.name) and f.name not in _INSPECT_SKIPS:
@@ -50,8 +49,6 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         check_creatable(args.plot, "--plot", folder=False)
     tokenizer = None
     if args.model:
-        from dpokit.model.load import load_tokenizer
-
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         # As train does: a --max-length past the model's positions is capped (the line goes to stderr).
         limit = context_limit(model_config(args.model, args.trust_remote_code), tokenizer)

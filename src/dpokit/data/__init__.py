@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from dpokit.data.doctor import glued_text, glued_text_warning
 from dpokit.data.pairs import PreferencePair, ReadStats, read_pairs
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair, TokenizeStats
 from dpokit.errors import DpokitError
+from dpokit.io import Log
 
 __all__ = ["PairTokenizer", "PreferencePair", "ReadStats", "TokenizeStats", "TokenizedPair",
            "load_tokenized_pairs", "read_pairs", "skip_report"]
@@ -16,7 +15,7 @@ _ROWS_SHOWN = 20
 
 
 def load_tokenized_pairs(
-    path: str, pair_tokenizer: PairTokenizer, log: Callable[[str], None] = print, data=None
+    path: str, pair_tokenizer: PairTokenizer, log: Log = print, data=None
 ) -> list[TokenizedPair]:
     """Read, normalise and tokenize a source of pairs (`data`: a DataConfig, default settings
     when None); log what was skipped, cut or dropped, by reason and row; refuse an empty result."""

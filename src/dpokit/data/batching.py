@@ -1,4 +1,4 @@
-"""TokenizedPairs -> model batches in one of three layouts, and the seeded order they are visited in.
+"""TokenizedPairs -> model batches in one of three layouts (the order pairs are visited in: `data/order.py`).
 
 Every layout describes the same 2B sequences (pair i's chosen is sequence i, its rejected is
 sequence B + i) and ends in the same scoring spec: the hidden state at (score_rows, score_cols)
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpokit.data.order import epoch_order  # noqa: F401 - re-exported: train/loop.py and scoring.py import it from here
 from dpokit.data.tokenize import TokenizedPair
 
 LAYOUTS = ("padded", "packed", "prefix-shared")
@@ -217,8 +218,3 @@ def collate_padded(pairs: Sequence[TokenizedPair], pad_id: int) -> PairBatch:
     """Stack chosen rows then rejected rows, each as prompt + response, right-padded."""
     return collate(pairs, pad_id, "padded")
 
-
-def epoch_order(num_pairs: int, seed: int, epoch: int) -> list[int]:
-    """A permutation of the pairs that depends only on (seed, epoch): reproducible and resumable."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_pairs, generator=generator).tolist()

@@ -14,6 +14,7 @@ measured before truncation (so a pair later dropped as `prompt_too_long` still c
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from array import array
@@ -21,10 +22,12 @@ from collections import Counter
 from itertools import islice
 from typing import Any
 
-from dpokit.data.pairs import AGENT_ROLES, PreferencePair, ReadStats, Text, read_pairs
+from dpokit.data.conversations import AGENT_ROLES
+from dpokit.data.pairs import PreferencePair, ReadStats, Text, read_pairs
 from dpokit.data.templates import KWARGS_COLUMN, TOOLS_COLUMN, has_tool_calls, parse_template_kwargs
 from dpokit.data.tokenize import PairTokenizer, TokenizeStats
 from dpokit.errors import DpokitError
+from dpokit.io import atomic_write_bytes
 
 _CHUNK = 512
 FIELDS = ("prompt", "chosen", "rejected")
@@ -231,10 +234,6 @@ def save_length_plot(tally: _Tally, units: str, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DpokitError("--plot needs matplotlib: pip install 'dpokit[plot]'") from None
-    import io
-
-    from dpokit.io import atomic_write_bytes
-
     lengths = tally.lengths
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].hist(lengths["prompt"], bins=40, color="tab:gray")

@@ -37,23 +37,22 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from dpokit.data.sources import Row, RowSource, open_source
+from dpokit.data.conversations import (  # noqa: F401 - CHAT_ROLES: eval/sampling.py imports it from here
+    CHAT_ROLES,
+    Message,
+    chat_messages,
+    sharegpt_messages,
+    split_conversations,
+)
+from dpokit.data.sources import Row, RowSkip, RowSource, open_source, value_type
 from dpokit.errors import DpokitError
 
 LAYOUTS = ("standard", "implicit", "conversational", "sharegpt")
 COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "score_chosen", "score_rejected")
 HH_ASSISTANT = "\n\nAssistant:"
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
-                  "tool": "tool"}
-# Roles chat templates render; any other (a typo such as `usr`) would be rendered as if valid, or dropped.
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 TURN_MODES = ("last", "all")  # --train-on-turns
-AGENT_ROLES = ("assistant", "tool")  # the messages of one assistant turn
-MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept beside role, content
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
 
-Message = dict[str, Any]
 Text = str | list[Message]
 
 
@@ -93,14 +92,6 @@ class ReadStats:
     def skip(self, reason: str, row: int, message: str) -> None:
         self.skipped.setdefault(reason, []).append(row)
         self.examples.setdefault(reason, message)
-
-
-class RowSkip(Exception):
-    """A bad row (as opposed to a broken file): skipped and counted, or an error with --strict."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:
@@ -257,82 +248,19 @@ def split_transcript(text: str, name: str) -> tuple[str, str]:
 
 def _conversational(row: Row, where: str, all_turns: bool = False):
     _require(row, ("chosen", "rejected"), "conversational", where)
-    chosen, rejected = _messages(row, "chosen"), _messages(row, "rejected")
+    chosen, rejected = chat_messages(row, "chosen"), chat_messages(row, "rejected")
     prompt = None
     if "prompt" in row and row["prompt"] is not None:
         value = row["prompt"]
-        prompt = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(row, "prompt")
-    return (*_split_conversations(prompt, chosen, rejected, all_turns), {"prompt", "chosen", "rejected", "messages"})
+        prompt = [{"role": "user", "content": value}] if isinstance(value, str) else chat_messages(row, "prompt")
+    return (*split_conversations(prompt, chosen, rejected, all_turns), {"prompt", "chosen", "rejected", "messages"})
 
 
 def _sharegpt(row: Row, where: str, all_turns: bool = False):
     _require(row, ("conversations", "chosen", "rejected"), "sharegpt", where)
-    prompt = _sharegpt_messages(row, "conversations")
-    chosen, rejected = _sharegpt_messages(row, "chosen"), _sharegpt_messages(row, "rejected")
-    return (*_split_conversations(prompt, chosen, rejected, all_turns), {"conversations", "chosen", "rejected"})
-
-
-def _split_conversations(prompt, chosen, rejected, all_turns: bool = False):
-    """Explicit prompt and/or whole conversations -> (context, chosen reply, rejected reply)."""
-    if all_turns and not _is_reply(chosen) and not _is_reply(rejected):
-        return _check_context(prompt, *_split_at_divergence(chosen, rejected))
-    context_c, reply_c = _split_last_assistant(chosen, "chosen")
-    context_r, reply_r = _split_last_assistant(rejected, "rejected")
-    if context_c is not None and context_r is not None and context_c != context_r:
-        raise RowSkip("prompt_mismatch", "chosen and rejected conversations differ before the last assistant turn")
-    context = context_c if context_c is not None else context_r
-    return _check_context(prompt, context, reply_c, reply_r)
-
-
-def _check_context(prompt, context, reply_c, reply_r):
-    if context is None:
-        context = prompt
-    elif prompt is not None and context[len(context) - len(prompt):] != prompt:
-        raise RowSkip("prompt_mismatch", "the conversation in 'chosen' does not end with the row's 'prompt'")
-    if not context:
-        raise RowSkip("no_prompt", "no prompt: neither a 'prompt' field nor a user turn before the reply")
-    return context, reply_c, reply_r
-
-
-def _split_at_divergence(chosen: list[Message], rejected: list[Message]):
-    """`--train-on-turns all`: (shared turns, chosen from the assistant turn where the two first
-    differ, rejected likewise). Each response may hold later user turns (masked out of the loss
-    by the tokenizer) and must end with an assistant message."""
-    same = 0
-    while same < min(len(chosen), len(rejected)) and chosen[same] == rejected[same]:
-        same += 1
-    start = same
-    while start and chosen[start - 1]["role"] in AGENT_ROLES:
-        start -= 1  # back to the start of the assistant turn the first difference is in
-    for name, messages in (("chosen", chosen), ("rejected", rejected)):
-        if same < len(messages) and messages[same]["role"] not in AGENT_ROLES:
-            raise RowSkip("prompt_mismatch", f"chosen and rejected differ first in a {messages[same]['role']} "
-                                             f"message (message {same}), not in an assistant turn")
-        if start >= len(messages) or messages[start]["role"] != "assistant" or messages[-1]["role"] != "assistant":
-            raise RowSkip("no_assistant_turn", f"field '{name}' does not end with an assistant message after "
-                                               "the turns it shares")
-    return chosen[:start], chosen[start:], rejected[start:]
-
-
-def _is_reply(messages: list[Message]) -> bool:
-    """A reply alone (not a whole conversation): starts with the assistant, holds no user turn."""
-    return messages[0]["role"] == "assistant" and all(m["role"] in AGENT_ROLES for m in messages)
-
-
-def _split_last_assistant(messages: list[Message], name: str):
-    """(context, last assistant turn), or (None, messages) for a reply alone. An assistant turn is
-    the assistant's messages after the last user (or system) message, with the tool results it
-    called for: an agent's trajectory is one turn, a response spanning several messages."""
-    if _is_reply(messages):
-        return None, messages
-    start = len(messages)
-    while start and messages[start - 1]["role"] in AGENT_ROLES:
-        start -= 1
-    while start < len(messages) and messages[start]["role"] != "assistant":
-        start += 1  # tool results before the turn's first assistant message belong to the context
-    if start == len(messages):
-        raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message after its last user turn")
-    return messages[:start], messages[start:]
+    prompt = sharegpt_messages(row, "conversations")
+    chosen, rejected = sharegpt_messages(row, "chosen"), sharegpt_messages(row, "rejected")
+    return (*split_conversations(prompt, chosen, rejected, all_turns), {"conversations", "chosen", "rejected"})
 
 
 _LAYOUT_FUNCTIONS = {"standard": _standard, "implicit": _implicit, "conversational": _conversational,
@@ -352,49 +280,8 @@ def _require(row: Row, names: tuple[str, ...], layout: str, where: str) -> None:
 def _string(row: Row, name: str) -> str:
     value = row[name]
     if not isinstance(value, str):
-        raise RowSkip("non_string", f"field '{name}' must be a string, got {_type(value)}")
+        raise RowSkip("non_string", f"field '{name}' must be a string, got {value_type(value)}")
     return value
-
-
-def _messages(row: Row, name: str) -> list[Message]:
-    value = row[name]
-    if not isinstance(value, list) or not value:
-        raise RowSkip("malformed_messages", f"field '{name}' must be a non-empty list of messages, got {_type(value)}")
-    return [_message(message, name, i) for i, message in enumerate(value)]
-
-
-def _message(message: Any, name: str, i: int) -> Message:
-    """One `{role, content}` message, keeping the tool-calling keys a chat template renders
-    (`tool_calls`, `tool_call_id`, `name`, `reasoning_content`); a message holding `tool_calls`
-    may have no content. Keys a hub dataset fills with null are dropped."""
-    role = message.get("role") if isinstance(message, dict) else None
-    content = message.get("content") if isinstance(message, dict) else None
-    calls = message.get("tool_calls") if isinstance(message, dict) else None
-    if not isinstance(role, str) or not (isinstance(content, str) or (content is None and calls)):
-        raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{role, content}} strings")
-    if role not in CHAT_ROLES:
-        raise RowSkip("unknown_role", f"field '{name}', message {i}: role '{role}' is not one a chat "
-                                      f"template knows ({', '.join(CHAT_ROLES)})")
-    if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
-        raise RowSkip("malformed_messages", f"field '{name}', message {i}: 'tool_calls' must be a list of objects")
-    out = {"role": role, "content": content}
-    out.update({key: message[key] for key in MESSAGE_KEYS if message.get(key) is not None})
-    return out
-
-
-def _sharegpt_messages(row: Row, name: str) -> list[Message]:
-    value = row[name]
-    items = [value] if isinstance(value, dict) else value
-    if not isinstance(items, list) or not items:
-        raise RowSkip("malformed_messages", f"field '{name}' must be a message or a list of them, got {_type(value)}")
-    out = []
-    for i, message in enumerate(items):
-        role = SHAREGPT_ROLES.get(message.get("from")) if isinstance(message, dict) else None
-        if role is None or not isinstance(message.get("value"), str):
-            raise RowSkip("malformed_messages", f"field '{name}', message {i}: expected {{from, value}} with from "
-                                                f"in {', '.join(sorted(SHAREGPT_ROLES))}")
-        out.append({"role": role, "content": message["value"]})
-    return out
 
 
 def _check_responses(chosen: Text, rejected: Text) -> None:
@@ -440,10 +327,6 @@ def _lookup(row: Row, dotted: str) -> tuple[Any, bool]:
 def first_difference(a: str, b: str) -> int:
     """Index of the first character where two strings differ (or the shorter one's length)."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def _type(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
 
 
 def _chain(first: list, rest: Iterator):

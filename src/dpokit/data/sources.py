@@ -32,13 +32,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, first_line
 from dpokit.paths import hub_offline_by_setting, hub_unreachable
 
 Row = dict[str, Any]
 FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".gz", ".zst")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+){0,2}$")
 _BATCH = 1024
+
+
+class RowSkip(Exception):
+    """A bad row (as opposed to a broken file, which is a DpokitError): skipped and counted, or an
+    error with --strict. Raised while a row becomes a pair (`pairs`) or token ids (`tokenize`)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def value_type(value: Any) -> str:
+    """A value's type in a message about a row, in JSON's words for null."""
+    return "null" if value is None else type(value).__name__
 
 
 @dataclass
@@ -99,7 +113,7 @@ def _compressed_file(path: Path, name: str, suffix: str) -> RowSource:
         first = _first_char(handle, name)
     except (OSError, EOFError) as exc:
         handle.close()
-        raise DpokitError(f"{name}: not a readable gzip file ({_first_line(exc)})") from None
+        raise DpokitError(f"{name}: not a readable gzip file ({first_line(exc)})") from None
     if inner == ".json" and first == "[":
         return RowSource(name, "json.gz", "row", _gzip_errors(_json_array_rows(handle, name), name, "row"))
     return RowSource(name, "jsonl.gz", "line", _gzip_errors(_jsonl_rows(handle, name), name, "line"))
@@ -112,7 +126,7 @@ def _gzip_errors(rows: Iterator[tuple[int, Row]], name: str, unit: str) -> Itera
         for number, row in rows:  # noqa: B007 - used after an error
             yield number, row
     except (OSError, EOFError) as exc:
-        raise DpokitError(f"{name}: the gzip stream breaks after {unit} {number} ({_first_line(exc)})") from None
+        raise DpokitError(f"{name}: the gzip stream breaks after {unit} {number} ({first_line(exc)})") from None
 
 
 def _open_text(path: Path, name: str):
@@ -243,7 +257,7 @@ def _parquet_rows(path: Path, name: str) -> Iterator[tuple[int, Row]]:
     except DpokitError:
         raise
     except Exception as exc:  # noqa: BLE001 - pyarrow raises many types; the user needs one line
-        raise DpokitError(f"{name}: cannot read parquet ({_first_line(exc)})") from None
+        raise DpokitError(f"{name}: cannot read parquet ({first_line(exc)})") from None
 
 
 def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
@@ -256,7 +270,7 @@ def _saved_dataset(folder: Path, split: str | None, name: str) -> RowSource:
     try:
         loaded = datasets.load_from_disk(str(folder))
     except Exception as exc:  # noqa: BLE001
-        raise DpokitError(f"{name}: cannot load the saved dataset ({_first_line(exc)})") from None
+        raise DpokitError(f"{name}: cannot load the saved dataset ({first_line(exc)})") from None
     return RowSource(name, "saved dataset", "row", _dataset_rows(_pick_split(loaded, split, name), name))
 
 
@@ -288,7 +302,7 @@ def _hub_dataset(name: str, split: str, config: str | None = None, data_dir: str
             raise DpokitError(f"data {spec}: no such file or folder; as a hub id: {reason} and not cached") from None
         raise DpokitError(
             f"data {name} is not a local file and could not be loaded from the hub "
-            f"(split {split}): {_first_line(exc)}"
+            f"(split {split}): {first_line(exc)}"
         ) from None
     label = ":".join(part for part in (name, config, split) if part) + (f" (data_dir {data_dir})" if data_dir else "")
     return RowSource(label, "hub dataset", "row", _dataset_rows(loaded, name))
@@ -319,9 +333,4 @@ def _dataset_rows(dataset, name: str) -> Iterator[tuple[int, Row]]:
                 number += 1
                 yield number, dict(zip(columns, values, strict=True))
     except Exception as exc:  # noqa: BLE001
-        raise DpokitError(f"{name}, row {number + 1}: cannot read ({_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+        raise DpokitError(f"{name}, row {number + 1}: cannot read ({first_line(exc)})") from None

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from dpokit.data.pairs import PreferencePair, RowSkip
+from dpokit.data.pairs import PreferencePair
+from dpokit.data.sources import RowSkip
 from dpokit.errors import DpokitError
 
 TOOLS_COLUMN = "tools"

@@ -2,7 +2,7 @@
 
 The rules, in order (README "How pairs are tokenized" repeats them for users):
 
-0. Rendering: text pairs are used as written, the sequence being `prompt + response`.
+0. Rendering (`data/render.py`): text pairs are used as written, the sequence being `prompt + response`.
    Conversational pairs go through the tokenizer's chat template (or `--chat-template`): the
    prompt is the conversation rendered with the generation prompt, and each response is the text
    the full conversation (prompt + reply) renders to after it. If the prompt's rendering is not a
@@ -52,16 +52,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from pathlib import Path
 
-from dpokit.data.pairs import PreferencePair, RowSkip, Text, first_difference
-from dpokit.data.templates import (
-    has_tool_calls,
-    parse_template_kwargs,
-    row_template_kwargs,
-    row_tools,
-    without_tool_calls,
-)
+from dpokit.data.pairs import PreferencePair, Text
+from dpokit.data.render import PairRenderer, read_chat_template
+from dpokit.data.sources import RowSkip
+from dpokit.data.templates import parse_template_kwargs
 from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
 
@@ -153,7 +148,7 @@ class PairTokenizer:
         self.truncation_mode = truncation_mode
         self.strict = strict
         self.min_response_share = min_response_share
-        self.template_kwargs = dict(template_kwargs or {})  # passed to every chat template call
+        self.renderer = PairRenderer(tokenizer, template_kwargs)  # rule 0
         self.all_turns = train_on_turns == "all"  # loss masks on multi-turn responses (data/turns.py)
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = tokenizer.bos_token_id
@@ -171,54 +166,9 @@ class PairTokenizer:
                    template_kwargs=parse_template_kwargs(getattr(data, "chat_template_kwargs", None)),
                    train_on_turns=getattr(data, "train_on_turns", "last"))
 
-    # --- rule 0: rendering ----------------------------------------------------------------------
-
     def render(self, pair: PreferencePair) -> tuple[str, str, str]:
-        """(prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
-        if not pair.is_chat:
-            if row_tools(pair) is not None:  # text is used as written: nothing would render them
-                raise RowSkip("tools_unsupported", "the row has 'tools' but its text layout uses no chat template")
-            return pair.prompt, pair.chosen, pair.rejected  # type: ignore[return-value]
-        tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
-        prompt = self._apply_template(pair.prompt, True, tools, kwargs)
-        texts = [prompt]
-        for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            full = self._apply_template([*pair.prompt, *reply], False, tools, kwargs)
-            self._check_tools_rendered([*pair.prompt, *reply], full, tools, kwargs, name)
-            if not full.startswith(prompt):
-                at = first_difference(prompt, full)
-                raise RowSkip("template_boundary", f"the chat template renders the prompt differently alone and "
-                                                   f"followed by '{name}' (from character {at})")
-            texts.append(full[len(prompt):])
-        return texts[0], texts[1], texts[2]
-
-    def render_prompt(self, prompt: str | Sequence[dict]) -> str:
-        """A prompt's text: as written, or messages through the chat template with its generation prompt."""
-        if isinstance(prompt, str):
-            return prompt
-        return self._apply_template(prompt, True, None, self.template_kwargs)
-
-    def _check_tools_rendered(self, conversation, full: str, tools, kwargs, name: str) -> None:
-        """Tools or tool calls a template leaves out would train on a conversation the data does
-        not hold: such a template renders the same text without them."""
-        if tools is not None and full == self._apply_template(conversation, False, None, kwargs):
-            raise RowSkip("tools_unsupported", "the chat template does not render the row's 'tools'")
-        if has_tool_calls(conversation) and full == self._apply_template(
-                without_tool_calls(conversation), False, tools, kwargs):
-            raise RowSkip("tools_unsupported", f"the chat template does not render the 'tool_calls' in '{name}'")
-
-    def _apply_template(self, messages, add_generation_prompt: bool, tools=None, kwargs=None) -> str:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise DpokitError("conversational data needs a chat template, and this tokenizer has none; "
-                              "pass --chat-template FILE.jinja")
-        try:
-            return self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
-                **(kwargs or {})
-            )
-        except Exception as exc:  # noqa: BLE001 - jinja raises its own types, templates raise_exception
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise RowSkip("template_error", f"the chat template failed: {first}") from None
+        """Rule 0: (prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
+        return self.renderer.render(pair)
 
     # --- rules 1 and 2: ids with an exact boundary ---------------------------------------------
 
@@ -273,9 +223,8 @@ class PairTokenizer:
         (`data/turns.py`); None (every token trained) otherwise."""
         if not self.all_turns or isinstance(reply, str) or all(m["role"] == "assistant" for m in reply):
             return None
-        tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
-        spans = assistant_spans(lambda messages, generation: self._apply_template(messages, generation, tools, kwargs),
-                                pair.prompt, reply, prompt_text, prompt_text + response_text, self.tokenizer.eos_token)
+        spans = assistant_spans(self.renderer.turn_renderer(pair), pair.prompt, reply, prompt_text,
+                                prompt_text + response_text, self.tokenizer.eos_token)
         text = response_text if merged else prompt_text + response_text
         encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if encoded["input_ids"][len(encoded["input_ids"]) - len(ids):] != ids:
@@ -288,7 +237,7 @@ class PairTokenizer:
         """Prompt ids exactly as training gives them (rules 0 and 1, no truncation): what sampling
         feeds the model, so it is sampled in the context it was trained on. Raises RowSkip when the
         chat template fails for a prompt."""
-        return [self._with_one_bos(ids) for ids in self._encode([self.render_prompt(p) for p in prompts])]
+        return [self._with_one_bos(ids) for ids in self._encode([self.renderer.render_prompt(p) for p in prompts])]
 
     def _special_inside(self, ids: list[int], name: str, response: Text) -> str | None:
         turn_ends = self._template_turn_ends(response)
@@ -416,16 +365,6 @@ def _cut_masks(pair: EncodedPair, chosen: int, rejected: int) -> tuple[tuple[boo
     """The masks of a pair whose responses truncation cut to `chosen` and `rejected` tokens."""
     return tuple(None if mask is None else tuple(mask[:n])
                  for mask, n in ((pair.chosen_mask, chosen), (pair.rejected_mask, rejected)))
-
-
-def read_chat_template(path: str) -> str:
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DpokitError(f"--chat-template {path} does not exist")
-    try:
-        return file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DpokitError(f"--chat-template {path}: cannot read it ({exc})") from None
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from dpokit.data.pairs import Message, RowSkip
+from dpokit.data.conversations import Message
+from dpokit.data.sources import RowSkip
 
 Render = Callable[[list[Message], bool], str]  # (messages, add_generation_prompt) -> text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -10,15 +11,10 @@ import torch
 from safetensors import SafetensorError
 
 from dpokit.config import LoraSection
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, first_line
+from dpokit.io import RUN_CONFIG_FILE, read_run_config
 from dpokit.model.logprobs import model_body
-from dpokit.paths import (
-    check_creatable,
-    check_outputs_apart,
-    clear_for_overwrite,
-    hub_unreachable,
-    in_hub_cache,
-)
+from dpokit.paths import hub_unreachable, in_hub_cache
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,7 +56,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise DpokitError(f"could not load tokenizer '{name}': {_first_line(exc)}") from None
+        raise DpokitError(f"could not load tokenizer '{name}': {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         # Padding is masked everywhere; any id will do, and EOS is always there.
         tokenizer.pad_token = tokenizer.eos_token
@@ -84,9 +80,9 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
             name, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
-        raise DpokitError(f"could not load model '{name}': {_first_line(exc)}") from None
+        raise DpokitError(f"could not load model '{name}': {first_line(exc)}") from None
     except SafetensorError as exc:  # a truncated download or copy, or not a weights file at all
-        raise DpokitError(f"model {name}: {_weights_file(name)} is damaged ({_first_line(exc)}); "
+        raise DpokitError(f"model {name}: {_weights_file(name)} is damaged ({first_line(exc)}); "
                           "copy or download it again") from None
     disable_dropout(model)
     return model if load_in_4bit else model.to(device)  # 4-bit weights are placed by device_map
@@ -109,9 +105,21 @@ def load_lora_run(run: Path, device: torch.device, trust_remote_code: bool = Fal
     folded into the weights (peft's merge: W + B·A·α/r), so it samples and scores like any model."""
     from peft import PeftModel
 
-    base = base or _run_model_name(run)
+    base = base or run_base_model(run)
     model = load_policy(base, device, trust_remote_code)
     return PeftModel.from_pretrained(model, str(run)).merge_and_unload()
+
+
+def run_base_model(run: Path) -> str:
+    """The base model a run was trained from: its resolved config's --model, else the adapter's record."""
+    name = ((read_run_config(run) or {}).get("model") or {}).get("model")
+    if name:
+        return name
+    name = json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    if not name:
+        raise DpokitError(f"{run} does not say which base model its LoRA adapter belongs to (no {RUN_CONFIG_FILE}); "
+                          "merge it with dpokit export --merge --base BASE")
+    return name
 
 
 def _four_bit_options(device: torch.device) -> dict:
@@ -151,7 +159,7 @@ def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpoin
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise DpokitError(f"--lora-target-modules {lora.lora_target_modules}: {_first_line(exc)}") from None
+        raise DpokitError(f"--lora-target-modules {lora.lora_target_modules}: {first_line(exc)}") from None
 
 
 def is_lora(model: torch.nn.Module) -> bool:
@@ -251,58 +259,3 @@ def autocast_context(device: torch.device, dtype: str):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
     return torch.autocast(device_type=device.type, enabled=False)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def export_model(run: str | Path, output: str | Path, merge: bool, base: str | None = None,
-                 dtype: str = "fp32", overwrite: bool = False) -> Path:
-    """Write a trained run as a standalone Hugging Face model folder (model + tokenizer).
-
-    A LoRA run holds only its adapter; `merge` loads the base model (`base`, else the run's
-    --model), adds the adapter and folds it into the base weights (W + B·A·α/r), so the result
-    loads with `AutoModelForCausalLM.from_pretrained` and no peft.
-    """
-    from dpokit.io import atomic_save_pretrained
-
-    run, output = Path(run), Path(output)
-    if not run.is_dir():
-        raise DpokitError(f"export: {run} is not a folder")
-    check_outputs_apart([("--output", output)], [("RUN", run), ("--base", base)])
-    check_creatable(output, "export: --output")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise DpokitError(f"export: --output {output} is not empty; pass --overwrite or choose a new folder")
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    adapter = (run / "adapter_config.json").is_file()
-    if adapter and not merge:
-        raise DpokitError(f"export: {run} holds a LoRA adapter; pass --merge to fold it into the base model")
-    if adapter:
-        base = base or _run_model_name(run)
-        model = load_lora_run(run, torch.device("cpu"), base=base)
-    else:
-        model = load_policy(str(run), torch.device("cpu"))
-    tokenizer = load_tokenizer(str(run) if (run / "tokenizer_config.json").is_file() else base or str(run))
-    if overwrite:
-        clear_for_overwrite(output, "export: --output")  # no file of an earlier export may survive
-    atomic_save_pretrained(output, model.to(torch_dtype), tokenizer)
-    return output
-
-
-def _run_model_name(run: Path) -> str:
-    """The base model a run was trained from: its resolved config's --model, else the adapter's record."""
-    import json
-
-    import yaml
-
-    config = run / "dpokit_config.yaml"
-    if config.is_file():
-        name = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("model", {}).get("model")
-        if name:
-            return name
-    name = json.loads((run / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    if not name:
-        raise DpokitError(f"{run} does not say which base model its LoRA adapter belongs to (no dpokit_config.yaml); "
-                          "merge it with dpokit export --merge --base BASE")
-    return name

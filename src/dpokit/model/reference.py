@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from array import array
 from collections.abc import Callable, Sequence
@@ -34,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
-from dpokit.io import current_umask
+from dpokit.io import Log, atomic_write_bytes
 from dpokit.model.logprobs import PairLogps
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
@@ -113,25 +111,15 @@ def cache_path(folder: Path, fingerprint: dict[str, str]) -> Path:
 def save_cache(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, fingerprint: dict[str, str],
                computed: torch.Tensor | None = None) -> None:
     """Write the (N,) tensors, which rows are `computed` (all when None) and the fingerprint
-    atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+    atomically (`io.atomic_write_bytes`: a temporary file, then a rename)."""
+    from safetensors.torch import save
 
     if computed is None:
         computed = torch.ones(len(chosen), dtype=torch.bool)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"chosen": chosen.float().contiguous().cpu(), "rejected": rejected.float().contiguous().cpu(),
-                   "computed": computed.to(torch.uint8).contiguous().cpu()},
-                  tmp, metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)})
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp and safetensors make 0600
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, save({"chosen": chosen.float().contiguous().cpu(),
+                                   "rejected": rejected.float().contiguous().cpu(),
+                                   "computed": computed.to(torch.uint8).contiguous().cpu()},
+                                  metadata={"fingerprint": json.dumps(fingerprint, sort_keys=True)}))
 
 
 def load_cache(path: Path, fingerprint: dict[str, str], num_pairs: int
@@ -195,7 +183,7 @@ def precompute_reference(
     fingerprint: dict[str, str],
     cache_folder: Path,
     batch_size: int,
-    log: Callable[[str], None] = print,
+    log: Log = print,
     needed: Sequence[Sequence[int] | None] | None = None,
 ) -> PrecomputedReference:
     """Load each dataset's reference log-probs from the cache, computing (and caching) what is missing.
