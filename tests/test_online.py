@@ -89,5 +89,6 @@ def test_the_frontier_samples_with_the_runs_chat_template_kwargs(tiny_model_dir,
     base = build_config({"model": {"model": str(tiny_model_dir)},
                          "data": {"data": "d.jsonl", "chat_template_kwargs": '{"enable_thinking": false}'},
                          "train": {"output": str(tmp_path)}})
-    runner = FrontierRunner.load(base, JudgeConfig(judge="sentiment"), SamplingConfig(), root=tmp_path, prompts=["a"])
+    runner = FrontierRunner.load(base, JudgeConfig(judge="sentiment"), SamplingConfig(), root=tmp_path, prompts=["a"],
+                                 reference=str(tiny_model_dir))
     assert runner.sampler.template_kwargs == {"enable_thinking": False}  # what training renders chat rows with

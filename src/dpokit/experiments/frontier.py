@@ -77,17 +77,16 @@ class FrontierRunner:
 
     @classmethod
     def load(cls, base: RunConfig, judging: JudgeConfig, sampling: SamplingConfig, *, root: Path,
-             prompts: Sequence[Prompt], progress: bool = False, log: Log = print) -> FrontierRunner:
-        """Load the judge, the tokenizer and the reference (`base.model.reference_model`, else the
-        starting model) that `base`'s runs are evaluated with."""
+             prompts: Sequence[Prompt], reference: str, progress: bool = False, log: Log = print) -> FrontierRunner:
+        """Load the judge, the tokenizer and the `reference` model that `base`'s runs are evaluated with."""
         model = base.model
         device = resolve_device(model.device)
         judge = load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size)
         tokenizer = load_tokenizer(model.tokenizer or model.model, model.trust_remote_code)
-        reference = load_policy(model.reference_model or model.model, device, model.trust_remote_code).eval()
+        reference_model = load_policy(reference, device, model.trust_remote_code).eval()
         sampler = Sampler(tokenizer, sampling, judge=judge, judging=judging, dtype=model.dtype,
                           template_kwargs=parse_template_kwargs(base.data.chat_template_kwargs), progress=progress)
-        return cls(root, reference=reference, prompts=prompts, sampler=sampler, log=log)
+        return cls(root, reference=reference_model, prompts=prompts, sampler=sampler, log=log)
 
     def beside(self, root: Path, *, progress: bool, log: Log) -> FrontierRunner:
         """A frontier of its own in `root` that shares this one's judge, reference, prompts,

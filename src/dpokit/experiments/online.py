@@ -119,6 +119,7 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
             runner = continuing.beside(root, progress=progress, log=log)
         else:
             runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=list(eval_prompts or prompts),
+                                         reference=base.model.reference_model or base.model.model,
                                          progress=progress, log=log)
         return _run_rounds(base, prompts, online, runner, start_policy=start_policy, first_round=first_round)
 

@@ -66,7 +66,9 @@ def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, 
            log: Log) -> dict:
     prompts = read_prompts(judging.prompts, judging.max_prompts)
     root = prepare_root(base)
-    runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=prompts, log=log)
+    # KL to the model every run starts from (a --reference-model only changes the runs' loss).
+    runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=prompts, reference=base.model.model,
+                                 log=log)
     for cfg in configs:
         log(f"--- sweep: {cfg.loss.loss} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
         runner.add_run(cfg, run_name(cfg.loss.loss, cfg.loss.beta), method=cfg.loss.loss, beta=cfg.loss.beta)
