@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from dpokit.config import DataConfig, LossConfig, SamplingConfig
 from dpokit.eval.evaluate import (
+    Sampler,
     SampleSet,
     completion_logps,
-    draw_samples,
     evaluate_on_prompts,
     judged_comparison,
     kl_estimate,
@@ -56,8 +56,8 @@ def two_models():
 
 def test_completion_logps_match_a_direct_forward(two_models):
     tokenizer, model, _ = two_models
-    (_, completions), = list(generate_completions(model, tokenizer, ["the film was"], num_samples=5,
-                                                  max_new_tokens=6, seed=0))
+    (_, completions), = list(generate_completions(model, tokenizer, ["the film was"],
+                                                  SamplingConfig(num_samples=5, max_new_tokens=6, sample_seed=0)))
     ours = completion_logps(model, completions, pad_id=tokenizer.pad_token_id, batch_size=3)  # odd chunks
     for c, value in zip(completions, ours, strict=True):
         ids = torch.tensor([c.prompt_ids + c.response_ids])
@@ -87,7 +87,7 @@ def test_kl_estimate_agrees_with_exact_enumeration(two_models):
     tokenizer, policy, reference = two_models
     prompts = ["the film was", "my friend"]
     sampling = SamplingConfig(num_samples=1000, max_new_tokens=2, sample_batch_size=500)
-    samples = draw_samples(policy, tokenizer, prompts, sampling)
+    samples = Sampler(tokenizer, sampling).draw(policy, prompts)
     exact = []
     for per_prompt in samples.completions:
         exact.append(_exact_two_token_kl(policy, reference, list(per_prompt[0].prompt_ids), tokenizer.eos_token_id))
@@ -103,8 +103,8 @@ def test_identical_models_kl_zero_and_win_rate_exactly_half(tiny_model_dir):
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     figures, reference_samples = evaluate_on_prompts(
-        policy, reference, tokenizer, PROMPTS, SamplingConfig(num_samples=3, max_new_tokens=8),
-        judge=load_judge("sentiment"), log=lambda _: None)
+        policy, reference, PROMPTS, Sampler(tokenizer, SamplingConfig(num_samples=3, max_new_tokens=8),
+                                            judge=load_judge("sentiment")), log=lambda _: None)
     kl = figures["kl"]
     assert abs(kl["kl"]) <= max(kl["kl_stderr"], 1e-6) and kl["sequences"] == 15
     assert figures["judged"]["win_rate"] == 0.5
@@ -116,18 +116,18 @@ def test_trained_policy_moves_away_and_wins(trained_run, tiny_model_dir):
     tokenizer = load_tokenizer(str(trained_run))
     policy = AutoModelForCausalLM.from_pretrained(trained_run).eval()
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    figures, _ = evaluate_on_prompts(policy, reference, tokenizer, PROMPTS * 2,
-                                     SamplingConfig(num_samples=4, max_new_tokens=8),
-                                     judge=load_judge("sentiment"), log=lambda _: None)
+    figures, _ = evaluate_on_prompts(policy, reference, PROMPTS * 2,
+                                     Sampler(tokenizer, SamplingConfig(num_samples=4, max_new_tokens=8),
+                                             judge=load_judge("sentiment")), log=lambda _: None)
     kl, judged = figures["kl"], figures["judged"]
     assert kl["kl"] > 3 * kl["kl_stderr"] > 0
     # The toy task prefers upbeat words, so the trained policy should please the sentiment judge more.
     assert judged["reward_policy"] > judged["reward_reference"]
     assert judged["win_rate"] > 0.5
     # Tempered sampling: the KL still comes from separate temperature-1 samples, so it is unchanged.
-    tempered, _ = evaluate_on_prompts(policy, reference, tokenizer, PROMPTS * 2,
-                                      SamplingConfig(num_samples=4, max_new_tokens=8, temperature=0.5),
-                                      log=lambda _: None)
+    tempered, _ = evaluate_on_prompts(policy, reference, PROMPTS * 2,
+                                      Sampler(tokenizer, SamplingConfig(num_samples=4, max_new_tokens=8,
+                                                                        temperature=0.5)), log=lambda _: None)
     assert tempered["kl"]["kl"] == pytest.approx(kl["kl"])
 
 

@@ -80,3 +80,15 @@ def test_online_command_two_tiny_rounds(tiny_model_dir, tmp_path, capsys):
         assert (out / f"round-{number}" / "evaluation.json").is_file()
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert "round" in capsys.readouterr().out
+
+
+def test_the_frontier_samples_with_the_runs_chat_template_kwargs(tiny_model_dir, tmp_path):
+    from dpokit.config import JudgeConfig, SamplingConfig
+    from dpokit.experiments.frontier import FrontierRunner
+
+    base = build_config({"model": {"model": str(tiny_model_dir)},
+                         "data": {"data": "d.jsonl", "chat_template_kwargs": '{"enable_thinking": false}'},
+                         "train": {"output": str(tmp_path)}})
+    runner = FrontierRunner.load(base, JudgeConfig(judge="sentiment"), SamplingConfig(), root=tmp_path, prompts=["a"],
+                                 reference=str(tiny_model_dir))
+    assert runner.sampler.template_kwargs == {"enable_thinking": False}  # what training renders chat rows with

@@ -162,7 +162,7 @@ def test_sweep_online_and_demo_lock_their_folder(tmp_path):
 
 
 def test_sweep_runs_share_one_reference_cache(tiny_model_dir, tmp_path, monkeypatch):
-    import dpokit.eval.report
+    import dpokit.experiments.frontier as frontier
     import dpokit.experiments.sweep
     from dpokit.config import JudgeConfig, SamplingConfig
 
@@ -172,13 +172,14 @@ def test_sweep_runs_share_one_reference_cache(tiny_model_dir, tmp_path, monkeypa
         trained.append(cfg)
         return loop.TrainResult(output=cfg.train.output, steps=1)
 
-    def fake_evaluate(run_dir, run, *args, **kwargs):
+    def fake_evaluate(self, run_dir, run, *args, **kwargs):
         row = {"run": run, "reward": 0.0, "reward_stderr": 0.0, "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
-        return dpokit.experiments.sweep.RunEvaluation(row, dict(row, run="reference"), None, {})
+        self.reference_row = dict(row, run="reference")
+        return frontier.RunEvaluation(row, {})
 
-    monkeypatch.setattr(loop, "train", fake_train)
-    monkeypatch.setattr(dpokit.experiments.sweep, "evaluate_run", fake_evaluate)
-    monkeypatch.setattr(dpokit.eval.report, "plot_frontier", lambda *a, **k: None)
+    monkeypatch.setattr(frontier, "train", fake_train)
+    monkeypatch.setattr(frontier.FrontierRunner, "evaluate", fake_evaluate)
+    monkeypatch.setattr(frontier, "plot_frontier", lambda *a, **k: None)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
     base = build_config({"model": {"model": str(tiny_model_dir)}, "data": {"data": "d.jsonl"},
                          "train": {"output": str(tmp_path / "sweep")}})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dpokit
+from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
 from dpokit.eval.sampling import encode_prompt, generate_completions, read_prompts, sample
 from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs, write_jsonl
@@ -68,8 +69,8 @@ def test_stops_at_eos_and_keeps_it_in_the_ids():
         # Make EOS overwhelmingly likely after the first generated token.
         model.lm_head.weight[tokenizer.eos_token_id] = model.lm_head.weight[tokenizer.eos_token_id] * 0 + 5.0
         model.model.norm.weight.fill_(1.0)
-    (prompt_index, completions), = list(generate_completions(model, tokenizer, ["the film"], num_samples=4,
-                                                              max_new_tokens=10, seed=0))
+    (prompt_index, completions), = list(generate_completions(
+        model, tokenizer, ["the film"], SamplingConfig(num_samples=4, max_new_tokens=10, sample_seed=0)))
     assert prompt_index == 0
     for c in completions:
         assert c.finished and c.response_ids[-1] == tokenizer.eos_token_id
@@ -110,3 +111,38 @@ def test_sample_is_exported_lazily():
     assert dpokit.sample is sample
     code = "import sys, dpokit; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# A template whose generation prompt depends on an extra argument, as Qwen3's does on enable_thinking.
+UPBEAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }} {% endfor %}"
+                   "{% if add_generation_prompt %}{{ 'so' if upbeat is defined and upbeat else 'was' }}{% endif %}")
+
+
+def test_message_prompts_are_sampled_with_the_runs_chat_template_kwargs(tok_and_model, tmp_path):
+    import json
+
+    import yaml
+
+    from dpokit import cli
+    from dpokit.data.tokenize import PairTokenizer
+
+    _, model = tok_and_model
+    chat = build_tokenizer("word")
+    chat.chat_template = UPBEAT_TEMPLATE
+    messages = [{"role": "user", "content": "the film"}]
+    greedy = SamplingConfig(max_new_tokens=4, temperature=0)
+    [(_, [plain])] = generate_completions(model, chat, [messages], greedy)
+    [(_, [upbeat])] = generate_completions(model, chat, [messages], greedy, template_kwargs={"upbeat": True})
+    [trained_ids] = PairTokenizer(chat, max_length=64, template_kwargs={"upbeat": True}).encode_prompts([messages])
+    assert upbeat.prompt_ids == tuple(trained_ids) != plain.prompt_ids  # training's rendering, arguments included
+    assert upbeat.text != plain.text  # so the command's output below tells which rendering it sampled
+    run = tmp_path / "run"  # a run trained with --chat-template-kwargs '{"upbeat": true}'
+    model.save_pretrained(run)
+    chat.save_pretrained(run)
+    (run / "dpokit_config.yaml").write_text(yaml.safe_dump(
+        {"model": {"model": "base"}, "data": {"chat_template_kwargs": '{"upbeat": true}'}}))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": messages}])
+    out = tmp_path / "samples.jsonl"
+    assert cli.main(["sample", "--model", str(run), "--prompts", str(prompts), "--temperature", "0",
+                     "--max-new-tokens", "4", "--output", str(out), "--progress", "off"]) == 0
+    assert json.loads(out.read_text())["completions"] == [upbeat.text]

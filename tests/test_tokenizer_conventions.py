@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import SHARED_DATA
+from dpokit.config import SamplingConfig
 from dpokit.data import read_pairs
 from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
@@ -171,7 +172,7 @@ def test_bos_equal_to_eos_trains_end_to_end(toy_data, tmp_path, capsys):
     trained = AutoModelForCausalLM.from_pretrained(out)
     row = make_pairs(1, seed=1)[0]  # the first training row
     [tokenized], _ = PairTokenizer(tok, max_length=64).tokenize([PreferencePair(**row, index=1)])
-    [(_, [completion])] = generate_completions(trained, tok, [row["prompt"]], max_new_tokens=3)
+    [(_, [completion])] = generate_completions(trained, tok, [row["prompt"]], SamplingConfig(max_new_tokens=3))
     assert completion.prompt_ids == tokenized.prompt_ids  # sampled in the context it was trained on
 
 

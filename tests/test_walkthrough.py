@@ -189,6 +189,7 @@ def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_els
         tiny_model_dir, small_data, tmp_path, monkeypatch):
     import yaml
 
+    from dpokit.config import ModelConfig
     from dpokit.eval.evaluate import evaluate_models
     from dpokit.model.export import export_model
 
@@ -203,7 +204,8 @@ def test_a_run_trained_from_a_relative_model_path_evaluates_and_exports_from_els
 
     monkeypatch.chdir(elsewhere)
     run = str(work / "runs" / "a")
-    result = evaluate_models(run, data=str(small_data[1]), data_overrides={"max_length": 32}, log=lambda _: None)
+    result = evaluate_models(ModelConfig(model=run), data={"data": str(small_data[1]), "max_length": 32},
+                             log=lambda _: None)
     assert result["reference"] == str(Path(tiny_model_dir).resolve())
     assert export_model(run, elsewhere / "exported", merge=False).is_dir()
 

@@ -85,6 +85,22 @@ def check_creatable(path: str | Path, option: str, folder: bool = True) -> None:
         raise DpokitError(f"{option} {path}: cannot be created (no permission to write in {above})")
 
 
+def claim_output_folder(folder: str | Path, *, overwrite: bool, option: str = "--output",
+                        hint: str = "choose a new folder or pass --overwrite") -> Path:
+    """The one guard of every command that writes a folder of its own: refuse a file standing
+    there and a folder that already holds something (`hint` says what to do instead), unless
+    `overwrite`, which empties it first. The caller creates the folder when it starts writing."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise DpokitError(f"{option} {folder} is a file, not a folder")
+    if path.is_dir() and folder_entries(path) and not overwrite:
+        what = "holds another dpokit run" if (path / "dpokit_config.yaml").exists() else "is not empty"
+        raise DpokitError(f"{option} {folder} {what}; {hint}")
+    if overwrite:
+        clear_for_overwrite(path, option)  # nothing of the previous run may survive beside the new one
+    return path
+
+
 def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
     """`--overwrite`: remove everything in `folder`, so nothing of the previous run survives
     beside the new one (a LoRA adapter beside a full model would load as that adapter). The run

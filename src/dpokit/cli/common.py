@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from dpokit.config import build_config, coerce, iter_options, load_yaml
 from dpokit.paths import check_outputs_apart
@@ -14,6 +15,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """--debug on a subcommand: a full traceback instead of the one-line error."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """--progress on/off/auto: progress bars, with auto meaning when stderr is a terminal."""
+    choice = getattr(args, "progress", "auto")
+    return choice == "on" or (choice == "auto" and sys.stderr.isatty())
 
 
 def add_field(group, f: dataclasses.Field, help_override: str | None = None) -> None:

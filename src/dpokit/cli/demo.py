@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from dpokit.cli.common import (
+    add_debug_flag,
     add_section,
     add_train_options,
     check_config_apart,
     config_from_args,
     section_from_args,
+    show_progress,
 )
 from dpokit.config import (
     DemoConfig,
@@ -21,29 +22,22 @@ from dpokit.config import (
     validate_sampling,
 )
 from dpokit.errors import DpokitError
+from dpokit.eval.evaluate import format_number
+from dpokit.eval.sampling import read_prompts
+from dpokit.experiments.demo.sentiment import run_demo, settings_for
+from dpokit.experiments.online import run_online
 
 # `dpokit online` generates its training pairs every round, so these train options do not apply.
 ONLINE_SKIPS = ("data", "eval_data")
 
 
-def _debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-
-
-def _progress(args: argparse.Namespace) -> bool:
-    choice = getattr(args, "progress", "auto")
-    return choice == "on" or (choice == "auto" and sys.stderr.isatty())
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dpokit.experiments.demo.sentiment import run_demo, settings_for
-
     demo = DemoConfig(**section_from_args(args, DemoConfig))
     if demo.quick and demo.full:
         raise DpokitError("give at most one of --quick and --full")
     preset = "quick" if demo.quick else "full" if demo.full else "default"
     run_demo(settings_for(preset, seed=demo.demo_seed), demo.demo_output, online=demo.online,
-             progress=_progress(args))
+             progress=show_progress(args))
     return 0
 
 
@@ -57,15 +51,11 @@ def add_demo_command(sub) -> None:
         "models to --output. Needs no download.")
     add_section(parser, "demo options", DemoConfig)
     add_section(parser, "output options", TrainConfig, only=("progress",))
-    _debug_flag(parser)
+    add_debug_flag(parser)
     parser.set_defaults(func=_cmd_demo)
 
 
 def _cmd_online(args: argparse.Namespace) -> int:
-    from dpokit.eval.report import format_number
-    from dpokit.eval.sampling import read_prompts
-    from dpokit.experiments.online import run_online
-
     judging = JudgeConfig(**section_from_args(args, JudgeConfig))
     online = OnlineConfig(**section_from_args(args, OnlineConfig))
     sampling = SamplingConfig(**section_from_args(args, SamplingConfig))
@@ -77,8 +67,8 @@ def _cmd_online(args: argparse.Namespace) -> int:
     check_config_apart(args, base.train.output)
     prompts = read_prompts(judging.prompts, judging.max_prompts)
     eval_prompts = read_prompts(online.eval_prompts) if online.eval_prompts else None
-    summary, _ = run_online(base, prompts, online, judging, sampling, eval_prompts=eval_prompts,
-                            progress=_progress(args))
+    summary = run_online(base, prompts, online, judging, sampling, eval_prompts=eval_prompts,
+                         progress=show_progress(args))
     print(f"{'round':<8} {'pairs':>6} {'reward':>10} {'KL':>10} {'win rate':>9}")
     print(f"{'start':<8} {'-':>6} {format_number(summary['points'][0]['reward']):>10} {0.0:>10.4f} {0.5:>9.3f}")
     for r in summary["rounds"]:
@@ -99,5 +89,5 @@ def add_online_command(sub) -> None:
     add_section(parser, "prompt and judge options", JudgeConfig)
     add_section(parser, "sampling options (pair samples and evaluation)", SamplingConfig)
     add_train_options(parser, skip=ONLINE_SKIPS)
-    _debug_flag(parser)
+    add_debug_flag(parser)
     parser.set_defaults(func=_cmd_online)

@@ -8,9 +8,9 @@ import json
 import sys
 from pathlib import Path
 
+from dpokit.cli.common import add_debug_flag, check_config_apart, config_from_args, show_progress
 from dpokit.cli.common import add_section as _add_section
 from dpokit.cli.common import add_train_options as _add_train_options
-from dpokit.cli.common import check_config_apart, config_from_args
 from dpokit.cli.common import section_from_args as _section_from_args
 from dpokit.config import (
     DataConfig,
@@ -26,16 +26,16 @@ from dpokit.config import (
     validate_sampling,
 )
 from dpokit.errors import DpokitError
+from dpokit.eval.evaluate import evaluate_models, format_table, run_template_kwargs
+from dpokit.eval.report import CURVES_FILE, REPORT_FILE, SAMPLES_FILE, sample_before_after, write_report
+from dpokit.eval.sampling import check_prompt, read_prompts, run_sample
+from dpokit.experiments.sweep import run_sweep
+from dpokit.io import atomic_write_text
 from dpokit.paths import check_creatable, check_outputs_apart
 
 # `evaluate --data` takes every data flag of `train` but --eval-data; for a dpokit run each one
 # defaults to the run's own setting (dpokit_config.yaml).
 EVALUATE_DATA_OPTIONS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name != "eval_data")
-
-
-def _show_progress(args: argparse.Namespace) -> bool:
-    choice = getattr(args, "progress", "auto")
-    return choice == "on" or (choice == "auto" and sys.stderr.isatty())
 
 
 def _model_options(args: argparse.Namespace) -> ModelConfig:
@@ -61,12 +61,10 @@ def _add_model_and_sampling(parser: argparse.ArgumentParser, helps: dict[str, st
     _add_section(parser, "model options", ModelConfig, only=only, helps={"dtype": _FORWARD_DTYPE_HELP, **helps})
     _add_section(parser, "sampling options", SamplingConfig)
     _add_section(parser, "output options", TrainConfig, only=("progress",))
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(parser)
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from dpokit.eval.sampling import check_prompt, read_prompts, run_sample
-
     model, sampling = _model_options(args), _sampling_options(args)
     command = SampleCommandConfig(**_section_from_args(args, SampleCommandConfig))
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
@@ -79,9 +77,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         check_creatable(command.samples_output, "--output", folder=False)
     prompts = [check_prompt(command.prompt, "--prompt")] if command.prompt else read_prompts(
         judging.prompts, judging.max_prompts)
-    run_sample(model.model, prompts, sampling, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
-               trust_remote_code=model.trust_remote_code, output=command.samples_output,
-               progress=_show_progress(args))
+    # A dpokit run is sampled with the chat-template arguments it was trained with.
+    run_sample(model, prompts, sampling, template_kwargs=run_template_kwargs(model.model),
+               output=command.samples_output, progress=show_progress(args))
     return 0
 
 
@@ -99,9 +97,6 @@ def add_sample_command(sub) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dpokit.eval.evaluate import evaluate_models, format_table
-    from dpokit.io import atomic_write_text
-
     if hasattr(args, "renamed_reference"):
         raise DpokitError("evaluate: the reference model is now --reference-model, as in train (where --reference "
                           f"chooses auto, precomputed or live): use --reference-model {args.renamed_reference}")
@@ -117,13 +112,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         check_creatable(command.evaluation_output, "--output", folder=False)
     # --json keeps stdout for the JSON object alone; progress lines go to stderr.
     log = (lambda line: print(line, file=sys.stderr)) if command.json_output else print
-    result = evaluate_models(
-        model.model, model.reference_model, tokenizer=model.tokenizer, device=model.device, dtype=model.dtype,
-        trust_remote_code=model.trust_remote_code, data=data_flags.get("data"),
-        loss_overrides=_section_from_args(args, LossConfig), data_overrides=data_flags, batch_size=batch,
-        prompts=judging.prompts,
-        max_prompts=judging.max_prompts, judge=judging.judge, judge_batch_size=judging.judge_batch_size,
-        sampling=sampling, progress=_show_progress(args), log=log)
+    result = evaluate_models(model, data=data_flags, loss_overrides=_section_from_args(args, LossConfig),
+                             batch_size=batch, judging=judging, sampling=sampling, progress=show_progress(args),
+                             log=log)
     if command.evaluation_output:
         atomic_write_text(command.evaluation_output, json.dumps(result, indent=1))
     print(json.dumps(result, indent=1) if command.json_output else format_table(result))
@@ -151,8 +142,6 @@ def add_evaluate_command(sub) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from dpokit.experiments.sweep import run_sweep
-
     sweep = SweepConfig(**_section_from_args(args, SweepConfig, only=("betas",)))
     betas = parse_number_list(sweep.betas, "--beta")
     # Each --loss is one run's loss, exactly as train reads it (sigmoid,sft: one combined loss).
@@ -174,13 +163,11 @@ def add_sweep_command(sub) -> None:
     _add_section(parser, "prompt and judge options", JudgeConfig)
     _add_section(parser, "sampling options", SamplingConfig)
     _add_train_options(parser, skip=("beta", "loss"))
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(parser)
     parser.set_defaults(func=_cmd_sweep)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from dpokit.eval.report import CURVES_FILE, REPORT_FILE, SAMPLES_FILE, sample_before_after, write_report
-
     judging = JudgeConfig(**_section_from_args(args, JudgeConfig, only=("prompts", "max_prompts")))
     written = [("RUN_DIR's", Path(args.run_dir) / name) for name in (REPORT_FILE, CURVES_FILE, SAMPLES_FILE)]
     check_outputs_apart(written, [("--prompts", judging.prompts)])
@@ -202,5 +189,5 @@ def add_report_command(sub) -> None:
                  helps={"max_prompts": "prompts sampled for the report (default here: 4)"})
     _add_section(parser, "model options", ModelConfig, only=("device", "dtype"), helps={"dtype": _FORWARD_DTYPE_HELP})
     _add_section(parser, "sampling options", SamplingConfig)
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(parser)
     parser.set_defaults(func=_cmd_report)

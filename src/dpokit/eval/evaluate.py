@@ -16,17 +16,29 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
-from dpokit.config import DataConfig, LossConfig, RunConfig, SamplingConfig, validate_data
+from dpokit.config import (
+    DataConfig,
+    JudgeConfig,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    SamplingConfig,
+    validate_data,
+)
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate_padded
-from dpokit.eval.judges import Judge, score_responses
-from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text
-from dpokit.model.load import autocast_context
+from dpokit.data.templates import parse_template_kwargs
+from dpokit.errors import DpokitError
+from dpokit.eval.judges import Judge, load_judge, score_responses
+from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text, read_prompts
+from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
 from dpokit.settings_checks import context_limit, fit_max_length
 
@@ -44,6 +56,13 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     variance = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(variance / n)
+
+
+def format_number(value: float) -> str:
+    """Four decimals, or three significant digits in scientific form for small magnitudes."""
+    if math.isfinite(value) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.3e}"
+    return f"{value:.4f}"
 
 
 # --- preference data -----------------------------------------------------------------------
@@ -83,27 +102,44 @@ class SampleSet:
         return [[c.text for c in per_prompt] for per_prompt in self.completions]
 
 
-def draw_samples(model, tokenizer, prompts: Sequence[Prompt], sampling: SamplingConfig, *, dtype: str = "fp32",
-                 judge: Judge | None = None, judge_name: str = "judge", judge_batch_size: int = 16,
-                 progress: bool = False) -> SampleSet:
-    """Sample K completions per prompt and, with a judge, score each one."""
-    device = next(model.parameters()).device
-    completions: list[list[Completion]] = [[] for _ in prompts]
-    for index, per_prompt in generate_completions(
-        model, tokenizer, prompts, num_samples=sampling.num_samples, temperature=sampling.temperature,
-        top_p=sampling.top_p, top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
-        seed=sampling.sample_seed, batch_size=sampling.sample_batch_size, progress=progress,
-        autocast=lambda: autocast_context(device, dtype),
-    ):
-        completions[index] = per_prompt
-    result = SampleSet(list(prompts), completions)
-    if judge is not None:
-        flat_prompts = [prompt_text(p) for p, per in zip(prompts, completions, strict=True) for _ in per]
-        flat = score_responses(judge, flat_prompts, [c.text for per in completions for c in per],
-                               batch_size=judge_batch_size, name=judge_name)
-        k = sampling.num_samples
-        result.rewards = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
-    return result
+@dataclass(frozen=True)
+class Sampler:
+    """How an experiment draws and scores samples: one tokenizer, one set of sampling settings,
+    one judge and the run's chat-template arguments, the same for every model it compares."""
+
+    tokenizer: Any
+    sampling: SamplingConfig
+    judge: Judge | None = None  # None: samples are drawn, not scored
+    judging: JudgeConfig = field(default_factory=JudgeConfig)  # the judge's name (its spec) and batch size
+    dtype: str = "fp32"
+    template_kwargs: dict[str, Any] | None = None  # the run's --chat-template-kwargs
+    progress: bool = False
+
+    def draw(self, model, prompts: Sequence[Prompt]) -> SampleSet:
+        """K completions per prompt from `model` and, with a judge, the score of each one."""
+        device = next(model.parameters()).device
+        completions: list[list[Completion]] = [[] for _ in prompts]
+        for index, per_prompt in generate_completions(
+            model, self.tokenizer, prompts, self.sampling, template_kwargs=self.template_kwargs,
+            progress=self.progress, autocast=lambda: autocast_context(device, self.dtype),
+        ):
+            completions[index] = per_prompt
+        result = SampleSet(list(prompts), completions)
+        if self.judge is not None:
+            flat_prompts = [prompt_text(p) for p, per in zip(prompts, completions, strict=True) for _ in per]
+            flat = score_responses(self.judge, flat_prompts, [c.text for per in completions for c in per],
+                                   batch_size=self.judging.judge_batch_size, name=self.judge_name)
+            k = self.sampling.num_samples
+            result.rewards = [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+        return result
+
+    @property
+    def judge_name(self) -> str:
+        return self.judging.judge or "judge"
+
+    def with_sampling(self, **changes) -> Sampler:
+        """The same sampler with some sampling settings changed (K, the seed, the temperature...)."""
+        return replace(self, sampling=replace(self.sampling, **changes))
 
 
 def judged_comparison(policy: SampleSet, reference: SampleSet) -> dict:
@@ -181,37 +217,34 @@ def kl_estimate(policy, reference, policy_samples: SampleSet, *, pad_id: int, ba
 # --- everything at once --------------------------------------------------------------------
 
 
-def evaluate_on_prompts(policy, reference, tokenizer, prompts: Sequence[Prompt], sampling: SamplingConfig, *,
-                        judge: Judge | None = None, judge_name: str = "judge", judge_batch_size: int = 16,
-                        dtype: str = "fp32", reference_samples: SampleSet | None = None,
-                        progress: bool = False, log: Log = print) -> tuple[dict, SampleSet]:
+def evaluate_on_prompts(policy, reference, prompts: Sequence[Prompt], sampler: Sampler, *,
+                        reference_samples: SampleSet | None = None, log: Log = print) -> tuple[dict, SampleSet]:
     """Sample from policy and reference, judge both, estimate the KL; returns (figures, reference samples).
 
     Both models are sampled with the same seed (common random numbers: identical models give
     identical samples). Pass `reference_samples` to reuse them across policies (the sweep).
-    When `sampling` is not ancestral (temperature 1, no top-p/top-k), the KL gets its own
+    When the sampling is not ancestral (temperature 1, no top-p/top-k), the KL gets its own
     ancestral samples, since tempered samples do not estimate KL(π ‖ π_ref).
     """
+    tokenizer, sampling = sampler.tokenizer, sampler.sampling
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    draw = dict(dtype=dtype, judge=judge, judge_name=judge_name, judge_batch_size=judge_batch_size,
-                progress=progress)
     log(f"sampling {sampling.num_samples} completion(s) for each of {len(prompts)} prompts from the policy")
-    policy_samples = draw_samples(policy, tokenizer, prompts, sampling, **draw)
+    policy_samples = sampler.draw(policy, prompts)
     figures: dict = {"sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
                                   "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens,
                                   "seed": sampling.sample_seed}}
-    if judge is not None:
+    if sampler.judge is not None:
         if reference_samples is None:
             log("sampling the same from the reference")
-            reference_samples = draw_samples(reference, tokenizer, prompts, sampling, **draw)
-        figures["judged"] = {"judge": judge_name, **judged_comparison(policy_samples, reference_samples)}
+            reference_samples = sampler.draw(reference, prompts)
+        figures["judged"] = {"judge": sampler.judge_name, **judged_comparison(policy_samples, reference_samples)}
     kl_samples = policy_samples
     if not sampling.is_ancestral():
         log("drawing separate temperature-1 samples for the KL estimate")
-        ancestral = SamplingConfig(**{**vars(sampling), "temperature": 1.0, "top_p": 1.0, "top_k": 0})
-        kl_samples = draw_samples(policy, tokenizer, prompts, ancestral, dtype=dtype, progress=progress)
+        ancestral = replace(sampler.with_sampling(temperature=1.0, top_p=1.0, top_k=0), judge=None)
+        kl_samples = ancestral.draw(policy, prompts)
     figures["kl"] = kl_estimate(policy, reference, kl_samples, pad_id=pad_id,
-                                batch_size=sampling.sample_batch_size, dtype=dtype)
+                                batch_size=sampling.sample_batch_size, dtype=sampler.dtype)
     figures["examples"] = _examples(policy_samples, reference_samples)
     return figures, reference_samples
 
@@ -232,8 +265,6 @@ def _examples(policy: SampleSet, reference: SampleSet | None) -> list[dict]:
 
 def format_table(result: dict) -> str:
     """A readable two-column table of every figure in an evaluation result."""
-    from dpokit.eval.report import format_number
-
     lines = []
     for section in ("preferences", "judged", "kl"):
         if section not in result:
@@ -257,13 +288,17 @@ def format_table(result: dict) -> str:
 
 def run_config_of(model_dir: str | Path) -> dict | None:
     """The resolved config a dpokit run wrote beside its model, or None for any other folder."""
-    import yaml
-
     path = Path(model_dir) / "dpokit_config.yaml"
     if not path.is_file():
         return None
     loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     return loaded if isinstance(loaded, dict) else None
+
+
+def run_template_kwargs(model_dir: str | Path) -> dict[str, Any]:
+    """The --chat-template-kwargs a dpokit run trained with ({} for any other folder): sampling the
+    run renders message prompts with them, as training did."""
+    return parse_template_kwargs(((run_config_of(model_dir) or {}).get("data") or {}).get("chat_template_kwargs"))
 
 
 def loss_config_for(model_dir: str | Path, overrides: dict | None = None) -> LossConfig:
@@ -294,52 +329,50 @@ def data_config_for(model_dir: str | Path, data: str, overrides: dict | None = N
     return config
 
 
-def evaluate_models(model: str, reference: str | None = None, *, tokenizer: str | None = None,
-                    device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False,
-                    data: str | None = None, loss_overrides: dict | None = None,
-                    data_overrides: dict | None = None, batch_size: int = 8,
-                    prompts: str | None = None, max_prompts: int | None = None, judge: str | None = None,
-                    judge_batch_size: int = 16, sampling: SamplingConfig | None = None,
+def evaluate_models(model: ModelConfig, *, data: dict | None = None, loss_overrides: dict | None = None,
+                    batch_size: int = 8, judging: JudgeConfig | None = None, sampling: SamplingConfig | None = None,
                     progress: bool = False, log: Log = print) -> dict:
-    """Load policy and reference, then every figure the inputs allow (see the module docstring).
+    """Load policy (`model.model`) and reference, then every figure the inputs allow (see the module docstring).
 
-    `reference` defaults to the model a dpokit run started from (its dpokit_config.yaml); so do the
-    data settings of `data` (`data_overrides`, DataConfig field names, replace them).
+    `model.reference_model` defaults to the model a dpokit run started from (its dpokit_config.yaml);
+    so do the data settings: `data` holds the data options given (DataConfig field names, `data`
+    naming the preference file), which replace the run's. `judging` names the prompts and the judge.
     """
-    from dpokit.errors import DpokitError
-    from dpokit.eval.judges import load_judge
-    from dpokit.eval.sampling import read_prompts
-    from dpokit.model.load import load_policy, load_tokenizer, resolve_device
-
-    if not data and not prompts:
+    judging, data = judging or JudgeConfig(), data or {}
+    if not data.get("data") and not judging.prompts:
         raise DpokitError("nothing to evaluate: give --data (preference pairs) and/or --prompts (with --judge)")
-    if judge and not prompts:
-        raise DpokitError(f"--judge {judge} scores samples drawn for --prompts; give --prompts too, or drop --judge")
-    if reference is None:
-        saved = (run_config_of(model) or {}).get("model") or {}
-        reference = saved.get("reference_model") or saved.get("model")  # online rounds name their reference
-        if reference is None:
-            raise DpokitError(f"--reference-model is required: {model} is not a dpokit run folder naming its base "
-                              "model")
-        log(f"reference: {reference} (the model {model} was trained from)")
-    sampling = sampling or SamplingConfig()
-    data_settings = data_config_for(model, data, data_overrides, log) if data else None
-    prompt_list = read_prompts(prompts, max_prompts) if prompts else None
-    torch_device = resolve_device(device)
-    judge_fn = load_judge(judge, device=torch_device, batch_size=judge_batch_size) if judge else None
-    tok = load_tokenizer(tokenizer or model, trust_remote_code)
-    policy = load_policy(model, torch_device, trust_remote_code).eval()
-    reference_model = load_policy(reference, torch_device, trust_remote_code).eval()
-    result: dict = {"policy": str(model), "reference": str(reference)}
-    if data:
+    if judging.judge and not judging.prompts:
+        raise DpokitError(f"--judge {judging.judge} scores samples drawn for --prompts; give --prompts too, "
+                          "or drop --judge")
+    reference = model.reference_model or _run_reference(model.model, log)
+    data_settings = data_config_for(model.model, data["data"], data, log) if data.get("data") else None
+    prompt_list = read_prompts(judging.prompts, judging.max_prompts) if judging.prompts else None
+    device = resolve_device(model.device)
+    judge = load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size) if judging.judge else None
+    tokenizer = load_tokenizer(model.tokenizer or model.model, model.trust_remote_code)
+    policy = load_policy(model.model, device, model.trust_remote_code).eval()
+    reference_model = load_policy(reference, device, model.trust_remote_code).eval()
+    result: dict = {"policy": str(model.model), "reference": str(reference)}
+    if data_settings is not None:
         data_settings.max_length = fit_max_length(data_settings.max_length, data_settings.max_prompt_length,
-                                                  context_limit(policy.config, tok), log)
+                                                  context_limit(policy.config, tokenizer), log)
         result["preferences"] = preference_metrics(
-            policy, reference_model, tok, data, loss=loss_config_for(model, loss_overrides), data=data_settings,
-            batch_size=batch_size, device=torch_device, dtype=dtype, log=log)
+            policy, reference_model, tokenizer, data_settings.data, loss=loss_config_for(model.model, loss_overrides),
+            data=data_settings, batch_size=batch_size, device=device, dtype=model.dtype, log=log)
     if prompt_list:
-        figures, _ = evaluate_on_prompts(policy, reference_model, tok, prompt_list, sampling, judge=judge_fn,
-                                         judge_name=judge or "judge", judge_batch_size=judge_batch_size,
-                                         dtype=dtype, progress=progress, log=log)
+        sampler = Sampler(tokenizer, sampling or SamplingConfig(), judge=judge, judging=judging, dtype=model.dtype,
+                          template_kwargs=run_template_kwargs(model.model), progress=progress)
+        figures, _ = evaluate_on_prompts(policy, reference_model, prompt_list, sampler, log=log)
         result.update(figures)
     return result
+
+
+def _run_reference(model_dir: str, log: Log) -> str:
+    """The model a dpokit run was trained from: its reference (online rounds name one) or its start."""
+    saved = (run_config_of(model_dir) or {}).get("model") or {}
+    reference = saved.get("reference_model") or saved.get("model")
+    if reference is None:
+        raise DpokitError(f"--reference-model is required: {model_dir} is not a dpokit run folder naming its base "
+                          "model")
+    log(f"reference: {reference} (the model {model_dir} was trained from)")
+    return reference

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from dpokit.errors import DpokitError
+from dpokit.model.load import load_tokenizer
 
 Judge = Callable[[list[str], list[str]], list[float]]
 
@@ -53,8 +54,6 @@ class RewardModelJudge:
 
     def __init__(self, path: str, device: torch.device | str = "cpu", batch_size: int = 16):
         from transformers import AutoModelForSequenceClassification
-
-        from dpokit.model.load import load_tokenizer
 
         self.tokenizer = load_tokenizer(path)
         try:

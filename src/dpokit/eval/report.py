@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
+from dpokit.eval.evaluate import Sampler, format_number, run_config_of, run_template_kwargs
+from dpokit.eval.sampling import prompt_text, read_prompts
 from dpokit.io import atomic_write_bytes, atomic_write_text
+from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 
 Log = Callable[[str], None]
 
@@ -142,13 +145,6 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
     return _save_png(figure, Path(path))
 
 
-def format_number(value: float) -> str:
-    """Four decimals, or three significant digits in scientific form for small magnitudes."""
-    if math.isfinite(value) and value != 0 and abs(value) < 1e-3:
-        return f"{value:.3e}"
-    return f"{value:.4f}"
-
-
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
     lines = ["| figure | value |", "| --- | --- |"]
     for name, value in rows:
@@ -206,26 +202,31 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
     return path
 
 
-def sample_before_after(run_dir: str | Path, prompts_path: str, sampling, *, max_prompts: int = 4,
-                        device: str = "auto", dtype: str = "fp32", log: Log = print) -> Path:
-    """Sample the run's base model and trained policy on the same prompts with the same seed,
-    and save the pairs as samples.json for the report."""
-    from dpokit.eval.evaluate import draw_samples, run_config_of
-    from dpokit.eval.sampling import prompt_text, read_prompts
-    from dpokit.model.load import load_policy, load_tokenizer, resolve_device
+def report_finished_run(run_dir: str | Path, log: Log) -> None:
+    """Training curves and report.md of a folder `train()` has just finished; the model is already
+    saved, so a plotting failure only warns."""
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
+        log(f"warning: could not write the report ({type(exc).__name__}: {exc}); run `dpokit report {run_dir}`")
 
+
+def sample_before_after(run_dir: str | Path, prompts_path: str, sampling: SamplingConfig, *, max_prompts: int = 4,
+                        device: str = "auto", dtype: str = "fp32", log: Log = print) -> Path:
+    """Sample the run's base model and trained policy on the same prompts with the same seed (and
+    the run's chat-template arguments), and save the pairs as samples.json for the report."""
     run_dir = Path(run_dir)
     prompts = read_prompts(prompts_path, max_prompts)
     base = ((run_config_of(run_dir) or {}).get("model") or {}).get("model")
     if base is None:
         raise DpokitError(f"{run_dir}: no dpokit_config.yaml naming the base model, so no 'before' samples")
     torch_device = resolve_device(device)
-    tokenizer = load_tokenizer(str(run_dir))
+    sampler = Sampler(load_tokenizer(str(run_dir)), sampling, dtype=dtype, template_kwargs=run_template_kwargs(run_dir))
     texts = {}
     for who, name in (("before", base), ("after", str(run_dir))):
         log(f"sampling {len(prompts)} prompts from {name}")
         model = load_policy(name, torch_device).eval()
-        texts[who] = draw_samples(model, tokenizer, prompts, sampling, dtype=dtype).texts
+        texts[who] = sampler.draw(model, prompts).texts
         del model
     rows = [{"prompt": prompt_text(p), "before": b[0], "after": a[0]}
             for p, b, a in zip(prompts, texts["before"], texts["after"], strict=True)]

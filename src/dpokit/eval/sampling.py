@@ -10,6 +10,7 @@ is sampled in the context it was trained on.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,13 @@ from typing import Any
 
 import torch
 
+from dpokit.config import ModelConfig, SamplingConfig, validate_sampling
 from dpokit.data.pairs import CHAT_ROLES, RowSkip
 from dpokit.data.sources import parse_json
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
+from dpokit.io import JsonlWriter
+from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 
 Prompt = str | list[dict[str, str]]
 
@@ -86,9 +90,11 @@ def prompt_text(prompt: Prompt) -> str:
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-def prompt_encoder(tokenizer) -> PairTokenizer:
-    """Training's tokenizer rules for `tokenizer`; sampling uses only its prompt encoding."""
-    return PairTokenizer(tokenizer, max_length=1)  # the length limit is for pairs, never used here
+def prompt_encoder(tokenizer, template_kwargs: dict[str, Any] | None = None) -> PairTokenizer:
+    """Training's tokenizer rules for `tokenizer` (and the run's --chat-template-kwargs); sampling
+    uses only its prompt encoding."""
+    # The length limit is for pairs, never used here.
+    return PairTokenizer(tokenizer, max_length=1, template_kwargs=template_kwargs)
 
 
 def encode_prompt(tokenizer, prompt: Prompt, where: str = "prompt", encoder: PairTokenizer | None = None) -> list[int]:
@@ -134,15 +140,15 @@ def _plain_generation_defaults(model):
         model.generation_config = saved
 
 
-def _generation_config(stop_ids: list[int], pad_id: int, *, temperature: float, top_p: float, top_k: int,
-                       max_new_tokens: int):
+def _generation_config(stop_ids: list[int], pad_id: int, sampling: SamplingConfig):
     from transformers import GenerationConfig
 
-    common = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": pad_id,
+    common = {"max_new_tokens": sampling.max_new_tokens, "eos_token_id": stop_ids, "pad_token_id": pad_id,
               "num_beams": 1, "use_cache": True}
-    if temperature == 0:
+    if sampling.temperature == 0:
         return GenerationConfig(do_sample=False, **common)
-    return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+    return GenerationConfig(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                            top_k=sampling.top_k, **common)
 
 
 def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,40 +172,28 @@ def _decode_response(tokenizer, prompt_ids: Sequence[int], response_ids: Sequenc
     return tokenizer.decode(list(response_ids), skip_special_tokens=True)
 
 
-def generate_completions(
-    model,
-    tokenizer,
-    prompts: Sequence[Prompt],
-    *,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    batch_size: int = 16,
-    progress: bool = False,
-    autocast: Callable[[], Any] | None = None,
-) -> Iterator[tuple[int, list[Completion]]]:
-    """Yield (prompt index, its K completions) in prompt order, as soon as each prompt is done.
+def generate_completions(model, tokenizer, prompts: Sequence[Prompt], sampling: SamplingConfig, *,
+                         template_kwargs: dict[str, Any] | None = None, progress: bool = False,
+                         autocast: Callable[[], Any] | None = None) -> Iterator[tuple[int, list[Completion]]]:
+    """Yield (prompt index, its `sampling.num_samples` completions) in prompt order, as soon as each
+    prompt is done.
 
-    The K samples of a prompt are K rows of the batch; the batch holds `batch_size` rows. The
-    global RNG is forked and seeded once, so a fixed seed, prompt list and settings give the
-    same completions, and the caller's RNG state is left untouched.
+    The K samples of a prompt are K rows of the batch; the batch holds `sampling.sample_batch_size`
+    rows. The global RNG is forked and seeded once with `sampling.sample_seed`, so a fixed seed,
+    prompt list and settings give the same completions, and the caller's RNG state is left
+    untouched. `template_kwargs` are the run's --chat-template-kwargs: message prompts are rendered
+    with the arguments training rendered them with.
     """
     from tqdm import tqdm
 
-    from dpokit.config import SamplingConfig, validate_sampling
-
-    validate_sampling(SamplingConfig(num_samples, temperature, top_p, top_k, max_new_tokens, seed, batch_size))
+    validate_sampling(sampling)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stop_ids = _stop_ids(model, tokenizer)
-    gen_config = _generation_config(stop_ids, pad_id, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    max_new_tokens=max_new_tokens)
-    encoder = prompt_encoder(tokenizer)
+    gen_config = _generation_config(stop_ids, pad_id, sampling)
+    encoder = prompt_encoder(tokenizer, template_kwargs)
     encoded = [encode_prompt(tokenizer, p, f"prompt {i + 1}", encoder) for i, p in enumerate(prompts)]
-    rows = [(i, k) for i in range(len(prompts)) for k in range(num_samples)]
+    rows = [(i, k) for i in range(len(prompts)) for k in range(sampling.num_samples)]
     done: dict[int, list[Completion]] = {}
     next_to_yield = 0
     was_training = model.training
@@ -208,25 +202,32 @@ def generate_completions(
     bar = tqdm(total=len(prompts), desc="sampling", unit="prompt", disable=not progress, dynamic_ncols=True)
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), _plain_generation_defaults(model):
-            torch.manual_seed(seed)
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                input_ids, attention_mask = _left_padded([encoded[i] for i, _ in chunk], pad_id, device)
-                with autocast() if autocast else contextlib.nullcontext():
-                    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                         generation_config=gen_config)
-                new_tokens = out[:, input_ids.shape[1]:].tolist()
-                for (i, _), tokens in zip(chunk, new_tokens, strict=True):
-                    response, finished = _cut_at_stop(tokens, stop_ids)
-                    text = _decode_response(tokenizer, encoded[i], response)
-                    done.setdefault(i, []).append(Completion(text, tuple(encoded[i]), tuple(response), finished))
-                while next_to_yield in done and len(done[next_to_yield]) == num_samples:
+            torch.manual_seed(sampling.sample_seed)
+            for start in range(0, len(rows), sampling.sample_batch_size):
+                chunk = [i for i, _ in rows[start:start + sampling.sample_batch_size]]
+                for i, completion in _generate_chunk(model, tokenizer, [encoded[i] for i in chunk], gen_config,
+                                                     pad_id, stop_ids, autocast):
+                    done.setdefault(chunk[i], []).append(completion)
+                while next_to_yield in done and len(done[next_to_yield]) == sampling.num_samples:
                     yield next_to_yield, done.pop(next_to_yield)
                     next_to_yield += 1
                     bar.update(1)
     finally:
         bar.close()
         model.train(was_training)
+
+
+def _generate_chunk(model, tokenizer, prompt_rows: list[list[int]], gen_config, pad_id: int, stop_ids: list[int],
+                    autocast: Callable[[], Any] | None) -> Iterator[tuple[int, Completion]]:
+    """One batch of `model.generate`: (row index in the chunk, its completion)."""
+    input_ids, attention_mask = _left_padded(prompt_rows, pad_id, next(model.parameters()).device)
+    with autocast() if autocast else contextlib.nullcontext():
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config)
+    new_tokens = out[:, input_ids.shape[1]:].tolist()
+    for i, (prompt_ids, tokens) in enumerate(zip(prompt_rows, new_tokens, strict=True)):
+        response, finished = _cut_at_stop(tokens, stop_ids)
+        text = _decode_response(tokenizer, prompt_ids, response)
+        yield i, Completion(text, tuple(prompt_ids), tuple(response), finished)
 
 
 def _cut_at_stop(tokens: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
@@ -250,51 +251,46 @@ def sample(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[list[str]]:
     """Sample `num_samples` completions for each prompt (a string or a list of chat messages).
 
     Returns one list of completion texts per prompt, in prompt order. `temperature=0` is greedy.
-    Completions stop at EOS or after `max_new_tokens` tokens.
+    Completions stop at EOS or after `max_new_tokens` tokens. `template_kwargs`: the extra chat
+    template arguments the model was trained with (--chat-template-kwargs), if any.
     """
     if isinstance(prompts, str | dict):
         raise DpokitError("sample() takes a list of prompts; wrap a single prompt in a list")
     prompts = [check_prompt(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    sampling = SamplingConfig(num_samples=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                              max_new_tokens=max_new_tokens, sample_seed=seed, sample_batch_size=batch_size)
     results: list[list[str]] = [[] for _ in prompts]
-    for index, completions in generate_completions(
-        model, tokenizer, prompts, num_samples=num_samples, temperature=temperature, top_p=top_p,
-        top_k=top_k, max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, progress=progress,
-    ):
+    for index, completions in generate_completions(model, tokenizer, prompts, sampling,
+                                                   template_kwargs=template_kwargs, progress=progress):
         results[index] = [c.text for c in completions]
     return results
 
 
-def run_sample(model: str, prompts: Sequence[Prompt], sampling, *, tokenizer: str | None = None,
-               device: str = "auto", dtype: str = "fp32", trust_remote_code: bool = False,
-               output: str | None = None, progress: bool = False, write: Callable[[str], None] = print) -> None:
-    """`dpokit sample`: load the model, sample every prompt, stream the rows out as prompts finish.
+def run_sample(model: ModelConfig, prompts: Sequence[Prompt], sampling: SamplingConfig, *,
+               template_kwargs: dict[str, Any] | None = None, output: str | None = None, progress: bool = False,
+               write: Callable[[str], None] = print) -> None:
+    """`dpokit sample`: load `model.model`, sample every prompt, stream the rows out as prompts finish.
 
     With `output`, rows go to `output + ".partial"` as they finish (watch it grow) and the file is
     renamed to `output` when all are done, so `output` itself is only ever complete. Without it,
     completions are printed readably.
     """
-    import os
-
-    from dpokit.io import JsonlWriter
-    from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
-
-    torch_device = resolve_device(device)
-    tok = load_tokenizer(tokenizer or model, trust_remote_code)
-    policy = load_policy(model, torch_device, trust_remote_code).eval()
+    torch_device = resolve_device(model.device)
+    tok = load_tokenizer(model.tokenizer or model.model, model.trust_remote_code)
+    policy = load_policy(model.model, torch_device, model.trust_remote_code).eval()
     partial = Path(str(output) + ".partial") if output else None
     if partial is not None:
         partial.unlink(missing_ok=True)
     writer = JsonlWriter(partial) if partial is not None else None
     try:
         for index, completions in generate_completions(
-            policy, tok, prompts, num_samples=sampling.num_samples, temperature=sampling.temperature,
-            top_p=sampling.top_p, top_k=sampling.top_k, max_new_tokens=sampling.max_new_tokens,
-            seed=sampling.sample_seed, batch_size=sampling.sample_batch_size, progress=progress,
-            autocast=lambda: autocast_context(torch_device, dtype),
+            policy, tok, prompts, sampling, template_kwargs=template_kwargs, progress=progress,
+            autocast=lambda: autocast_context(torch_device, model.dtype),
         ):
             texts = [c.text for c in completions]
             if writer is not None:

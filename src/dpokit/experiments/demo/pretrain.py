@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, MANIFEST, file_sha25
 from dpokit.experiments.demo.corpus import generate_corpus, review_openings
 from dpokit.experiments.demo.tokenizer import train_bpe_tokenizer
 from dpokit.io import atomic_save_pretrained, atomic_write_text
-from dpokit.paths import check_creatable, clear_for_overwrite
+from dpokit.paths import check_creatable, claim_output_folder
 
 HELD_OUT_SEED_OFFSET = 1_000_003  # the held-out reviews come from a different stream of the grammar
 
@@ -133,75 +134,21 @@ def sample_reviews(model, tokenizer, prompts: list[str], seed: int, max_new_toke
     return out
 
 
-def _check_output(folder: Path, overwrite: bool) -> None:
-    check_creatable(folder, "--output")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise DpokitError(f"--output {folder} is not empty; pass --overwrite to replace the model there")
-    if overwrite:
-        clear_for_overwrite(folder)  # no file of the previous model may survive beside the new one
-
-
 def pretrain(s: PretrainSettings) -> dict:
     """Run the whole recipe and write the model folder; returns the manifest."""
-
     if s.steps < 1 or s.reviews < 2 or s.held_out_reviews < 1 or s.samples < 0:
         raise DpokitError("--steps, --reviews, --held-out-reviews must be positive and --samples >= 0")
     folder = Path(s.output)
-    _check_output(folder, s.overwrite)
+    check_creatable(folder, "--output")
+    claim_output_folder(folder, overwrite=s.overwrite, hint="pass --overwrite to replace the model there")
     torch.set_num_threads(s.threads)
     started = time.perf_counter()
 
-    corpus = generate_corpus(s.reviews, s.seed)
-    held_out = generate_corpus(s.held_out_reviews, s.seed + HELD_OUT_SEED_OFFSET)
-    tokenizer = train_bpe_tokenizer(corpus[: s.tokenizer_reviews], vocab_size=s.vocab_size)
-    train_stream = _token_stream(tokenizer, corpus)
-    held_stream = _token_stream(tokenizer, held_out)
-    if len(train_stream) <= s.block_size + 1:
-        raise DpokitError(f"--reviews {s.reviews} gives too few tokens for --block-size {s.block_size}")
-    unigram = unigram_cross_entropy(train_stream, held_stream, len(tokenizer))
-    print(f"corpus: {s.reviews} reviews, {len(train_stream)} tokens; held out: {len(held_stream)} tokens; "
-          f"vocab {len(tokenizer)}; unigram cross-entropy {unigram:.3f} nats", flush=True)
-
+    corpus, tokenizer, train_stream, held_stream, unigram = _corpus_streams(s)
     model = _build_model(tokenizer, s)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=s.learning_rate, betas=(0.9, 0.95),
-    )
-    warmup = min(s.warmup_steps, max(1, s.steps // 10))
-
-    def lr_factor(step: int) -> float:  # linear warm-up, cosine to a tenth of the peak
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, s.steps - warmup)
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    generator = torch.Generator().manual_seed(s.seed)
-    model.train()
-    recent: list[float] = []
-    tick = time.perf_counter()
-    for step in range(s.steps):
-        # Random windows of the packed stream: every review is seen about
-        # steps * batch * block / tokens times, from varied offsets.
-        starts = torch.randint(0, len(train_stream) - s.block_size, (s.batch_size,), generator=generator)
-        batch = torch.stack([train_stream[i : i + s.block_size] for i in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent = (recent + [loss.item()])[-50:]
-        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
-            rate = s.log_every * s.batch_size * s.block_size / (time.perf_counter() - tick)
-            print(f"step {step + 1}/{s.steps}  loss {sum(recent) / len(recent):.4f}  "
-                  f"lr {scheduler.get_last_lr()[0]:.2e}  {rate:,.0f} tokens/s", flush=True)
-            tick = time.perf_counter()
-    train_loss = sum(recent) / len(recent)
+    train_loss = _train_steps(model, train_stream, s)
     eval_loss = held_out_loss(model, held_stream, s.block_size)
     prompts = review_openings(s.samples, seed=s.seed, held_out=True, min_words=3)
     samples = sample_reviews(model, tokenizer, prompts, seed=s.seed)
@@ -239,6 +186,63 @@ def pretrain(s: PretrainSettings) -> dict:
     }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _corpus_streams(s: PretrainSettings) -> tuple[list[str], Any, torch.Tensor, torch.Tensor, float]:
+    """The generated corpus, the BPE tokenizer learnt on it, the train and held-out token streams,
+    and the unigram bar the model must clear."""
+    corpus = generate_corpus(s.reviews, s.seed)
+    held_out = generate_corpus(s.held_out_reviews, s.seed + HELD_OUT_SEED_OFFSET)
+    tokenizer = train_bpe_tokenizer(corpus[: s.tokenizer_reviews], vocab_size=s.vocab_size)
+    train_stream = _token_stream(tokenizer, corpus)
+    held_stream = _token_stream(tokenizer, held_out)
+    if len(train_stream) <= s.block_size + 1:
+        raise DpokitError(f"--reviews {s.reviews} gives too few tokens for --block-size {s.block_size}")
+    unigram = unigram_cross_entropy(train_stream, held_stream, len(tokenizer))
+    print(f"corpus: {s.reviews} reviews, {len(train_stream)} tokens; held out: {len(held_stream)} tokens; "
+          f"vocab {len(tokenizer)}; unigram cross-entropy {unigram:.3f} nats", flush=True)
+    return corpus, tokenizer, train_stream, held_stream, unigram
+
+
+def _train_steps(model, train_stream: torch.Tensor, s: PretrainSettings) -> float:
+    """Next-token training on random windows of the packed stream; returns the mean of the last 50 losses."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=s.learning_rate, betas=(0.9, 0.95),
+    )
+    warmup = min(s.warmup_steps, max(1, s.steps // 10))
+
+    def lr_factor(step: int) -> float:  # linear warm-up, cosine to a tenth of the peak
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, s.steps - warmup)
+        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * progress))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(s.seed)
+    model.train()
+    recent: list[float] = []
+    tick = time.perf_counter()
+    for step in range(s.steps):
+        # Random windows of the packed stream: every review is seen about
+        # steps * batch * block / tokens times, from varied offsets.
+        starts = torch.randint(0, len(train_stream) - s.block_size, (s.batch_size,), generator=generator)
+        batch = torch.stack([train_stream[i : i + s.block_size] for i in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent = (recent + [loss.item()])[-50:]
+        if (step + 1) % s.log_every == 0 or step + 1 == s.steps:
+            rate = s.log_every * s.batch_size * s.block_size / (time.perf_counter() - tick)
+            print(f"step {step + 1}/{s.steps}  loss {sum(recent) / len(recent):.4f}  "
+                  f"lr {scheduler.get_last_lr()[0]:.2e}  {rate:,.0f} tokens/s", flush=True)
+            tick = time.perf_counter()
+    return sum(recent) / len(recent)
 
 
 def _read_manifest_files(folder: Path) -> set[str]:

@@ -9,7 +9,7 @@ held-out prompts (mean judged reward, KL to the base model); draw the reward–K
 online rounds, the DPO run at `online_beta` continues for more rounds of sampling from the current
 policy (`dpokit.experiments.online`), on the same frontier.
 
-Every piece is the library's own: sampling, judges, train, evaluate_run (the sweep's), online.
+Every piece is the library's own: sampling, judges, train, the FrontierRunner (the sweep's), online.
 """
 
 from __future__ import annotations
@@ -22,10 +22,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
 from dpokit.errors import DpokitError
+from dpokit.eval.evaluate import Sampler
+from dpokit.eval.judges import load_judge
 from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, base_model_dir
+from dpokit.experiments.demo.corpus import review_openings
+from dpokit.experiments.frontier import FrontierRunner
+from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
 from dpokit.io import atomic_write_text, run_folder_lock
+from dpokit.model.load import load_policy, load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart
 
 Log = Callable[[str], None]
@@ -107,30 +115,67 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
 
 
 def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
-    import torch
-
-    from dpokit.eval.judges import load_judge
-    from dpokit.eval.report import plot_frontier
-    from dpokit.experiments.demo.corpus import review_openings
-    from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
-    from dpokit.experiments.sweep import evaluate_run
-    from dpokit.model.load import load_policy, load_tokenizer
-    from dpokit.train.loop import train
-
     started = time.perf_counter()
     torch.set_num_threads(s.threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else progress
-    bar_setting = "on" if show else "off"
-    detail_path = out / "demo.log"
-    detail = detail_path.open("w", encoding="utf-8")
+    with _DetailLog(out / "demo.log", started) as quiet:
+        base = str(base_model_dir())  # checked against its manifest
+        runner, train_prompts = _demo_frontier(s, base, out, quiet)
+        log(f"dpokit demo: DPO on the bundled {sum(p.numel() for p in runner.reference.parameters()) / 1e6:.2f}"
+            "M-parameter review model; the judge is VADER sentiment")
+        log(f"settings: {s.describe()}")
+        pairs_file, pair_stats = _demo_pairs(s, runner, train_prompts, out, show, log)
+        points, examples = _offline_runs(s, runner, base, pairs_file, show, log)
+        online_summary = None
+        if online and s.online_rounds >= 2:
+            online_summary = _online_rounds(s, runner, base, pairs_file, train_prompts, points, show, log)
+        else:
+            log("[3/4] online rounds skipped")
 
-    def quiet(line: str) -> None:  # the library's step-by-step lines go to demo.log, not the screen
-        detail.write(f"[{time.perf_counter() - started:7.1f} s, cpu {time.process_time():7.1f} s] {line}\n")
-        detail.flush()
+        # 4. Table, frontier, summary.json.
+        log("[4/4] writing the frontier, the table and summary.json")
+        reference_row = runner.reference_row
+        base_reward = reference_row["reward"]
+        for point in points:
+            point["base_reward"] = base_reward
+        checks = frontier_checks(points, base_reward)
+    elapsed = time.perf_counter() - started
+    summary = {"settings": asdict(s), "judge": "sentiment (VADER compound, [-1, 1])", "base_model": base,
+               "base_reward": base_reward, "base_reward_stderr": reference_row["reward_stderr"],
+               "pairs": pair_stats, "runs": points, "checks": checks, "examples": examples,
+               "online": online_summary, "seconds": round(elapsed, 1)}
+    # DPO's curve starts at the base model, as the frontier the checks interpolate does.
+    runner.finish("summary.json", summary, points=[reference_row, *points], from_reference=(DPO,),
+                  title="dpokit demo: reward–KL frontier on held-out review openings")
+    _print_outcome(points, base_reward, examples, checks, log)
+    log(f"\nwrote {out}/: frontier.png, summary.json, pairs.jsonl, runs/*/ (trained models, training_curves.png, "
+        f"report.md){', online/' if online_summary else ''}; details in demo.log. Took {elapsed:.0f} s.")
+    return DemoResult(out, summary)
 
-    base = str(base_model_dir())  # checked against its manifest
+
+class _DetailLog:
+    """The library's step-by-step lines go to demo.log, not the screen, each with its wall and CPU time."""
+
+    def __init__(self, path: Path, started: float):
+        self.path, self.started = path, started
+
+    def __enter__(self) -> Log:
+        self.handle = self.path.open("w", encoding="utf-8")
+        return self.write
+
+    def write(self, line: str) -> None:
+        self.handle.write(f"[{time.perf_counter() - self.started:7.1f} s, cpu {time.process_time():7.1f} s] {line}\n")
+        self.handle.flush()
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()
+
+
+def _demo_frontier(s: DemoSettings, base: str, out: Path, quiet: Log) -> tuple[FrontierRunner, list[str]]:
+    """The judge, the base model as reference, the held-out prompts and the evaluation sampling;
+    returns that frontier and the training prompts (both prompt sets are written to `out`)."""
     tokenizer = load_tokenizer(base)
     reference = load_policy(base, torch.device("cpu")).eval()
     judging = JudgeConfig(judge="sentiment", judge_batch_size=256)
@@ -141,90 +186,79 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
     atomic_write_text(out / "prompts-heldout.jsonl", "".join(json.dumps(r) + "\n" for r in _prompt_rows(eval_prompts)))
     eval_sampling = SamplingConfig(num_samples=s.eval_samples, max_new_tokens=s.max_new_tokens, sample_seed=s.seed,
                                    sample_batch_size=s.sample_batch_size)
-    pair_sampling = replace(eval_sampling, num_samples=s.samples_per_prompt, sample_seed=s.seed + 1000)
-    log(f"dpokit demo: DPO on the bundled {sum(p.numel() for p in reference.parameters()) / 1e6:.2f}M-parameter "
-        "review model; the judge is VADER sentiment")
-    log(f"settings: {s.describe()}")
+    sampler = Sampler(tokenizer, eval_sampling, judge=judge, judging=judging)
+    # The demo's frontier has no CSV: summary.json holds every figure.
+    return FrontierRunner(out, reference=reference, prompts=eval_prompts, sampler=sampler, write_csv=False,
+                          log=quiet), train_prompts
 
-    # 1. Preference pairs the paper's way: sample from the base model, judge, pair higher over lower.
+
+def _demo_pairs(s: DemoSettings, runner: FrontierRunner, train_prompts: list[str], out: Path, show: bool,
+                log: Log) -> tuple[Path, dict]:
+    """1. Preference pairs the paper's way: sample from the base model, judge, pair higher over lower."""
     log(f"[1/4] sampling {s.samples_per_prompt} completions for each of {len(train_prompts)} training prompts "
         "and judging them")
-    rows, pair_stats = sample_preference_pairs(reference, tokenizer, train_prompts, judge, pair_sampling,
-                                               pairing=s.pairing, judge_name="sentiment",
-                                               judge_batch_size=judging.judge_batch_size, progress=show)
+    sampler = replace(runner.sampler.with_sampling(num_samples=s.samples_per_prompt, sample_seed=s.seed + 1000),
+                      progress=show)
+    rows, pair_stats = sample_preference_pairs(runner.reference, train_prompts, sampler, pairing=s.pairing)
     pairs_file = write_pairs(out / "pairs.jsonl", rows)
     log(f"      {pair_stats['pairs']} pairs (ties skipped: {pair_stats['skipped']['tied_scores']}); "
         f"base samples' mean reward {pair_stats['sample_reward']:+.3f}")
+    return pairs_file, pair_stats
 
-    # 2-3. Train each run from the base model, then evaluate it on the held-out prompts.
+
+def _offline_runs(s: DemoSettings, runner: FrontierRunner, base: str, pairs_file: Path, show: bool,
+                  log: Log) -> tuple[list[dict], dict]:
+    """2-3. Train each run from the base model, then evaluate it on the held-out prompts."""
     specs = [(DPO, "sigmoid", beta, s.steps, s.learning_rate, f"dpo-beta{beta:g}") for beta in s.betas]
     specs += [(PREFERRED_FT, "sft", 0.1, steps, s.sft_learning_rate, f"preferred-ft-{steps}steps")
               for steps in s.sft_steps]
     log(f"[2/4] training {len(specs)} runs ({len(s.betas)} DPO β, {len(s.sft_steps)} Preferred-FT) and "
-        f"evaluating each on {len(eval_prompts)} held-out prompts x {s.eval_samples} samples")
+        f"evaluating each on {len(runner.prompts)} held-out prompts x {s.eval_samples} samples")
     points: list[dict] = []
-    reference_samples, reference_row, examples = None, None, {}
+    examples: dict = {}
     for method, loss, beta, steps, lr, name in specs:
-        cfg = _run_config(s, base, pairs_file, out / "runs" / name, loss=loss, beta=beta, steps=steps,
-                          learning_rate=lr, progress=bar_setting)
-        result = train(cfg, log=quiet)
-        done = evaluate_run(cfg.train.output, name, method, beta if method == DPO else None, reference=reference,
-                            tokenizer=tokenizer, prompts=eval_prompts, sampling=eval_sampling, judge=judge,
-                            judging=judging, reference_samples=reference_samples, final_eval=result.final_eval,
-                            log=quiet)
-        reference_samples, reference_row = done.reference_samples, done.reference_row
-        point = {**done.row, "steps": steps, "learning_rate": lr}
+        cfg = _run_config(s, base, pairs_file, runner.root / "runs" / name, loss=loss, beta=beta, steps=steps,
+                          learning_rate=lr, progress="on" if show else "off")
+        done = runner.add_run(cfg, name, method=method, beta=beta if method == DPO else None, steps=steps,
+                              learning_rate=lr)
+        point = done.row
         if method == PREFERRED_FT:
             point["label"] = f"{steps} steps"
         points.append(point)
         examples[name] = done.figures["examples"]
         log(f"      {name:<24} reward {point['reward']:+.3f}  KL {point['kl']:6.2f} nats  "
             f"win rate {point['win_rate']:.2f}")
+    return points, examples
 
-    # 4. Online rounds: the DPO run at online_beta is round 1; later rounds sample from the current policy.
-    online_summary = None
-    if online and s.online_rounds >= 2:
-        if s.online_beta not in s.betas:
-            raise DpokitError(f"demo settings: online_beta {s.online_beta} must be one of the DPO β {s.betas}")
-        log(f"[3/4] online DPO at β {s.online_beta:g}: rounds 2-{s.online_rounds}, each sampling "
-            f"{s.samples_per_prompt} completions per training prompt from the current policy")
-        first = next(p for p in points if p["method"] == DPO and p["beta"] == s.online_beta)
-        base_cfg = _run_config(s, base, pairs_file, out / "online", loss="sigmoid", beta=s.online_beta,
-                               steps=s.online_steps, learning_rate=s.learning_rate, progress=bar_setting)
-        online_cfg = OnlineConfig(rounds=s.online_rounds, samples_per_prompt=s.samples_per_prompt, pairing=s.pairing)
-        online_summary, reference_samples = run_online(
-            base_cfg, train_prompts, online_cfg, judging, eval_sampling, eval_prompts=eval_prompts, judge=judge,
-            start_policy=str(out / "runs" / first["run"]), first_round=2, reference_samples=reference_samples,
-            progress=show, log=quiet)
-        # Round 1 is the DPO run itself: the same point, labelled once in the picture, saying so.
-        first["label"] = f"β={first['beta']:g} = online round 1"
-        points.append({**first, "run": "online-round-1", "method": ONLINE, "label": ""})
-        for r in online_summary["rounds"]:
-            point = {**r["point"], "run": f"online-round-{r['round']}", "method": ONLINE,
-                     "steps": s.online_steps, "learning_rate": s.learning_rate}
-            points.append(point)
-            log(f"      round {r['round']} ({r['pair_stats']['pairs']} pairs, samples' reward "
-                f"{r['pair_stats']['sample_reward']:+.3f})  reward {point['reward']:+.3f}  KL {point['kl']:6.2f} "
-                f"nats  win rate {point['win_rate']:.2f}")
-    else:
-        log("[3/4] online rounds skipped")
 
-    # 5. Table, frontier, summary.json.
-    log("[4/4] writing the frontier, the table and summary.json")
-    base_reward = reference_row["reward"]
-    for point in points:
-        point["base_reward"] = base_reward
-    # DPO's curve starts at the base model, as the frontier the checks below interpolate does.
-    plot_frontier([reference_row, *points], out / "frontier.png",
-                  title="dpokit demo: reward–KL frontier on held-out review openings", from_reference=(DPO,))
-    checks = frontier_checks(points, base_reward)
-    elapsed = time.perf_counter() - started
-    detail.close()
-    summary = {"settings": asdict(s), "judge": "sentiment (VADER compound, [-1, 1])", "base_model": base,
-               "base_reward": base_reward, "base_reward_stderr": reference_row["reward_stderr"],
-               "pairs": pair_stats, "runs": points, "checks": checks, "examples": examples,
-               "online": online_summary, "seconds": round(elapsed, 1)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+def _online_rounds(s: DemoSettings, runner: FrontierRunner, base: str, pairs_file: Path, train_prompts: list[str],
+                   points: list[dict], show: bool, log: Log) -> dict:
+    """4. Online rounds: the DPO run at online_beta is round 1; later rounds sample from the current policy."""
+    if s.online_beta not in s.betas:
+        raise DpokitError(f"demo settings: online_beta {s.online_beta} must be one of the DPO β {s.betas}")
+    log(f"[3/4] online DPO at β {s.online_beta:g}: rounds 2-{s.online_rounds}, each sampling "
+        f"{s.samples_per_prompt} completions per training prompt from the current policy")
+    first = next(p for p in points if p["method"] == DPO and p["beta"] == s.online_beta)
+    base_cfg = _run_config(s, base, pairs_file, runner.root / "online", loss="sigmoid", beta=s.online_beta,
+                           steps=s.online_steps, learning_rate=s.learning_rate, progress="on" if show else "off")
+    online_cfg = OnlineConfig(rounds=s.online_rounds, samples_per_prompt=s.samples_per_prompt, pairing=s.pairing)
+    summary = run_online(base_cfg, train_prompts, online_cfg, runner.sampler.judging, runner.sampler.sampling,
+                         eval_prompts=runner.prompts, progress=show, log=runner.log, continuing=runner,
+                         start_policy=str(runner.root / "runs" / first["run"]))
+    # Round 1 is the DPO run itself: the same point, labelled once in the picture, saying so.
+    first["label"] = f"β={first['beta']:g} = online round 1"
+    points.append({**first, "run": "online-round-1", "method": ONLINE, "label": ""})
+    for r in summary["rounds"]:
+        point = {**r["point"], "run": f"online-round-{r['round']}", "method": ONLINE,
+                 "steps": s.online_steps, "learning_rate": s.learning_rate}
+        points.append(point)
+        log(f"      round {r['round']} ({r['pair_stats']['pairs']} pairs, samples' reward "
+            f"{r['pair_stats']['sample_reward']:+.3f})  reward {point['reward']:+.3f}  KL {point['kl']:6.2f} "
+            f"nats  win rate {point['win_rate']:.2f}")
+    return summary
+
+
+def _print_outcome(points: list[dict], base_reward: float, examples: dict, checks: dict, log: Log) -> None:
     log("")
     log(format_demo_table(points, base_reward))
     log("")
@@ -232,10 +266,6 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
     log("")
     for line in describe_checks(checks):
         log(line)
-    log(f"\nwrote {out}/: frontier.png, summary.json, pairs.jsonl, runs/*/ (trained models, training_curves.png, "
-        f"report.md){', online/' if online_summary else ''}; details in {detail_path.name}. "
-        f"Took {elapsed:.0f} s.")
-    return DemoResult(out, summary)
 
 
 def format_demo_table(points: list[dict], base_reward: float) -> str:

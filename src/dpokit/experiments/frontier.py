@@ -1,0 +1,150 @@
+"""One reward–KL frontier: train runs, evaluate each against one reference, draw the picture.
+
+The DPO paper's Figure 2 for your own model and judge: each run is one point, its mean judged
+reward against its KL to the reference. A `FrontierRunner` holds what every point shares (the
+judge, the reference model, the evaluation prompts, the sampling settings and the reference's
+samples and scores, drawn once: every run is compared with the same ones, same seed, same
+prompts); `add_run` trains and evaluates one configuration and records its row, `finish` writes
+the picture and the summary. The sweep, online DPO and the demo are each a loop of `add_run`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from dpokit.config import JudgeConfig, RunConfig, SamplingConfig
+from dpokit.data.templates import parse_template_kwargs
+from dpokit.errors import DpokitError
+from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
+from dpokit.eval.judges import load_judge
+from dpokit.eval.report import plot_frontier, report_finished_run, write_report
+from dpokit.eval.sampling import Prompt
+from dpokit.io import atomic_write_text
+from dpokit.model.load import load_policy, load_tokenizer, resolve_device
+from dpokit.paths import claim_output_folder
+from dpokit.train.loop import train
+
+Log = Callable[[str], None]
+
+CSV_FIELDS = ("run", "method", "beta", "reward", "reward_stderr", "kl", "kl_stderr", "win_rate",
+              "win_rate_stderr", "eval_reward_accuracy", "eval_reward_margin")
+CSV_FILE, PNG_FILE = "frontier.csv", "frontier.png"
+
+
+def prepare_root(cfg: RunConfig) -> Path:
+    """The experiment's folder (`cfg.train.output`), empty or emptied by --overwrite, created."""
+    root = claim_output_folder(cfg.train.output, overwrite=cfg.train.overwrite)
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def write_frontier_csv(rows: Sequence[dict], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+@dataclass
+class RunEvaluation:
+    row: dict  # the run's frontier row (CSV_FIELDS, and the caller's extra fields)
+    figures: dict  # everything evaluate_on_prompts measured (the run's evaluation.json)
+
+
+class FrontierRunner:
+    """Train, evaluate and place runs on one reward–KL frontier in `root`.
+
+    `sampler` draws and judges the evaluation samples of every run and of the reference; the
+    reference's are drawn at the first evaluation and kept. With `write_csv`, frontier.csv is
+    rewritten after each run, so an interrupted experiment keeps what it finished.
+    """
+
+    def __init__(self, root: Path, *, reference, prompts: Sequence[Prompt], sampler: Sampler,
+                 write_csv: bool = True, log: Log = print):
+        if sampler.judge is None:
+            raise DpokitError("a reward–KL frontier needs a judge to score the samples")
+        self.root, self.reference, self.prompts, self.sampler = Path(root), reference, list(prompts), sampler
+        self.write_csv, self.log = write_csv, log
+        self.reference_samples: SampleSet | None = None
+        self.reference_row: dict | None = None
+        self.rows: list[dict] = []
+
+    @classmethod
+    def load(cls, base: RunConfig, judging: JudgeConfig, sampling: SamplingConfig, *, root: Path,
+             prompts: Sequence[Prompt], reference: str, progress: bool = False, log: Log = print) -> FrontierRunner:
+        """Load the judge, the tokenizer and the `reference` model that `base`'s runs are evaluated with."""
+        model = base.model
+        device = resolve_device(model.device)
+        judge = load_judge(judging.judge, device=device, batch_size=judging.judge_batch_size)
+        tokenizer = load_tokenizer(model.tokenizer or model.model, model.trust_remote_code)
+        reference_model = load_policy(reference, device, model.trust_remote_code).eval()
+        sampler = Sampler(tokenizer, sampling, judge=judge, judging=judging, dtype=model.dtype,
+                          template_kwargs=parse_template_kwargs(base.data.chat_template_kwargs), progress=progress)
+        return cls(root, reference=reference_model, prompts=prompts, sampler=sampler, log=log)
+
+    def beside(self, root: Path, *, progress: bool, log: Log) -> FrontierRunner:
+        """A frontier of its own in `root` that shares this one's judge, reference, prompts,
+        sampling and reference samples: its points compare with this one's."""
+        other = FrontierRunner(root, reference=self.reference, prompts=self.prompts,
+                               sampler=replace(self.sampler, progress=progress), log=log)
+        other.reference_samples, other.reference_row = self.reference_samples, self.reference_row
+        return other
+
+    @property
+    def points(self) -> list[dict]:
+        """The reference's row (at KL 0), then every run's, in the order they were added."""
+        return [self.reference_row, *self.rows] if self.reference_row else list(self.rows)
+
+    def add_run(self, cfg: RunConfig, name: str, *, method: str, beta: float | None, **fields) -> RunEvaluation:
+        """Train `cfg`, write its report, evaluate it; record its row, named `name` (its "run"
+        column), with `fields` added (e.g. a `label` for the picture)."""
+        result = train(cfg, log=self.log)
+        report_finished_run(cfg.train.output, self.log)
+        done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
+                             trust_remote_code=cfg.model.trust_remote_code)
+        done.row.update(fields)
+        self.rows.append(done.row)
+        if self.write_csv:
+            write_frontier_csv(self.points, self.root / CSV_FILE)
+        return done
+
+    def evaluate(self, run_dir: str | Path, name: str, method: str, beta: float | None, *,
+                 final_eval: dict | None = None, trust_remote_code: bool = False) -> RunEvaluation:
+        """Evaluate one trained run folder on the prompts against the reference: its frontier row.
+        Writes the run's evaluation.json and report."""
+        device = next(self.reference.parameters()).device
+        policy = load_policy(str(run_dir), device, trust_remote_code).eval()
+        figures, self.reference_samples = evaluate_on_prompts(
+            policy, self.reference, self.prompts, self.sampler, reference_samples=self.reference_samples,
+            log=self.log)
+        del policy
+        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(figures, indent=1))
+        write_report(run_dir)  # again, now with the evaluation in it
+        judged, kl = figures["judged"], figures["kl"]
+        final_eval = final_eval or {}
+        row = {"run": name, "method": method, "beta": beta,
+               "reward": judged["reward_policy"], "reward_stderr": judged["reward_policy_stderr"],
+               "kl": kl["kl"], "kl_stderr": kl["kl_stderr"], "win_rate": judged["win_rate"],
+               "win_rate_stderr": judged["win_rate_stderr"],
+               "eval_reward_accuracy": final_eval.get("eval_rewards/accuracies"),
+               "eval_reward_margin": final_eval.get("eval_rewards/margins")}
+        self.log(f"{name}: judged reward {judged['reward_policy']:+.4f} (reference "
+                 f"{judged['reward_reference']:+.4f}), win rate {judged['win_rate']:.3f}, "
+                 f"KL {kl['kl']:.4f} ± {kl['kl_stderr']:.4f}")
+        self.reference_row = {"run": "reference", "method": "reference", "beta": None,
+                              "reward": judged["reward_reference"], "reward_stderr": judged["reward_reference_stderr"],
+                              "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
+        return RunEvaluation(row, figures)
+
+    def finish(self, summary_file: str, summary: dict, *, title: str, points: Sequence[dict] | None = None,
+               from_reference: Sequence[str] = ()) -> None:
+        """Draw frontier.png (of `points`, default: the reference and every run) and write `summary`."""
+        plot_frontier(self.points if points is None else points, self.root / PNG_FILE, title=title,
+                      from_reference=from_reference)
+        atomic_write_text(self.root / summary_file, json.dumps(summary, indent=1))
