@@ -29,11 +29,14 @@ __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from dpokit.eval.report import report_after_training
     from dpokit.train.loop import train
 
     cfg = config_from_args(args)
     check_config_apart(args, cfg.train.output)
-    train(cfg)
+    result = train(cfg)
+    if result.is_main:  # under torchrun, rank 0 writes the report
+        report_after_training(result.output, print)
     return 0
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.config import DataConfig, LossConfig, RunConfig, SamplingConfig, validate_data
+from dpokit.config import DataConfig, LossConfig, SamplingConfig, SpeedConfig, validate_data
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate_padded
 from dpokit.eval.judges import Judge, score_responses
@@ -57,12 +57,11 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
     from dpokit.data import PairTokenizer, load_tokenized_pairs
     from dpokit.scoring import PairScorer
 
-    cfg = RunConfig()
-    cfg.loss = loss
-    cfg.model.dtype = dtype
     data = data or DataConfig()
     pairs = load_tokenized_pairs(data_path, PairTokenizer.from_config(tokenizer, data), log, data)
-    figures = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device).evaluate(pairs, batch_size)
+    scorer = PairScorer(policy, reference, loss=loss, speed=SpeedConfig(), dtype=dtype, pad_id=tokenizer.pad_token_id,
+                        device=device)
+    figures = scorer.evaluate(pairs, batch_size)
     return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
 

@@ -206,6 +206,15 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
     return path
 
 
+
+def report_after_training(run_dir: str | Path, log: Log) -> None:
+    """Training curves and report.md of a run `train()` just finished, with one log line; the
+    model is already saved, so a failure here only warns."""
+    try:
+        log(f"report: {write_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
+        log(f"warning: could not write the report ({type(exc).__name__}: {exc}); run `dpokit report {run_dir}`")
+
 def sample_before_after(run_dir: str | Path, prompts_path: str, sampling, *, max_prompts: int = 4,
                         device: str = "auto", dtype: str = "fp32", log: Log = print) -> Path:
     """Sample the run's base model and trained policy on the same prompts with the same seed,
