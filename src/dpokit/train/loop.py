@@ -144,7 +144,7 @@ class _Run:
         if data.eval_pairs and t.eval_every and state.step == 0:
             # Step 0: the policy equals the reference, so every reward is 0 - the baseline to beat.
             self.record({"step": 0, "epoch": 0.0, **self.scorer.evaluate(data.eval_pairs, t.batch_size)})
-        self.window = MetricsWindow(self.cfg.loss.beta)
+        self.window = MetricsWindow(self.cfg.loss.beta)  # its clock starts after the step-0 evaluation
         with StopRequest() as stop:
             while state.step < data.total_steps:
                 order = epoch_order(len(data.train_pairs), t.seed, state.epoch)
