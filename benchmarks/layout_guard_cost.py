@@ -55,7 +55,8 @@ def main() -> None:
     reference = torch.zeros(len(pairs))
     check_s, step_s = [], []
     for _ in range(args.repeats + 1):  # the first round warms up and is not counted
-        scorer = PairScorer(cfg, policy, None, tokenizer.pad_token_id, torch.device("cpu"))
+        scorer = PairScorer(policy, loss=cfg.loss, speed=cfg.speed, dtype=cfg.model.dtype,
+                            pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
         started = time.perf_counter()
         check_first_batch(scorer, pairs, scratch / "run", log=print)
         check_s.append(time.perf_counter() - started)

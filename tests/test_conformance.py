@@ -52,7 +52,8 @@ def _one_at_a_time(model, pairs):
 
 def _auto_layouts(model):
     cfg = build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"}, "train": {"output": "o"}})
-    return PairScorer(cfg, model, None, 0, torch.device("cpu")).layouts
+    return PairScorer(model, loss=cfg.loss, speed=cfg.speed, dtype=cfg.model.dtype, pad_id=0,
+                      device=torch.device("cpu")).layouts
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -33,7 +33,8 @@ def _scorer(model, tok, layout="auto", lm_head="auto"):
     cfg = build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"},
                         "train": {"output": "o", "batch_size": 4},
                         "speed": {"layout": layout, "lm_head": lm_head, "pack_length": 24}})
-    return PairScorer(cfg, model, None, tok.pad_token_id, torch.device("cpu"))
+    return PairScorer(model, loss=cfg.loss, speed=cfg.speed, dtype=cfg.model.dtype, pad_id=tok.pad_token_id,
+                      device=torch.device("cpu"))
 
 
 def _hide_window(monkeypatch):

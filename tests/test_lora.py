@@ -20,7 +20,7 @@ from dpokit.errors import DpokitError
 from dpokit.model import load as models
 from dpokit.model import logprobs
 from dpokit.model.logprobs import head_is_plain, sequence_logps
-from dpokit.train import loop
+from dpokit.train import loop, setup
 from dpokit.train.checkpoint import list_checkpoints
 from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs
 
@@ -38,9 +38,9 @@ def _config(model_dir, data, out, lora=True, **train):
 def lora_run(tiny_model_dir, toy_data, tmp_path_factory):
     """Train with LoRA in-process, keeping the policy object, and refusing any frozen copy."""
     captured = {}
-    real = loop.prepare_policy
+    real = setup.prepare_policy
     patch = pytest.MonkeyPatch()
-    patch.setattr(loop, "prepare_policy", lambda *a: captured.setdefault("policy", real(*a)))
+    patch.setattr(setup, "prepare_policy", lambda *a: captured.setdefault("policy", real(*a)))
     patch.setattr(models, "frozen_reference", lambda m: pytest.fail("LoRA must not copy the model"))
     out = tmp_path_factory.mktemp("lora") / "run"
     try:
@@ -167,8 +167,8 @@ def test_bad_lora_and_4bit_options_are_one_line(tiny_model_dir, toy_data, tmp_pa
 def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch,
                                                                    adam_close):
     captured = {}
-    real = loop.prepare_policy
-    monkeypatch.setattr(loop, "prepare_policy", lambda *a: captured.setdefault(a[2], real(*a)))
+    real = setup.prepare_policy
+    monkeypatch.setattr(setup, "prepare_policy", lambda *a: captured.setdefault(a[2], real(*a)))
     for checkpointing in (False, True):
         cfg = _config(tiny_model_dir, toy_data[0], tmp_path / str(checkpointing), max_steps=2)
         cfg.scale.gradient_checkpointing = checkpointing
@@ -260,5 +260,5 @@ def test_compile_under_lora_compiles_the_body_the_chunked_head_calls(monkeypatch
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: compiled.append(self))
     cfg = build_config({"model": {"model": "m"}, "data": {"data": "d"}, "train": {"output": "o"},
                         "speed": {"compile": True}})
-    scoring.compile_if_asked(policy, cfg)
+    scoring.compile_if_asked(policy, cfg.speed)
     assert compiled == [policy.get_base_model().model]  # the Llama body, with the adapters in its layers

@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from dpokit.train.checkpoint import list_checkpoints
+from dpokit.train.distributed import Distributed
 from dpokit.train.loop import train
-from dpokit.train.parallel import Distributed, compute_sharded, rank_steps
+from dpokit.train.shards import compute_sharded, rank_steps
 from helpers.toy import make_pairs, write_jsonl
 
 STEPS = 8

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from dpokit.config import build_config
 from dpokit.errors import DpokitError
-from dpokit.train import loop
+from dpokit.train import loop, setup
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
 from helpers.toy import make_pairs, save_tiny_model, write_jsonl
@@ -100,14 +100,14 @@ def test_cache_key_holds_4bit_loading_and_the_attention_implementation(tiny_mode
     assert base != reference_fingerprint("w", "fp32", load_in_4bit=True, attention="sdpa")
     assert base != reference_fingerprint("w", "fp32", load_in_4bit=False, attention="eager")
     cache = tmp_path / "cache"
-    real = loop.load_policy
+    real = setup.load_policy
 
     def reference_lines(attention: str) -> list[str]:
         def load(*args):
             model = real(*args)
             model.config._attn_implementation = attention
             return model
-        monkeypatch.setattr(loop, "load_policy", load)
+        monkeypatch.setattr(setup, "load_policy", load)
         lines: list[str] = []
         train(_config(tiny_model_dir, toy_data[0], tmp_path / attention, max_steps=1,
                       speed={"reference_cache": str(cache), "layout": "padded"}), log=lines.append)

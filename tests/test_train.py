@@ -55,8 +55,8 @@ def _sgd_run(model_dir, data, out, batch_size, accumulation, steps, monkeypatch)
     SGD, not AdamW: Adam divides by sqrt(v), so a coordinate whose gradient is float noise in
     one run and other float noise in the other moves by up to the learning rate either way.
     With SGD a float difference in a gradient stays that small in the weights."""
-    from dpokit.train import loop
-    from dpokit.train.parallel import clip_grad_norm as clip
+    from dpokit.train import setup, step
+    from dpokit.train.wrap import clip_grad_norm as clip
 
     grads: list[dict[str, torch.Tensor]] = []
 
@@ -64,8 +64,8 @@ def _sgd_run(model_dir, data, out, batch_size, accumulation, steps, monkeypatch)
         grads.append({str(i): p.grad.detach().clone() for i, p in enumerate(params)})
         return clip(params, max_norm)
 
-    monkeypatch.setattr(loop, "clip_grad_norm", recording_clip)
-    monkeypatch.setattr(loop, "build_optimizer", lambda model, t: torch.optim.SGD(
+    monkeypatch.setattr(step, "clip_grad_norm", recording_clip)
+    monkeypatch.setattr(setup, "build_optimizer", lambda model, t: torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate))
     cfg = _config(model_dir, data, out, batch_size=batch_size, gradient_accumulation_steps=accumulation,
                   max_steps=steps, lr_scheduler="constant")
@@ -109,3 +109,70 @@ def test_published_files_get_the_usual_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert staging.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+
+
+def test_the_training_package_imports_no_evaluation_plotting_or_cli():
+    # Function-level imports count too: a lazy import still makes training depend on them.
+    import ast
+    from pathlib import Path
+
+    import dpokit.train
+
+    above = ("dpokit.eval", "dpokit.experiments", "dpokit.cli", "matplotlib")
+    found = []
+    for path in sorted(Path(dpokit.train.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            found += [f"{path.name}: {name}" for name in names if name.startswith(above)]
+    assert found == []
+
+
+def test_train_writes_no_report_and_the_cli_writes_it_after(tiny_model_dir, toy_data, tmp_path, capsys):
+    from dpokit.cli import main
+
+    train(_config(tiny_model_dir, toy_data[0], tmp_path / "lib", max_steps=2), log=lambda _: None)
+    assert (tmp_path / "lib" / "model.safetensors").is_file()
+    assert not (tmp_path / "lib" / "report.md").exists() and not (tmp_path / "lib" / "training_curves.png").exists()
+    out = tmp_path / "cli"
+    assert main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output", str(out),
+                 "--max-steps", "2", "--max-length", "32", "--progress", "off"]) == 0
+    assert "Final training figures (step 2)" in (out / "report.md").read_text()
+    assert (out / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("saved the trained policy") and lines[-1] == f"report: {out / 'report.md'}"
+
+
+def test_the_step_body_reads_the_device_once_per_step(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    # Host reads (bool/item/tolist/float/int of a tensor) made by the training package's own code,
+    # in runs of 2 and 4 steps that log and save only at the end: the difference is per step.
+    import sys
+    from pathlib import Path
+
+    import dpokit.train
+
+    package = str(Path(dpokit.train.__file__).parent)
+    reads: list[str] = []
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(package):
+                reads.append(f"{Path(caller).name}:{sys._getframe(1).f_lineno}")
+            return real(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        counting(name)
+    per_run = []
+    for steps in (2, 4):
+        reads.clear()
+        train(_config(tiny_model_dir, toy_data[0], tmp_path / str(steps), max_steps=steps, batch_size=4,
+                      log_every=100), log=lambda _: None)
+        per_run.append(list(reads))
+    extra = sorted(per_run[1])
+    for read in per_run[0]:
+        extra.remove(read)
+    assert len(extra) == 2 and len(set(extra)) == 1 and extra[0].startswith("step.py:"), extra  # one per step

@@ -23,7 +23,7 @@ from dpokit.losses import LossOutput
 from dpokit.metrics import FLOAT32_ROUNDOFF, TIE_ROUNDOFF_UNITS, PairMetrics
 from dpokit.model.logprobs import PairLogps
 from dpokit.train import checkpoint as ckpt
-from dpokit.train import loop, metrics_window
+from dpokit.train import loop, metrics_window, setup, step
 from helpers.toy import GLOOMY, OPENERS, UPBEAT, make_pairs, write_jsonl
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -117,7 +117,7 @@ def test_a_margin_beyond_float_noise_counts_as_a_win():
 def test_fp16_step_skipped_by_the_loss_scaler_is_logged_and_counted(tiny_model_dir, small_data, tmp_path,
                                                                     monkeypatch, recwarn):
     # A first loss scale of 2**40 overflows fp16 gradients for sure; the backoff brings it to 2**10.
-    monkeypatch.setattr(loop, "grad_scaler", lambda device, dtype, ctx: torch.amp.GradScaler(
+    monkeypatch.setattr(setup, "grad_scaler", lambda device, dtype, ctx: torch.amp.GradScaler(
         device.type, init_scale=2.0**40, backoff_factor=2.0**-30, enabled=dtype == "fp16"))
     out, lines = tmp_path / "fp16", []
     cfg = _config(tiny_model_dir, small_data[0], out)
@@ -133,12 +133,12 @@ def test_fp16_step_skipped_by_the_loss_scaler_is_logged_and_counted(tiny_model_d
 
 
 def test_a_non_finite_gradient_is_not_called_a_non_finite_loss(tiny_model_dir, small_data, tmp_path, monkeypatch):
-    real = loop.clip_grad_norm
+    real = step.clip_grad_norm
 
     def overflowing(params, max_norm):
         return real(params, max_norm) * float("inf")
 
-    monkeypatch.setattr(loop, "clip_grad_norm", overflowing)
+    monkeypatch.setattr(step, "clip_grad_norm", overflowing)
     with pytest.raises(DpokitError, match=r"step 1: non-finite gradient \(norm inf; the loss [0-9.]+ is finite\)"):
         loop.train(_config(tiny_model_dir, small_data[0], tmp_path / "run"), log=lambda _: None)
 

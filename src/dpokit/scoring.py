@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.config import RunConfig
+from dpokit.config import LoraSection, LossConfig, ModelConfig, SpeedConfig, TrainConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
 from dpokit.errors import DpokitError
@@ -39,6 +39,20 @@ class ScoredBatch:
     num_tokens: int
 
 
+LM_HEADS = {"auto": None, "chunked": True, "plain": False}  # --lm-head -> `sequence_logps(chunked_head=...)`
+
+
+def allowed_layouts(policy, speed: SpeedConfig) -> list[str]:
+    """The layouts `--layout` allows for `policy`: under auto every exact one (padded when none is)."""
+    if speed.layout == "auto":
+        return [lay for lay in ("packed", "prefix-shared") if layout_blocker(policy, lay) is None] or ["padded"]
+    why = layout_blocker(policy, speed.layout)
+    if why is not None:
+        model_type = getattr(policy.config, "model_type", "this model")
+        raise DpokitError(f"--layout {speed.layout} is not exact for {model_type}: {why}")
+    return [speed.layout]
+
+
 class LayoutCost:
     """Relative cost of a batch layout: rows x width x (per-token matmuls + width x attention).
 
@@ -61,39 +75,34 @@ class LayoutCost:
 class PairScorer:
     """Scores lists of pairs: batch layout, policy log-probs, reference log-probs, loss.
 
-    `reference` is None (reference-free loss), an nn.Module (a live frozen copy) or a
-    `PrecomputedReference`.
+    `policy` is the model as trained (wrapped under torchrun); `reference` is None
+    (reference-free loss), an nn.Module (a live frozen copy) or a `PrecomputedReference`.
+    `layouts` and `chunked_head`, when given, are a choice made already (`build_scorer` checks
+    it on the first batch); otherwise the layouts `speed` allows for `policy` and its LM head.
     """
 
-    def __init__(self, cfg: RunConfig, policy, reference, pad_id: int, device: torch.device):
-        self.cfg, self.policy, self.reference = cfg, policy, reference
+    def __init__(self, policy, reference=None, *, loss: LossConfig, speed: SpeedConfig, dtype: str, pad_id: int,
+                 device: torch.device, layouts: Sequence[str] | None = None, chunked_head: bool | None = None):
+        self.policy, self.reference = policy, reference
+        self.loss, self.speed, self.dtype = loss, speed, dtype
         self.pad_id, self.device = pad_id, device
-        self.live_reference = False  # True when `reference` is a model run alongside the policy
-        self.reference_fingerprint: str | None = None
-        speed = cfg.speed
-        self.chunked_head = {"auto": None, "chunked": True, "plain": False}[speed.lm_head]
-        if speed.layout == "auto":
-            self.layouts = [lay for lay in ("packed", "prefix-shared") if layout_blocker(policy, lay) is None]
-            self.layouts = self.layouts or ["padded"]
+        if layouts is None:
+            self.layouts, self.chunked_head = allowed_layouts(policy, speed), LM_HEADS[speed.lm_head]
         else:
-            why = layout_blocker(policy, speed.layout)
-            if why is not None:
-                model_type = getattr(policy.config, "model_type", "this model")
-                raise DpokitError(f"--layout {speed.layout} is not exact for {model_type}: {why}")
-            self.layouts = [speed.layout]
+            self.layouts, self.chunked_head = list(layouts), chunked_head
         self.cost = LayoutCost(getattr(policy, "config", None))
 
     def batch(self, pairs: Sequence[TokenizedPair]) -> PairBatch:
         """Collate in the configured layout; under auto, the layout the cost model finds cheapest."""
         layout = self.layouts[0]
         if len(self.layouts) > 1:
-            pack = self.cfg.speed.pack_length
+            pack = self.speed.pack_length
             layout = min(self.layouts, key=lambda lay: self.cost(plan_rows(pairs, lay, pack)))
-        return collate(pairs, self.pad_id, layout, self.cfg.speed.pack_length)
+        return collate(pairs, self.pad_id, layout, self.speed.pack_length)
 
     def logps(self, model, batch: PairBatch) -> PairLogps:
-        with autocast_context(self.device, self.cfg.model.dtype):
-            return sequence_logps(model, batch, self.chunked_head, self.cfg.speed.lm_head_chunk or None)
+        with autocast_context(self.device, self.dtype):
+            return sequence_logps(model, batch, self.chunked_head, self.speed.lm_head_chunk or None)
 
     def no_grad_logps(self, pairs: Sequence[TokenizedPair]) -> PairLogps:
         """Policy log-probs without gradients (the precompute pass, where policy == reference)."""
@@ -111,7 +120,7 @@ class PairScorer:
                 live = self.logps(self.reference, batch)
             reference_chosen, reference_rejected = live.chosen_logps, live.rejected_logps
         out = loss_from_config(
-            self.cfg.loss,
+            self.loss,
             policy_chosen_logps=policy.chosen_logps,
             policy_rejected_logps=policy.rejected_logps,
             reference_chosen_logps=reference_chosen,
@@ -123,7 +132,7 @@ class PairScorer:
 
     def evaluate(self, pairs: Sequence[TokenizedPair], batch_size: int) -> dict[str, float]:
         """Mean loss, rewards and accuracy on held-out pairs, under TRL's `eval_` names."""
-        metrics = PairMetrics(self.cfg.loss.beta)
+        metrics = PairMetrics(self.loss.beta)
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad():
@@ -134,39 +143,46 @@ class PairScorer:
         return metrics.compute(prefix="eval_")
 
 
-def compile_if_asked(policy: torch.nn.Module, cfg: RunConfig) -> None:
+def compile_if_asked(policy: torch.nn.Module, speed: SpeedConfig) -> None:
     """torch.compile the model body in place when --compile is given (off by default): the body
     the log-prob path calls, also under peft (whose own `base_model` the chunked head bypasses)."""
-    if cfg.speed.compile:
+    if speed.compile:
         body = model_body(policy) or policy
         # In place: parameter names and state_dict keys stay as they were.
         body.compile(dynamic=True)
 
 
-def uses_live_reference(cfg: RunConfig, world_size: int) -> bool:
+def uses_live_reference(model: ModelConfig, speed: SpeedConfig, world_size: int) -> bool:
     """--reference live, or auto where no precomputed cache is built yet (--reference-model, torchrun)."""
-    unsupported = [why for why, on in (("--reference-model", bool(cfg.model.reference_model)),
+    unsupported = [why for why, on in (("--reference-model", bool(model.reference_model)),
                                        ("torchrun", world_size > 1)) if on]
-    if cfg.speed.reference == "precomputed" and unsupported:
+    if speed.reference == "precomputed" and unsupported:
         raise DpokitError(f"--reference precomputed is not supported with {unsupported[0]} yet; "
                           "use --reference live (or auto)")
-    return cfg.speed.reference == "live" or bool(unsupported)
+    return speed.reference == "live" or bool(unsupported)
 
 
 def build_scorer(
-    cfg: RunConfig,
     policy: torch.nn.Module,
-    make_live_reference: Callable[[], object],
+    *,
+    model: ModelConfig,
+    loss: LossConfig,
+    speed: SpeedConfig,
+    lora: LoraSection,
+    train: TrainConfig,
     pad_id: int,
     device: torch.device,
     datasets: Sequence[Sequence[TokenizedPair]],
+    needed: Sequence[Sequence[int] | None],
     output: Path,
-    log: Callable[[str], None] = print,
-    world_size: int = 1,
-    needed: Sequence[Sequence[int] | None] | None = None,
+    log: Callable[[str], None],
+    world_size: int,
+    make_live_reference: Callable[[], object],
     reference_weights: str | None = None,
+    wrap: Callable[[object], object] = lambda module: module,
 ) -> PairScorer:
-    """The run's scorer, with its reference ready: cached or precomputed, live, or none.
+    """The run's scorer, complete: layouts checked, reference ready (cached or precomputed, live,
+    or none), policy (and a live reference) wrapped by `wrap` (`parallelize` under torchrun).
 
     Call it while `policy` still holds the initial weights (before any training step or
     checkpoint restore): a cache miss computes the reference log-probs with `policy` itself
@@ -176,39 +192,50 @@ def build_scorer(
     limits the precomputed pass to those. `reference_weights` is the reference's weights
     fingerprint when the caller has it already (`run_reference_weights`).
     """
-    compile_if_asked(policy, cfg)
-    scorer = PairScorer(cfg, policy, None, pad_id, device)
+    compile_if_asked(policy, speed)
+    unwrapped = PairScorer(policy, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device)
     if world_size > 1:
-        # Under torchrun the policy is wrapped (DDP, FSDP2), and only its full forward runs the
-        # wrapper's hooks (gradient sync, unsharding): padded batches and the model's own LM head.
-        # Packed layouts and the chunked head under torchrun are not done yet.
-        if cfg.speed.layout not in ("auto", "padded") or cfg.speed.lm_head == "chunked":
-            raise DpokitError("under torchrun only --layout padded and --lm-head plain are supported yet "
-                              "(auto picks them)")
-        scorer.layouts, scorer.chunked_head = ["padded"], False
+        _torchrun_layouts(unwrapped)
     else:
         # Before the reference is precomputed in the same layout: a layout that is not exact here
         # falls back to padded + plain (under auto) before it scores anything.
         train_pairs = datasets[0]
-        first = epoch_order(len(train_pairs), cfg.train.seed, 0)[: cfg.train.batch_size]
-        check_first_batch(scorer, [train_pairs[i] for i in first], output, log)
-    if not needs_reference(cfg.loss):
-        return scorer
-    if uses_live_reference(cfg, world_size):
-        scorer.reference = make_live_reference()
-        scorer.live_reference = True
-        return scorer
-    weights = reference_weights or run_reference_weights(cfg.model.model, None, policy)
-    fingerprint = reference_fingerprint(weights, cfg.model.dtype, load_in_4bit=cfg.lora.load_in_4bit,
+        first = epoch_order(len(train_pairs), train.seed, 0)[: train.batch_size]
+        check_first_batch(unwrapped, [train_pairs[i] for i in first], output, log)
+    reference, live = None, False
+    if needs_reference(loss):
+        live = uses_live_reference(model, speed, world_size)
+        if live:
+            reference = make_live_reference()
+        else:
+            fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
+            folder = Path(speed.reference_cache) if speed.reference_cache else output / "reference-cache"
+            reference = _precomputed(unwrapped, fingerprint, model.dtype, lora.load_in_4bit, datasets, needed,
+                                     folder, 2 * train.batch_size, log)
+    policy = wrap(policy)  # the policy first: a live LoRA reference wraps the same module
+    return PairScorer(policy, wrap(reference) if live else reference, loss=loss, speed=speed, dtype=model.dtype,
+                      pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head)
+
+
+def _torchrun_layouts(scorer: PairScorer) -> None:
+    """Under torchrun the policy is wrapped (DDP, FSDP2), and only its full forward runs the
+    wrapper's hooks (gradient sync, unsharding): padded batches and the model's own LM head.
+    Packed layouts and the chunked head under torchrun are not done yet."""
+    if scorer.speed.layout not in ("auto", "padded") or scorer.speed.lm_head == "chunked":
+        raise DpokitError("under torchrun only --layout padded and --lm-head plain are supported yet "
+                          "(auto picks them)")
+    scorer.layouts, scorer.chunked_head = ["padded"], False
+
+
+def _precomputed(scorer: PairScorer, weights: str, dtype: str, load_in_4bit: bool, datasets, needed, folder: Path,
+                 batch_size: int, log) -> PrecomputedReference:
+    """Reference log-probs of `scorer`'s policy at its initial weights, from the cache or computed now."""
+    policy = scorer.policy
+    fingerprint = reference_fingerprint(weights, dtype, load_in_4bit=load_in_4bit,
                                         attention=getattr(getattr(policy, "config", None), "_attn_implementation", None))
-    folder = Path(cfg.speed.reference_cache) if cfg.speed.reference_cache else output / "reference-cache"
     was_training = policy.training
     policy.eval()
     try:
-        scorer.reference = precompute_reference(
-            scorer.no_grad_logps, datasets, fingerprint, folder, 2 * cfg.train.batch_size, log, needed
-        )
+        return precompute_reference(scorer.no_grad_logps, datasets, fingerprint, folder, batch_size, log, needed)
     finally:
         policy.train(was_training)
-    scorer.reference_fingerprint = fingerprint["weights"]
-    return scorer

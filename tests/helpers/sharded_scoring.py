@@ -4,7 +4,8 @@ import sys
 
 import torch
 
-from dpokit.train.parallel import compute_sharded, init_distributed, teardown
+from dpokit.train.distributed import init_distributed, teardown
+from dpokit.train.shards import compute_sharded
 
 calls = []
 

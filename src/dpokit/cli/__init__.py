@@ -24,16 +24,20 @@ from dpokit.cli.evaluation import (
     add_sweep_command,
 )
 from dpokit.errors import DpokitError, TrainingInterrupted
+from dpokit.eval.report import report_after_training
+from dpokit.model.export import export_model
+from dpokit.train.loop import train
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from dpokit.train.loop import train
 
     cfg = config_from_args(args)
     check_config_apart(args, cfg.train.output)
-    train(cfg)
+    result = train(cfg)
+    if result.is_main:  # under torchrun, rank 0 writes the report
+        report_after_training(result.output, print)
     return 0
 
 
@@ -42,7 +46,6 @@ def _debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from dpokit.model.export import export_model
 
     out = export_model(args.run, args.output, merge=args.merge, base=args.base, dtype=args.dtype,
                        overwrite=args.overwrite)

@@ -28,11 +28,11 @@ from dpokit.config import (
     JudgeConfig,
     LossConfig,
     ModelConfig,
-    RunConfig,
     SamplingConfig,
+    SpeedConfig,
     validate_data,
 )
-from dpokit.data import TokenizedPair
+from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
 from dpokit.data.batching import PairBatch, collate_padded
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
@@ -40,6 +40,7 @@ from dpokit.eval.judges import Judge, load_judge, score_responses
 from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text, read_prompts
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
+from dpokit.scoring import PairScorer
 from dpokit.settings_checks import context_limit, fit_max_length
 
 Log = Callable[[str], None]
@@ -73,15 +74,12 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
                        dtype: str = "fp32", log: Log = print) -> dict:
     """Implicit-reward figures of `policy` against `reference` on a file of preference pairs, read
     and tokenized by `data`'s settings (format, columns, lengths, truncation) as training does."""
-    from dpokit.data import PairTokenizer, load_tokenized_pairs
-    from dpokit.scoring import PairScorer
 
-    cfg = RunConfig()
-    cfg.loss = loss
-    cfg.model.dtype = dtype
     data = data or DataConfig()
     pairs = load_tokenized_pairs(data_path, PairTokenizer.from_config(tokenizer, data), log, data)
-    figures = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device).evaluate(pairs, batch_size)
+    scorer = PairScorer(policy, reference, loss=loss, speed=SpeedConfig(), dtype=dtype, pad_id=tokenizer.pad_token_id,
+                        device=device)
+    figures = scorer.evaluate(pairs, batch_size)
     return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
 

@@ -202,9 +202,9 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
     return path
 
 
-def report_finished_run(run_dir: str | Path, log: Log) -> None:
-    """Training curves and report.md of a folder `train()` has just finished; the model is already
-    saved, so a plotting failure only warns."""
+def report_after_training(run_dir: str | Path, log: Log) -> None:
+    """Training curves and report.md of a run `train()` just finished, with one log line; the
+    model is already saved, so a failure here only warns."""
     try:
         log(f"report: {write_report(run_dir)}")
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run

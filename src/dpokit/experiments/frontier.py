@@ -22,7 +22,7 @@ from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
 from dpokit.eval.judges import load_judge
-from dpokit.eval.report import plot_frontier, report_finished_run, write_report
+from dpokit.eval.report import plot_frontier, report_after_training, write_report
 from dpokit.eval.sampling import Prompt
 from dpokit.io import atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
@@ -105,7 +105,7 @@ class FrontierRunner:
         """Train `cfg`, write its report, evaluate it; record its row, named `name` (its "run"
         column), with `fields` added (e.g. a `label` for the picture)."""
         result = train(cfg, log=self.log)
-        report_finished_run(cfg.train.output, self.log)
+        report_after_training(cfg.train.output, self.log)
         done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
                              trust_remote_code=cfg.model.trust_remote_code)
         done.row.update(fields)

@@ -36,7 +36,7 @@ CHECKED_PAIRS = 1
 
 def _fp32_logps(model, pairs, scorer, layout: str, chunked_head, chunk) -> PairLogps:
     # Always fp32: the guard asks whether a layout is exact, not how bf16 rounds in it.
-    batch = collate(pairs, scorer.pad_id, layout, scorer.cfg.speed.pack_length).to(scorer.device)
+    batch = collate(pairs, scorer.pad_id, layout, scorer.speed.pack_length).to(scorer.device)
     with torch.no_grad(), torch.autocast(device_type=scorer.device.type, enabled=False):
         return sequence_logps(model, batch, chunked_head, chunk)
 
@@ -55,7 +55,7 @@ def check_first_batch(scorer, pairs: Sequence[TokenizedPair], output: Path,
 
     Returns the record written to `output / layout_check.json`.
     """
-    speed, model = scorer.cfg.speed, scorer.policy
+    speed, model = scorer.speed, scorer.policy
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     candidates = [lay for lay in scorer.layouts if lay != "padded"]
     chunked = head_is_plain(model) if scorer.chunked_head is None else scorer.chunked_head
@@ -98,7 +98,7 @@ def _check(model, pairs, scorer, layout: str, plain: PairLogps, chunk) -> dict:
 
 def _fall_back(scorer, record: dict, failed: dict, model_type: str, head: str, log) -> None:
     """Padded + plain under auto (one log line); a stop with the gap for an explicit choice."""
-    speed = scorer.cfg.speed
+    speed = scorer.speed
     gap = f"{failed['gap']:.3g}" if failed["gap"] is not None else f"an error ({failed['error']})"
     where = f"the {failed['layout']} layout with the {head} LM head"
     if speed.layout not in ("auto", "padded") or speed.lm_head == "chunked":

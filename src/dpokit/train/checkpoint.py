@@ -27,13 +27,8 @@ from safetensors.torch import load_file, save_file
 from dpokit.config import RunConfig, dump_yaml, iter_options
 from dpokit.errors import DpokitError
 from dpokit.io import fsync_tree, make_staging_dir
-from dpokit.train.parallel import (
-    Distributed,
-    load_optimizer_state,
-    load_trainable_state,
-    optimizer_state,
-    trainable_state,
-)
+from dpokit.train.distributed import Distributed
+from dpokit.train.state import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -266,3 +261,23 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     if not (path / STATE_FILE).is_file() or not (path / "dpokit_config.yaml").is_file():
         raise DpokitError(f"--resume {option}: not a complete dpokit checkpoint (no {STATE_FILE})")
     return path
+
+
+def find_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from (None: start fresh), refused at once when an option that
+    changes the computation differs from the checkpoint's."""
+    resume_from = resolve_resume(cfg)
+    if resume_from is not None:
+        check_resumable(saved_config(resume_from), cfg, resume_from)
+    return resume_from
+
+
+def start_state(resume_from: Path | None, fresh: TrainState, policy, optimizer, scheduler, ctx: Distributed,
+                scaler: torch.amp.GradScaler) -> TrainState:
+    """`fresh` for a new run; on resume, the checkpoint's loop position, with its weights,
+    optimizer, scheduler, loss scale and RNG restored (and the global batch of now, same as then)."""
+    if resume_from is None:
+        return fresh
+    state = load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler)
+    state.global_batch_size = fresh.global_batch_size
+    return state
