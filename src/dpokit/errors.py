@@ -11,3 +11,9 @@ class TrainingInterrupted(DpokitError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to its first line (the class name when it has none)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
