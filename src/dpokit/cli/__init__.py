@@ -1,4 +1,5 @@
-"""Command line: `dpokit train`, `demo`, `online`, `data inspect`, `sample`, `evaluate`, `sweep`, `report`.
+"""Command line: `dpokit train`, `demo`, `online`, `data inspect`, `sample`, `evaluate`, `sweep`, `report`,
+`runs`, `export`.
 
 Thin: parse, build the config, call the library. Every option of `train` is generated from the
 config dataclasses, so `--help`, YAML files and the code share one list of names, defaults and
@@ -23,6 +24,7 @@ from dpokit.cli.evaluation import (
     add_sample_command,
     add_sweep_command,
 )
+from dpokit.cli.runs import add_runs_command
 from dpokit.errors import DpokitError, TrainingInterrupted
 from dpokit.eval.report import report_after_training
 from dpokit.model.export import export_model
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_command(sub)
     add_sweep_command(sub)
     add_report_command(sub)
+    add_runs_command(sub)
     _add_export_command(sub)
     return parser
 
