@@ -159,7 +159,7 @@ def test_bad_lora_and_4bit_options_are_one_line(tiny_model_dir, toy_data, tmp_pa
     with pytest.raises(DpokitError, match="--load-in-4bit needs a CUDA GPU"):
         loop.train(cfg, log=lambda _: None)
     cfg = _config(tiny_model_dir, toy_data[0], tmp_path / "t", overwrite=True)
-    cfg.lora.lora_target_modules = "no_such_proj"
+    cfg.lora.lora_target_modules = ("no_such_proj",)
     with pytest.raises(DpokitError, match="--lora-target-modules no_such_proj"):
         loop.train(cfg, log=lambda _: None)
 

@@ -18,7 +18,7 @@ from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.losses import LossOutput, loss_from_config, needs_reference
+from dpokit.losses import LossOutput, compile_loss, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.model.attention import layout_blocker
 from dpokit.model.layout_guard import check_first_batch
@@ -68,6 +68,7 @@ class PairScorer:
     def __init__(self, cfg: RunConfig, policy, reference, pad_id: int, device: torch.device):
         self.cfg, self.policy, self.reference = cfg, policy, reference
         self.pad_id, self.device = pad_id, device
+        self.loss = compile_loss(cfg.loss)  # names, weights and options resolved once per run
         self.live_reference = False  # True when `reference` is a model run alongside the policy
         self.reference_fingerprint: str | None = None
         speed = cfg.speed
@@ -110,8 +111,7 @@ class PairScorer:
             with torch.no_grad():
                 live = self.logps(self.reference, batch)
             reference_chosen, reference_rejected = live.chosen_logps, live.rejected_logps
-        out = loss_from_config(
-            self.cfg.loss,
+        out = self.loss(
             policy_chosen_logps=policy.chosen_logps,
             policy_rejected_logps=policy.rejected_logps,
             reference_chosen_logps=reference_chosen,

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dpokit.config import BATCH_LAYOUTS as LAYOUTS
 from dpokit.data.tokenize import TokenizedPair
 
-LAYOUTS = ("padded", "packed", "prefix-shared")
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 
 

@@ -37,18 +37,17 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from dpokit.config import DATA_FORMATS as LAYOUTS
+from dpokit.config import TURN_MODES, parse_columns
 from dpokit.data.sources import Row, RowSource, open_source
 from dpokit.errors import DpokitError
 
-LAYOUTS = ("standard", "implicit", "conversational", "sharegpt")
-COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "score_chosen", "score_rejected")
 HH_ASSISTANT = "\n\nAssistant:"
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system",
                   "tool": "tool"}
 # Roles chat templates render; any other (a typo such as `usr`) would be rendered as if valid, or dropped.
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-TURN_MODES = ("last", "all")  # --train-on-turns
 AGENT_ROLES = ("assistant", "tool")  # the messages of one assistant turn
 MESSAGE_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")  # kept beside role, content
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
@@ -101,23 +100,6 @@ class RowSkip(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
-
-
-def parse_columns(spec: str | None) -> dict[str, str]:
-    """`prompt=question,chosen=good` -> {"prompt": "question", "chosen": "good"}."""
-    if not spec:
-        return {}
-    mapping = {}
-    for item in spec.split(","):
-        target, eq, source = (part.strip() for part in item.partition("="))
-        if not eq or not target or not source:
-            raise DpokitError(f"--columns: expected NAME=COLUMN pairs separated by commas; got {item.strip()!r}")
-        if target not in COLUMN_TARGETS:
-            raise DpokitError(f"--columns: unknown name '{target}'; use {', '.join(COLUMN_TARGETS)}")
-        if target in mapping:
-            raise DpokitError(f"--columns: '{target}' is mapped twice")
-        mapping[target] = source
-    return mapping
 
 
 class PairReader:

@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+from dpokit.config import TRUNCATION_MODES
 from dpokit.data.pairs import PreferencePair, RowSkip, Text, first_difference
 from dpokit.data.templates import (
     has_tool_calls,
@@ -65,7 +66,6 @@ from dpokit.data.templates import (
 from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
 # Share of --max-length a long prompt leaves to the responses when --max-prompt-length is not set.
 MIN_RESPONSE_SHARE = 0.25
 _CHUNK = 512  # pairs encoded per batched tokenizer call

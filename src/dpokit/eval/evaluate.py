@@ -63,7 +63,7 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
     data = data or DataConfig()
     pairs = load_tokenized_pairs(data_path, PairTokenizer.from_config(tokenizer, data), log, data)
     figures = PairScorer(cfg, policy, reference, tokenizer.pad_token_id, device).evaluate(pairs, batch_size)
-    return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss, "beta": loss.beta,
+    return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss_spec, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
 
 

@@ -17,14 +17,21 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dpokit.config import JudgeConfig, OnlineConfig, RunConfig, SamplingConfig, validate, validate_sampling
+from dpokit.config import (
+    PAIRINGS,
+    JudgeConfig,
+    OnlineConfig,
+    RunConfig,
+    SamplingConfig,
+    validate,
+    validate_sampling,
+)
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_write_text, run_folder_lock
 from dpokit.paths import check_run_paths
 
 Log = Callable[[str], None]
 
-PAIRINGS = ("best_worst", "all")
 # Seeds of the pair samples: far from the evaluation's sample seed, different in every round.
 ROUND_SEED_STRIDE = 1000
 

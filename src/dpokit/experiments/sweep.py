@@ -12,7 +12,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     for loss in losses:
         for beta in betas:
             cfg = copy.deepcopy(base)
-            cfg.loss.loss, cfg.loss.beta = loss, float(beta)
+            cfg.loss = replace(cfg.loss, loss=loss, beta=float(beta))  # parses "sigmoid,sft"
             cfg.train.output = str(Path(base.train.output) / run_name(loss, beta))
             cfg.speed.reference_cache = base.speed.reference_cache or str(Path(base.train.output) / "reference-cache")
             validate(cfg)  # every run's config is checked before the first one trains
@@ -102,10 +102,10 @@ def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, 
     reference_samples = None
     rows: list[dict] = []
     for cfg in configs:
-        log(f"--- sweep: {cfg.loss.loss} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
+        log(f"--- sweep: {cfg.loss.loss_spec} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
         result = train(cfg, log=log)
         done = evaluate_run(
-            cfg.train.output, run_name(cfg.loss.loss, cfg.loss.beta), cfg.loss.loss, cfg.loss.beta,
+            cfg.train.output, run_name(cfg.loss.loss_spec, cfg.loss.beta), cfg.loss.loss_spec, cfg.loss.beta,
             reference=reference, tokenizer=tokenizer, prompts=prompts, sampling=sampling, judge=judge,
             judging=judging, dtype=base.model.dtype, reference_samples=reference_samples,
             final_eval=result.final_eval, trust_remote_code=base.model.trust_remote_code, log=log)

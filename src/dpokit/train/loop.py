@@ -167,7 +167,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     train_pairs = load_tokenized_pairs(cfg.data.data, pair_tokenizer, log, cfg.data)
     eval_pairs = load_tokenized_pairs(cfg.data.eval_data, pair_tokenizer, log, cfg.data) if cfg.data.eval_data else []
 
-    global_batch = cfg.global_batch_size * ctx.world_size
+    global_batch = cfg.process_batch_size * ctx.world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
     warn_warmup(warmup_steps(t, total_steps), total_steps, t.learning_rate, log)
@@ -217,7 +217,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     log(
         f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {len(train_pairs)} pairs, "
         f"global batch {global_batch} = {t.batch_size} x {t.gradient_accumulation_steps} "
-        f"accumulation{processes}, {total_steps} steps, loss {cfg.loss.loss}, beta {cfg.loss.beta}"
+        f"accumulation{processes}, {total_steps} steps, loss {cfg.loss.loss_spec}, beta {cfg.loss.beta}"
     )
 
     def save() -> Path:
