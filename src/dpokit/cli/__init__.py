@@ -23,6 +23,7 @@ from dpokit.cli.evaluation import (
     add_sample_command,
     add_sweep_command,
 )
+from dpokit.config import DTYPES
 from dpokit.errors import DpokitError, TrainingInterrupted
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -54,7 +55,7 @@ def _add_export_command(sub) -> None:
     export.add_argument("--output", required=True, help="folder for the exported model")
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     export.add_argument("--base", help="base model of a LoRA run (default: the run's --model)")
-    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    export.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="precision of the written weights (default: fp32)")
     export.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     add_debug_flag(export)
