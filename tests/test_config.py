@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import dpokit.config
+import dpokit.losses
 from dpokit.cli import build_parser
 from dpokit.cli.common import config_from_args
 from dpokit.config import (
@@ -140,6 +141,7 @@ def test_allowed_values_have_one_copy():
     assert tokenize.TRUNCATION_MODES is dpokit.config.TRUNCATION_MODES and online.PAIRINGS is dpokit.config.PAIRINGS
     assert F_DIVERGENCES is dpokit.config.F_DIVERGENCES
     assert list(LOSSES) == list(LOSS_KINDS)  # the registry pairs a function with every catalogue name
+    assert set(dpokit.losses._FUNCTIONS) == set(LOSS_KINDS)  # and has no function the catalogue lacks
     help_text = " ".join(dataclasses.fields(LossConfig)[0].metadata["help"].split())
     assert all(name in help_text for name in LOSS_KINDS)
 

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dpokit.config import F_DIVERGENCES, LOSS_KINDS, LossConfig, check_loss_config, loss_kind, loss_weights
+from dpokit.config import (
+    F_DIVERGENCES,
+    LOSS_KINDS,
+    LossConfig,
+    LossKind,
+    check_loss_config,
+    loss_kind,
+    loss_weights,
+)
 from dpokit.errors import DpokitError
 from dpokit.logratios import LossOptions, LossOutput, PairLogRatios
 
@@ -188,19 +196,37 @@ class LossSpec:
     needs_lengths: bool = False  # whether response token counts enter the loss
 
 
-_FUNCTIONS: dict[str, tuple[LossFn, bool]] = {  # name -> (function, whether it reads response lengths)
-    "sigmoid": (_sigmoid, False), "dpo": (_sigmoid, False), "robust": (_robust, False), "hinge": (_hinge, False),
-    "ipo": (_ipo, True), "exo_pair": (_exo_pair, False), "nca_pair": (_nca_pair, False),
-    "bco_pair": (_bco_pair, False), "sppo_hard": (_sppo_hard, False), "aot": (_aot, False),
-    "aot_unpaired": (_aot_unpaired, False), "apo_zero": (_apo_zero, False), "apo_down": (_apo_down, False),
-    "discopop": (_discopop, False), "sigmoid_norm": (_sigmoid_norm, True), "rdpo": (_rdpo, True),
-    "sft": (_sft, True), "simpo": (_simpo, True), "orpo": (_orpo, True),
+# name -> (function, whether it reads response lengths): one entry per name of config's LOSS_KINDS.
+_FUNCTIONS: dict[str, tuple[LossFn, bool]] = {
+    "sigmoid": (_sigmoid, False),
+    "dpo": (_sigmoid, False),
+    "robust": (_robust, False),
+    "hinge": (_hinge, False),
+    "ipo": (_ipo, True),
+    "exo_pair": (_exo_pair, False),
+    "nca_pair": (_nca_pair, False),
+    "bco_pair": (_bco_pair, False),
+    "sppo_hard": (_sppo_hard, False),
+    "aot": (_aot, False),
+    "aot_unpaired": (_aot_unpaired, False),
+    "apo_zero": (_apo_zero, False),
+    "apo_down": (_apo_down, False),
+    "discopop": (_discopop, False),
+    "sigmoid_norm": (_sigmoid_norm, True),
+    "rdpo": (_rdpo, True),
+    "sft": (_sft, True),
+    "simpo": (_simpo, True),
+    "orpo": (_orpo, True),
 }
-LOSSES: dict[str, LossSpec] = {
-    name: LossSpec(fn, kind.needs_reference, (fn.__doc__ or "").strip(), kind.uses_label_smoothing,
-                   kind.f_divergence, lengths)
-    for name, kind in LOSS_KINDS.items() for fn, lengths in [_FUNCTIONS[name]]
-}
+
+
+def _registry_entry(name: str, kind: LossKind) -> LossSpec:
+    fn, needs_lengths = _FUNCTIONS[name]  # a catalogue name without a function fails here, at import
+    return LossSpec(fn, kind.needs_reference, (fn.__doc__ or "").strip(), kind.uses_label_smoothing,
+                    kind.f_divergence, needs_lengths)
+
+
+LOSSES: dict[str, LossSpec] = {name: _registry_entry(name, kind) for name, kind in LOSS_KINDS.items()}
 
 
 def get_loss(name: str) -> LossSpec:

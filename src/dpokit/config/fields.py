@@ -19,6 +19,7 @@ from typing import Any
 from dpokit.errors import DpokitError
 
 _SCALARS = (bool, int, float, str)
+_NONE_WORDS = ("none", "null")  # an optional option given as this text is unset
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -96,8 +97,6 @@ def coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     except (TypeError, ValueError):
         raise DpokitError(f"{where}: expected {kind.name}, got {value!r}") from None
 
-
-_NONE_WORDS = ("none", "null")
 
 
 def _scalar(value: Any, base: type) -> Any:
