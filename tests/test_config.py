@@ -150,3 +150,9 @@ def test_sections_convert_values_given_to_the_constructor():
     assert set(section_classes()) == {"model", "data", "loss", "train", "lora", "scale", "speed"}
     with pytest.raises(DpokitError, match="--max-length: expected int"):
         dpokit.config.DataConfig(max_length="long")
+
+
+def test_an_option_in_the_wrong_section_is_refused():
+    # gradient_checkpointing is a scale option; set on speed it would be read by nothing
+    with pytest.raises(DpokitError, match="unknown option speed.gradient_checkpointing"):
+        build_config(REQUIRED, {"speed": {"gradient_checkpointing": True}})

@@ -108,7 +108,12 @@ def build_config(*layers: dict[str, dict[str, Any]]) -> RunConfig:
     config = RunConfig()
     for layer in layers:
         for section, values in layer.items():
-            setattr(config, section, dataclasses.replace(getattr(config, section), **values))
+            target = getattr(config, section)
+            known = {f.name for f in dataclasses.fields(target)}
+            unknown = sorted(set(values) - known)
+            if unknown:  # a value set beside its field would be read by nothing
+                raise DpokitError(f"unknown option {section}.{unknown[0]}")
+            setattr(config, section, dataclasses.replace(target, **values))
     validate(config)
     return config
 
