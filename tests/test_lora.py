@@ -17,6 +17,7 @@ from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.batching import LAYOUTS, collate, collate_padded
 from dpokit.data.pairs import PreferencePair
 from dpokit.errors import DpokitError
+from dpokit.losses import LossPlan
 from dpokit.model import load as models
 from dpokit.model import logprobs
 from dpokit.model.logprobs import head_is_plain, sequence_logps
@@ -109,7 +110,7 @@ def test_export_merge_reloads_with_from_pretrained_and_gives_the_adapted_logits(
 def test_lora_resume_after_a_crash_is_exact(tiny_model_dir, toy_data, tmp_path, monkeypatch):
     full = tmp_path / "full"
     loop.train(_config(tiny_model_dir, toy_data[0], full, max_steps=5), log=lambda _: None)
-    real = scoring.loss_from_config
+    real = LossPlan.__call__  # the loss of every micro-batch
     calls = {"n": 0}
 
     def crash_in_step_4(*args, **kwargs):
@@ -118,11 +119,11 @@ def test_lora_resume_after_a_crash_is_exact(tiny_model_dir, toy_data, tmp_path, 
             raise RuntimeError("injected crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(scoring, "loss_from_config", crash_in_step_4)
+    monkeypatch.setattr(LossPlan, "__call__", crash_in_step_4)
     out = tmp_path / "crashed"
     with pytest.raises(RuntimeError, match="injected"):
         loop.train(_config(tiny_model_dir, toy_data[0], out, max_steps=5, save_every=1), log=lambda _: None)
-    monkeypatch.setattr(scoring, "loss_from_config", real)
+    monkeypatch.setattr(LossPlan, "__call__", real)
     checkpoint = list_checkpoints(out)[-1]
     assert checkpoint.name == "step-0000003"
     assert all("lora_" in k for k in load_file(str(checkpoint / "model.safetensors")))  # adapters only
@@ -159,7 +160,7 @@ def test_bad_lora_and_4bit_options_are_one_line(tiny_model_dir, toy_data, tmp_pa
     with pytest.raises(DpokitError, match="--load-in-4bit needs a CUDA GPU"):
         loop.train(cfg, log=lambda _: None)
     cfg = _config(tiny_model_dir, toy_data[0], tmp_path / "t", overwrite=True)
-    cfg.lora.lora_target_modules = "no_such_proj"
+    cfg.lora.lora_target_modules = ("no_such_proj",)
     with pytest.raises(DpokitError, match="--lora-target-modules no_such_proj"):
         loop.train(cfg, log=lambda _: None)
 

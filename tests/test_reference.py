@@ -20,7 +20,8 @@ def _run(model_dir, data, out, log=None, **speed):
         "data": {"data": str(data), "max_length": 32},
         "train": {"output": str(out), "learning_rate": 1e-3, "progress": "off", "batch_size": 4,
                   "max_steps": 3, "lr_scheduler": "constant", "overwrite": True},
-        "speed": {k: v for k, v in speed.items() if k != "dtype"},
+        "speed": {k: v for k, v in speed.items() if k not in ("dtype", "gradient_checkpointing")},
+        "scale": {"gradient_checkpointing": speed.get("gradient_checkpointing", False)},
     } | ({"model": {"model": str(model_dir), "dtype": speed["dtype"]}} if "dtype" in speed else {}))
     lines = []
     result = train(cfg, log=lines.append if log is None else log)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dpokit import scoring
 from dpokit.config import build_config
 from dpokit.errors import DpokitError
+from dpokit.losses import LossPlan
 from dpokit.train import checkpoint as ckpt_module
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
@@ -154,7 +154,7 @@ def test_crash_during_checkpoint_write_keeps_the_previous_one(
 
 
 def test_nan_loss_stops_naming_the_step_or_is_skipped(tiny_model_dir, resume_data, tmp_path, monkeypatch):
-    real = scoring.loss_from_config
+    real = LossPlan.__call__  # the loss of every micro-batch
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -164,7 +164,7 @@ def test_nan_loss_stops_naming_the_step_or_is_skipped(tiny_model_dir, resume_dat
             return type(out)(out.losses * float("nan"), out.chosen_rewards, out.rejected_rewards)
         return out
 
-    monkeypatch.setattr(scoring, "loss_from_config", poisoned)
+    monkeypatch.setattr(LossPlan, "__call__", poisoned)
     out = tmp_path / "stop"
     with pytest.raises(DpokitError, match=r"step 5: non-finite loss nan") as err:
         train(_config(tiny_model_dir, resume_data, out, save_every=2), log=lambda _: None)

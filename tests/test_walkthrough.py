@@ -258,7 +258,7 @@ def test_sweep_trains_a_combined_loss(tiny_model_dir, small_data, tmp_path):
                  "--num-samples", "1", "--max-new-tokens", "2", "--progress", "off"])
     assert code == 0
     saved = yaml.safe_load((out / "sigmoid+sft-beta0.1" / "dpokit_config.yaml").read_text())
-    assert saved["loss"]["loss"] == "sigmoid,sft" and saved["loss"]["loss_weights"] == "1,0.5"
+    assert saved["loss"]["loss"] == ["sigmoid", "sft"] and saved["loss"]["loss_weights"] == [1.0, 0.5]
 
 
 # --- item 13: train and the data doctor agree, and say only what holds ---------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dpokit.losses import LossOutput
+from dpokit.logratios import LossOutput
 from dpokit.model.logprobs import PairLogps
 
 PAIR_METRICS = (

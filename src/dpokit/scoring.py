@@ -18,7 +18,7 @@ from dpokit.config import LoraSection, LossConfig, ModelConfig, SpeedConfig, Tra
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
 from dpokit.errors import DpokitError
-from dpokit.losses import LossOutput, loss_from_config, needs_reference
+from dpokit.losses import LossOutput, compile_loss, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.model.attention import layout_blocker
 from dpokit.model.layout_guard import check_first_batch
@@ -84,7 +84,8 @@ class PairScorer:
     def __init__(self, policy, reference=None, *, loss: LossConfig, speed: SpeedConfig, dtype: str, pad_id: int,
                  device: torch.device, layouts: Sequence[str] | None = None, chunked_head: bool | None = None):
         self.policy, self.reference = policy, reference
-        self.loss, self.speed, self.dtype = loss, speed, dtype
+        self.loss = compile_loss(loss)  # names, weights and options resolved once per run
+        self.beta, self.speed, self.dtype = loss.beta, speed, dtype
         self.pad_id, self.device = pad_id, device
         if layouts is None:
             self.layouts, self.chunked_head = allowed_layouts(policy, speed), LM_HEADS[speed.lm_head]
@@ -119,8 +120,7 @@ class PairScorer:
             with torch.no_grad():
                 live = self.logps(self.reference, batch)
             reference_chosen, reference_rejected = live.chosen_logps, live.rejected_logps
-        out = loss_from_config(
-            self.loss,
+        out = self.loss(
             policy_chosen_logps=policy.chosen_logps,
             policy_rejected_logps=policy.rejected_logps,
             reference_chosen_logps=reference_chosen,
@@ -132,7 +132,7 @@ class PairScorer:
 
     def evaluate(self, pairs: Sequence[TokenizedPair], batch_size: int) -> dict[str, float]:
         """Mean loss, rewards and accuracy on held-out pairs, under TRL's `eval_` names."""
-        metrics = PairMetrics(self.loss.beta)
+        metrics = PairMetrics(self.beta)
         was_training = self.policy.training
         self.policy.eval()
         with torch.no_grad():

@@ -15,7 +15,7 @@ import traceback
 import warnings
 from collections.abc import Sequence
 
-from dpokit.cli.common import Parser, add_train_options, check_config_apart, config_from_args
+from dpokit.cli.common import Parser, add_debug_flag, add_train_options, check_config_apart, config_from_args
 from dpokit.cli.data import add_data_command
 from dpokit.cli.demo import add_demo_command, add_online_command
 from dpokit.cli.evaluation import (
@@ -25,6 +25,7 @@ from dpokit.cli.evaluation import (
     add_sweep_command,
 )
 from dpokit.cli.runs import add_runs_command
+from dpokit.config import DTYPES
 from dpokit.errors import DpokitError, TrainingInterrupted
 from dpokit.eval.report import report_after_training
 from dpokit.model.export import export_model
@@ -43,10 +44,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
 
     out = export_model(args.run, args.output, merge=args.merge, base=args.base, dtype=args.dtype,
@@ -63,10 +60,10 @@ def _add_export_command(sub) -> None:
     export.add_argument("--output", required=True, help="folder for the exported model")
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     export.add_argument("--base", help="base model of a LoRA run (default: the run's --model)")
-    export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+    export.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="precision of the written weights (default: fp32)")
     export.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
-    export.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(export)
     export.set_defaults(func=_cmd_export)
 
 
@@ -77,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a policy with DPO on preference pairs",
                            description="Train a causal LM with DPO. Required: --model, --data, --output.")
-    _debug_flag(train)
+    add_debug_flag(train)
     add_train_options(train)
     train.set_defaults(func=_cmd_train)
 

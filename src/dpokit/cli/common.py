@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from dpokit.config import build_config, coerce, iter_options, load_yaml
+from dpokit.config import build_config, coerce, flag_of, format_value, iter_options, kind_of, load_yaml
 from dpokit.paths import check_outputs_apart
 
 
@@ -30,11 +30,11 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 def add_field(group, f: dataclasses.Field, help_override: str | None = None) -> None:
     """One option from one config field: flag from the name (or `flag` metadata), help and default."""
-    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    flag = flag_of(f)
     help_text = help_override or f.metadata["help"]
     if "default" not in help_text:
-        help_text += f" (default: {f.default})"
-    if str(f.type) == "bool":
+        help_text += f" (default: {format_value(f.default)})"
+    if kind_of(f).base is bool:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
         return
@@ -69,8 +69,7 @@ def section_from_args(args: argparse.Namespace, cls: type, only: tuple[str, ...]
     values = {}
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name) and (not only or f.name in only):
-            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-            values[f.name] = coerce(getattr(args, f.name), f, flag)
+            values[f.name] = coerce(getattr(args, f.name), f, flag_of(f))
     return values
 
 
@@ -82,8 +81,7 @@ def config_from_args(args: argparse.Namespace, *fixed_layers: dict):
     flags: dict[str, dict] = {}
     for section, f in iter_options():
         if hasattr(args, f.name):
-            flag = "--" + f.name.replace("_", "-")
-            flags.setdefault(section, {})[f.name] = coerce(getattr(args, f.name), f, flag)
+            flags.setdefault(section, {})[f.name] = coerce(getattr(args, f.name), f, flag_of(f))
     layers.append(flags)
     return build_config(*layers)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dpokit.cli.common import Parser, add_field
-from dpokit.config import DataConfig, coerce, iter_options, validate_data
+from dpokit.cli.common import Parser, add_debug_flag, add_field
+from dpokit.config import DataConfig, coerce, flag_of, iter_options, validate_data
 from dpokit.data.doctor import format_report, inspect_data, report_json
 from dpokit.model.load import load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart
@@ -18,7 +18,7 @@ _INSPECT_SKIPS = ("data", "eval_data")
 def add_data_command(sub) -> None:
     data = sub.add_parser("data", help="inspect preference data (the data doctor)",
                           description="Tools for preference data.")
-    data.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(data)
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=Parser, required=True)
     inspect = data_sub.add_parser(
         "inspect", help="report rows kept and skipped, lengths, truncation, duplicates, ties and length bias",
@@ -29,7 +29,7 @@ def add_data_command(sub) -> None:
     inspect.add_argument("--trust-remote-code", action="store_true", help="allow the tokenizer's own Python code")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     inspect.add_argument("--plot", metavar="FILE.png", help="also write length histograms to this PNG")
-    inspect.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(inspect)
     group = inspect.add_argument_group("data options (as for train)")
     for section, f in iter_options():
         if section == "data" and f.name not in _INSPECT_SKIPS:
@@ -41,7 +41,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     data = DataConfig()
     for section, f in iter_options():
         if section == "data" and hasattr(args, f.name) and f.name not in _INSPECT_SKIPS:
-            setattr(data, f.name, coerce(getattr(args, f.name), f, "--" + f.name.replace("_", "-")))
+            setattr(data, f.name, coerce(getattr(args, f.name), f, flag_of(f)))
     validate_data(data)
     if args.plot:
         check_outputs_apart([("--plot", args.plot)], [("PATH", args.path), ("--model", args.model),

@@ -22,7 +22,6 @@ from dpokit.config import (
     SamplingConfig,
     SweepConfig,
     TrainConfig,
-    parse_number_list,
     validate_sampling,
 )
 from dpokit.errors import DpokitError
@@ -143,7 +142,7 @@ def add_evaluate_command(sub) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     sweep = SweepConfig(**_section_from_args(args, SweepConfig, only=("betas",)))
-    betas = parse_number_list(sweep.betas, "--beta")
+    betas = list(sweep.betas)
     # Each --loss is one run's loss, exactly as train reads it (sigmoid,sft: one combined loss).
     losses = [spec.strip() for spec in getattr(args, "losses", None) or [sweep.losses]]
     base = config_from_args(args, {"loss": {"loss": losses[0]}})  # checked with the first; each run with its own

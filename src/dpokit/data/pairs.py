@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from dpokit.config import DATA_FORMATS as LAYOUTS
+from dpokit.config import TURN_MODES, parse_columns
 from dpokit.data.conversations import (  # noqa: F401 - CHAT_ROLES: eval/sampling.py imports it from here
     CHAT_ROLES,
     Message,
@@ -47,10 +49,7 @@ from dpokit.data.conversations import (  # noqa: F401 - CHAT_ROLES: eval/samplin
 from dpokit.data.sources import Row, RowSkip, RowSource, open_source, value_type
 from dpokit.errors import DpokitError
 
-LAYOUTS = ("standard", "implicit", "conversational", "sharegpt")
-COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "score_chosen", "score_rejected")
 HH_ASSISTANT = "\n\nAssistant:"
-TURN_MODES = ("last", "all")  # --train-on-turns
 _DETECT_WITHIN = 100  # rows examined for a usable `chosen` before giving up on auto-detection
 
 Text = str | list[Message]
@@ -94,21 +93,6 @@ class ReadStats:
         self.examples.setdefault(reason, message)
 
 
-def parse_columns(spec: str | None) -> dict[str, str]:
-    """`prompt=question,chosen=good` -> {"prompt": "question", "chosen": "good"}."""
-    if not spec:
-        return {}
-    mapping = {}
-    for item in spec.split(","):
-        target, eq, source = (part.strip() for part in item.partition("="))
-        if not eq or not target or not source:
-            raise DpokitError(f"--columns: expected NAME=COLUMN pairs separated by commas; got {item.strip()!r}")
-        if target not in COLUMN_TARGETS:
-            raise DpokitError(f"--columns: unknown name '{target}'; use {', '.join(COLUMN_TARGETS)}")
-        if target in mapping:
-            raise DpokitError(f"--columns: '{target}' is mapped twice")
-        mapping[target] = source
-    return mapping
 
 
 class PairReader:

@@ -13,33 +13,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from dpokit.config import RESERVED_TEMPLATE_ARGS as _RESERVED
+from dpokit.config import parse_template_kwargs as parse_template_kwargs  # re-exported for the data readers
 from dpokit.data.pairs import PreferencePair
 from dpokit.data.sources import RowSkip
-from dpokit.errors import DpokitError
 
 TOOLS_COLUMN = "tools"
 KWARGS_COLUMN = "chat_template_kwargs"
-_RESERVED = ("messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
-             "continue_final_message", "return_dict", "chat_template")
-
-
-def parse_template_kwargs(value: str | dict | None) -> dict[str, Any]:
-    """`--chat-template-kwargs` (JSON text, or a mapping from YAML) -> a dict; bad input is one line."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DpokitError(f"--chat-template-kwargs: not valid JSON ({exc.msg} at column {exc.colno}); in YAML "
-                              "write it as a quoted JSON string") from None
-    if not isinstance(value, dict):
-        raise DpokitError(f"--chat-template-kwargs: expected a JSON object such as '{{\"enable_thinking\": false}}', "
-                          f"got {type(value).__name__}")
-    reserved = sorted(set(value) & set(_RESERVED))
-    if reserved:
-        raise DpokitError(f"--chat-template-kwargs: {', '.join(reserved)} is set by dpokit itself, not a template argument")
-    return value
 
 
 def row_tools(pair: PreferencePair) -> list[dict] | None:

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
+from dpokit.config import TRUNCATION_MODES
 from dpokit.data.pairs import PreferencePair, Text
 from dpokit.data.render import PairRenderer, read_chat_template
 from dpokit.data.sources import RowSkip
@@ -60,7 +61,6 @@ from dpokit.data.templates import parse_template_kwargs
 from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
 
-TRUNCATION_MODES = ("keep_end", "keep_start")
 # Share of --max-length a long prompt leaves to the responses when --max-prompt-length is not set.
 MIN_RESPONSE_SHARE = 0.25
 _CHUNK = 512  # pairs encoded per batched tokenizer call

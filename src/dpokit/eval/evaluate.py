@@ -80,7 +80,7 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
     scorer = PairScorer(policy, reference, loss=loss, speed=SpeedConfig(), dtype=dtype, pad_id=tokenizer.pad_token_id,
                         device=device)
     figures = scorer.evaluate(pairs, batch_size)
-    return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss, "beta": loss.beta,
+    return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss_spec, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
 
 

@@ -17,7 +17,15 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dpokit.config import JudgeConfig, OnlineConfig, RunConfig, SamplingConfig, validate, validate_sampling
+from dpokit.config import (
+    PAIRINGS,
+    JudgeConfig,
+    OnlineConfig,
+    RunConfig,
+    SamplingConfig,
+    validate,
+    validate_sampling,
+)
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler, mean_and_stderr
 from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root
@@ -27,7 +35,6 @@ from dpokit.paths import check_run_paths
 
 Log = Callable[[str], None]
 
-PAIRINGS = ("best_worst", "all")
 # Seeds of the pair samples: far from the evaluation's sample seed, different in every round.
 ROUND_SEED_STRIDE = 1000
 

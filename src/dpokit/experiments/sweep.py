@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, validate_sampling
@@ -55,7 +56,7 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
 def _run_config(base: RunConfig, loss: str, beta: float) -> RunConfig:
     """One run's config, checked before the first run trains."""
     cfg = copy.deepcopy(base)
-    cfg.loss.loss, cfg.loss.beta = loss, float(beta)
+    cfg.loss = replace(cfg.loss, loss=loss, beta=float(beta))  # parses "sigmoid,sft"
     cfg.train.output = str(Path(base.train.output) / run_name(loss, beta))
     cfg.speed.reference_cache = base.speed.reference_cache or str(Path(base.train.output) / "reference-cache")
     validate(cfg)
@@ -70,8 +71,8 @@ def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, 
     runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=prompts, reference=base.model.model,
                                  log=log)
     for cfg in configs:
-        log(f"--- sweep: {cfg.loss.loss} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
-        runner.add_run(cfg, run_name(cfg.loss.loss, cfg.loss.beta), method=cfg.loss.loss, beta=cfg.loss.beta)
+        log(f"--- sweep: {cfg.loss.loss_spec} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
+        runner.add_run(cfg, run_name(cfg.loss.loss_spec, cfg.loss.beta), method=cfg.loss.loss_spec, beta=cfg.loss.beta)
     summary = {"model": base.model.model, "judge": judging.judge, "prompts": len(prompts),
                "samples_per_prompt": sampling.num_samples, "points": runner.points}
     runner.finish("sweep.json", summary,

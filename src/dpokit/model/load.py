@@ -149,9 +149,8 @@ def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpoin
         return model
     from peft import LoraConfig, get_peft_model
 
-    targets: str | list[str] = lora.lora_target_modules.strip()
-    if targets != "all-linear":
-        targets = [name.strip() for name in targets.split(",") if name.strip()]
+    modules = lora.lora_target_modules  # a tuple, parsed when the config was loaded
+    targets: str | list[str] = "all-linear" if modules == ("all-linear",) else list(modules)
     if getattr(model, "is_loaded_in_4bit", False):
         model.requires_grad_(False)  # the quantized base is frozen; only the adapters train
     config = LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
@@ -159,7 +158,7 @@ def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpoin
     try:
         return get_peft_model(model, config)
     except ValueError as exc:
-        raise DpokitError(f"--lora-target-modules {lora.lora_target_modules}: {first_line(exc)}") from None
+        raise DpokitError(f"--lora-target-modules {','.join(modules)}: {first_line(exc)}") from None
 
 
 def is_lora(model: torch.nn.Module) -> bool:

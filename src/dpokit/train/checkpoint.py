@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dpokit.config import RunConfig, dump_yaml, iter_options
+from dpokit.config import RunConfig, coerce, dump_yaml, iter_options
 from dpokit.errors import DpokitError
 from dpokit.io import fsync_tree, make_staging_dir
 from dpokit.train.distributed import Distributed
@@ -200,12 +200,12 @@ def saved_config(path: Path) -> dict[str, dict[str, Any]]:
 
 def check_resumable(saved: dict[str, dict[str, Any]], cfg: RunConfig, where: Path) -> None:
     """Refuse to resume when an option that changes the computation differs."""
-    current = cfg.to_dict()
     for section, f in iter_options():
         if f.name in RESUME_MAY_CHANGE:
             continue
-        before = saved.get(section, {}).get(f.name, f.default)
-        now = current[section][f.name]
+        # Converted as on load: an older checkpoint wrote lists as comma strings.
+        before = coerce(saved.get(section, {}).get(f.name, f.default), f, f"{where}: {section}.{f.name}")
+        now = getattr(getattr(cfg, section), f.name)
         if before != now:
             flag = "--" + f.name.replace("_", "-")
             raise DpokitError(

@@ -121,7 +121,7 @@ def _run_line(cfg: RunConfig, data: RunData, device: torch.device, ctx: Distribu
     lora = f", LoRA r={cfg.lora.lora_r}" if cfg.lora.lora_r else ""
     return (f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {len(data.train_pairs)} pairs, "
             f"global batch {data.global_batch} = {t.batch_size} x {t.gradient_accumulation_steps} "
-            f"accumulation{processes}, {data.total_steps} steps, loss {cfg.loss.loss}, beta {cfg.loss.beta}")
+            f"accumulation{processes}, {data.total_steps} steps, loss {cfg.loss.loss_spec}, beta {cfg.loss.beta}")
 
 
 class _Run:

@@ -1,0 +1,71 @@
+"""The values an option may take: the one copy every layer above reads.
+
+Config is the bottom layer: the dataclasses, their `--help` and their checks are written in
+terms of these, and data/, losses.py and experiments/ import them from here (never the other
+way round). The loss catalogue says what each loss needs and which options change it; the math
+behind each name lives in `dpokit.losses`, which pairs one function with every name here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("fp32", "bf16", "fp16")
+DATA_FORMATS = ("standard", "implicit", "conversational", "sharegpt")  # --data-format, besides auto
+TURN_MODES = ("last", "all")  # --train-on-turns
+TRUNCATION_MODES = ("keep_end", "keep_start")
+# Names --columns may map a source column to.
+COLUMN_TARGETS = ("prompt", "chosen", "rejected", "conversations", "score_chosen", "score_rejected")
+# Chat-template arguments dpokit sets itself, so --chat-template-kwargs cannot.
+RESERVED_TEMPLATE_ARGS = ("messages", "conversation", "tools", "documents", "add_generation_prompt", "tokenize",
+                          "continue_final_message", "return_dict", "chat_template")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+LR_SCHEDULERS = ("cosine", "linear", "constant")
+PROGRESS_MODES = ("auto", "on", "off")
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
+BATCH_LAYOUTS = ("padded", "packed", "prefix-shared")  # --layout, besides auto
+LM_HEADS = ("auto", "chunked", "plain")
+REFERENCE_MODES = ("auto", "precomputed", "live")
+PAIRINGS = ("best_worst", "all")  # --pairing of online rounds
+
+
+@dataclass(frozen=True)
+class LossKind:
+    """What one loss needs and which options change it."""
+
+    needs_reference: bool = True  # reads reference log-probs (False: no reference model is built)
+    uses_label_smoothing: bool = False  # ε changes the loss
+    f_divergence: bool = False  # an --f-divergence other than reverse_kl is meaningful
+
+
+_SIGMOID = LossKind(uses_label_smoothing=True, f_divergence=True)
+_REFERENCE_FREE = LossKind(needs_reference=False)
+
+# Every loss name --loss accepts, in the order --help lists them.
+LOSS_KINDS: dict[str, LossKind] = {
+    "sigmoid": _SIGMOID,
+    "dpo": _SIGMOID,  # another name for sigmoid
+    "robust": LossKind(uses_label_smoothing=True, f_divergence=True),
+    "hinge": LossKind(f_divergence=True),
+    "ipo": LossKind(f_divergence=True),
+    "exo_pair": LossKind(uses_label_smoothing=True, f_divergence=True),
+    "nca_pair": LossKind(),
+    "bco_pair": LossKind(),
+    "sppo_hard": LossKind(),
+    "aot": LossKind(uses_label_smoothing=True),
+    "aot_unpaired": LossKind(uses_label_smoothing=True),
+    "apo_zero": LossKind(),
+    "apo_down": LossKind(),
+    "discopop": LossKind(f_divergence=True),
+    "sigmoid_norm": LossKind(f_divergence=True),
+    "rdpo": LossKind(f_divergence=True),
+    "sft": LossKind(needs_reference=False, f_divergence=True),  # ignores --f-divergence, so it combines with any
+    "simpo": _REFERENCE_FREE,
+    "orpo": _REFERENCE_FREE,
+}
+NEEDS_LABEL_SMOOTHING = ("exo_pair",)  # losses that are undefined at ε = 0
+
+
+def losses_where(trait: str) -> list[str]:
+    """The loss names whose LossKind has `trait` set, in catalogue order."""
+    return [name for name, kind in LOSS_KINDS.items() if getattr(kind, trait)]

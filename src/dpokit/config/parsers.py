@@ -1,0 +1,49 @@
+"""Option values written as small languages: --columns and --chat-template-kwargs.
+
+They live with the config (the bottom layer) so that validation can parse them before any model
+is loaded; the data readers import them from here.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dpokit.config.choices import COLUMN_TARGETS, RESERVED_TEMPLATE_ARGS
+from dpokit.errors import DpokitError
+
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """`prompt=question,chosen=good` -> {"prompt": "question", "chosen": "good"}."""
+    if not spec:
+        return {}
+    mapping = {}
+    for item in spec.split(","):
+        target, eq, source = (part.strip() for part in item.partition("="))
+        if not eq or not target or not source:
+            raise DpokitError(f"--columns: expected NAME=COLUMN pairs separated by commas; got {item.strip()!r}")
+        if target not in COLUMN_TARGETS:
+            raise DpokitError(f"--columns: unknown name '{target}'; use {', '.join(COLUMN_TARGETS)}")
+        if target in mapping:
+            raise DpokitError(f"--columns: '{target}' is mapped twice")
+        mapping[target] = source
+    return mapping
+
+
+def parse_template_kwargs(value: str | dict | None) -> dict[str, Any]:
+    """`--chat-template-kwargs` (JSON text, or a mapping from YAML) -> a dict; bad input is one line."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DpokitError(f"--chat-template-kwargs: not valid JSON ({exc.msg} at column {exc.colno}); in YAML "
+                              "write it as a quoted JSON string") from None
+    if not isinstance(value, dict):
+        raise DpokitError(f"--chat-template-kwargs: expected a JSON object such as '{{\"enable_thinking\": false}}', "
+                          f"got {type(value).__name__}")
+    reserved = sorted(set(value) & set(RESERVED_TEMPLATE_ARGS))
+    if reserved:
+        raise DpokitError(f"--chat-template-kwargs: {', '.join(reserved)} is set by dpokit itself, not a template argument")
+    return value

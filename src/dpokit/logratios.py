@@ -1,0 +1,155 @@
+"""What every loss reads: the run's frozen options and one batch's log-ratios, computed once.
+
+As in the DPO paper's reference code, the shared quantities (policy and reference log-ratios,
+their f-divergence scores, `logits` = Δ on scores, the implicit rewards) are computed once per
+batch, here, so each loss in `dpokit.losses` is one or two lines over them. Shapes: every
+tensor is (B,), one entry per pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+import torch.nn.functional as F
+
+from dpokit.config import F_DIVERGENCES, LossConfig
+from dpokit.errors import DpokitError
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The loss options of one run, frozen; their defaults are LossConfig's (the one copy)."""
+
+    beta: float
+    label_smoothing: float
+    f_divergence: str
+    alpha_divergence_coef: float
+    discopop_tau: float
+    simpo_gamma: float
+    orpo_lambda: float
+    rdpo_alpha: float
+
+    @classmethod
+    def from_config(cls, loss_config: LossConfig) -> LossOptions:
+        return cls(**{f.name: getattr(loss_config, f.name) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    """Per-example tensors, each of shape (B,).
+
+    Rewards and log-probs are reported on what the loss sees (TRL's convention): a loss that
+    length-averages its log-probs (IPO, sigmoid_norm, the reference-free ones) reports rewards
+    β·lr/len and sets `chosen_logps`/`rejected_logps` to the averaged policy log-probs; None
+    there means the summed ones.
+    """
+
+    losses: Tensor
+    chosen_rewards: Tensor
+    rejected_rewards: Tensor
+    chosen_logps: Tensor | None = None
+    rejected_logps: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PairLogRatios:
+    """One batch's log-probs (each (B,)) and the quantities losses share, each computed once on
+    first use. Reference log-probs may be None for reference-free losses, lengths for losses
+    that do not read them."""
+
+    policy_chosen_logps: Tensor
+    policy_rejected_logps: Tensor
+    reference_chosen_logps: Tensor | None
+    reference_rejected_logps: Tensor | None
+    chosen_lengths: Tensor | None
+    rejected_lengths: Tensor | None
+    options: LossOptions
+
+    @cached_property
+    def chosen_logratios(self) -> Tensor:  # lr_c
+        return self.policy_chosen_logps - self.reference_chosen_logps
+
+    @cached_property
+    def rejected_logratios(self) -> Tensor:  # lr_r
+        return self.policy_rejected_logps - self.reference_rejected_logps
+
+    @cached_property
+    def chosen_scores(self) -> Tensor:
+        return score_logratios(self.chosen_logratios, self.options)
+
+    @cached_property
+    def rejected_scores(self) -> Tensor:
+        return score_logratios(self.rejected_logratios, self.options)
+
+    @cached_property
+    def logits(self) -> Tensor:
+        """Δ on scores (lr_c − lr_r under reverse KL): β times this is DPO's sigmoid argument."""
+        return self.chosen_scores - self.rejected_scores
+
+    @cached_property
+    def averaged_logits(self) -> Tensor:
+        """Δ on length-averaged scores: score_c/len_c − score_r/len_r (IPO, sigmoid_norm)."""
+        chosen = length_average(self.chosen_scores, self.chosen_lengths)
+        return chosen - length_average(self.rejected_scores, self.rejected_lengths)
+
+    @cached_property
+    def rewards(self) -> tuple[Tensor, Tensor]:
+        """(β·lr_c, β·lr_r), detached: the implicit rewards of reference-based losses."""
+        beta = self.options.beta
+        return beta * self.chosen_logratios.detach(), beta * self.rejected_logratios.detach()
+
+    @cached_property
+    def averaged_logps(self) -> tuple[Tensor, Tensor]:
+        """(π_c/len_c, π_r/len_r): the per-token policy log-probs."""
+        return (length_average(self.policy_chosen_logps, self.chosen_lengths),
+                length_average(self.policy_rejected_logps, self.rejected_lengths))
+
+    def averaged_output(self, losses: Tensor) -> LossOutput:
+        """Rewards β·lr/len and log-probs π/len: the length-averaged quantities such a loss sees."""
+        beta, avg_c, avg_r = self.options.beta, *self.averaged_logps
+        rewards = (beta * length_average(self.chosen_logratios, self.chosen_lengths).detach(),
+                   beta * length_average(self.rejected_logratios, self.rejected_lengths).detach())
+        return LossOutput(losses, *rewards, avg_c.detach(), avg_r.detach())
+
+    def reference_free_output(self, losses: Tensor) -> LossOutput:
+        """Rewards β·π/len and the averaged log-probs π/len that reference-free losses see."""
+        beta, avg_c, avg_r = self.options.beta, *self.averaged_logps
+        return LossOutput(losses, beta * avg_c.detach(), beta * avg_r.detach(), avg_c.detach(), avg_r.detach())
+
+
+def score_logratios(logratios: Tensor, options: LossOptions) -> Tensor:
+    """f'(π/ref) of f-DPO (Wang et al. 2023, Table 1), written in log-ratios as TRL 1.16 does."""
+    f_divergence = options.f_divergence
+    if f_divergence == "reverse_kl":  # f'(t) = log t + 1; the constant cancels in Δ
+        return logratios
+    if f_divergence == "forward_kl":  # f'(t) = 1 − 1/t: the α-divergence's f' at α = 0
+        return _power_score(logratios, 0.0)
+    if f_divergence == "js_divergence":  # f'(t) = log(2t / (1 + t))
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence == "alpha_divergence":  # f'(t) = (t^(α−1) − 1) / (α − 1); reverse KL at α = 1
+        a = options.alpha_divergence_coef
+        if abs(a - 1.0) < 1e-6:
+            return logratios
+        return _power_score(logratios, a)
+    raise DpokitError(f"--f-divergence must be one of {', '.join(F_DIVERGENCES)}; got {f_divergence!r}")
+
+
+def _power_score(logratios: Tensor, a: float) -> Tensor:
+    """(t^(a−1) − 1) / (a − 1) with t = exp(logratio), a ≠ 1. The exponent is clamped so exp() stays
+    finite (fp16/bf16 computed in fp32, as TRL does): an extreme log-ratio (−106 nats under forward
+    KL) gives a huge finite score, never inf, so the losses built on it never meet inf − inf or 0·inf."""
+    work = logratios.float() if logratios.dtype in (torch.float16, torch.bfloat16) else logratios
+    clamp_max = 11.0 if logratios.dtype == torch.float16 else 80.0 if work.dtype == torch.float32 else 700.0
+    t = torch.clamp((a - 1.0) * work, max=clamp_max)
+    return (torch.expm1(t) / (a - 1.0)).to(logratios.dtype)
+
+
+def length_average(logps: Tensor, lengths: Tensor) -> Tensor:
+    """Length-averaged log-prob; counts below 1 count as 1 (an empty response has log-prob 0)."""
+    return logps / lengths.clamp(min=1.0)
