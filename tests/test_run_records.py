@@ -39,6 +39,24 @@ def test_read_run_takes_the_last_records_of_metrics(trained_run):
     assert row["reward_accuracy"] == last_train["rewards/accuracies"]
     assert row["eval_loss"] == last_eval["eval_loss"]
     assert row["beta"] == 0.1 and row["judged_reward"] is None
+    assert row["wall_s"] > 0  # training wrote run_summary.json
+
+
+def test_training_leaves_a_model_card_and_the_data_counts(trained_run):
+    card = ModelCard.load(trained_run / "README.md")
+    assert card.data.library_name == "transformers" and "dpo" in card.data.tags
+    summary = json.loads((trained_run / "run_summary.json").read_text())
+    assert summary["data"]["rows_read"] == 64 and summary["data"]["pairs_kept"] == 64
+    assert "| rows_read | 64 |" in card.text
+
+
+def test_push_to_hub_offline_is_refused_before_training(tiny_model_dir, toy_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = cli.main(["train", "--model", str(tiny_model_dir), "--data", str(toy_data[0]), "--output",
+                     str(tmp_path / "run"), "--max-steps", "1", "--push-to-hub", "me/my-model"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("dpokit: error: --push-to-hub me/my-model: the Hub is switched off here")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_model_card_of_a_trained_run_parses_with_the_hub_reader(trained_run, tmp_path):

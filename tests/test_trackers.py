@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dpokit import cli, trackers
+from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from helpers.toy import make_pairs, write_jsonl
 from helpers.tracker_readers import (
@@ -112,13 +113,22 @@ def test_a_missing_tracker_library_is_refused_before_training(monkeypatch, tiny_
 
 @pytest.mark.parametrize("value, message", [("tensorbord", "unknown tracker tensorbord"),
                                             ("wandb,wandb", "list each tracker once"),
-                                            ("none,wandb", "none (alone only)")])
-def test_report_to_values_are_checked(value, message):
+                                            ("none,wandb", "none cannot be combined")])
+def test_report_to_values_are_checked_with_the_config(value, message):
     with pytest.raises(DpokitError, match=message):
-        trackers.parse_report_to(value)
-    assert trackers.parse_report_to("none") == () and trackers.parse_report_to("wandb, mlflow") == ("wandb", "mlflow")
+        build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"},
+                      "train": {"output": "o", "report_to": value}})
+    assert build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"},
+                         "train": {"output": "o", "report_to": "wandb, mlflow"}}).train.report_to == ("wandb", "mlflow")
+    assert trackers.chosen_trackers(("none",)) == ()
 
 
 def test_metric_names_follow_transformers():
     assert trackers.tracker_key("rewards/margins") == "train/rewards/margins"
     assert trackers.tracker_key("eval_rewards/accuracies") == "eval/rewards/accuracies"
+
+
+def test_every_tracker_the_config_accepts_has_a_library():
+    from dpokit.config.choices import TRACKERS
+
+    assert set(trackers._LIBRARIES) == set(TRACKERS)

@@ -19,8 +19,8 @@ from typing import Any
 from dpokit.errors import DpokitError, first_line
 from dpokit.io import Log
 
-# name -> (module that must import, the pip extra that brings it)
-TRACKERS: dict[str, tuple[str, str]] = {
+# tracker -> (the module it needs, the pip extra that brings it); the names are config's TRACKERS
+_LIBRARIES: dict[str, tuple[str, str]] = {
     "tensorboard": ("tensorboard", "tensorboard"),
     "wandb": ("wandb", "wandb"),
     "trackio": ("trackio", "trackio"),
@@ -28,24 +28,15 @@ TRACKERS: dict[str, tuple[str, str]] = {
 }
 
 
-def parse_report_to(value: str | Sequence[str] | None, option: str = "--report-to") -> tuple[str, ...]:
-    """`none`, or a comma list of tracker names (each once)."""
-    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value or ()) if v.strip()]
-    if names in ([], ["none"]):
-        return ()
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown or "none" in names:
-        raise DpokitError(f"{option}: unknown tracker {', '.join(unknown) or 'none (alone only)'}; "
-                          f"choose from none, {', '.join(TRACKERS)}")
-    if len(set(names)) != len(names):
-        raise DpokitError(f"{option}: list each tracker once; got {','.join(names)}")
-    return tuple(names)
+def chosen_trackers(report_to: Sequence[str]) -> tuple[str, ...]:
+    """--report-to's trackers (`none` means no tracker); the values were checked with the config."""
+    return tuple(name for name in report_to if name != "none")
 
 
 def require_trackers(names: Iterable[str], option: str = "--report-to") -> None:
     """Refuse, before training, a tracker whose library is not installed."""
-    for name in names:
-        module, extra = TRACKERS[name]
+    for name in chosen_trackers(names):
+        module, extra = _LIBRARIES[name]
         if importlib.util.find_spec(module) is None:
             raise DpokitError(f"{option} {name} needs the {module} package: pip install 'dpokit[{extra}]'")
 
@@ -171,6 +162,7 @@ class Trackers:
 
     def __init__(self, backends: list[Any], log: Log):
         self.backends, self.log = backends, log
+        self.last_step = 0  # pictures go at the last step logged
 
     def _each(self, call: Callable[[Any], None]) -> None:
         for backend in list(self.backends):
@@ -183,13 +175,14 @@ class Trackers:
 
     def log_record(self, record: dict[str, Any]) -> None:
         """One metrics.jsonl record: its numbers, renamed, at its step."""
-        step = int(record["step"])
+        step = self.last_step = int(record["step"])
         values = {tracker_key(k): float(v) for k, v in record.items()
                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
             self._each(lambda b: b.log_metrics(values, step))
 
-    def log_images(self, images: dict[str, Path], step: int) -> None:
+    def log_images(self, images: dict[str, Path], step: int | None = None) -> None:
+        step = self.last_step if step is None else step
         for tag, path in images.items():
             if Path(path).is_file():
                 self._each(lambda b, tag=tag, path=path: b.log_image(tag, Path(path), step))
@@ -203,7 +196,7 @@ def open_trackers(names: Sequence[str], *, run_dir: str | Path, run_name: str, c
                   log: Log = print) -> Trackers:
     """Start each named tracker; one that cannot start warns and is left out (as one failing later)."""
     started = []
-    for name in names:
+    for name in chosen_trackers(names):
         try:
             started.append(_BACKENDS[name](Path(run_dir), run_name, config))
         except Exception as exc:  # noqa: BLE001 - a tracker never stops training

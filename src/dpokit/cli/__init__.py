@@ -40,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     check_config_apart(args, cfg.train.output)
     result = train(cfg)
     if result.is_main:  # under torchrun, rank 0 writes the report
-        report_after_training(result.output, print)
+        report_after_training(result.output, print, result.trackers)
     return 0
 
 

@@ -24,6 +24,7 @@ from dpokit.config.choices import (
     PARALLEL_STRATEGIES,
     PROGRESS_MODES,
     REFERENCE_MODES,
+    TRACKERS,
     TRUNCATION_MODES,
     TURN_MODES,
     losses_where,
@@ -176,6 +177,15 @@ class TrainConfig:
         None, "continue a run: auto (newest checkpoint in --output, if any) or a checkpoint folder"
     )
     skip_nonfinite: bool = option(False, "skip (and count) a step whose loss or gradient is not finite, instead of stopping")
+    report_to: tuple[str, ...] = option(
+        ("none",), f"experiment trackers that receive every metrics.jsonl figure: none, or a comma list of "
+        f"{', '.join(TRACKERS)} (each needs its extra, e.g. pip install 'dpokit[mlflow]')"
+    )
+    push_to_hub: str | None = option(
+        None, "after training, upload the run folder (model, tokenizer, model card) to this Hub repository, "
+        "e.g. your-name/model (checked before training starts)"
+    )
+    hub_private: bool = option(False, "create the --push-to-hub repository as private")
 
 
 @section

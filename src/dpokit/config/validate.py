@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import math
 
-from dpokit.config.choices import F_DIVERGENCES, LOSS_KINDS, NEEDS_LABEL_SMOOTHING, LossKind, losses_where
+from dpokit.config.choices import (
+    F_DIVERGENCES,
+    LOSS_KINDS,
+    NEEDS_LABEL_SMOOTHING,
+    TRACKERS,
+    LossKind,
+    losses_where,
+)
 from dpokit.config.fields import flag_of, kind_of
 from dpokit.config.parsers import parse_columns, parse_template_kwargs
 from dpokit.config.sections import DataConfig, LossConfig, RunConfig, iter_options
@@ -47,6 +54,7 @@ def validate(config: RunConfig) -> None:
         if value < 0:
             raise DpokitError(f"{flag} must be >= 0 (0: automatic); got {value}")
     check_loss_config(lo)  # every loss option, --label-smoothing's range included
+    check_report_to(t.report_to)
     if t.warmup_steps < 0 or not 0.0 <= t.warmup_ratio < 1.0:
         raise DpokitError("--warmup-steps must be >= 0 and --warmup-ratio in [0, 1)")
     if t.keep_checkpoints < 1:
@@ -170,3 +178,14 @@ def _check_f_divergence(lo: LossConfig, kinds: list[LossKind]) -> None:
         if bad:
             ok = ", ".join(sorted(losses_where("f_divergence")))
             raise DpokitError(f"--f-divergence {f} does not apply to --loss {','.join(bad)}; it applies to: {ok}")
+
+
+def check_report_to(names: tuple[str, ...]) -> None:
+    """--report-to: none alone, or known trackers, each once."""
+    unknown = [n for n in names if n not in (*TRACKERS, "none")]
+    if unknown:
+        raise DpokitError(f"--report-to: unknown tracker {', '.join(unknown)}; choose none or from {', '.join(TRACKERS)}")
+    if "none" in names and len(names) > 1:
+        raise DpokitError(f"--report-to: none cannot be combined with trackers; got {','.join(names)}")
+    if len(set(names)) != len(names):
+        raise DpokitError(f"--report-to: list each tracker once; got {','.join(names)}")

@@ -15,10 +15,11 @@ _ROWS_SHOWN = 20
 
 
 def load_tokenized_pairs(
-    path: str, pair_tokenizer: PairTokenizer, log: Log = print, data=None
+    path: str, pair_tokenizer: PairTokenizer, log: Log = print, data=None, counts: dict | None = None
 ) -> list[TokenizedPair]:
     """Read, normalise and tokenize a source of pairs (`data`: a DataConfig, default settings
-    when None); log what was skipped, cut or dropped, by reason and row; refuse an empty result."""
+    when None); log what was skipped, cut or dropped, by reason and row; refuse an empty result.
+    `counts`, when given, receives the figures logged: rows read, pairs kept, rows cut, skips by reason."""
     reader = read_pairs(path, data)
     glued = [0]
 
@@ -34,6 +35,9 @@ def load_tokenized_pairs(
         log(f"{path}: {line}")
     if glued[0]:
         log(f"{path}: {glued_text_warning(glued[0])}")
+    if counts is not None:
+        counts.update(rows_read=read.rows_read, pairs_kept=len(pairs), rows_cut=stats.rows_cut,
+                      skipped={reason: len(rows) for reason, rows in {**read.skipped, **stats.skipped}.items()})
     if not pairs:
         first = next(iter({**read.examples, **stats.examples}.values()), None)
         raise DpokitError(

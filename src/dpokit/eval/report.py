@@ -16,8 +16,10 @@ from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler, format_number, run_config_of, run_template_kwargs
 from dpokit.eval.sampling import prompt_text, read_prompts
-from dpokit.io import atomic_write_bytes, atomic_write_text
+from dpokit.io import RUN_CONFIG_FILE, atomic_write_bytes, atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
+from dpokit.model_card import write_model_card
+from dpokit.trackers import Trackers
 
 Log = Callable[[str], None]
 
@@ -192,23 +194,29 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
                      "| prompt | before (reference) | after (policy) |", "| --- | --- | --- |"]
         sections += [f"| {_cell(r['prompt'])} | {_cell(r['before'])} | {_cell(r['after'])} |" for r in data["rows"]]
         sections.append("")
-    config = run_dir / "dpokit_config.yaml"
+    config = run_dir / RUN_CONFIG_FILE
     if config.is_file():
         sections += ["## Configuration", "", "```yaml", config.read_text(encoding="utf-8").rstrip(), "```", ""]
     path = run_dir / REPORT_FILE
     atomic_write_text(path, "\n".join(sections))
+    if (run_dir / RUN_CONFIG_FILE).is_file():  # the model card follows what the run now holds (an evaluation)
+        write_model_card(run_dir)
     if log:
         log(f"wrote {path} and {run_dir / CURVES_FILE}")
     return path
 
 
-def report_after_training(run_dir: str | Path, log: Log) -> None:
+def report_after_training(run_dir: str | Path, log: Log, trackers: Trackers | None = None) -> None:
     """Training curves and report.md of a run `train()` just finished, with one log line; the
-    model is already saved, so a failure here only warns."""
+    model is already saved, so a failure here only warns. The run's trackers (`TrainResult.trackers`)
+    get the training curves, then are finished."""
     try:
         log(f"report: {write_report(run_dir)}")
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
         log(f"warning: could not write the report ({type(exc).__name__}: {exc}); run `dpokit report {run_dir}`")
+    if trackers is not None:
+        trackers.log_images({"training_curves": Path(run_dir) / CURVES_FILE})
+        trackers.finish()
 
 
 def sample_before_after(run_dir: str | Path, prompts_path: str, sampling: SamplingConfig, *, max_prompts: int = 4,

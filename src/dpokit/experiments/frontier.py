@@ -27,6 +27,7 @@ from dpokit.eval.sampling import Prompt
 from dpokit.io import atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 from dpokit.paths import claim_output_folder
+from dpokit.trackers import open_trackers
 from dpokit.train.loop import train
 
 Log = Callable[[str], None]
@@ -57,6 +58,13 @@ class RunEvaluation:
     figures: dict  # everything evaluate_on_prompts measured (the run's evaluation.json)
 
 
+def refuse_push(base: RunConfig, command: str) -> None:
+    """Several runs would push to one repository, each over the last: the user picks one later."""
+    if base.train.push_to_hub:
+        raise DpokitError(f"--push-to-hub: dpokit {command} trains several runs; push the one you choose "
+                          "afterwards (hf upload REPO RUN_FOLDER)")
+
+
 class FrontierRunner:
     """Train, evaluate and place runs on one reward–KL frontier in `root`.
 
@@ -66,11 +74,11 @@ class FrontierRunner:
     """
 
     def __init__(self, root: Path, *, reference, prompts: Sequence[Prompt], sampler: Sampler,
-                 write_csv: bool = True, log: Log = print):
+                 write_csv: bool = True, report_to: tuple[str, ...] = ("none",), log: Log = print):
         if sampler.judge is None:
             raise DpokitError("a reward–KL frontier needs a judge to score the samples")
         self.root, self.reference, self.prompts, self.sampler = Path(root), reference, list(prompts), sampler
-        self.write_csv, self.log = write_csv, log
+        self.write_csv, self.report_to, self.log = write_csv, report_to, log
         self.reference_samples: SampleSet | None = None
         self.reference_row: dict | None = None
         self.rows: list[dict] = []
@@ -86,13 +94,14 @@ class FrontierRunner:
         reference_model = load_policy(reference, device, model.trust_remote_code).eval()
         sampler = Sampler(tokenizer, sampling, judge=judge, judging=judging, dtype=model.dtype,
                           template_kwargs=parse_template_kwargs(base.data.chat_template_kwargs), progress=progress)
-        return cls(root, reference=reference_model, prompts=prompts, sampler=sampler, log=log)
+        return cls(root, reference=reference_model, prompts=prompts, sampler=sampler, report_to=base.train.report_to,
+                   log=log)
 
     def beside(self, root: Path, *, progress: bool, log: Log) -> FrontierRunner:
         """A frontier of its own in `root` that shares this one's judge, reference, prompts,
         sampling and reference samples: its points compare with this one's."""
         other = FrontierRunner(root, reference=self.reference, prompts=self.prompts,
-                               sampler=replace(self.sampler, progress=progress), log=log)
+                               sampler=replace(self.sampler, progress=progress), report_to=self.report_to, log=log)
         other.reference_samples, other.reference_row = self.reference_samples, self.reference_row
         return other
 
@@ -105,7 +114,7 @@ class FrontierRunner:
         """Train `cfg`, write its report, evaluate it; record its row, named `name` (its "run"
         column), with `fields` added (e.g. a `label` for the picture)."""
         result = train(cfg, log=self.log)
-        report_after_training(cfg.train.output, self.log)
+        report_after_training(cfg.train.output, self.log, result.trackers)
         done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
                              trust_remote_code=cfg.model.trust_remote_code)
         done.row.update(fields)
@@ -148,3 +157,8 @@ class FrontierRunner:
         plot_frontier(self.points if points is None else points, self.root / PNG_FILE, title=title,
                       from_reference=from_reference)
         atomic_write_text(self.root / summary_file, json.dumps(summary, indent=1))
+        if self.report_to != ("none",):  # the frontier, as a tracker run of its own beside the runs'
+            trackers = open_trackers(self.report_to, run_dir=self.root, run_name=f"{self.root.name}-frontier",
+                                     config={"frontier": {"summary": summary_file}}, log=self.log)
+            trackers.log_images({"frontier": self.root / PNG_FILE}, step=0)
+            trackers.finish()

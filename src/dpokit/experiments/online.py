@@ -28,7 +28,7 @@ from dpokit.config import (
 )
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler, mean_and_stderr
-from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root
+from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root, refuse_push
 from dpokit.io import atomic_write_text, run_folder_lock
 from dpokit.model.load import load_policy
 from dpokit.paths import check_run_paths
@@ -113,6 +113,7 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     start at 2, judged with that frontier's judge, reference and samples.
     The folder is locked for the command's life (one writer at a time).
     """
+    refuse_push(base, "online")
     first_round = 2 if start_policy else 1
     if online.rounds < first_round or online.samples_per_prompt < 2:
         raise DpokitError(f"--rounds must be at least {first_round} and --samples-per-prompt at least 2 "

@@ -16,7 +16,7 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
 from dpokit.eval.sampling import read_prompts
-from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root
+from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root, refuse_push
 from dpokit.io import run_folder_lock
 from dpokit.paths import check_run_paths
 
@@ -40,6 +40,7 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     """
     if not judging.prompts or not judging.judge:
         raise DpokitError("dpokit sweep needs --prompts and --judge to place each run on the frontier")
+    refuse_push(base, "sweep")
     check_run_paths(base, [("--prompts", judging.prompts), ("--judge", judging.judge)])
     if not betas or any(not b > 0 for b in betas):
         raise DpokitError(f"--beta: every β must be positive; got {list(betas)}")

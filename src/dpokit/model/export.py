@@ -9,6 +9,7 @@ import torch
 from dpokit.errors import DpokitError
 from dpokit.io import atomic_save_pretrained
 from dpokit.model.load import load_lora_run, load_policy, load_tokenizer, run_base_model
+from dpokit.model_card import write_model_card
 from dpokit.paths import check_creatable, check_outputs_apart, clear_for_overwrite
 
 
@@ -40,4 +41,5 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     if overwrite:
         clear_for_overwrite(output, "export: --output")  # no file of an earlier export may survive
     atomic_save_pretrained(output, model.to(torch_dtype), tokenizer)
+    write_model_card(output, run_folder=run, name=Path(output).name)
     return output

@@ -37,7 +37,7 @@ _NAME = re.compile(r"^step-(\d+)$")
 # Options that do not change what a run computes: they may differ between a run and its resume.
 RESUME_MAY_CHANGE = {
     "output", "overwrite", "progress", "log_every", "eval_every", "eval_data", "save_every",
-    "keep_checkpoints", "resume", "device", "reference_cache",
+    "keep_checkpoints", "resume", "device", "reference_cache", "report_to", "push_to_hub", "hub_private",
     # How the work is split and stored, not what is computed (the global batch is checked apart).
     "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing",
 }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,10 +29,14 @@ from tqdm import tqdm
 
 from dpokit.config import RunConfig, with_absolute_model_paths
 from dpokit.data.batching import epoch_order
+from dpokit.hub import check_push_possible, push_run
 from dpokit.io import JsonlWriter, run_folder_lock
+from dpokit.model_card import write_model_card
 from dpokit.paths import check_run_paths
+from dpokit.runinfo import write_run_summary
 from dpokit.scoring import PairScorer
 from dpokit.settings_checks import warn_idle_options
+from dpokit.trackers import Trackers, open_trackers, require_trackers
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed, init_distributed, teardown
 from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
@@ -59,6 +64,7 @@ class TrainResult:
     final_eval: dict[str, float] = field(default_factory=dict)
     nonfinite_skipped: int = 0
     is_main: bool = True  # this process wrote the run folder (rank 0, or the only process)
+    trackers: Trackers | None = None  # --report-to, still open: the caller adds the report's pictures, then finishes
 
 
 def seed_everything(seed: int) -> None:
@@ -70,6 +76,9 @@ def seed_everything(seed: int) -> None:
 def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     """Run one training job: a single process, or one rank of a torchrun launch."""
     check_run_paths(cfg)  # before anything else, the lock file included: an output never lands on an input
+    require_trackers(cfg.train.report_to)  # a missing tracker or an impossible push: refused before any work
+    if cfg.train.push_to_hub:
+        check_push_possible(cfg.train.push_to_hub)
     ctx, device = init_distributed(cfg.model.device)
     try:
         # One writer per run folder: a second train/resume on it is refused while this one lives.
@@ -80,6 +89,7 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
+    started = time.perf_counter()
     cfg = with_absolute_model_paths(cfg)  # the saved config must name them from any directory
     tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=log)
     warn_idle_options(cfg, log)
@@ -110,9 +120,14 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
         start_run_files(output, cfg, state.step if resume_from is not None else None)
     log(_run_line(cfg, data, device, ctx))
 
-    run = _Run(cfg, data, scorer, parts, state, output=output, ctx=ctx, log=log)
-    run.steps()
-    return run.finish(tokenizer, lora=bool(cfg.lora.lora_r))
+    run = _Run(cfg, data, scorer, parts, state, output=output, ctx=ctx, log=log, started=started)
+    try:
+        run.steps()
+        return run.finish(tokenizer, lora=bool(cfg.lora.lora_r))
+    except BaseException:
+        if run.trackers is not None:  # what was logged stays readable in each tracker
+            run.trackers.finish()
+        raise
 
 
 def _run_line(cfg: RunConfig, data: RunData, device: torch.device, ctx: Distributed) -> str:
@@ -128,11 +143,13 @@ class _Run:
     """A run once set up: its steps, what each one records, its checkpoints, its end."""
 
     def __init__(self, cfg: RunConfig, data: RunData, scorer: PairScorer, parts: TrainingParts,
-                 state: ckpt.TrainState, *, output: Path, ctx: Distributed, log: Log) -> None:
+                 state: ckpt.TrainState, *, output: Path, ctx: Distributed, log: Log, started: float) -> None:
         self.cfg, self.t = cfg, cfg.train  # the whole config only for the checkpoints, which hold it
         self.data, self.scorer, self.parts, self.state = data, scorer, parts, state
-        self.output, self.ctx, self.log = output, ctx, log
+        self.output, self.ctx, self.log, self.started = output, ctx, log, started
         self.metrics_file = JsonlWriter(output / "metrics.jsonl") if ctx.is_main else None
+        self.trackers = (open_trackers(cfg.train.report_to, run_dir=output, run_name=output.name, config=cfg.to_dict(),
+                                       log=log) if ctx.is_main and cfg.train.report_to != ("none",) else None)
         progress = cfg.train.progress
         self.show_bar = ctx.is_main and (progress == "on" or (progress == "auto" and sys.stderr.isatty()))
         self.bar = tqdm(total=data.total_steps, initial=state.step, desc="dpo", unit="step",
@@ -213,6 +230,8 @@ class _Run:
     def record(self, entry: dict) -> None:
         if self.metrics_file is not None:
             self.metrics_file.write(entry)
+        if self.trackers is not None:
+            self.trackers.log_record(entry)
         self.state.history.append(entry)
 
     def save(self) -> Path:
@@ -237,8 +256,18 @@ class _Run:
             log(f"skipped {state.nonfinite_skipped} step(s) with a non-finite loss or gradient")
         what = "LoRA adapter (merge it with dpokit export --merge)" if lora else "policy"
         log(f"saved the trained {what} and its tokenizer to {self.output}")
-        result.history = state.history
+        if self.ctx.is_main:
+            self.describe_run()
+        result.history, result.trackers = state.history, self.trackers
         return result
+
+    def describe_run(self) -> None:
+        """What the folder tells about itself beyond the model: wall time and data counts, the model
+        card; then the push, when asked (checked before training started)."""
+        write_run_summary(self.output, wall_seconds=time.perf_counter() - self.started, data=self.data.counts)
+        write_model_card(self.output)
+        if self.t.push_to_hub:
+            push_run(self.output, self.t.push_to_hub, private=self.t.hub_private, log=self.log)
 
 
 def _scaler_skip_record(step: int, epoch: float, scaler, log: Log) -> dict:

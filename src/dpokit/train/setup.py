@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ class RunData:
     global_batch: int  # pairs per optimizer step over all ranks
     steps_per_epoch: int
     total_steps: int
+    counts: dict = field(default_factory=dict)  # the training data's rows read, kept, cut, skipped
 
 
 def load_run_tokenizer(*, model: ModelConfig, data: DataConfig, log: Log):
@@ -60,13 +61,15 @@ def load_run_tokenizer(*, model: ModelConfig, data: DataConfig, log: Log):
 
 def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size: int, log: Log) -> RunData:
     pair_tokenizer = PairTokenizer.from_config(tokenizer, data)
-    train_pairs = load_tokenized_pairs(data.data, pair_tokenizer, log, data)
+    counts: dict = {}
+    train_pairs = load_tokenized_pairs(data.data, pair_tokenizer, log, data, counts)
     eval_pairs = load_tokenized_pairs(data.eval_data, pair_tokenizer, log, data) if data.eval_data else []
     global_batch = train.batch_size * train.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
     warn_warmup(warmup_steps(train, total_steps), total_steps, train.learning_rate, log)
-    return RunData(train_pairs, eval_pairs, data_fingerprint(train_pairs), global_batch, steps_per_epoch, total_steps)
+    return RunData(train_pairs, eval_pairs, data_fingerprint(train_pairs), global_batch, steps_per_epoch, total_steps,
+                   counts)
 
 
 def load_run_policy(*, model: ModelConfig, lora: LoraSection, loss: LossConfig, gradient_checkpointing: bool,
