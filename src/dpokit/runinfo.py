@@ -112,16 +112,28 @@ def read_run(folder: str | Path) -> RunInfo:
                    summary=_read_json(folder / RUN_SUMMARY_FILE))
 
 
+# What a run folder holds besides runs: never searched for runs.
+_NOT_RUNS = {"checkpoints", "reference-cache", "tensorboard", "mlruns", "wandb", "pairs"}
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / RUN_CONFIG_FILE).is_file() or (folder / METRICS_FILE).is_file()
+
+
 def find_runs(folders: list[str | Path]) -> list[Path]:
-    """Run folders among `folders` and one level below each (a sweep's or the demo's root holds
-    one run per subfolder), in the order given, subfolders sorted by name."""
+    """Run folders among `folders` and below them (a sweep's root holds one run per subfolder, the
+    demo's its runs and an online/ folder of rounds), in the order given, each level by name."""
     found: list[Path] = []
+
+    def visit(folder: Path) -> None:
+        if _is_run(folder) and folder not in found:
+            found.append(folder)
+        for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _NOT_RUNS):
+            visit(child)
+
     for given in map(Path, folders):
-        candidates = [given] + sorted(p for p in given.iterdir() if p.is_dir()) if given.is_dir() else []
-        for candidate in candidates:
-            is_run = (candidate / RUN_CONFIG_FILE).is_file() or (candidate / METRICS_FILE).is_file()
-            if is_run and candidate not in found:
-                found.append(candidate)
+        if given.is_dir():
+            visit(given)
     return found
 
 
