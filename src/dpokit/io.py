@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -157,3 +158,8 @@ def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path
         yield folder
     finally:
         handle.close()  # releases the lock
+
+
+def shows_progress(choice: str) -> bool:
+    """--progress on/off/auto: progress bars, with auto meaning when stderr is a terminal."""
+    return choice == "on" or (choice == "auto" and sys.stderr.isatty())

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dpokit.errors import DpokitError
-from dpokit.io import folder_entries
+from dpokit.io import RUN_CONFIG_FILE, folder_entries
 
 Named = Iterable[tuple[str, "str | Path | None"]]
 
@@ -94,7 +94,7 @@ def claim_output_folder(folder: str | Path, *, overwrite: bool, option: str = "-
     if path.exists() and not path.is_dir():
         raise DpokitError(f"{option} {folder} is a file, not a folder")
     if path.is_dir() and folder_entries(path) and not overwrite:
-        what = "holds another dpokit run" if (path / "dpokit_config.yaml").exists() else "is not empty"
+        what = "holds another dpokit run" if (path / RUN_CONFIG_FILE).exists() else "is not empty"
         raise DpokitError(f"{option} {folder} {what}; {hint}")
     if overwrite:
         clear_for_overwrite(path, option)  # nothing of the previous run may survive beside the new one

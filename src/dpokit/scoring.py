@@ -16,8 +16,10 @@ import torch
 
 from dpokit.config import LoraSection, LossConfig, ModelConfig, SpeedConfig, TrainConfig
 from dpokit.data import TokenizedPair
-from dpokit.data.batching import PairBatch, collate, epoch_order, plan_rows
+from dpokit.data.batching import PairBatch, collate, plan_rows
+from dpokit.data.order import epoch_order
 from dpokit.errors import DpokitError
+from dpokit.io import Log
 from dpokit.losses import LossOutput, compile_loss, needs_reference
 from dpokit.metrics import PairMetrics
 from dpokit.model.attention import layout_blocker
@@ -175,7 +177,7 @@ def build_scorer(
     datasets: Sequence[Sequence[TokenizedPair]],
     needed: Sequence[Sequence[int] | None],
     output: Path,
-    log: Callable[[str], None],
+    log: Log,
     world_size: int,
     make_live_reference: Callable[[], object],
     reference_weights: str | None = None,

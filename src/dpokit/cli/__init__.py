@@ -26,7 +26,7 @@ from dpokit.cli.evaluation import (
 )
 from dpokit.cli.runs import add_runs_command
 from dpokit.config import DTYPES
-from dpokit.errors import DpokitError, TrainingInterrupted
+from dpokit.errors import DpokitError, TrainingInterrupted, first_line
 from dpokit.eval.report import report_after_training
 from dpokit.model.export import export_model
 from dpokit.train.loop import train
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a one-line message
         if args.debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc) if str(exc).strip() else ""
         print(f"dpokit: internal error: {type(exc).__name__}: {first} (rerun with --debug for the "
               "traceback, and please report it)", file=sys.stderr)
         return 1

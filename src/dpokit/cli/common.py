@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 
 from dpokit.config import build_config, coerce, flag_of, format_value, iter_options, kind_of, load_yaml
+from dpokit.io import shows_progress
 from dpokit.paths import check_outputs_apart
 
 
@@ -24,8 +24,7 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 def show_progress(args: argparse.Namespace) -> bool:
     """--progress on/off/auto: progress bars, with auto meaning when stderr is a terminal."""
-    choice = getattr(args, "progress", "auto")
-    return choice == "on" or (choice == "auto" and sys.stderr.isatty())
+    return shows_progress(getattr(args, "progress", "auto"))
 
 
 def add_field(group, f: dataclasses.Field, help_override: str | None = None) -> None:

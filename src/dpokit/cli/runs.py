@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dpokit.cli.common import add_debug_flag
 from dpokit.errors import DpokitError
 from dpokit.runinfo import find_runs, read_run
 
@@ -37,7 +38,7 @@ def add_runs_command(sub) -> None:
     runs.add_argument("--sort", choices=sorted(COLUMNS), default="run", help="column to sort by (default: run)")
     runs.add_argument("--reverse", action="store_true", help="sort in descending order")
     runs.add_argument("--json", action="store_true", help="print a JSON list of rows instead of the table")
-    runs.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    add_debug_flag(runs)
     runs.set_defaults(func=_cmd_runs)
 
 

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 
 from dpokit.config import BATCH_LAYOUTS as LAYOUTS
-from dpokit.data.order import epoch_order  # noqa: F401 - re-exported: train/loop.py and scoring.py import it from here
 from dpokit.data.tokenize import TokenizedPair
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2

@@ -39,8 +39,7 @@ from typing import Any
 
 from dpokit.config import DATA_FORMATS as LAYOUTS
 from dpokit.config import TURN_MODES, parse_columns
-from dpokit.data.conversations import (  # noqa: F401 - CHAT_ROLES: eval/sampling.py imports it from here
-    CHAT_ROLES,
+from dpokit.data.conversations import (
     Message,
     chat_messages,
     sharegpt_messages,

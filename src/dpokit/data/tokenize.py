@@ -53,7 +53,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 
-from dpokit.config import TRUNCATION_MODES
+from dpokit.config import TRUNCATION_MODES, DataConfig
 from dpokit.data.pairs import PreferencePair, Text
 from dpokit.data.render import PairRenderer, read_chat_template
 from dpokit.data.sources import RowSkip
@@ -62,7 +62,7 @@ from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
 
 # Share of --max-length a long prompt leaves to the responses when --max-prompt-length is not set.
-MIN_RESPONSE_SHARE = 0.25
+MIN_RESPONSE_SHARE = DataConfig.min_response_share  # the default, from its one place
 _CHUNK = 512  # pairs encoded per batched tokenizer call
 
 

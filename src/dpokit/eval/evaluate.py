@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from dpokit.config import (
     DataConfig,
@@ -38,12 +37,12 @@ from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
 from dpokit.eval.judges import Judge, load_judge, score_responses
 from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text, read_prompts
+from dpokit.io import Log, read_run_config
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
 from dpokit.scoring import PairScorer
 from dpokit.settings_checks import context_limit, fit_max_length
 
-Log = Callable[[str], None]
 EXAMPLES_KEPT = 3
 
 
@@ -284,25 +283,16 @@ def format_table(result: dict) -> str:
 # --- the `dpokit evaluate` command ----------------------------------------------------------
 
 
-def run_config_of(model_dir: str | Path) -> dict | None:
-    """The resolved config a dpokit run wrote beside its model, or None for any other folder."""
-    path = Path(model_dir) / "dpokit_config.yaml"
-    if not path.is_file():
-        return None
-    loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    return loaded if isinstance(loaded, dict) else None
-
-
 def run_template_kwargs(model_dir: str | Path) -> dict[str, Any]:
     """The --chat-template-kwargs a dpokit run trained with ({} for any other folder): sampling the
     run renders message prompts with them, as training did."""
-    return parse_template_kwargs(((run_config_of(model_dir) or {}).get("data") or {}).get("chat_template_kwargs"))
+    return parse_template_kwargs(((read_run_config(model_dir) or {}).get("data") or {}).get("chat_template_kwargs"))
 
 
 def loss_config_for(model_dir: str | Path, overrides: dict | None = None) -> LossConfig:
     """β and the loss the run was trained with (when `model_dir` is a dpokit run), then `overrides`."""
     known = {f.name for f in dataclasses.fields(LossConfig)}
-    saved = (run_config_of(model_dir) or {}).get("loss") or {}
+    saved = (read_run_config(model_dir) or {}).get("loss") or {}
     return LossConfig(**{k: v for k, v in {**saved, **(overrides or {})}.items() if k in known})
 
 
@@ -315,7 +305,7 @@ RUN_DATA_SETTINGS = ("data_format", "columns", "strict", "drop_tied_scores", "ma
 
 def data_config_for(model_dir: str | Path, data: str, overrides: dict | None = None, log: Log = print) -> DataConfig:
     """The run's own data settings (when `model_dir` is a dpokit run), then `overrides`; logs the result."""
-    saved = (run_config_of(model_dir) or {}).get("data") or {}
+    saved = (read_run_config(model_dir) or {}).get("data") or {}
     inherited = {k: v for k, v in saved.items() if k in RUN_DATA_SETTINGS}
     given = {k: v for k, v in (overrides or {}).items() if k != "data"}
     config = DataConfig(**{**inherited, **given, "data": data})
@@ -367,7 +357,7 @@ def evaluate_models(model: ModelConfig, *, data: dict | None = None, loss_overri
 
 def _run_reference(model_dir: str, log: Log) -> str:
     """The model a dpokit run was trained from: its reference (online rounds name one) or its start."""
-    saved = (run_config_of(model_dir) or {}).get("model") or {}
+    saved = (read_run_config(model_dir) or {}).get("model") or {}
     reference = saved.get("reference_model") or saved.get("model")
     if reference is None:
         raise DpokitError(f"--reference-model is required: {model_dir} is not a dpokit run folder naming its base "

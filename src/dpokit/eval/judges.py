@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, first_line
 from dpokit.model.load import load_tokenizer
 
 Judge = Callable[[list[str], list[str]], list[float]]
@@ -60,7 +60,7 @@ class RewardModelJudge:
             self.model, loading = AutoModelForSequenceClassification.from_pretrained(
                 path, dtype=torch.float32, output_loading_info=True)
         except (OSError, ValueError) as exc:
-            raise DpokitError(f"judge {path}: not a sequence-classification model ({_first_line(exc)})") from None
+            raise DpokitError(f"judge {path}: not a sequence-classification model ({first_line(exc)})") from None
         _check_scoring_head(path, loading["missing_keys"])
         if self.model.config.num_labels not in (1, 2):
             raise DpokitError(f"judge {path}: has {self.model.config.num_labels} labels; a reward model needs 1 "
@@ -158,7 +158,7 @@ def score_responses(judge: Judge, prompts: Sequence[str], responses: Sequence[st
         except Exception as exc:  # noqa: BLE001 - find the row, then report it on one line
             row = start + _failing_row(judge, batch_p, batch_r)
             raise DpokitError(f"{name} failed on row {row} (response {responses[row][:60]!r}): "
-                              f"{type(exc).__name__}: {_first_line(exc)}") from None
+                              f"{type(exc).__name__}: {first_line(exc)}") from None
         if len(out) != len(batch_r):
             raise DpokitError(f"{name} returned {len(out)} scores for rows {start}-{start + len(batch_r) - 1} "
                               f"({len(batch_r)} responses); it must return one float per response")
@@ -180,6 +180,3 @@ def _failing_row(judge: Judge, prompts: list[str], responses: list[str]) -> int:
     return 0
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

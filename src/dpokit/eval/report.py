@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
-from dpokit.eval.evaluate import Sampler, format_number, run_config_of, run_template_kwargs
+from dpokit.eval.evaluate import Sampler, format_number, run_template_kwargs
 from dpokit.eval.sampling import prompt_text, read_prompts
-from dpokit.io import RUN_CONFIG_FILE, atomic_write_bytes, atomic_write_text
+from dpokit.io import RUN_CONFIG_FILE, Log, atomic_write_bytes, atomic_write_text, read_run_config
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 from dpokit.model_card import write_model_card
 from dpokit.trackers import Trackers
-
-Log = Callable[[str], None]
 
 CURVES_FILE = "training_curves.png"
 REPORT_FILE = "report.md"
@@ -225,7 +223,7 @@ def sample_before_after(run_dir: str | Path, prompts_path: str, sampling: Sampli
     the run's chat-template arguments), and save the pairs as samples.json for the report."""
     run_dir = Path(run_dir)
     prompts = read_prompts(prompts_path, max_prompts)
-    base = ((run_config_of(run_dir) or {}).get("model") or {}).get("model")
+    base = ((read_run_config(run_dir) or {}).get("model") or {}).get("model")
     if base is None:
         raise DpokitError(f"{run_dir}: no dpokit_config.yaml naming the base model, so no 'before' samples")
     torch_device = resolve_device(device)

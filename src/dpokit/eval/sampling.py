@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from dpokit.config import ModelConfig, SamplingConfig, validate_sampling
-from dpokit.data.pairs import CHAT_ROLES, RowSkip
-from dpokit.data.sources import parse_json
+from dpokit.data.conversations import CHAT_ROLES
+from dpokit.data.sources import RowSkip, parse_json
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
 from dpokit.io import JsonlWriter

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,13 +24,11 @@ from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
 from dpokit.eval.judges import load_judge
 from dpokit.eval.report import plot_frontier, report_after_training, write_report
 from dpokit.eval.sampling import Prompt
-from dpokit.io import atomic_write_text
+from dpokit.io import Log, atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 from dpokit.paths import claim_output_folder
 from dpokit.trackers import open_trackers
 from dpokit.train.loop import train
-
-Log = Callable[[str], None]
 
 CSV_FIELDS = ("run", "method", "beta", "reward", "reward_stderr", "kl", "kl_stderr", "win_rate",
               "win_rate_stderr", "eval_reward_accuracy", "eval_reward_margin")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from dpokit.config import (
@@ -29,11 +29,9 @@ from dpokit.config import (
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler, mean_and_stderr
 from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root, refuse_push
-from dpokit.io import atomic_write_text, run_folder_lock
+from dpokit.io import Log, atomic_write_text, run_folder_lock
 from dpokit.model.load import load_policy
 from dpokit.paths import check_run_paths
-
-Log = Callable[[str], None]
 
 # Seeds of the pair samples: far from the evaluation's sample seed, different in every round.
 ROUND_SEED_STRIDE = 1000

@@ -9,7 +9,7 @@ rewards are computed once and shared by every run (all runs sample with the same
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,10 +17,8 @@ from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, vali
 from dpokit.errors import DpokitError
 from dpokit.eval.sampling import read_prompts
 from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root, refuse_push
-from dpokit.io import run_folder_lock
+from dpokit.io import Log, run_folder_lock
 from dpokit.paths import check_run_paths
-
-Log = Callable[[str], None]
 
 
 def run_name(loss: str, beta: float) -> str:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import collate
-from dpokit.errors import DpokitError
-from dpokit.io import atomic_write_text
+from dpokit.errors import DpokitError, first_line
+from dpokit.io import Log, atomic_write_text
 from dpokit.model.logprobs import PairLogps, head_is_plain, sequence_logps
 
 # fp32: summed log-probs of a few hundred tokens agree across layouts to ~1e-5 (the conformance
@@ -49,7 +49,7 @@ def _gap(a: PairLogps, b: PairLogps) -> tuple[float, float]:
 
 
 def check_first_batch(scorer, pairs: Sequence[TokenizedPair], output: Path,
-                      log: Callable[[str], None] = print) -> dict:
+                      log: Log = print) -> dict:
     """Compare the scorer's layouts and head with padded + plain on the longest CHECKED_PAIRS of
     `pairs` (the first batch); fall back if they differ.
 
@@ -90,7 +90,7 @@ def _check(model, pairs, scorer, layout: str, plain: PairLogps, chunk) -> dict:
     try:
         got = _fp32_logps(model, pairs, scorer, layout, scorer.chunked_head, chunk)
     except (TypeError, ValueError, AttributeError, RuntimeError) as exc:  # a layout the model cannot run
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        why = first_line(exc)
         return {"layout": layout, "gap": None, "error": f"{type(exc).__name__}: {why}", "exact": False}
     gap, tolerance = _gap(plain, got)
     return {"layout": layout, "gap": gap, "tolerance": tolerance, "exact": gap <= tolerance}

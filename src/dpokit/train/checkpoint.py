@@ -25,8 +25,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dpokit.config import RunConfig, coerce, dump_yaml, iter_options
-from dpokit.errors import DpokitError
-from dpokit.io import fsync_tree, make_staging_dir
+from dpokit.errors import DpokitError, first_line
+from dpokit.io import RUN_CONFIG_FILE, fsync_tree, make_staging_dir
 from dpokit.train.distributed import Distributed
 from dpokit.train.state import load_optimizer_state, load_trainable_state, optimizer_state, trainable_state
 
@@ -135,7 +135,7 @@ def _write_staging(staging: Path, final: Path, cfg: RunConfig, state: TrainState
         if scaler is not None and scaler.is_enabled():
             extra["scaler"] = scaler.state_dict()
         torch.save(extra, staging / "training_state.pt")
-        (staging / "dpokit_config.yaml").write_text(dump_yaml(cfg), encoding="utf-8")
+        (staging / RUN_CONFIG_FILE).write_text(dump_yaml(cfg), encoding="utf-8")
         (staging / STATE_FILE).write_text(json.dumps(asdict(state)), encoding="utf-8")
         fsync_tree(staging)
         if final.exists():  # a finished run re-saved at the same step: replace it whole
@@ -187,7 +187,7 @@ def _read_file(checkpoint: Path, name: str, read):
     try:
         return read(checkpoint / name)
     except Exception as exc:  # noqa: BLE001 - safetensors, zip, pickle and OS errors all mean "damaged"
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        reason = first_line(exc)[:120]
         older = [c for c in list_checkpoints(checkpoint.parent.parent) if c.name < checkpoint.name]
         fallback = (f"; the last good checkpoint before it is {older[-1]} (pass --resume {older[-1]})" if older
                     else "; no earlier checkpoint exists, so start over with --overwrite")
@@ -195,7 +195,7 @@ def _read_file(checkpoint: Path, name: str, read):
 
 
 def saved_config(path: Path) -> dict[str, dict[str, Any]]:
-    return yaml.safe_load((Path(path) / "dpokit_config.yaml").read_text(encoding="utf-8"))
+    return yaml.safe_load((Path(path) / RUN_CONFIG_FILE).read_text(encoding="utf-8"))
 
 
 def check_resumable(saved: dict[str, dict[str, Any]], cfg: RunConfig, where: Path) -> None:
@@ -258,7 +258,7 @@ def resolve_resume(cfg: RunConfig) -> Path | None:
     path = Path(option)
     if not path.is_dir():
         raise DpokitError(f"--resume {option}: no such checkpoint folder")
-    if not (path / STATE_FILE).is_file() or not (path / "dpokit_config.yaml").is_file():
+    if not (path / STATE_FILE).is_file() or not (path / RUN_CONFIG_FILE).is_file():
         raise DpokitError(f"--resume {option}: not a complete dpokit checkpoint (no {STATE_FILE})")
     return path
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dpokit.errors import DpokitError
+from dpokit.io import Log
 from dpokit.model.load import resolve_device
 
 
@@ -68,7 +68,7 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
-    def main_only(self, log: Callable[[str], None]) -> Callable[[str], None]:
+    def main_only(self, log: Log) -> Log:
         """Only rank 0 speaks; the others would print the same lines N times."""
         return log if self.is_main else (lambda _msg: None)
 

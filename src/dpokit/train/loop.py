@@ -15,9 +15,7 @@ two tiny all-reduces per step make the ranks agree on finiteness and on stopping
 from __future__ import annotations
 
 import random
-import sys
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
@@ -28,9 +26,9 @@ import torch
 from tqdm import tqdm
 
 from dpokit.config import RunConfig, with_absolute_model_paths
-from dpokit.data.batching import epoch_order
+from dpokit.data.order import epoch_order
 from dpokit.hub import check_push_possible, push_run
-from dpokit.io import JsonlWriter, run_folder_lock
+from dpokit.io import JsonlWriter, Log, run_folder_lock, shows_progress
 from dpokit.model_card import write_model_card
 from dpokit.paths import check_run_paths
 from dpokit.runinfo import write_run_summary
@@ -52,8 +50,6 @@ from dpokit.train.setup import (
 from dpokit.train.shards import rank_steps
 from dpokit.train.signals import StopRequest
 from dpokit.train.step import StepOutcome, TrainingParts, train_step
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -151,7 +147,7 @@ class _Run:
         self.trackers = (open_trackers(cfg.train.report_to, run_dir=output, run_name=output.name, config=cfg.to_dict(),
                                        log=log) if ctx.is_main and cfg.train.report_to != ("none",) else None)
         progress = cfg.train.progress
-        self.show_bar = ctx.is_main and (progress == "on" or (progress == "auto" and sys.stderr.isatty()))
+        self.show_bar = ctx.is_main and shows_progress(progress)
         self.bar = tqdm(total=data.total_steps, initial=state.step, desc="dpo", unit="step",
                         disable=not self.show_bar, dynamic_ncols=True)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from dpokit.config import RunConfig, TrainConfig, dump_yaml
 from dpokit.errors import DpokitError
-from dpokit.io import atomic_save_pretrained, atomic_write_text, folder_entries
-from dpokit.paths import clear_for_overwrite
+from dpokit.io import RUN_CONFIG_FILE, atomic_save_pretrained, atomic_write_text, folder_entries
+from dpokit.paths import claim_output_folder
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed
 from dpokit.train.state import pretrained_state
@@ -18,21 +18,17 @@ from dpokit.train.wrap import unwrap
 
 
 def prepare_output(train: TrainConfig, resuming: bool) -> Path:
-    """Refuse to mix a new run into a folder that holds something else."""
+    """Refuse to mix a new run into a folder that holds something else (paths.claim_output_folder,
+    with train's own advice); a resumed run's folder is its own."""
     output = Path(train.output)
     if output.exists() and not output.is_dir():
         raise DpokitError(f"--output {output} is a file, not a folder")
-    if not resuming and output.is_dir() and folder_entries(output) and not train.overwrite:
-        if train.resume == "auto":
+    if not resuming:
+        if train.resume == "auto" and output.is_dir() and folder_entries(output) and not train.overwrite:
             raise DpokitError(f"--resume auto: {output} holds no complete checkpoint to resume from; "
                               "pass --overwrite to start over there, or choose a new folder")
-        what = "holds another dpokit run" if (output / "dpokit_config.yaml").exists() else "is not empty"
-        raise DpokitError(
-            f"--output {output} {what}; pass --resume auto to continue it, --overwrite to write over it, "
-            "or choose a new folder"
-        )
-    if not resuming and train.overwrite:
-        clear_for_overwrite(output)  # nothing of the previous run may survive beside the new one
+        claim_output_folder(output, overwrite=train.overwrite,
+                            hint="pass --resume auto to continue it, --overwrite to write over it, or choose a new folder")
     output.mkdir(parents=True, exist_ok=True)
     ckpt.remove_stale_staging(output)
     return output
@@ -44,7 +40,7 @@ def start_run_files(output: Path, cfg: RunConfig, resumed_step: int | None) -> N
         rewind_metrics(output / "metrics.jsonl", resumed_step)
     else:
         (output / "metrics.jsonl").unlink(missing_ok=True)
-    atomic_write_text(output / "dpokit_config.yaml", dump_yaml(cfg))
+    atomic_write_text(output / RUN_CONFIG_FILE, dump_yaml(cfg))
 
 
 def rewind_metrics(path: Path, step: int) -> None:

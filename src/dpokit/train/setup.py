@@ -5,7 +5,6 @@ weights fingerprint), the scorer with its reference, the optimizer, schedule and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from dpokit.config import DataConfig, LoraSection, LossConfig, ModelConfig, RunConfig, TrainConfig
 from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
+from dpokit.io import Log
 from dpokit.losses import needs_reference
 from dpokit.model.load import (
     build_reference,
@@ -30,8 +30,6 @@ from dpokit.train.optim import build_optimizer, build_scheduler, warmup_steps
 from dpokit.train.shards import pairs_the_run_uses
 from dpokit.train.step import TrainingParts
 from dpokit.train.wrap import grad_scaler, parallelize
-
-Log = Callable[[str], None]
 
 
 @dataclass

@@ -18,7 +18,7 @@ from itertools import islice
 import torch
 import torch.distributed as dist
 
-from dpokit.data.batching import epoch_order
+from dpokit.data.order import epoch_order
 from dpokit.train.distributed import Distributed
 
 

@@ -11,7 +11,7 @@ batch's attention mask on the host). Metrics stay on the device until a log line
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +20,11 @@ import torch
 from dpokit.config import TrainConfig
 from dpokit.data import TokenizedPair
 from dpokit.errors import DpokitError
+from dpokit.io import Log
 from dpokit.scoring import PairScorer, ScoredBatch
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.distributed import Distributed
 from dpokit.train.wrap import clip_grad_norm, gradient_sync
-
-Log = Callable[[str], None]
 
 
 @dataclass

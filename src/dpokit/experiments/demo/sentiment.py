@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -32,11 +30,9 @@ from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, base_model_dir
 from dpokit.experiments.demo.corpus import review_openings
 from dpokit.experiments.frontier import FrontierRunner
 from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
-from dpokit.io import atomic_write_text, run_folder_lock
+from dpokit.io import Log, atomic_write_text, run_folder_lock, shows_progress
 from dpokit.model.load import load_policy, load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart
-
-Log = Callable[[str], None]
 
 DPO, PREFERRED_FT, ONLINE = "DPO", "Preferred-FT", "online DPO"
 
@@ -119,7 +115,7 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
     torch.set_num_threads(s.threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    show = sys.stderr.isatty() if progress is None else progress
+    show = shows_progress("auto") if progress is None else progress
     with _DetailLog(out / "demo.log", started) as quiet:
         base = str(base_model_dir())  # checked against its manifest
         runner, train_prompts = _demo_frontier(s, base, out, quiet)
