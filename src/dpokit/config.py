@@ -191,6 +191,10 @@ class ScaleConfig:
     gradient_checkpointing: bool = _opt(
         False, "recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"
     )
+    activation_offload: bool = _opt(
+        False, "keep the activations saved for backward in pinned CPU memory instead of GPU memory "
+        "(torch.autograd.graph.save_on_cpu; CUDA only: on the CPU they are in CPU memory already)"
+    )
 
 
 @dataclass
@@ -209,6 +213,13 @@ class SpeedConfig:
         choices=("auto", "chunked", "plain"),
     )
     lm_head_chunk: int = _opt(0, "positions per LM-head chunk (0: 4M elements / vocabulary size, at least 16)")
+    attention: str = _opt(
+        "auto",
+        "attention of packed and prefix-shared rows: segments (each sequence through SDPA's fused causal "
+        "kernel: no [T x T] mask, memory linear in length), masks (a [T x T] mask per row), or auto "
+        "(segments where exact for the model, else masks, with one log line)",
+        choices=("auto", "segments", "masks"),
+    )
     reference: str = _opt(
         "auto",
         "reference log-probs: precomputed (one no-grad pass before training, cached on disk), live (a "

@@ -23,7 +23,7 @@ from dpokit.metrics import PairMetrics
 from dpokit.model.attention import layout_blocker
 from dpokit.model.layout_guard import check_first_batch
 from dpokit.model.load import autocast_context
-from dpokit.model.logprobs import PairLogps, model_body, sequence_logps
+from dpokit.model.logprobs import PairLogps, configure_forward, model_body, sequence_logps
 from dpokit.model.reference import (
     PrecomputedReference,
     precompute_reference,
@@ -176,6 +176,7 @@ def build_scorer(
     limits the precomputed pass to those. `reference_weights` is the reference's weights
     fingerprint when the caller has it already (`run_reference_weights`).
     """
+    configure_forward(policy, speed=cfg.speed, scale=cfg.scale, device=device, log=log)
     compile_if_asked(policy, cfg)
     scorer = PairScorer(cfg, policy, None, pad_id, device)
     if world_size > 1:
