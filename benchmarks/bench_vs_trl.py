@@ -217,7 +217,7 @@ def worker_gemm(opts: dict) -> dict:
 def run_worker(python: str, kind: str, folder: Path | None, opts: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"]), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", **opts.get("env", {})}
     cmd = [python, str(HERE), "--worker", kind, "--folder", str(folder or ""), "--opts", json.dumps(opts)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -289,6 +289,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--plot", help="with --sections length: write the memory-vs-length plot here")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="with --sections length: tokens per sequence")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -385,7 +386,7 @@ def main() -> None:
     if "length" in sections:
         rows_by_length = {length: measure(f"length{length // 1024}k", length_spec(MAIN, length),
                                           length_configs(me, trl, length), None, steps=STEPS, warmup=WARMUP,
-                                          batch=BATCH) for length in LENGTHS}
+                                          batch=BATCH) for length in map(int, args.lengths.split(","))}
         report["length"] = summarise_lengths(rows_by_length, Path(args.plot) if args.plot else None)
     report["gemm_flops"] = statistics.median(gemms)
     print(f"\nfp32 GEMM, median of {len(gemms)} measurements: {report['gemm_flops'] / 1e9:.1f} GFLOP/s")

@@ -99,7 +99,7 @@ def test_exclusions_are_exactly_the_documented_ones(family, tok):
 
 
 # Families with sdpa whose packed rows keep the [T x T] masks under --attention auto, and why
-# (the README's table); every other family with sdpa runs segment attention.
+# (`attention.segments_blocker`); every other family with sdpa runs segment attention.
 SEGMENTS_EXCLUDED = {"mistral": "sliding-window", "mixtral": "sliding-window", "phi3": "sliding-window",
                      "qwen2-sliding": "sliding-window", "gemma3": "sliding-window", "starcoder2": "sliding-window",
                      "falcon": "does not pass attention arguments", "falcon-alibi": "does not pass attention arguments",

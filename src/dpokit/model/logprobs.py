@@ -186,12 +186,14 @@ def configure_forward(model: torch.nn.Module, *, speed: SpeedConfig, scale: Scal
     """Once per run, before anything is scored: the attention packed rows use, and offloading.
 
     `--attention`: see `attention.choose_attention` (only where a layout other than padded can
-    run). `--activation-offload`: the forward's saved activations go to pinned CPU memory
+    run; auto means masks under `--compile`). `--activation-offload`: the forward's saved activations go to pinned CPU memory
     (CUDA only; a CPU run keeps them in CPU memory anyway, so asking for it there is an error).
     """
+    # Under --compile, auto keeps the masks: the runs differ per batch, and each would recompile.
+    choice = "masks" if speed.compile and speed.attention == "auto" else speed.attention
     if speed.layout != "padded":
         try:
-            choose_attention(model, speed.attention, log)
+            choose_attention(model, choice, log)
         except ValueError as exc:
             raise DpokitError(str(exc)) from None
     if scale.activation_offload:
