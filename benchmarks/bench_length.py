@@ -51,9 +51,9 @@ def summarise_lengths(rows_by_length: dict[int, list[dict]], plot: Path | None) 
     """Print the memory-vs-length table, slopes and budget lengths; draw the plot; return the figures."""
     names = [r["name"] for r in next(iter(rows_by_length.values()))]
     print(f"\n## memory vs length (budget {BUDGET_MB} MB)")
-    print(f"{'length':>7} " + " ".join(f"{n[:30]:>30}" for n in names) + "   (peak RSS MB / pairs/s)")
+    print(f"{'length':>7} " + " ".join(f"{n:>34}" for n in names) + "   (peak RSS MB / pairs/s)")
     for length, rows in rows_by_length.items():
-        print(f"{length:7d} " + " ".join(f"{r['peak_rss_mb']:18.0f} / {r['pairs_per_s']:8.4f}" for r in rows))
+        print(f"{length:7d} " + " ".join(f"{r['peak_rss_mb']:22.0f} / {r['pairs_per_s']:9.4f}" for r in rows))
     figures = {}
     for i, name in enumerate(names):
         points = [(length, rows[i]["peak_rss_mb"]) for length, rows in rows_by_length.items()]

@@ -384,10 +384,15 @@ def main() -> None:
             ] + ([("TRL precompute_ref_log_probs", trl, "trl", {"precompute": True})] if vocab == 131072 else []),
                 None, steps=2, warmup=1)
     if "length" in sections:
-        rows_by_length = {length: measure(f"length{length // 1024}k", length_spec(MAIN, length),
-                                          length_configs(me, trl, length), None, steps=STEPS, warmup=WARMUP,
-                                          batch=BATCH) for length in map(int, args.lengths.split(","))}
-        report["length"] = summarise_lengths(rows_by_length, Path(args.plot) if args.plot else None)
+        rows_by_length = {}
+        for length in map(int, args.lengths.split(",")):
+            rows_by_length[length] = measure(f"length{length // 1024}k", length_spec(MAIN, length),
+                                             length_configs(me, trl, length), None, steps=STEPS, warmup=WARMUP,
+                                             batch=BATCH)
+            # After every length, so a run stopped early keeps the figures of the lengths it finished.
+            report["length"] = summarise_lengths(rows_by_length, Path(args.plot) if args.plot else None)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=1))
     report["gemm_flops"] = statistics.median(gemms)
     print(f"\nfp32 GEMM, median of {len(gemms)} measurements: {report['gemm_flops'] / 1e9:.1f} GFLOP/s")
     if args.json:
