@@ -83,7 +83,6 @@ def _plot(figures: dict, path: Path) -> None:
     ax.axhline(BUDGET_MB, color="grey", linestyle="--", linewidth=1, label=f"{BUDGET_MB} MB budget")
     ax.set_xlabel("tokens per sequence (prompt + response)")
     ax.set_ylabel("whole-process peak RSS (MB)")
-    ax.set_xscale("log", base=2)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
