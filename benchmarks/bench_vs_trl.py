@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_length import BATCH, LENGTHS, STEPS, WARMUP, length_configs, length_spec, summarise_lengths
+
 HERE = Path(__file__).resolve()
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]
 MAIN = {"vocab": 8192, "hidden": 256, "inter": 688, "layers": 4, "heads": 4, "pairs": 512,
@@ -63,7 +65,8 @@ def prepare(folder: Path, spec: dict, seed: int = 0) -> dict:
     config_class = Qwen2Config if spec.get("arch") == "qwen2" else LlamaConfig
     config = config_class(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["inter"],
                           num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                          num_key_value_heads=spec.get("kv_heads", spec["heads"]), max_position_embeddings=2048,
+                          num_key_value_heads=spec.get("kv_heads", spec["heads"]),
+                          max_position_embeddings=spec.get("positions", 2048),
                           tie_word_embeddings=spec.get("tied", False), bos_token_id=2, eos_token_id=3, pad_token_id=0)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder / "model")
@@ -131,12 +134,12 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     cfg = build_config({
         "model": {"model": str(folder / "model"), "dtype": opts.get("dtype", "fp32"),
                   "device": opts.get("device", "cpu")},
-        "data": {"data": str(folder / "pairs.jsonl"), "max_length": 2048},
+        "data": {"data": str(folder / "pairs.jsonl"), "max_length": opts.get("max_length", 2048)},
         "loss": {"beta": 0.1},
-        "train": {"output": str(Path(opts["scratch"]) / "dpokit"), "overwrite": True, "batch_size": 8,
+        "train": {"output": str(Path(opts["scratch"]) / "dpokit"), "overwrite": True, "batch_size": opts.get("batch", 8),
                   "max_steps": steps, "learning_rate": 5e-6, "lr_scheduler": "constant", "log_every": 1,
                   "progress": "off", "seed": 0, "max_grad_norm": 1.0},
-        "speed": opts.get("speed", {}),
+        "speed": opts.get("speed", {}), "scale": opts.get("scale", {}),
     })
     started = time.perf_counter()
     result = train(cfg, log=log)
@@ -176,12 +179,13 @@ def worker_trl(folder: Path, opts: dict) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder / "model")
     args = DPOConfig(
-        output_dir=str(Path(opts["scratch"]) / "trl"), per_device_train_batch_size=8,
+        output_dir=str(Path(opts["scratch"]) / "trl"), per_device_train_batch_size=opts.get("batch", 8),
         max_steps=opts["warmup"] + opts["steps"], learning_rate=5e-6, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1, logging_steps=1, save_strategy="no",
-        report_to=[], bf16=opts.get("dtype") == "bf16", fp16=False, use_cpu=not cuda, max_length=2048, seed=0, data_seed=0,
+        report_to=[], bf16=opts.get("dtype") == "bf16", fp16=False, use_cpu=not cuda, max_length=opts.get("max_length", 2048), seed=0, data_seed=0,
         dataloader_num_workers=0, disable_tqdm=True, train_sampling_strategy="sequential",
         precompute_ref_log_probs=opts.get("precompute", False),
+        **({"gradient_checkpointing": True} if opts.get("gradient_checkpointing") else {}),
     )
     trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tok, callbacks=[Timer()])
     trainer.train()
@@ -213,7 +217,7 @@ def worker_gemm(opts: dict) -> dict:
 def run_worker(python: str, kind: str, folder: Path | None, opts: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(opts["threads"]), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
-           "PYTHONWARNINGS": "ignore"}
+           "PYTHONWARNINGS": "ignore", **opts.get("env", {})}
     cmd = [python, str(HERE), "--worker", kind, "--folder", str(folder or ""), "--opts", json.dumps(opts)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -223,7 +227,8 @@ def run_worker(python: str, kind: str, folder: Path | None, opts: dict) -> dict:
 
 
 def summarise(name: str, runs: list[dict], info: dict, opts: dict, gemm: float) -> dict:
-    timed = [info["order"][i] for i in range(opts["warmup"] * 8, (opts["warmup"] + opts["steps"]) * 8)]
+    batch = opts.get("batch", 8)
+    timed = [info["order"][i] for i in range(opts["warmup"] * batch, (opts["warmup"] + opts["steps"]) * batch)]
     timed = [i for i in timed if i < len(info["lengths"])]
     tokens = sum(2 * p + c + r for p, c, r in (info["lengths"][i] for i in timed))
     flops = sum(model_flops_per_pair(info, *info["lengths"][i]) for i in timed)
@@ -277,12 +282,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny model and data, dpokit (and TRL if given) only")
     parser.add_argument("--trl-python", default="/tmp/trlenv/bin/python", help="python of the TRL environment")
-    parser.add_argument("--sections", default="main,long,vocab", help="comma list of main, layouts, long, vocab, gpu")
+    parser.add_argument("--sections", default="main,long,vocab", help="comma list of main, layouts, long, vocab, length, gpu")
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--json", help="also write all figures to this file")
+    parser.add_argument("--plot", help="with --sections length: write the memory-vs-length plot here")
+    parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="with --sections length: tokens per sequence")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -313,10 +320,10 @@ def main() -> None:
           f"{gemm / 1e9:.1f} GFLOP/s")
     report: dict = {"gemm_flops": gemm, "sections": {}}
 
-    def measure(spec_name, spec, configs, baseline, steps=None, warmup=None):
+    def measure(spec_name, spec, configs, baseline, steps=None, warmup=None, batch=8):
         folder = scratch / spec_name
         info = prepare(folder, spec)
-        opts = {**base_opts, "scratch": str(scratch / "runs")}
+        opts = {**base_opts, "scratch": str(scratch / "runs"), "batch": batch}
         if steps:
             opts.update(steps=steps, warmup=warmup)
         configs = [c for c in configs if c[1] is not None]
@@ -376,6 +383,16 @@ def main() -> None:
                 ("dpokit plain head", me, "dpokit", {"speed": {"lm_head": "plain"}}),
             ] + ([("TRL precompute_ref_log_probs", trl, "trl", {"precompute": True})] if vocab == 131072 else []),
                 None, steps=2, warmup=1)
+    if "length" in sections:
+        rows_by_length = {}
+        for length in map(int, args.lengths.split(",")):
+            rows_by_length[length] = measure(f"length{length // 1024}k", length_spec(MAIN, length),
+                                             length_configs(me, trl, length), None, steps=STEPS, warmup=WARMUP,
+                                             batch=BATCH)
+            # After every length, so a run stopped early keeps the figures of the lengths it finished.
+            report["length"] = summarise_lengths(rows_by_length, Path(args.plot) if args.plot else None)
+            if args.json:
+                Path(args.json).write_text(json.dumps(report, indent=1))
     report["gemm_flops"] = statistics.median(gemms)
     print(f"\nfp32 GEMM, median of {len(gemms)} measurements: {report['gemm_flops'] / 1e9:.1f} GFLOP/s")
     if args.json:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check, under 8 minutes on one H100: (1) the layout / chunked-head equivalence tests on CUDA,
-# (2) a bf16 training run through the real CLI, (3) dpokit vs TRL on a Qwen2-0.5B-shaped model
+# (2) a bf16 training run through the real CLI, (2b) peak GPU memory with --activation-offload, (3) dpokit vs TRL on a Qwen2-0.5B-shaped model
 # (random weights from a config, bf16, 512 pairs, batch 8, 4 warm-up + 20 timed steps).
 #
 #   bash benchmarks/gpu_check.sh                      # from the repository root
@@ -52,6 +52,28 @@ losses = [json.loads(l)["loss"] for l in (tmp / "run" / "metrics.jsonl").read_te
 print("bf16 losses:", [round(x, 4) for x in losses])
 assert abs(losses[0] - math.log(2)) < 1e-2 and all(math.isfinite(x) for x in losses)
 print("bf16 run OK")
+EOF
+
+step "2b. --activation-offload: peak GPU memory of the same 3 bf16 steps with and without (long prompts)"
+timeout 180 "$PYTHON" - <<'EOF' 2>&1 | tee "$OUT/offload.log" || status=1
+import json, subprocess, sys, tempfile
+from pathlib import Path
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
+tmp = Path(tempfile.mkdtemp())
+model = save_tiny_model(tmp / "m")
+rows = [{**r, "prompt": (r["prompt"] + " ") * 40} for r in make_pairs(16, seed=2)]  # long prompts
+data = write_jsonl(tmp / "d.jsonl", rows)
+peaks = {}
+for name, extra in (("default", []), ("offload", ["--activation-offload"])):
+    out = tmp / name
+    proc = subprocess.run([sys.executable, "-m", "dpokit", "train", "--model", model, "--data", data, "--output", out,
+                           "--dtype", "bf16", "--device", "cuda", "--max-steps", "3", "--batch-size", "8",
+                           "--max-length", "1024", "--progress", "off", *extra], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    peaks[name] = max(r.get("memory/peak_mb", 0.0) for r in records)
+    print(name, "losses", [round(r["loss"], 5) for r in records if "loss" in r], "peak GPU MB", round(peaks[name], 1))
+print(f"activation offload: peak GPU memory x{peaks['offload'] / peaks['default']:.2f} (same losses expected)")
 EOF
 
 step "3. dpokit vs TRL, Qwen2-0.5B-shaped, bf16"

@@ -22,3 +22,17 @@ def test_benchmark_smoke_mode_reports_dpokit_figures(tmp_path):
     assert row["name"] == "dpokit (defaults)" and row["pairs_per_s"] > 0 and row["peak_rss_mb"] > 0
     assert row["losses"][0] == pytest.approx(math.log(2), abs=1e-5)
     assert any("reference log-probs of 24 pairs: computed" in note for note in row["notes"])
+
+
+def test_length_section_reads_slope_and_budget_lengths_off_the_points(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import bench_length
+
+    # 500 MB + 300 MB per 1k tokens: 3072 MB is reached at (3072 - 500) / 300 * 1024 = 8777 tokens.
+    rows = {n: [{"name": "linear", "peak_rss_mb": 500 + 300 * n / 1024, "pairs_per_s": 1.0}]
+            for n in bench_length.LENGTHS}
+    figures = bench_length.summarise_lengths(rows, None)["linear"]
+    assert figures["slope_mb_per_1k"] == pytest.approx(300)
+    assert figures["intercept_mb"] == pytest.approx(500)
+    assert figures["longest_measured_under_budget"] == 8192
+    assert figures["longest_by_fit"] == pytest.approx((3072 - 500) / 300 * 1024)

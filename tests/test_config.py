@@ -115,7 +115,7 @@ def test_every_option_has_a_resolved_type():
         assert not isinstance(f.type, str), f.name
         kind_of(f)
     list_options = {f.name for _, f in iter_options() if kind_of(f).is_list}
-    assert list_options == {"loss", "loss_weights", "lora_target_modules"}
+    assert list_options == {"loss", "loss_weights", "lora_target_modules", "report_to"}
 
 
 def test_process_batch_size_is_one_process_batch():

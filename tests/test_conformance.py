@@ -1,9 +1,10 @@
 """The architecture conformance matrix: every family in `helpers.families.FAMILIES` (one line each).
 
 For each family (tiny random model, fp32, local/sliding windows shorter than the sequences):
-- every layout x LM head x attention implementation gives each sequence's summed response
-  log-prob of a one-sequence-at-a-time forward to 1e-5, or the layout is excluded: `auto` never
-  picks it and asking for it explicitly fails with the reason;
+- every layout x LM head x attention implementation (eager, sdpa, and dpokit's segment
+  attention over sdpa) gives each sequence's summed response log-prob of a one-sequence-at-a-time
+  forward to 1e-5, or the layout is excluded: `auto` never picks it and asking for it explicitly
+  fails with the reason; segment attention runs exactly where documented (SEGMENTS_EXCLUDED);
 - two train-mode forwards of the same input are bitwise equal (dropout off, config fields too);
 - (slow) two CLI training steps and `dpokit sample` run, and the first-batch layout check agrees.
 """
@@ -16,7 +17,14 @@ import torch
 from dpokit.cli import main
 from dpokit.config import build_config
 from dpokit.data.batching import LAYOUTS, collate
-from dpokit.model.attention import attention_inputs, block_attention_mask, layout_blocker
+from dpokit.model.attention import (
+    SEGMENTS,
+    attention_impl,
+    attention_inputs,
+    block_attention_mask,
+    layout_blocker,
+    segments_blocker,
+)
 from dpokit.model.load import disable_dropout
 from dpokit.model.logprobs import head_is_plain, sequence_logps
 from dpokit.scoring import PairScorer
@@ -89,6 +97,24 @@ def test_exclusions_are_exactly_the_documented_ones(family, tok):
     model = build_family(family, tok, attention_kinds(family)[-1])
     blocked = {lay for lay in LAYOUTS if layout_blocker(model, lay) is not None}
     assert blocked == EXCLUDED.get(family, set())
+
+
+# Families with sdpa whose packed rows keep the [T x T] masks under --attention auto, and why
+# (`attention.segments_blocker`); every other family with sdpa runs segment attention.
+SEGMENTS_EXCLUDED = {"mistral": "sliding-window", "mixtral": "sliding-window", "phi3": "sliding-window",
+                     "qwen2-sliding": "sliding-window", "gemma3": "sliding-window", "starcoder2": "sliding-window",
+                     "falcon": "does not pass attention arguments", "falcon-alibi": "does not pass attention arguments",
+                     "stablelm": "does not pass attention arguments"}
+
+
+@pytest.mark.parametrize("family", sorted(f for f in FAMILIES if "segments" in attention_kinds(f)))
+def test_segment_attention_runs_exactly_where_documented(family, tok):
+    model = build_family(family, tok, "segments")
+    why = segments_blocker(build_family(family, tok, "sdpa"))
+    if family in SEGMENTS_EXCLUDED:
+        assert attention_impl(model) == "sdpa" and SEGMENTS_EXCLUDED[family] in why
+    else:
+        assert attention_impl(model) == SEGMENTS and why is None
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.config import LoraSection, LossConfig, ModelConfig, SpeedConfig, TrainConfig
+from dpokit.config import LoraSection, LossConfig, ModelConfig, ScaleConfig, SpeedConfig, TrainConfig
 from dpokit.data import TokenizedPair
 from dpokit.data.batching import PairBatch, collate, plan_rows
 from dpokit.data.order import epoch_order
@@ -25,7 +25,7 @@ from dpokit.metrics import PairMetrics
 from dpokit.model.attention import layout_blocker
 from dpokit.model.layout_guard import check_first_batch
 from dpokit.model.load import autocast_context
-from dpokit.model.logprobs import PairLogps, model_body, sequence_logps
+from dpokit.model.logprobs import PairLogps, configure_forward, model_body, sequence_logps
 from dpokit.model.reference import (
     PrecomputedReference,
     precompute_reference,
@@ -170,6 +170,7 @@ def build_scorer(
     model: ModelConfig,
     loss: LossConfig,
     speed: SpeedConfig,
+    scale: ScaleConfig,
     lora: LoraSection,
     train: TrainConfig,
     pad_id: int,
@@ -194,6 +195,7 @@ def build_scorer(
     limits the precomputed pass to those. `reference_weights` is the reference's weights
     fingerprint when the caller has it already (`run_reference_weights`).
     """
+    configure_forward(policy, speed=speed, scale=scale, device=device, log=log)
     compile_if_asked(policy, speed)
     unwrapped = PairScorer(policy, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device)
     if world_size > 1:

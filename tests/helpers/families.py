@@ -11,6 +11,7 @@ import torch
 
 from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
+from dpokit.model.attention import choose_attention
 from helpers.toy import make_pairs
 
 WINDOW = 4
@@ -70,12 +71,13 @@ def family_config(name: str, tokenizer, attn: str = "sdpa", dropout: float = 0.0
 
 
 def attention_kinds(name: str) -> list[str]:
-    """The attention implementations family `name` supports on CPU: eager, and sdpa where it has it."""
+    """The attention kinds family `name` supports on CPU: eager, and sdpa and segments (dpokit's
+    segment attention over sdpa; `auto` keeps sdpa where it is not exact) where it has sdpa."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.for_model(FAMILIES[name][0]))]
-    return ["eager", "sdpa"] if model_class._supports_sdpa else ["eager"]
+    return ["eager", "segments", "sdpa"] if model_class._supports_sdpa else ["eager"]
 
 
 def build_family(name: str, tokenizer, attn: str = "eager", seed: int = 0, dropout: float = 0.0):
@@ -83,8 +85,11 @@ def build_family(name: str, tokenizer, attn: str = "eager", seed: int = 0, dropo
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = family_config(name, tokenizer, attn, dropout)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    config = family_config(name, tokenizer, "sdpa" if attn == "segments" else attn, dropout)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if attn == "segments":
+        choose_attention(model, "auto", log=lambda line: None)
+    return model
 
 
 def family_pairs(tok, count: int = 4) -> list:

@@ -22,6 +22,7 @@ RESERVED_TEMPLATE_ARGS = ("messages", "conversation", "tools", "documents", "add
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 LR_SCHEDULERS = ("cosine", "linear", "constant")
 PROGRESS_MODES = ("auto", "on", "off")
+ATTENTION_KINDS = ("auto", "segments", "masks")  # --attention of packed and prefix-shared rows
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")  # --report-to, besides none
 PARALLEL_STRATEGIES = ("ddp", "fsdp")
 BATCH_LAYOUTS = ("padded", "packed", "prefix-shared")  # --layout, besides auto

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpokit.config.choices import (
+    ATTENTION_KINDS,
     BATCH_LAYOUTS,
     DATA_FORMATS,
     DTYPES,
@@ -212,6 +213,10 @@ class ScaleConfig:
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"
     )
+    activation_offload: bool = option(
+        False, "keep the activations saved for backward in pinned CPU memory instead of GPU memory "
+        "(torch.autograd.graph.save_on_cpu; CUDA only: on the CPU they are in CPU memory already)"
+    )
 
 
 @section
@@ -230,6 +235,13 @@ class SpeedConfig:
         choices=LM_HEADS,
     )
     lm_head_chunk: int = option(0, "positions per LM-head chunk (0: 4M elements / vocabulary size, at least 16)")
+    attention: str = option(
+        "auto",
+        "attention of packed and prefix-shared rows: segments (each sequence through SDPA's fused causal "
+        "kernel: no [T x T] mask, memory linear in length), masks (a [T x T] mask per row), or auto "
+        "(segments where exact for the model, else masks, with one log line)",
+        choices=ATTENTION_KINDS,
+    )
     reference: str = option(
         "auto",
         "reference log-probs: precomputed (one no-grad pass before training, cached on disk), live (a "

@@ -17,14 +17,18 @@ they fall back to the plain path: the model's own logits, scored in chunks of po
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from dpokit.config import ScaleConfig, SpeedConfig
 from dpokit.data.batching import PairBatch
-from dpokit.model.attention import attention_inputs
+from dpokit.errors import DpokitError
+from dpokit.model.attention import attention_inputs, choose_attention
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
 # length adapts to the vocabulary, so peak memory does not grow with it.
@@ -32,6 +36,8 @@ CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK = 16
 
 _plain_head_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Models whose activations saved for backward live in pinned CPU memory (--activation-offload).
+_offloaded: weakref.WeakSet = weakref.WeakSet()
 
 
 @dataclass
@@ -175,6 +181,35 @@ def head_is_plain(model: torch.nn.Module) -> bool:
     return verdict
 
 
+def configure_forward(model: torch.nn.Module, *, speed: SpeedConfig, scale: ScaleConfig, device: torch.device,
+                      log: Callable[[str], None] = print) -> None:
+    """Once per run, before anything is scored: the attention packed rows use, and offloading.
+
+    `--attention`: see `attention.choose_attention` (only where a layout other than padded can
+    run; auto means masks under `--compile`). `--activation-offload`: the forward's saved activations go to pinned CPU memory
+    (CUDA only; a CPU run keeps them in CPU memory anyway, so asking for it there is an error).
+    """
+    # Under --compile, auto keeps the masks: the runs differ per batch, and each would recompile.
+    choice = "masks" if speed.compile and speed.attention == "auto" else speed.attention
+    if speed.layout != "padded":
+        try:
+            choose_attention(model, choice, log)
+        except ValueError as exc:
+            raise DpokitError(str(exc)) from None
+    if scale.activation_offload:
+        if device.type != "cuda":
+            raise DpokitError("--activation-offload moves activations from GPU to CPU memory; "
+                              f"this run is on {device.type}, where they are in CPU memory already")
+        _offloaded.add(model)
+
+
+def _saved_tensors_place(model: torch.nn.Module):
+    """save_on_cpu (pinned) for an offloaded model's gradient forward; otherwise nothing."""
+    if model in _offloaded and torch.is_grad_enabled():
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return contextlib.nullcontext()
+
+
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool | None = None,
                    chunk: int | None = None) -> PairLogps:
     """Run `model` on the batch and sum each sequence's scored-token log-probs.
@@ -183,6 +218,17 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool 
     False = the plain path (full logits from the model); True = require the chunked head.
     """
     use_chunked = head_is_plain(model) if chunked_head is None else chunked_head
+    with _saved_tensors_place(model):
+        logps = _scored_token_logps(model, batch, use_chunked, chunk)
+    num_seqs = 2 * batch.num_pairs
+    summed = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, batch.score_seq, logps)
+    lengths = torch.bincount(batch.score_seq, minlength=num_seqs).to(torch.float32)
+    b = batch.num_pairs
+    return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:])
+
+
+def _scored_token_logps(model: torch.nn.Module, batch: PairBatch, use_chunked: bool, chunk: int | None) -> torch.Tensor:
+    """(N,) float32 log-probs of the batch's scored tokens: the forward, then the LM head."""
     inputs = {"use_cache": False, **attention_inputs(model, batch)}
     shape = batch.input_ids.shape  # FlashAttention runs packed rows as one flattened row
     if use_chunked:
@@ -190,12 +236,6 @@ def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool 
         if body is None or not isinstance(head, torch.nn.Linear):
             raise ValueError("the chunked LM head needs a model with a body and a Linear output layer")
         hidden = body(**inputs).last_hidden_state.view(*shape, -1)[batch.score_rows, batch.score_cols]
-        logps = chunked_head_logps(hidden, head.weight, head.bias, batch.targets, chunk)
-    else:
-        logits = model(**inputs).logits.view(*shape, -1)
-        logps = token_logps(logits[batch.score_rows, batch.score_cols], batch.targets, chunk)
-    num_seqs = 2 * batch.num_pairs
-    summed = torch.zeros(num_seqs, dtype=torch.float32, device=logps.device).index_add(0, batch.score_seq, logps)
-    lengths = torch.bincount(batch.score_seq, minlength=num_seqs).to(torch.float32)
-    b = batch.num_pairs
-    return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:])
+        return chunked_head_logps(hidden, head.weight, head.bias, batch.targets, chunk)
+    logits = model(**inputs).logits.view(*shape, -1)
+    return token_logps(logits[batch.score_rows, batch.score_cols], batch.targets, chunk)

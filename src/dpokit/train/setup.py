@@ -91,7 +91,7 @@ def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: Run
     used = pairs_the_run_uses(len(data.train_pairs), t.seed, data.total_steps, t.batch_size,
                               t.gradient_accumulation_steps, ctx)
     return build_scorer(
-        policy, model=cfg.model, loss=cfg.loss, speed=cfg.speed, lora=cfg.lora, train=t,
+        policy, model=cfg.model, loss=cfg.loss, speed=cfg.speed, scale=cfg.scale, lora=cfg.lora, train=t,
         pad_id=tokenizer.pad_token_id, device=device, datasets=[data.train_pairs, data.eval_pairs],
         needed=[used, None], output=Path(t.output), log=log, world_size=ctx.world_size,
         make_live_reference=lambda: live_reference(policy, model=cfg.model, loss=cfg.loss, device=device),
