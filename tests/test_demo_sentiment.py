@@ -1,6 +1,7 @@
 """`dpokit demo --quick` end to end, and the demo's frontier checks on hand-made points."""
 
 import json
+from pathlib import Path
 
 from dpokit.cli import main
 from dpokit.experiments.demo.sentiment import DPO, ONLINE, PREFERRED_FT, frontier_checks
@@ -50,3 +51,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert runs["dpo-beta0.3"]["kl"] > 0
     # The shared point says in the picture that online round 1 is this DPO run.
     assert runs["dpo-beta0.3"]["label"] == "β=0.3 = online round 1" and runs["online-round-1"]["label"] == ""
+    # `dpokit runs` finds every trained run below the demo's folder, with its judged figures.
+    assert main(["runs", str(out), "--json"]) == 0
+    listed = {Path(r["run"]).relative_to(out).as_posix(): r for r in json.loads(capsys.readouterr().out)}
+    assert set(listed) == {"runs/dpo-beta0.3", "runs/preferred-ft-15steps", "online/round-2"}
+    assert listed["runs/dpo-beta0.3"]["judged_reward"] == runs["dpo-beta0.3"]["reward"]
