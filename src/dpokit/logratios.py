@@ -34,6 +34,7 @@ class LossOptions:
     simpo_gamma: float
     orpo_lambda: float
     rdpo_alpha: float
+    dpop_lambda: float
 
     @classmethod
     def from_config(cls, loss_config: LossConfig) -> LossOptions:

@@ -163,6 +163,12 @@ def _rdpo(q: PairLogRatios, o: LossOptions) -> LossOutput:
     return LossOutput(-F.logsigmoid(o.beta * q.logits + o.rdpo_alpha * length_gap), *q.rewards)
 
 
+def _dpop(q: PairLogRatios, o: LossOptions) -> LossOutput:
+    """DPO-Positive (Smaug), Pal et al. 2024, eq. 3: −log σ(β(Δ − λ·max(0, ref_c − π_c))); λ = 0 is DPO."""
+    chosen_shortfall = torch.relu(-q.chosen_logratios)  # how far π_c has fallen below ref_c, 0 above it
+    return LossOutput(-F.logsigmoid(o.beta * (q.logits - o.dpop_lambda * chosen_shortfall)), *q.rewards)
+
+
 def _sft(q: PairLogRatios, o: LossOptions) -> LossOutput:
     """NLL of the chosen response per token, −π_c/len_c, as in RPO (Pang et al. 2024, eq. 3); reference-free, rewards β·π/len."""
     return q.reference_free_output(-q.averaged_logps[0])
@@ -214,6 +220,7 @@ _FUNCTIONS: dict[str, tuple[LossFn, bool]] = {
     "discopop": (_discopop, False),
     "sigmoid_norm": (_sigmoid_norm, True),
     "rdpo": (_rdpo, True),
+    "dpop": (_dpop, False),
     "sft": (_sft, True),
     "simpo": (_simpo, True),
     "orpo": (_orpo, True),

@@ -60,6 +60,7 @@ LOSS_KINDS: dict[str, LossKind] = {
     "discopop": LossKind(f_divergence=True),
     "sigmoid_norm": LossKind(f_divergence=True),
     "rdpo": LossKind(f_divergence=True),
+    "dpop": LossKind(),
     "sft": LossKind(needs_reference=False, f_divergence=True),  # ignores --f-divergence, so it combines with any
     "simpo": _REFERENCE_FREE,
     "orpo": _REFERENCE_FREE,

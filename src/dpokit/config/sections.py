@@ -141,6 +141,9 @@ class LossConfig:
     rdpo_alpha: float = option(
         0.01, "α of rdpo: length penalty per token of the chosen-minus-rejected length difference (default 0.01)"
     )
+    dpop_lambda: float = option(
+        50.0, "λ of dpop: weight of the penalty max(0, ref_c − π_c) inside DPO's sigmoid (default 50, the paper's)"
+    )
 
     @property
     def loss_spec(self) -> str:

@@ -151,6 +151,7 @@ def check_loss_config(lo: LossConfig) -> None:
         "--simpo-gamma": (lo.simpo_gamma, "a number >= 0", lambda v: v >= 0),
         "--orpo-lambda": (lo.orpo_lambda, "a number >= 0", lambda v: v >= 0),
         "--rdpo-alpha": (lo.rdpo_alpha, "a number >= 0", lambda v: v >= 0),
+        "--dpop-lambda": (lo.dpop_lambda, "a number >= 0", lambda v: v >= 0),
     }
     for flag, (value, what, ok) in checks.items():
         if not (math.isfinite(value) and ok(value)):
