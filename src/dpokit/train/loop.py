@@ -37,7 +37,7 @@ from dpokit.settings_checks import warn_idle_options
 from dpokit.trackers import Trackers, open_trackers, require_trackers
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed, init_distributed, teardown
-from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
+from dpokit.train.metrics_window import MetricsWindow, add_drift, check_finite_record, describe
 from dpokit.train.run_folder import prepare_output, save_final_model, start_run_files
 from dpokit.train.setup import (
     RunData,
@@ -200,6 +200,7 @@ class _Run:
             entry = self.window.flush(step, step / data.steps_per_epoch, self.ctx.sum)
             if entry:
                 check_finite_record(entry, step)
+                add_drift(entry, self.state.history)
         # Evaluations keep their own cadence, whatever --log-every is (the last one comes in `finish`).
         if data.eval_pairs and t.eval_every and step % t.eval_every == 0 and not last:
             entry = entry or {"step": step, "epoch": round(step / data.steps_per_epoch, 4)}
