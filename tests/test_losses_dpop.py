@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
-from dpokit.losses import preference_loss
+from dpokit.losses import LOSSES, preference_loss
 
 
 def _pair(policy_chosen: float, reference_chosen: float = -2.0) -> dict[str, torch.Tensor]:
@@ -40,3 +41,19 @@ def test_dpop_pushes_the_chosen_up_harder_than_dpo_below_the_reference():
     z = 0.1 * (1.5 - 50.0 * 0.5)
     expected_gradient = math.isclose(grads["dpop"], -0.1 * 51.0 / (1 + math.exp(z)), rel_tol=1e-12)
     assert expected_gradient and grads["dpop"] < grads["sigmoid"] < 0
+
+
+def test_the_readme_loss_table_lists_every_loss_with_what_it_needs():
+    """Every registered loss has a row; its "what it needs" cell agrees with the registry."""
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = text.split("### Losses", 1)[1].split("## Preference data", 1)[0]
+    needs_of: dict[str, str] = {}
+    for row in section.splitlines():
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        if row.startswith("| `") and cells[0] != "`--loss`":
+            for name in cells[0].replace("(= ", ", ").replace(")", "").split(", "):
+                needs_of[name.strip("` ")] = cells[-1]
+    assert set(needs_of) == set(LOSSES)
+    for name, spec in LOSSES.items():
+        assert ("reference" in needs_of[name]) == spec.needs_reference, name
+        assert ("lengths" in needs_of[name]) == spec.needs_lengths, name
