@@ -109,6 +109,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     fresh = ckpt.TrainState(data_fingerprint=data.fingerprint, reference_fingerprint=reference_weights,
                             global_batch_size=data.global_batch)
     state = ckpt.start_state(resume_from, fresh, parts.policy, parts.optimizer, parts.scheduler, ctx, parts.scaler)
+    scorer.loss.load_state_dict(state.loss_state)  # the loss's running statistics, from the checkpoint
     if resume_from is not None:
         log(f"resuming from {resume_from} at step {state.step}/{data.total_steps}")
     output = Path(cfg.train.output)
@@ -233,6 +234,7 @@ class _Run:
 
     def save(self) -> Path:
         p = self.parts
+        self.state.loss_state = self.scorer.loss.state_dict()
         return ckpt.save_checkpoint(self.output, self.state, self.cfg, p.policy, p.optimizer,
                                     p.scheduler, self.t.keep_checkpoints, self.ctx, p.scaler)
 
