@@ -108,6 +108,10 @@ HAND = {
     "sigmoid_norm": ({}, [sp(-0.1875), sp(0.25)]),
     # βΔ + α(len_c − len_r) = [0.5 − 0.2, −0.75 + 0.2]
     "rdpo": ({"rdpo_alpha": 0.1}, [sp(-0.3), sp(0.55)]),
+    # π_c below ref_c by s = relu(−lr_c) = [0, 1]; β(Δ − λs) = [0.5, 0.5·(−1.5 − 2)]: pair 1 is plain DPO
+    "dpop": ({"dpop_lambda": 2.0}, [sp(-0.5), sp(1.75)]),
+    # One-off call: M0 is the batch's own mean margin; ρB = 1.6 keeps both pairs, so M̄ = M0 and β_batch = β: DPO
+    "beta_dpo": ({"beta_dpo_rho": 0.8}, [sp(-z) for z in Z]),
     "sft": ({}, [0.5, 1.0]),
     # β(avg_c − avg_r) − γ = [−0.5, −0.25]
     "simpo": ({"simpo_gamma": 0.5}, [sp(0.5), sp(0.25)]),
@@ -289,7 +293,7 @@ def test_discopop_stays_finite_for_large_margins():
 
 MONOTONE = {
     "sigmoid", "dpo", "robust", "hinge", "bco_pair", "aot", "aot_unpaired", "apo_zero", "sigmoid_norm", "rdpo",
-    "sft", "simpo", "orpo",
+    "dpop", "beta_dpo", "sft", "simpo", "orpo",
 }  # fmt: skip
 # Losses with a target (they stop pushing, or push back, past it): checked where training starts,
 # policy = reference. apo_down is designed to lower the chosen likelihood too, so only its rejected
@@ -442,6 +446,11 @@ def test_defaults_are_valid_and_documented():
         ({"simpo_gamma": -1.0}, "--simpo-gamma"),
         ({"orpo_lambda": float("nan")}, "--orpo-lambda"),
         ({"rdpo_alpha": -0.1}, "--rdpo-alpha"),
+        ({"loss": "dpop", "dpop_lambda": -1.0}, "--dpop-lambda"),
+        ({"loss": "beta_dpo", "beta_dpo_alpha": -0.1}, "--beta-dpo-alpha"),
+        ({"loss": "beta_dpo", "beta_dpo_rho": 0.0}, "--beta-dpo-rho"),
+        ({"loss": "beta_dpo", "beta_dpo_rho": 1.5}, "--beta-dpo-rho"),
+        ({"loss": "beta_dpo,sft"}, "--loss beta_dpo"),
     ],
 )
 def test_bad_configurations_fail_in_one_line(over, flag):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import signal
@@ -59,11 +60,21 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, resume_data, tmp_path_factory) -> dict[str, torch.Tensor]:
+def uninterrupted_run(tiny_model_dir, resume_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full") / "run"
     proc = _run(_args(tiny_model_dir, resume_data, out))
     assert proc.returncode == 0, proc.stderr
-    return _weights(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run) -> dict[str, torch.Tensor]:
+    return _weights(uninterrupted_run)
+
+
+def _drifts(out: Path) -> list[tuple[int, float, float]]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["logps/chosen_drift"], r["logps/rejected_drift"]) for r in records if "logps/chosen" in r]
 
 
 def _wait_for_checkpoint(out: Path, min_step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -104,7 +115,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_identical(
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_143_and_resume_continues(tiny_model_dir, resume_data, uninterrupted, tmp_path):
+def test_sigterm_saves_exits_143_and_resume_continues(tiny_model_dir, resume_data, uninterrupted, uninterrupted_run,
+                                                       tmp_path):
     out = tmp_path / "run"
     cmd, env = _cmd(_args(tiny_model_dir, resume_data, out, "--save-every", 2))
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
@@ -117,6 +129,10 @@ def test_sigterm_saves_exits_143_and_resume_continues(tiny_model_dir, resume_dat
     resumed = _run(_args(tiny_model_dir, resume_data, out, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     _assert_bitwise_equal(_weights(out), uninterrupted)
+    # The drifts after the resume still count from step 1's log-probs (the history in the checkpoint).
+    drifts = _drifts(out)
+    assert [d[0] for d in drifts] == list(range(1, STEPS + 1)) and drifts == _drifts(uninterrupted_run)
+    assert drifts[0][1:] == (0.0, 0.0) and drifts[-1][1] != 0.0
 
 
 def _config(model_dir, data, out, **train):

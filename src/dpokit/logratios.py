@@ -34,6 +34,9 @@ class LossOptions:
     simpo_gamma: float
     orpo_lambda: float
     rdpo_alpha: float
+    dpop_lambda: float
+    beta_dpo_alpha: float
+    beta_dpo_rho: float
 
     @classmethod
     def from_config(cls, loss_config: LossConfig) -> LossOptions:
@@ -70,6 +73,7 @@ class PairLogRatios:
     chosen_lengths: Tensor | None
     rejected_lengths: Tensor | None
     options: LossOptions
+    running_margin: Tensor | None = None  # M0 of β-DPO, this batch included (RunningMargin), else None
 
     @cached_property
     def chosen_logratios(self) -> Tensor:  # lr_c
@@ -121,6 +125,39 @@ class PairLogRatios:
         """Rewards β·π/len and the averaged log-probs π/len that reference-free losses see."""
         beta, avg_c, avg_r = self.options.beta, *self.averaged_logps
         return LossOutput(losses, beta * avg_c.detach(), beta * avg_r.detach(), avg_c.detach(), avg_r.detach())
+
+
+class RunningMargin:
+    """β-DPO's M0: a moving average of the training batches' mean margin Δ = lr_c − lr_r (momentum
+    0.9, as the authors' code; started at the first batch's mean rather than 0, so the first batches
+    are not judged against a margin nobody measured). Only passes that train (gradients on) move it;
+    evaluations read it. A tensor on the batch's device, so updating it never syncs with the host;
+    `state_dict` goes into the checkpoint so a resumed run continues from the same M0."""
+
+    MOMENTUM = 0.9
+
+    def __init__(self) -> None:
+        self.mean: Tensor | None = None
+
+    def update(self, margins: Tensor) -> Tensor:
+        """M0 with this batch's (detached) margins folded in; stored only when training."""
+        batch_mean = margins.detach().mean()
+        if self.mean is None:
+            mean = batch_mean
+        else:  # a restored M0 lives on the CPU until the first batch
+            mean = self.MOMENTUM * self.mean.to(batch_mean.device) + (1 - self.MOMENTUM) * batch_mean
+        if torch.is_grad_enabled():
+            self.mean = mean
+        return mean
+
+    def state_dict(self) -> dict[str, float | str]:
+        """JSON-ready; the value and its dtype exactly (a float32 M0 is exact as a Python float)."""
+        if self.mean is None:
+            return {}
+        return {"running_margin": float(self.mean), "dtype": str(self.mean.dtype).removeprefix("torch.")}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        self.mean = torch.tensor(state["running_margin"], dtype=getattr(torch, state["dtype"])) if state else None
 
 
 def score_logratios(logratios: Tensor, options: LossOptions) -> Tensor:

@@ -36,7 +36,7 @@ from dpokit.config import (
     loss_weights,
 )
 from dpokit.errors import DpokitError
-from dpokit.logratios import LossOptions, LossOutput, PairLogRatios
+from dpokit.logratios import LossOptions, LossOutput, PairLogRatios, RunningMargin
 
 __all__ = ["F_DIVERGENCES", "LOSSES", "LossOptions", "LossOutput", "LossPlan", "LossSpec", "PairLogRatios",
            "check_loss_config", "compile_loss", "get_loss", "loss_from_config", "needs_reference", "preference_loss"]
@@ -163,6 +163,27 @@ def _rdpo(q: PairLogRatios, o: LossOptions) -> LossOutput:
     return LossOutput(-F.logsigmoid(o.beta * q.logits + o.rdpo_alpha * length_gap), *q.rewards)
 
 
+def _dpop(q: PairLogRatios, o: LossOptions) -> LossOutput:
+    """DPO-Positive (Smaug), Pal et al. 2024, eq. 3: −log σ(β(Δ − λ·max(0, ref_c − π_c))); λ = 0 is DPO."""
+    chosen_shortfall = torch.relu(-q.chosen_logratios)  # how far π_c has fallen below ref_c, 0 above it
+    return LossOutput(-F.logsigmoid(o.beta * (q.logits - o.dpop_lambda * chosen_shortfall)), *q.rewards)
+
+
+def _beta_dpo(q: PairLogRatios, o: LossOptions) -> LossOutput:
+    """β-DPO, Wu et al. 2024 (arXiv:2407.08639), §4: DPO at β_batch = β·(1 + α(M̄ − M0)) on the ⌈ρB⌉ pairs whose margin M = Δ lies nearest M0."""
+    # M0 is the running mean (RunningMargin, this batch folded in); M̄ the mean margin of the kept
+    # pairs. The authors' code samples the kept pairs with Gaussian weights exp(−(M − M0)²/2σ²); we
+    # keep the most probable ones, the same for every σ, so a run needs no random draws. Kept pairs'
+    # losses are scaled by B/k so that the step's mean is the mean over the kept pairs.
+    margins = q.logits.detach()
+    running = q.running_margin if q.running_margin is not None else margins.mean()
+    kept = max(1, math.ceil(o.beta_dpo_rho * margins.numel() - 1e-9))  # ρB up to float noise (0.8·5 = 4.000…01)
+    nearest = torch.topk(-(margins - running).abs(), kept, sorted=False).indices
+    mask = torch.zeros_like(margins).index_fill_(0, nearest, margins.numel() / kept)
+    beta = (o.beta * (1 + o.beta_dpo_alpha * (margins[nearest].mean() - running))).clamp(min=1e-3 * o.beta)
+    return LossOutput(mask * -F.logsigmoid(beta * q.logits), *q.rewards)
+
+
 def _sft(q: PairLogRatios, o: LossOptions) -> LossOutput:
     """NLL of the chosen response per token, −π_c/len_c, as in RPO (Pang et al. 2024, eq. 3); reference-free, rewards β·π/len."""
     return q.reference_free_output(-q.averaged_logps[0])
@@ -194,6 +215,7 @@ class LossSpec:
     uses_label_smoothing: bool = False  # whether ε changes the loss
     f_divergence: bool = False  # whether --f-divergence other than reverse_kl is meaningful
     needs_lengths: bool = False  # whether response token counts enter the loss
+    batch_statistics: bool = False  # whether it reads a running statistic of the training batches (β-DPO's M0)
 
 
 # name -> (function, whether it reads response lengths): one entry per name of config's LOSS_KINDS.
@@ -214,6 +236,8 @@ _FUNCTIONS: dict[str, tuple[LossFn, bool]] = {
     "discopop": (_discopop, False),
     "sigmoid_norm": (_sigmoid_norm, True),
     "rdpo": (_rdpo, True),
+    "dpop": (_dpop, False),
+    "beta_dpo": (_beta_dpo, False),
     "sft": (_sft, True),
     "simpo": (_simpo, True),
     "orpo": (_orpo, True),
@@ -223,7 +247,7 @@ _FUNCTIONS: dict[str, tuple[LossFn, bool]] = {
 def _registry_entry(name: str, kind: LossKind) -> LossSpec:
     fn, needs_lengths = _FUNCTIONS[name]  # a catalogue name without a function fails here, at import
     return LossSpec(fn, kind.needs_reference, (fn.__doc__ or "").strip(), kind.uses_label_smoothing,
-                    kind.f_divergence, needs_lengths)
+                    kind.f_divergence, needs_lengths, kind.batch_statistics)
 
 
 LOSSES: dict[str, LossSpec] = {name: _registry_entry(name, kind) for name, kind in LOSS_KINDS.items()}
@@ -276,10 +300,19 @@ class LossPlan:
     weights: tuple[float, ...]
     specs: tuple[LossSpec, ...]
     options: LossOptions
+    running_margin: RunningMargin | None = None  # the run's β-DPO statistic; None for the other losses
 
     @property
     def needs_reference(self) -> bool:
         return any(spec.needs_reference for spec in self.specs)
+
+    def state_dict(self) -> dict[str, float | str]:
+        """What a checkpoint must keep for the loss to continue exactly (empty for stateless losses)."""
+        return self.running_margin.state_dict() if self.running_margin is not None else {}
+
+    def load_state_dict(self, state: dict[str, float | str]) -> None:
+        if self.running_margin is not None:
+            self.running_margin.load_state_dict(state)
 
     def __call__(self, *, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                  reference_chosen_logps: Tensor | None, reference_rejected_logps: Tensor | None,
@@ -287,6 +320,8 @@ class LossPlan:
         """Rewards are those of the first reference-based loss configured, else of the first loss."""
         q = PairLogRatios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                           reference_rejected_logps, chosen_lengths, rejected_lengths, self.options)
+        if self.running_margin is not None:
+            q = dataclasses.replace(q, running_margin=self.running_margin.update(q.logits))
         outputs = []
         for name, spec in zip(self.names, self.specs, strict=True):
             _check_inputs(name, spec, q)
@@ -302,8 +337,10 @@ class LossPlan:
 def compile_loss(loss_config: LossConfig) -> LossPlan:
     """Check a run's `LossConfig` and resolve it into the plan the trainer calls per micro-batch."""
     check_loss_config(loss_config)
-    return LossPlan(tuple(loss_config.loss), loss_weights(loss_config),
-                    tuple(LOSSES[name] for name in loss_config.loss), LossOptions.from_config(loss_config))
+    specs = tuple(LOSSES[name] for name in loss_config.loss)
+    running = RunningMargin() if any(spec.batch_statistics for spec in specs) else None
+    return LossPlan(tuple(loss_config.loss), loss_weights(loss_config), specs, LossOptions.from_config(loss_config),
+                    running)
 
 
 def needs_reference(loss_config: LossConfig) -> bool:

@@ -38,6 +38,7 @@ class LossKind:
     needs_reference: bool = True  # reads reference log-probs (False: no reference model is built)
     uses_label_smoothing: bool = False  # ε changes the loss
     f_divergence: bool = False  # an --f-divergence other than reverse_kl is meaningful
+    batch_statistics: bool = False  # keeps running statistics over the training batches (alone in --loss)
 
 
 _SIGMOID = LossKind(uses_label_smoothing=True, f_divergence=True)
@@ -61,6 +62,8 @@ LOSS_KINDS: dict[str, LossKind] = {
     "discopop": LossKind(f_divergence=True),
     "sigmoid_norm": LossKind(f_divergence=True),
     "rdpo": LossKind(f_divergence=True),
+    "dpop": LossKind(),
+    "beta_dpo": LossKind(batch_statistics=True),
     "sft": LossKind(needs_reference=False, f_divergence=True),  # ignores --f-divergence, so it combines with any
     "simpo": _REFERENCE_FREE,
     "orpo": _REFERENCE_FREE,

@@ -142,6 +142,17 @@ class LossConfig:
     rdpo_alpha: float = option(
         0.01, "α of rdpo: length penalty per token of the chosen-minus-rejected length difference (default 0.01)"
     )
+    dpop_lambda: float = option(
+        50.0, "λ of dpop: weight of the penalty max(0, ref_c − π_c) inside DPO's sigmoid (default 50, the paper's)"
+    )
+    beta_dpo_alpha: float = option(
+        0.6, "α of beta_dpo: β of a batch = β·(1 + α·(mean margin of its kept pairs − running mean margin)) "
+        "(default 0.6); 0 keeps β fixed"
+    )
+    beta_dpo_rho: float = option(
+        0.8, "ρ of beta_dpo: fraction of each batch's pairs kept, those whose margin lies nearest the running "
+        "mean (the centre of the Gaussian fitted to margins); default 0.8, 1 keeps all"
+    )
 
     @property
     def loss_spec(self) -> str:

@@ -134,6 +134,10 @@ def check_loss_config(lo: LossConfig) -> None:
     kinds = [loss_kind(name) for name in names]
     if len(set(names)) != len(names):
         raise DpokitError(f"--loss names a loss twice: {','.join(names)}")
+    stateful = [name for name, kind in zip(names, kinds, strict=True) if kind.batch_statistics]
+    if stateful and len(names) > 1:
+        raise DpokitError(f"--loss {stateful[0]} keeps statistics over its own batches and cannot be combined "
+                          f"with other losses; got --loss {','.join(names)}")
     weights = loss_weights(lo)
     if len(weights) != len(names):
         raise DpokitError(
@@ -151,6 +155,9 @@ def check_loss_config(lo: LossConfig) -> None:
         "--simpo-gamma": (lo.simpo_gamma, "a number >= 0", lambda v: v >= 0),
         "--orpo-lambda": (lo.orpo_lambda, "a number >= 0", lambda v: v >= 0),
         "--rdpo-alpha": (lo.rdpo_alpha, "a number >= 0", lambda v: v >= 0),
+        "--dpop-lambda": (lo.dpop_lambda, "a number >= 0", lambda v: v >= 0),
+        "--beta-dpo-alpha": (lo.beta_dpo_alpha, "a number >= 0", lambda v: v >= 0),
+        "--beta-dpo-rho": (lo.beta_dpo_rho, "a fraction in (0, 1]", lambda v: 0 < v <= 1),
     }
     for flag, (value, what, ok) in checks.items():
         if not (math.isfinite(value) and ok(value)):

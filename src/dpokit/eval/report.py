@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ CURVE_PANELS = {
     "reward margin": ["rewards/margins"],
     "implicit rewards β·(log π − log π_ref)": ["rewards/chosen", "rewards/rejected"],
     "summed response log-probs": ["logps/chosen", "logps/rejected"],
+    "log-prob drift from the first logged value": ["logps/chosen_drift", "logps/rejected_drift"],
     "learning rate": ["learning_rate"],
 }
 
@@ -67,12 +69,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_training_curves(records: Sequence[dict], path: str | Path) -> Path:
     """One panel per CURVE_PANELS entry; training lines solid, held-out (`eval_`) points dashed."""
-    figure, axes = _figure(13, 7, ncols=3, nrows=2)
+    ncols = math.ceil(len(CURVE_PANELS) / 2)
+    figure, axes = _figure(13 * ncols / 3, 7, ncols=ncols, nrows=2)
     colors = {"chosen": "tab:green", "rejected": "tab:red"}
-    for ax, (title, names) in zip(axes.flat, CURVE_PANELS.items(), strict=True):
+    for ax in axes.flat[len(CURVE_PANELS):]:  # a grid cell left over
+        ax.set_visible(False)
+    for ax, (title, names) in zip(axes.flat, CURVE_PANELS.items(), strict=False):
         drawn = False
         for name in names:
-            color = next((c for key, c in colors.items() if name.endswith(key)), "tab:blue")
+            color = next((c for key, c in colors.items() if key in name.split("/")[-1]), "tab:blue")
             what = name.split("/")[-1] if len(names) > 1 else ""
             for prefix, style in (("", {"linestyle": "-"}), ("eval_", {"linestyle": "--", "marker": "o",
                                                                         "markersize": 3})):

@@ -55,6 +55,7 @@ class TrainState:
     reference_fingerprint: str | None = None
     global_batch_size: int = 0  # pairs per optimizer step over all ranks: may be split differently on resume
     history: list[dict] = field(default_factory=list)
+    loss_state: dict = field(default_factory=dict)  # the loss's running statistics (β-DPO's M0), if any
 
 
 def checkpoint_dir(output: Path) -> Path:

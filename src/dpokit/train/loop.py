@@ -37,7 +37,7 @@ from dpokit.settings_checks import warn_idle_options
 from dpokit.trackers import Trackers, open_trackers, require_trackers
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed, init_distributed, teardown
-from dpokit.train.metrics_window import MetricsWindow, check_finite_record, describe
+from dpokit.train.metrics_window import MetricsWindow, add_drift, check_finite_record, describe
 from dpokit.train.run_folder import prepare_output, save_final_model, start_run_files
 from dpokit.train.setup import (
     RunData,
@@ -109,6 +109,7 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     fresh = ckpt.TrainState(data_fingerprint=data.fingerprint, reference_fingerprint=reference_weights,
                             global_batch_size=data.global_batch)
     state = ckpt.start_state(resume_from, fresh, parts.policy, parts.optimizer, parts.scheduler, ctx, parts.scaler)
+    scorer.loss.load_state_dict(state.loss_state)  # the loss's running statistics, from the checkpoint
     if resume_from is not None:
         log(f"resuming from {resume_from} at step {state.step}/{data.total_steps}")
     output = Path(cfg.train.output)
@@ -200,6 +201,7 @@ class _Run:
             entry = self.window.flush(step, step / data.steps_per_epoch, self.ctx.sum)
             if entry:
                 check_finite_record(entry, step)
+                add_drift(entry, self.state.history)
         # Evaluations keep their own cadence, whatever --log-every is (the last one comes in `finish`).
         if data.eval_pairs and t.eval_every and step % t.eval_every == 0 and not last:
             entry = entry or {"step": step, "epoch": round(step / data.steps_per_epoch, 4)}
@@ -232,6 +234,7 @@ class _Run:
 
     def save(self) -> Path:
         p = self.parts
+        self.state.loss_state = self.scorer.loss.state_dict()
         return ckpt.save_checkpoint(self.output, self.state, self.cfg, p.policy, p.optimizer,
                                     p.scheduler, self.t.keep_checkpoints, self.ctx, p.scaler)
 

@@ -68,6 +68,20 @@ class MetricsWindow:
         return record
 
 
+# logps/*_drift: the logged log-prob minus its first logged value in the run, so chosen log-probs
+# falling while the margin grows (DPO's best-known failure) shows as a negative chosen drift.
+DRIFTS = {"logps/chosen": "logps/chosen_drift", "logps/rejected": "logps/rejected_drift"}
+
+
+def add_drift(record: dict, history: list[dict]) -> None:
+    """Add the drifts to a training record. The origin is the first record in `history` (the run's
+    metrics so far, which a checkpoint restores) that holds the log-probs, else this record: with
+    --log-every 1 that is the first batch, scored before the first update."""
+    origin = next((r for r in history if "logps/chosen" in r), record)
+    for name, drift in DRIFTS.items():
+        record[drift] = record[name] - origin[name]
+
+
 def check_finite_record(record: dict, step: int) -> None:
     """A logged mean can only be non-finite if a per-pair value overflowed; never log it silently."""
     for name in ("loss", "grad_norm"):

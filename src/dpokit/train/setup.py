@@ -12,8 +12,9 @@ import torch
 
 from dpokit.config import DataConfig, LoraSection, LossConfig, ModelConfig, RunConfig, TrainConfig
 from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
+from dpokit.errors import DpokitError
 from dpokit.io import Log
-from dpokit.losses import needs_reference
+from dpokit.losses import get_loss, needs_reference
 from dpokit.model.load import (
     build_reference,
     check_model_source,
@@ -88,6 +89,9 @@ def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: Run
     run will use, or a live reference (see --reference); then the policy (and a live reference)
     wrapped for torchrun. The scorer reads every section but data's, so it takes the tree."""
     t = cfg.train
+    stateful = [name for name in cfg.loss.loss if get_loss(name).batch_statistics]
+    if stateful and ctx.world_size > 1:  # each process would keep its own running statistic
+        raise DpokitError(f"--loss {stateful[0]} runs in one process only (not under torchrun) yet")
     used = pairs_the_run_uses(len(data.train_pairs), t.seed, data.total_steps, t.batch_size,
                               t.gradient_accumulation_steps, ctx)
     return build_scorer(
