@@ -16,8 +16,10 @@ from dpokit.cli import main
 from dpokit.data.batching import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.model.attention import (
+    SEGMENT_RUNS,
     SEGMENTS,
     attention_impl,
+    attention_inputs,
     block_attention_mask,
     choose_attention,
     segment_runs,
@@ -107,6 +109,31 @@ def test_auto_falls_back_with_one_line_and_explicit_is_refused(tok):
     with pytest.raises(ValueError, match="--attention segments is not exact for mistral"):
         choose_attention(model, "segments")
     assert choose_attention(build_family("llama", tok, "sdpa"), "masks") == "sdpa"
+
+
+def test_auto_keeps_masks_on_narrow_rows_and_runs_segments_on_wide_ones(tok, pairs):
+    """`--attention auto`: rows narrower than AUTO_SEGMENTS_MIN_WIDTH keep the masks (exact too,
+    and faster at short widths); explicit `segments` runs on every row."""
+    batch = collate(pairs, tok.pad_token_id, "packed", PACK)
+    width = batch.input_ids.shape[1]
+    auto = build_family("llama", tok, "sdpa")
+    assert choose_attention(auto, "auto") == SEGMENTS
+    narrow = attention_inputs(auto, batch)
+    assert SEGMENT_RUNS not in narrow and narrow["attention_mask"].shape[-1] == width
+    assert narrow["attention_mask"].stride()[-1] != 0  # a real [T x T] mask, not the placeholder
+    choose_attention(auto, "auto", min_width=width)
+    assert SEGMENT_RUNS in attention_inputs(auto, batch)
+    explicit = build_family("llama", tok, "sdpa")
+    choose_attention(explicit, "segments")
+    assert SEGMENT_RUNS in attention_inputs(explicit, batch)
+    padded, logps = collate(pairs, tok.pad_token_id, "padded"), {}
+    for name, model in (("padded", build_family("llama", tok, "sdpa")), ("auto", auto)):
+        model.eval()
+        with torch.no_grad():
+            logps[name] = sequence_logps(model, padded if name == "padded" else batch).chosen_logps
+    choose_attention(auto, "auto")  # narrow rows through the masks again: still the padded result
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_logps(auto, batch).chosen_logps, logps["padded"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -250,7 +250,8 @@ class SpeedConfig:
         "auto",
         "attention of packed and prefix-shared rows: segments (each sequence through SDPA's fused causal "
         "kernel: no [T x T] mask, memory linear in length), masks (a [T x T] mask per row), or auto "
-        "(segments where exact for the model, else masks, with one log line)",
+        "(segments on rows of 4096 tokens or more where exact for the model, else masks; a model that "
+        "cannot take segments gets one log line)",
         choices=ATTENTION_KINDS,
     )
     reference: str = option(

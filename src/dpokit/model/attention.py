@@ -153,7 +153,8 @@ def attention_inputs(model, batch: PairBatch) -> dict:
         raise ValueError(f"--layout {batch.layout} is not exact for this model: {why}")
     if "flash" in attention_impl(model):
         return varlen_inputs(batch)
-    if attention_impl(model) == SEGMENTS:
+    if attention_impl(model) == SEGMENTS and batch.input_ids.shape[1] >= getattr(
+            _config(model), "dpokit_segments_min_width", 0):
         # A 4D mask reaches the attention function as is; this one is a stride-0 view of one
         # element, so transformers neither builds a [T x T] mask nor looks for packing itself.
         rows, width = batch.input_ids.shape
@@ -171,7 +172,10 @@ def attention_inputs(model, batch: PairBatch) -> dict:
 # ----------------------------------------------------------------------------- segment attention
 SEGMENTS = "dpokit_segments"  # the attention implementation registered with transformers
 SEGMENT_RUNS = "dpokit_segment_runs"  # the forward keyword argument that carries a batch's runs to it
-ATTENTION_CHOICES = ("auto", "segments", "masks")
+# `--attention auto` runs segments on rows at least this wide. Measured on this 2-core CPU (bench
+# Llama, benchmarks/RESULTS.md section 5): up to 4k-token rows the masks cost about the same
+# memory; the demo's short rows train 1.56x faster with masks (153.5 vs 98.5 pairs/s, batch 32).
+AUTO_SEGMENTS_MIN_WIDTH = 4096
 Span = tuple[int, int]
 
 
@@ -281,11 +285,14 @@ def segments_blocker(model) -> str | None:
     return layout_blocker(model, "prefix-shared")
 
 
-def choose_attention(model, choice: str, log: Callable[[str], None] = print) -> str:
+def choose_attention(model, choice: str, log: Callable[[str], None] = print,
+                     min_width: int | None = None) -> str:
     """Install segment attention on `model` where `choice` and the model allow; returns what runs.
 
     "segments" on a model that cannot take it is an error with the reason; "auto" falls back to
-    the mask path with one log line; "masks" keeps the hand-built [T x T] masks.
+    the mask path with one log line; "masks" keeps the hand-built [T x T] masks. Under "auto",
+    rows narrower than `min_width` (default AUTO_SEGMENTS_MIN_WIDTH) keep the masks: both are
+    exact, and below that width the masks cost no more memory and run faster here.
     """
     if choice == "masks":
         return attention_impl(model)
@@ -302,4 +309,6 @@ def choose_attention(model, choice: str, log: Callable[[str], None] = print) -> 
     AttentionInterface.register(SEGMENTS, segment_attention)
     AttentionMaskInterface.register(SEGMENTS, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     _config(model)._attn_implementation = SEGMENTS
+    _config(model).dpokit_segments_min_width = (
+        0 if choice == "segments" else AUTO_SEGMENTS_MIN_WIDTH if min_width is None else min_width)
     return SEGMENTS
