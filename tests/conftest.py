@@ -8,12 +8,25 @@ from pathlib import Path
 
 import pytest
 
-from helpers.toy import make_pairs, save_tiny_model, write_jsonl
+from helpers.families import family_pairs
+from helpers.toy import build_tokenizer, make_pairs, save_tiny_model, write_jsonl
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "preferences"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The word-level Llama-style tokenizer of the family matrix (helpers/families.py)."""
+    return build_tokenizer("word")
+
+
+@pytest.fixture(scope="module")
+def pairs(tok):
+    """The family matrix's tokenized pairs (a module may narrow them with its own fixture)."""
+    return family_pairs(tok)
 
 
 @pytest.fixture(scope="session")

@@ -29,14 +29,9 @@ from dpokit.model.load import disable_dropout
 from dpokit.model.logprobs import head_is_plain, sequence_logps
 from dpokit.scoring import PairScorer
 from helpers.families import FAMILIES, WINDOW, attention_kinds, build_family, family_pairs
-from helpers.toy import build_tokenizer, make_pairs, write_jsonl
+from helpers.toy import make_pairs, write_jsonl
 
 PACK = 24  # packed rows hold two or three sequences, prefix-shared rows two pairs
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("word")
 
 
 @pytest.fixture(scope="module")

@@ -15,18 +15,7 @@ from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from dpokit.model.layout_guard import check_first_batch
 from dpokit.scoring import PairScorer
-from helpers.families import build_family, family_pairs
-from helpers.toy import build_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("word")
-
-
-@pytest.fixture(scope="module")
-def pairs(tok):
-    return family_pairs(tok)
+from helpers.families import build_family
 
 
 def _scorer(model, tok, layout="auto", lm_head="auto"):

@@ -25,20 +25,12 @@ from dpokit.model.attention import (
     segment_runs,
 )
 from dpokit.model.logprobs import sequence_logps
-from helpers.families import build_family, family_pairs
-from helpers.toy import build_tokenizer, make_pairs, save_tiny_model, write_jsonl
+from helpers.families import build_family
+from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 
 PACK = 24
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_tokenizer("word")
-
-
-@pytest.fixture(scope="module")
-def pairs(tok):
-    return family_pairs(tok)
 
 
 def _allowed_by_runs(runs, width: int) -> torch.Tensor:
