@@ -121,8 +121,8 @@ def render(run: RunInfo, name: str | None = None) -> str:
     losses = ", ".join(_as_list(run.setting("loss", "loss"))) or "sigmoid"
     lines = ["---", yaml.safe_dump(front_matter(run), sort_keys=False).rstrip(), "---", "",
              f"# {name}", "",
-             f"A causal language model fine-tuned from `{base}` with Direct Preference Optimization "
-             f"(loss: {losses}) with dpokit.", "",
+             f"A causal language model fine-tuned from `{base}` by dpokit, with Direct Preference "
+             f"Optimization (loss: {losses}).", "",
              "## Training", "", *_table(_settings(run, "loss", _LOSS_SETTINGS) + _settings(run, "train", _TRAIN_SETTINGS))]
     lines += _data_section(run) + _results_section(run) + _usage(name)
     lines += ["## Citation", "", "```bibtex", DPO_CITATION, "```", ""]
