@@ -170,14 +170,21 @@ def _cli(model_dir, data, out, *extra) -> list[dict]:
 
 def test_two_cli_steps_with_a_hard_sync_every_step_start_each_step_at_ln2(tiny_model_dir, sync_data, tmp_path):
     """With τ = 1 and α = 1 the reference of step 2 is the policy after step 1, so step 2 starts
-    where DPO's step 1 does: policy = reference, loss ln 2, rewards 0. With τ = 2 the first
+    where DPO's step 1 does: policy = reference, loss ln 2, rewards 0; the evaluation after each
+    step comes after that step's sync, so it too sees policy = reference. With τ = 2 the first
     sync comes after step 2, which therefore sees the initial reference (loss away from ln 2)."""
-    every_step = _cli(tiny_model_dir, sync_data, tmp_path / "tau1", "--sync-reference-steps", 1)
+    every_step = _cli(tiny_model_dir, sync_data, tmp_path / "tau1", "--sync-reference-steps", 1,
+                      "--eval-data", sync_data, "--eval-every", 1)
     every_other = _cli(tiny_model_dir, sync_data, tmp_path / "tau2", "--sync-reference-steps", 2)
-    for record in every_step:
+    trained = [r for r in every_step if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2]
+    for record in trained:
         assert math.isclose(record["loss"], math.log(2), abs_tol=1e-6), record
         assert abs(record["rewards/margins"]) < 1e-6
-    assert every_other[0]["loss"] == pytest.approx(every_step[0]["loss"], abs=1e-6)  # step 1: the same start
+    evaluated = [r for r in every_step if "eval_loss" in r]
+    assert [r["step"] for r in evaluated] == [0, 1, 2]
+    assert all(abs(r["eval_rewards/margins"]) < 1e-6 for r in evaluated), evaluated
+    assert every_other[0]["loss"] == pytest.approx(trained[0]["loss"], abs=1e-6)  # step 1: the same start
     assert abs(every_other[1]["loss"] - math.log(2)) > 1e-3  # step 2: scored against the initial reference
 
 
