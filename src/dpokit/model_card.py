@@ -29,7 +29,7 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _LOSS_SETTINGS = ("loss", "loss_weights", "beta", "label_smoothing", "f_divergence", "simpo_gamma", "orpo_lambda",
                   "rdpo_alpha", "dpop_lambda", "beta_dpo_alpha", "beta_dpo_rho", "discopop_tau",
-                  "alpha_divergence_coef")
+                  "alpha_divergence_coef", "sync_reference_steps", "sync_reference_alpha")
 _TRAIN_SETTINGS = ("learning_rate", "batch_size", "gradient_accumulation", "max_steps", "epochs", "seed")
 
 

@@ -28,6 +28,7 @@ from dpokit.model.load import autocast_context
 from dpokit.model.logprobs import PairLogps, configure_forward, model_body, sequence_logps
 from dpokit.model.reference import (
     PrecomputedReference,
+    check_sync_compatible,
     precompute_reference,
     reference_fingerprint,
     run_reference_weights,
@@ -154,14 +155,17 @@ def compile_if_asked(policy: torch.nn.Module, speed: SpeedConfig) -> None:
         body.compile(dynamic=True)
 
 
-def uses_live_reference(model: ModelConfig, speed: SpeedConfig, world_size: int) -> bool:
-    """--reference live, or auto where no precomputed cache is built yet (--reference-model, torchrun)."""
+def uses_live_reference(model: ModelConfig, speed: SpeedConfig, world_size: int, *, synced: bool = False) -> bool:
+    """--reference live, or auto where no precomputed cache is built yet (--reference-model, torchrun)
+    or where none can be (`synced`: TR-DPO's --sync-reference-steps updates the reference weights)."""
+    if synced and world_size > 1:  # each rank would have to update (and checkpoint) its copy or shard
+        raise DpokitError("--sync-reference-steps runs in one process only (not under torchrun) yet")
     unsupported = [why for why, on in (("--reference-model", bool(model.reference_model)),
                                        ("torchrun", world_size > 1)) if on]
     if speed.reference == "precomputed" and unsupported:
         raise DpokitError(f"--reference precomputed is not supported with {unsupported[0]} yet; "
                           "use --reference live (or auto)")
-    return speed.reference == "live" or bool(unsupported)
+    return speed.reference == "live" or bool(unsupported) or synced
 
 
 def build_scorer(
@@ -208,9 +212,11 @@ def build_scorer(
         check_first_batch(unwrapped, [train_pairs[i] for i in first], output, log)
     reference, live = None, False
     if needs_reference(loss):
-        live = uses_live_reference(model, speed, world_size)
+        live = uses_live_reference(model, speed, world_size, synced=loss.sync_reference_steps > 0)
         if live:
             reference = make_live_reference()
+            if loss.sync_reference_steps:
+                check_sync_compatible(reference, policy)
         else:
             fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
             folder = Path(speed.reference_cache) if speed.reference_cache else output / "reference-cache"

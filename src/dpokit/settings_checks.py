@@ -49,9 +49,11 @@ def fit_max_length(max_length: int, max_prompt_length: int | None, limit: tuple[
 
 def warn_idle_options(cfg, log: Log) -> None:
     """Options that do nothing in this run, and held-out data that is the training data."""
-    t, d = cfg.train, cfg.data
+    t, d, lo = cfg.train, cfg.data, cfg.loss
     if t.eval_every and not d.eval_data:
         log(f"warning: --eval-every {t.eval_every} does nothing without --eval-data")
+    if lo.sync_reference_alpha != type(lo)().sync_reference_alpha and not lo.sync_reference_steps:
+        log(f"warning: --sync-reference-alpha {lo.sync_reference_alpha} does nothing without --sync-reference-steps")
     train_file, eval_file = local_path(d.data), local_path(d.eval_data)
     if d.eval_data and (d.eval_data == d.data or (train_file is not None and train_file == eval_file)):
         log(f"warning: --eval-data is the training data ({d.data}): its figures measure fit, not generalisation")

@@ -120,6 +120,15 @@ class LossConfig:
         "β (default 0.1): higher stays closer to the reference, lower aligns more aggressively; "
         "for simpo the papers use 2 to 2.5",
     )
+    sync_reference_steps: int = option(
+        0, "τ of TR-DPO: after every τ-th optimizer step the reference moves toward the policy, "
+        "θ_ref ← α·θ + (1 − α)·θ_ref (TRL's ref_model_sync_steps, 512 there); needs a live reference, which "
+        "--reference auto then picks; 0 (default) keeps the reference fixed",
+    )
+    sync_reference_alpha: float = option(
+        0.6, "α of TR-DPO, in (0, 1]: the policy's share in each reference update (default 0.6, TRL's "
+        "ref_model_mixup_alpha); 1 copies the policy (the paper's hard update)",
+    )
     label_smoothing: float = option(
         0.0,
         "ε in [0, 0.5) (default 0): assumed fraction of flipped labels (sigmoid with ε > 0 is conservative DPO); "

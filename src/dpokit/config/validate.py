@@ -65,6 +65,21 @@ def validate(config: RunConfig) -> None:
         if not 0.0 <= value < 1.0:
             raise DpokitError(f"{flag} must be in [0, 1); got {value}")
     _validate_lora(config)
+    _check_reference_sync(config)
+
+
+def _check_reference_sync(config: RunConfig) -> None:
+    """TR-DPO changes the reference weights during training: only a live frozen copy can follow.
+    (torchrun is refused where the world size is known: `scoring.uses_live_reference`.)"""
+    if not config.loss.sync_reference_steps:
+        return
+    if config.speed.reference == "precomputed":
+        raise DpokitError("--reference precomputed cannot follow --sync-reference-steps: the cached log-probs are "
+                          "the initial reference's, and TR-DPO updates it; use --reference live (auto picks it)")
+    if config.lora.lora_r:
+        raise DpokitError("--sync-reference-steps does not work with LoRA (--lora-r): the reference is the "
+                          "policy's own base weights with the adapters off, which TR-DPO would overwrite; "
+                          "train all weights (--lora-r 0) or keep the reference fixed")
 
 
 def _check_choices_and_lists(config: RunConfig) -> None:
@@ -158,10 +173,16 @@ def check_loss_config(lo: LossConfig) -> None:
         "--dpop-lambda": (lo.dpop_lambda, "a number >= 0", lambda v: v >= 0),
         "--beta-dpo-alpha": (lo.beta_dpo_alpha, "a number >= 0", lambda v: v >= 0),
         "--beta-dpo-rho": (lo.beta_dpo_rho, "a fraction in (0, 1]", lambda v: 0 < v <= 1),
+        "--sync-reference-steps": (lo.sync_reference_steps, "a whole number >= 0 (0: a fixed reference)",
+                                   lambda v: v >= 0),
+        "--sync-reference-alpha": (lo.sync_reference_alpha, "a number in (0, 1]", lambda v: 0 < v <= 1),
     }
     for flag, (value, what, ok) in checks.items():
         if not (math.isfinite(value) and ok(value)):
             raise DpokitError(f"{flag} must be {what}; got {value}")
+    if lo.sync_reference_steps and not any(kind.needs_reference for kind in kinds):
+        raise DpokitError(f"--sync-reference-steps moves the reference toward the policy, but --loss {lo.loss_spec} "
+                          "uses no reference; set it to 0 or use a loss with one")
 
 
 def _check_label_smoothing(lo: LossConfig, kinds: list[LossKind]) -> None:

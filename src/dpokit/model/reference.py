@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from dpokit.data.tokenize import TokenizedPair
+from dpokit.errors import DpokitError
 from dpokit.io import Log, atomic_write_bytes
 from dpokit.model.logprobs import PairLogps
 
@@ -229,3 +230,40 @@ def _fill(compute: Callable[[Sequence[TokenizedPair]], PairLogps], pairs: Sequen
         at = list(rows[start : start + batch_size])
         chosen[at] = out.chosen_logps.detach().float().cpu()
         rejected[at] = out.rejected_logps.detach().float().cpu()
+
+
+# The live reference under TR-DPO (--sync-reference-steps): its weights follow the policy.
+
+
+def reference_sync_due(step: int, every: int) -> bool:
+    """Whether the reference is updated after optimizer step `step` (1-based; every step counts,
+    a skipped one too): after steps τ, 2τ, ... as TRL's SyncRefModelCallback does; never with τ = 0."""
+    return every > 0 and step > 0 and step % every == 0
+
+
+def check_sync_compatible(reference: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """Refuse (one line) a reference whose parameters do not match the policy's one to one."""
+    ours, theirs = list(reference.named_parameters()), list(policy.named_parameters())
+    if len(ours) != len(theirs):
+        raise DpokitError(f"--sync-reference-steps needs a reference of the policy's shape: it has {len(ours)} "
+                          f"weight tensors, the policy {len(theirs)}")
+    for (name, ref), (_, param) in zip(ours, theirs, strict=True):
+        if ref.shape != param.shape:
+            raise DpokitError(f"--sync-reference-steps needs a reference of the policy's shape: {name} has shape "
+                              f"{tuple(ref.shape)} there, {tuple(param.shape)} in the policy")
+
+
+@torch.no_grad()
+def sync_reference(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update (Gorbatovski et al. 2024, "Learn Your Reference Model for Real Good
+    Alignment", §3): soft, θ_ref ← α·θ + (1 − α)·θ_ref_prev; hard (α = 1), θ_ref ← θ, a copy.
+
+    In place, parameter by parameter in `parameters()` order (a tied weight once); buffers are
+    left alone (the rotary tables are constants). The soft update is evaluated as
+    θ_ref·(1 − α) + α·θ, the order TRL evaluates it in, so both give the same bits.
+    """
+    for ref, param in zip(reference.parameters(), policy.parameters(), strict=True):
+        if alpha == 1.0:
+            ref.copy_(param)
+        else:
+            ref.mul_(1.0 - alpha).add_(param, alpha=alpha)

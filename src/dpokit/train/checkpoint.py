@@ -1,8 +1,8 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is a folder `checkpoints/step-NNNNNNN/` holding everything the loop needs to continue
-as if it had never stopped: policy weights (safetensors), optimizer and scheduler state, RNG
-states, the position in the data order, the metrics so far, the resolved config and the
+as if it had never stopped: policy weights (safetensors), the reference's when TR-DPO updates
+them (`reference.safetensors`), optimizer and scheduler state, RNG states, the position in the data order, the metrics so far, the resolved config and the
 fingerprints of the data and the reference. It is written under a temporary name and renamed
 into place, so a crash mid-save never damages the last good checkpoint; `trainer_state.json`
 is written last, so a folder without it is never trusted.
@@ -32,6 +32,7 @@ from dpokit.train.state import load_optimizer_state, load_trainable_state, optim
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
+REFERENCE_FILE = "reference.safetensors"  # a live reference that --sync-reference-steps updates
 _NAME = re.compile(r"^step-(\d+)$")
 
 # Options that do not change what a run computes: they may differ between a run and its resume.
@@ -97,8 +98,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(
     output: Path, state: TrainState, cfg: RunConfig, policy, optimizer, scheduler, keep: int,
     ctx: Distributed | None = None, scaler: torch.amp.GradScaler | None = None,
+    reference: torch.nn.Module | None = None,
 ) -> Path:
-    """Write a checkpoint atomically, then delete all but the newest `keep`.
+    """Write a checkpoint atomically, then delete all but the newest `keep`; with `reference` (a
+    live reference whose weights TR-DPO updates, single process) its weights too.
 
     Called on every rank: under FSDP2 the full weights and optimizer state are gathered to rank
     0 (a collective), and every rank's RNG state is collected; rank 0 alone writes. The other
@@ -116,7 +119,9 @@ def save_checkpoint(
     try:
         folder.mkdir(parents=True, exist_ok=True)
         staging = make_staging_dir(folder, f".tmp-{final.name}-")
-        _write_staging(staging, final, cfg, state, weights, optim, scheduler, rng, scaler)
+        extra_weights = {REFERENCE_FILE: reference_weights(reference)} if reference is not None else {}
+        _write_staging(staging, final, cfg, state, {"model.safetensors": weights, **extra_weights}, optim, scheduler,
+                       rng, scaler)
     except OSError as exc:
         previous = list_checkpoints(output)
         kept = f"; the last good checkpoint {previous[-1]} is intact" if previous else ""
@@ -128,10 +133,12 @@ def save_checkpoint(
     return final
 
 
-def _write_staging(staging: Path, final: Path, cfg: RunConfig, state: TrainState, weights, optim, scheduler,
-                   rng: list, scaler) -> None:
+def _write_staging(staging: Path, final: Path, cfg: RunConfig, state: TrainState, weights: dict[str, dict],
+                   optim, scheduler, rng: list, scaler) -> None:
+    """`weights`: file name -> the tensors it holds (safetensors)."""
     try:
-        save_file(weights, str(staging / "model.safetensors"))
+        for name, tensors in weights.items():
+            save_file(tensors, str(staging / name))
         extra = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}
         if scaler is not None and scaler.is_enabled():
             extra["scaler"] = scaler.state_dict()
@@ -147,6 +154,20 @@ def _write_staging(staging: Path, final: Path, cfg: RunConfig, state: TrainState
         raise
 
 
+def reference_weights(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A live reference's parameters by name, a tied one once (buffers are constants)."""
+    return {name: p.detach().cpu().contiguous() for name, p in reference.named_parameters()}
+
+
+def _load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(reference.named_parameters())
+    if params.keys() != weights.keys() or any(params[n].shape != weights[n].shape for n in params):
+        raise ValueError("the reference weights do not match the reference model")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(weights[name])
+
+
 def remove_stale_staging(output: Path) -> None:
     """Delete temporary folders left by a save that was killed."""
     folder = checkpoint_dir(output)
@@ -156,8 +177,10 @@ def remove_stale_staging(output: Path) -> None:
 
 
 def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> TrainState:
-    """Restore weights, optimizer, scheduler, loss scale and RNG from `path`; return the loop position.
+                    scaler: torch.amp.GradScaler | None = None, reference: torch.nn.Module | None = None
+                    ) -> TrainState:
+    """Restore weights (the reference's too, when given), optimizer, scheduler, loss scale and RNG
+    from `path`; return the loop position.
 
     Every rank reads the folder (multi-node runs need it on a shared file system). Each rank gets
     its own RNG state back when the world size is unchanged, rank 0's otherwise.
@@ -168,8 +191,11 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed |
         raise DpokitError(f"--resume {path}: not a complete dpokit checkpoint (no {STATE_FILE})")
     weights = _read_file(path, "model.safetensors", lambda f: load_file(str(f)))
     extra = _read_file(path, "training_state.pt", lambda f: torch.load(f, weights_only=True))
+    saved_reference = _read_file(path, REFERENCE_FILE, lambda f: load_file(str(f))) if reference is not None else None
     try:
         load_trainable_state(policy, weights, ctx)
+        if saved_reference is not None:
+            _load_reference_weights(reference, saved_reference)
         state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise DpokitError(f"--resume {path}: checkpoint is damaged or from another model ({exc})") from None
@@ -274,11 +300,12 @@ def find_resume(cfg: RunConfig) -> Path | None:
 
 
 def start_state(resume_from: Path | None, fresh: TrainState, policy, optimizer, scheduler, ctx: Distributed,
-                scaler: torch.amp.GradScaler) -> TrainState:
-    """`fresh` for a new run; on resume, the checkpoint's loop position, with its weights,
-    optimizer, scheduler, loss scale and RNG restored (and the global batch of now, same as then)."""
+                scaler: torch.amp.GradScaler, reference: torch.nn.Module | None = None) -> TrainState:
+    """`fresh` for a new run; on resume, the checkpoint's loop position, with its weights (and
+    `reference`'s, under TR-DPO), optimizer, scheduler, loss scale and RNG restored (and the
+    global batch of now, same as then)."""
     if resume_from is None:
         return fresh
-    state = load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler)
+    state = load_checkpoint(resume_from, policy, optimizer, scheduler, ctx, scaler, reference)
     state.global_batch_size = fresh.global_batch_size
     return state

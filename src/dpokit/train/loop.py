@@ -29,6 +29,7 @@ from dpokit.config import RunConfig, with_absolute_model_paths
 from dpokit.data.order import epoch_order
 from dpokit.hub import check_push_possible, push_run
 from dpokit.io import JsonlWriter, Log, run_folder_lock, shows_progress
+from dpokit.model.reference import reference_sync_due, sync_reference
 from dpokit.model_card import write_model_card
 from dpokit.paths import check_run_paths
 from dpokit.runinfo import write_run_summary
@@ -108,7 +109,8 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
                                  device=device, ctx=ctx)
     fresh = ckpt.TrainState(data_fingerprint=data.fingerprint, reference_fingerprint=reference_weights,
                             global_batch_size=data.global_batch)
-    state = ckpt.start_state(resume_from, fresh, parts.policy, parts.optimizer, parts.scheduler, ctx, parts.scaler)
+    state = ckpt.start_state(resume_from, fresh, parts.policy, parts.optimizer, parts.scheduler, ctx, parts.scaler,
+                             synced_reference(scorer, cfg))
     scorer.loss.load_state_dict(state.loss_state)  # the loss's running statistics, from the checkpoint
     if resume_from is not None:
         log(f"resuming from {resume_from} at step {state.step}/{data.total_steps}")
@@ -127,6 +129,12 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
         raise
 
 
+def synced_reference(scorer: PairScorer, cfg: RunConfig) -> torch.nn.Module | None:
+    """The live reference when TR-DPO updates it (--sync-reference-steps), else None: its weights
+    are then part of the run's state, in every checkpoint."""
+    return scorer.reference if cfg.loss.sync_reference_steps else None
+
+
 def _run_line(cfg: RunConfig, data: RunData, device: torch.device, ctx: Distributed) -> str:
     t = cfg.train
     processes = f" x {ctx.world_size} processes ({cfg.scale.parallel})" if ctx.world_size > 1 else ""
@@ -143,6 +151,7 @@ class _Run:
                  state: ckpt.TrainState, *, output: Path, ctx: Distributed, log: Log, started: float) -> None:
         self.cfg, self.t = cfg, cfg.train  # the whole config only for the checkpoints, which hold it
         self.data, self.scorer, self.parts, self.state = data, scorer, parts, state
+        self.reference = synced_reference(scorer, cfg)
         self.output, self.ctx, self.log, self.started = output, ctx, log, started
         self.metrics_file = JsonlWriter(output / "metrics.jsonl") if ctx.is_main else None
         self.trackers = (open_trackers(cfg.train.report_to, run_dir=output, run_name=output.name, config=cfg.to_dict(),
@@ -171,6 +180,7 @@ class _Run:
                     # Ranks must agree on stopping, or one waits forever for the others.
                     signal_seen = self.ctx.max_int(stop.requested or 0)
                     self.count(outcome)
+                    self.sync_reference()
                     self.log_and_evaluate()
                     self.checkpoint(signal_seen, stop)
                     if state.step == data.total_steps:
@@ -192,6 +202,13 @@ class _Run:
         state.step += 1
         state.step_in_epoch += 1
         self.bar.update(1)
+
+    def sync_reference(self) -> None:
+        """TR-DPO: after every τ-th step the reference moves toward the policy, before this step's
+        evaluation and checkpoint (which therefore see the updated reference), as in TRL."""
+        lo = self.cfg.loss
+        if self.reference is not None and reference_sync_due(self.state.step, lo.sync_reference_steps):
+            sync_reference(self.reference, self.parts.policy, lo.sync_reference_alpha)
 
     def log_and_evaluate(self) -> None:
         step, t, data = self.state.step, self.t, self.data
@@ -236,7 +253,7 @@ class _Run:
         p = self.parts
         self.state.loss_state = self.scorer.loss.state_dict()
         return ckpt.save_checkpoint(self.output, self.state, self.cfg, p.policy, p.optimizer,
-                                    p.scheduler, self.t.keep_checkpoints, self.ctx, p.scaler)
+                                    p.scheduler, self.t.keep_checkpoints, self.ctx, p.scaler, self.reference)
 
     def finish(self, tokenizer, lora: bool) -> TrainResult:
         """Final evaluation, the last checkpoint, the final model; the result."""
