@@ -151,13 +151,18 @@ def _train(model_dir, data, out, *extra) -> int:
                      "--progress", "off", *extra])
 
 
-def test_two_cli_steps_with_a_cached_ld_reference(tiny_model_dir, toy_data, tmp_path, capsys):
-    assert _train(tiny_model_dir, toy_data[0], tmp_path / "run", "--ld-alpha", "0.5") == 0, capsys.readouterr().err
-    first, second = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+@pytest.mark.parametrize("reference", ["precomputed", "live"])
+def test_two_cli_steps(reference, tiny_model_dir, toy_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = _train(tiny_model_dir, toy_data[0], out, "--ld-alpha", "0.5", "--reference", reference)
+    assert code == 0, capsys.readouterr().err
+    first, second = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Step 1: policy = reference, both LD-weighted alike, so every pair's loss is ln 2 (a reference
-    # cached without α would leave lr ≠ 0 wherever responses differ in length)
+    # summed without α would leave lr ≠ 0 wherever responses differ in length)
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-5) and math.isfinite(second["loss"])
-    (cache,) = (tmp_path / "run" / "reference-cache").glob("*.safetensors")
+    if reference == "live":
+        return
+    (cache,) = (out / "reference-cache").glob("*.safetensors")
     with safe_open(str(cache), framework="pt") as handle:
         fingerprint = json.loads(handle.metadata()["fingerprint"])
     assert fingerprint["ld_alpha"] == "0.5" and cache == cache_path(cache.parent, fingerprint)
