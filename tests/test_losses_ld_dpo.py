@@ -160,6 +160,7 @@ def test_two_cli_steps(reference, tiny_model_dir, toy_data, tmp_path, capsys):
     # Step 1: policy = reference, both LD-weighted alike, so every pair's loss is ln 2 (a reference
     # summed without α would leave lr ≠ 0 wherever responses differ in length)
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-5) and math.isfinite(second["loss"])
+    assert "| ld_alpha | 0.5 |" in (out / "README.md").read_text()  # the model card says so
     if reference == "live":
         return
     (cache,) = (out / "reference-cache").glob("*.safetensors")

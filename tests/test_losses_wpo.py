@@ -120,10 +120,13 @@ def test_two_cli_steps_log_the_weights(tiny_model_dir, toy_data, tmp_path, capsy
     # times the mean pair weight (float32 log-probs: ties only up to rounding).
     assert first["loss"] == pytest.approx(math.log(2) * first["wpo/pair_weight"], rel=1e-5)
     assert first["wpo/pair_weight"] != pytest.approx(1.0, abs=1e-3)  # the weights do weigh here
+    assert "| wpo | True |" in (tmp_path / "run" / "README.md").read_text()  # the model card says so
 
 
 def test_a_run_without_wpo_logs_no_weights(trained_run):
     assert "wpo/pair_weight" not in (trained_run / "metrics.jsonl").read_text()
+    card = (trained_run / "README.md").read_text()
+    assert "| wpo |" not in card and "| ld_alpha |" not in card and "| beta | 0.1 |" in card
 
 
 @pytest.mark.parametrize("loss", ["aot", "aot_unpaired"])
