@@ -316,8 +316,12 @@ class LossPlan:
 
     def __call__(self, *, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                  reference_chosen_logps: Tensor | None, reference_rejected_logps: Tensor | None,
-                 chosen_lengths: Tensor, rejected_lengths: Tensor) -> LossOutput:
-        """Rewards are those of the first reference-based loss configured, else of the first loss."""
+                 chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor | None = None) -> LossOutput:
+        """Rewards are those of the first reference-based loss configured, else of the first loss.
+
+        `pair_weights` (B,), WPO's w_c·w_r (`model.logprobs.wpo_pair_weights`, no gradient), scale
+        each pair's total loss, every configured term alike (as TRL 1.16's use_weighting); the
+        rewards stay unweighted."""
         q = PairLogRatios(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
                           reference_rejected_logps, chosen_lengths, rejected_lengths, self.options)
         if self.running_margin is not None:
@@ -328,6 +332,8 @@ class LossPlan:
             outputs.append(spec.fn(q, self.options))
         weighted = zip(outputs[1:], self.weights[1:], strict=True)
         total = sum((out.losses * w for out, w in weighted), outputs[0].losses * self.weights[0])
+        if pair_weights is not None:
+            total = total * pair_weights
         with_ref = [out for spec, out in zip(self.specs, outputs, strict=True) if spec.needs_reference]
         rewards = (with_ref or outputs)[0]
         return LossOutput(total, rewards.chosen_rewards, rewards.rejected_rewards, rewards.chosen_logps,

@@ -16,6 +16,8 @@ PAIR_METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
+# Under --wpo: the mean pair weight w_c·w_r (WPO), logged only by runs that weight their pairs.
+WPO_METRIC = "wpo/pair_weight"
 
 
 # Ties. Two passes of the same weights over the same pair (the policy against its reference at the
@@ -48,6 +50,7 @@ class PairMetrics:
         self._sums: torch.Tensor | None = None
         self.pairs = 0
         self.beta = beta
+        self.weighted = False  # whether the pairs carried WPO weights (the same on every rank: one config)
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
@@ -64,19 +67,21 @@ class PairMetrics:
                 wins.float(),
                 chosen_logps.detach().float(),
                 rejected_logps.detach().float(),
+                logps.pair_weights.float() if logps.pair_weights is not None else torch.zeros_like(wins.float()),
             ]
         ).sum(dim=1)
+        self.weighted = self.weighted or logps.pair_weights is not None
         self._sums = per_pair if self._sums is None else self._sums + per_pair
         self.pairs += out.losses.shape[0]
 
     def merge_across_ranks(self, sum_over_ranks, extra: int = 0) -> int:
         """Replace this rank's sums and pair count by those of all ranks; `extra` (a count such as
         tokens) rides along in the same collective and its total is returned."""
-        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS))
+        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS) + 1)
         # float64: token counts stay exact far past float32's 2**24
         packed = torch.cat([sums.double().cpu(), torch.tensor([self.pairs, extra], dtype=torch.float64)])
         total = sum_over_ranks(packed)
-        self._sums, self.pairs = total[: len(PAIR_METRICS)], int(total[-2].item())
+        self._sums, self.pairs = total[:-2], int(total[-2].item())
         return int(total[-1].item())
 
     def compute(self, prefix: str = "") -> dict[str, float]:
@@ -84,4 +89,7 @@ class PairMetrics:
         if self._sums is None:
             return {}
         means = (self._sums / self.pairs).tolist()
-        return {prefix + name: value for name, value in zip(PAIR_METRICS, means, strict=True)}
+        record = {prefix + name: value for name, value in zip(PAIR_METRICS, means[: len(PAIR_METRICS)], strict=True)}
+        if self.weighted:
+            record[prefix + WPO_METRIC] = means[len(PAIR_METRICS)]
+        return record

@@ -29,7 +29,8 @@ DPO_CITATION = """@inproceedings{rafailov2023direct,
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _LOSS_SETTINGS = ("loss", "loss_weights", "beta", "label_smoothing", "f_divergence", "simpo_gamma", "orpo_lambda",
                   "rdpo_alpha", "dpop_lambda", "beta_dpo_alpha", "beta_dpo_rho", "discopop_tau",
-                  "alpha_divergence_coef", "sync_reference_steps", "sync_reference_alpha")
+                  "alpha_divergence_coef", "sync_reference_steps", "sync_reference_alpha",
+                  "wpo", "ld_alpha")
 _TRAIN_SETTINGS = ("learning_rate", "batch_size", "gradient_accumulation", "max_steps", "epochs", "seed")
 
 
@@ -75,7 +76,8 @@ def _table(rows: list[tuple[str, Any]]) -> list[str]:
 
 def _settings(run: RunInfo, section: str, names: tuple[str, ...]) -> list[tuple[str, Any]]:
     values = run.config.get(section) or {}
-    return [(name, values[name]) for name in names if values.get(name) is not None]
+    # An option that is off (None, or a flag such as --wpo left false) says nothing about the run
+    return [(name, values[name]) for name in names if values.get(name) is not None and values.get(name) is not False]
 
 
 def _data_section(run: RunInfo) -> list[str]:

@@ -89,6 +89,7 @@ class PairScorer:
         self.policy, self.reference = policy, reference
         self.loss = compile_loss(loss)  # names, weights and options resolved once per run
         self.beta, self.speed, self.dtype = loss.beta, speed, dtype
+        self.ld_alpha, self.wpo = loss.ld_alpha, loss.wpo  # act in the log-prob reduction (`sequence_logps`)
         self.pad_id, self.device = pad_id, device
         if layouts is None:
             self.layouts, self.chunked_head = allowed_layouts(policy, speed), LM_HEADS[speed.lm_head]
@@ -104,9 +105,11 @@ class PairScorer:
             layout = min(self.layouts, key=lambda lay: self.cost(plan_rows(pairs, lay, pack)))
         return collate(pairs, self.pad_id, layout, self.speed.pack_length)
 
-    def logps(self, model, batch: PairBatch) -> PairLogps:
+    def logps(self, model, batch: PairBatch, *, wpo_weights: bool = False) -> PairLogps:
+        """Summed log-probs of `model` (policy or reference: both under --ld-alpha), WPO's weights when asked."""
         with autocast_context(self.device, self.dtype):
-            return sequence_logps(model, batch, self.chunked_head, self.speed.lm_head_chunk or None)
+            return sequence_logps(model, batch, self.chunked_head, self.speed.lm_head_chunk or None,
+                                  ld_alpha=self.ld_alpha, wpo_weights=wpo_weights)
 
     def no_grad_logps(self, pairs: Sequence[TokenizedPair]) -> PairLogps:
         """Policy log-probs without gradients (the precompute pass, where policy == reference)."""
@@ -115,7 +118,7 @@ class PairScorer:
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> ScoredBatch:
         batch = self.batch(pairs).to(self.device)
-        policy = self.logps(self.policy, batch)
+        policy = self.logps(self.policy, batch, wpo_weights=self.wpo)
         reference_chosen = reference_rejected = None
         if isinstance(self.reference, PrecomputedReference):
             reference_chosen, reference_rejected = self.reference.lookup(pairs, self.device)
@@ -130,6 +133,7 @@ class PairScorer:
             reference_rejected_logps=reference_rejected,
             chosen_lengths=policy.chosen_lengths,
             rejected_lengths=policy.rejected_lengths,
+            pair_weights=policy.pair_weights,
         )
         return ScoredBatch(out, policy, batch.num_tokens)
 
@@ -221,7 +225,7 @@ def build_scorer(
             fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
             folder = Path(speed.reference_cache) if speed.reference_cache else output / "reference-cache"
             reference = _precomputed(unwrapped, fingerprint, model.dtype, lora.load_in_4bit, datasets, needed,
-                                     folder, 2 * train.batch_size, log)
+                                     folder, 2 * train.batch_size, log)  # keyed on --ld-alpha too (scorer.ld_alpha)
     policy = wrap(policy)  # the policy first: a live LoRA reference wraps the same module
     return PairScorer(policy, wrap(reference) if live else reference, loss=loss, speed=speed, dtype=model.dtype,
                       pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head)
@@ -242,7 +246,8 @@ def _precomputed(scorer: PairScorer, weights: str, dtype: str, load_in_4bit: boo
     """Reference log-probs of `scorer`'s policy at its initial weights, from the cache or computed now."""
     policy = scorer.policy
     fingerprint = reference_fingerprint(weights, dtype, load_in_4bit=load_in_4bit,
-                                        attention=getattr(getattr(policy, "config", None), "_attn_implementation", None))
+                                        attention=getattr(getattr(policy, "config", None), "_attn_implementation", None),
+                                        ld_alpha=scorer.ld_alpha)
     was_training = policy.training
     policy.eval()
     try:

@@ -69,6 +69,8 @@ LOSS_KINDS: dict[str, LossKind] = {
     "orpo": _REFERENCE_FREE,
 }
 NEEDS_LABEL_SMOOTHING = ("exo_pair",)  # losses that are undefined at ε = 0
+SORTS_PAIRS = ("aot", "aot_unpaired")  # sort the batch's log-ratios, so per-pair weights (--wpo) lose their pair
+PER_TOKEN_LOSSES = ("ipo", "sigmoid_norm", "sft", "simpo", "orpo")  # average log-probs per token (no --ld-alpha)
 
 
 def losses_where(trait: str) -> list[str]:

@@ -162,6 +162,16 @@ class LossConfig:
         0.8, "ρ of beta_dpo: fraction of each batch's pairs kept, those whose margin lies nearest the running "
         "mean (the centre of the Gaussian fitted to margins); default 0.8, 1 keeps all"
     )
+    wpo: bool = option(
+        False, "WPO: weight each pair's loss by w_c·w_r, w = exp(mean over the response of log p(token) − "
+        "log Σ_v p(v)²), the policy's own length-normalised probability of the response, taken without gradient "
+        "(TRL's use_weighting); default off; any loss but the batch-sorting aot, aot_unpaired"
+    )
+    ld_alpha: float | None = option(
+        None, "α of LD-DPO in [0, 1]: the response tokens past the pair's shorter response count α times in the "
+        "policy and reference log-probs (TRL's ld_alpha; 1 is plain DPO, 0 drops them); default none: off. Not with the "
+        "losses that average log-probs per token already (ipo, sigmoid_norm, sft, simpo, orpo)"
+    )
 
     @property
     def loss_spec(self) -> str:

@@ -12,6 +12,8 @@ from dpokit.config.choices import (
     F_DIVERGENCES,
     LOSS_KINDS,
     NEEDS_LABEL_SMOOTHING,
+    PER_TOKEN_LOSSES,
+    SORTS_PAIRS,
     TRACKERS,
     LossKind,
     losses_where,
@@ -183,6 +185,23 @@ def check_loss_config(lo: LossConfig) -> None:
     if lo.sync_reference_steps and not any(kind.needs_reference for kind in kinds):
         raise DpokitError(f"--sync-reference-steps moves the reference toward the policy, but --loss {lo.loss_spec} "
                           "uses no reference; set it to 0 or use a loss with one")
+    _check_reduction_options(lo)
+
+
+def _check_reduction_options(lo: LossConfig) -> None:
+    """--wpo and --ld-alpha change the log-prob reduction every loss reads: refuse the losses they cannot serve."""
+    sorting = [name for name in lo.loss if name in SORTS_PAIRS]
+    if lo.wpo and sorting:
+        raise DpokitError(f"--wpo weights each pair's loss, but --loss {sorting[0]} sorts the batch's log-ratios, "
+                          "so its terms belong to no one pair; drop --wpo or use another loss")
+    if lo.ld_alpha is None:
+        return
+    if not (math.isfinite(lo.ld_alpha) and 0.0 <= lo.ld_alpha <= 1.0):
+        raise DpokitError(f"--ld-alpha must be in [0, 1] (1 is plain DPO; none: off); got {lo.ld_alpha}")
+    per_token = [name for name in lo.loss if name in PER_TOKEN_LOSSES]
+    if per_token:
+        raise DpokitError(f"--ld-alpha desensitises summed log-probs to length, but --loss {per_token[0]} averages "
+                          "them per token already; drop --ld-alpha or use a loss on summed log-probs")
 
 
 def _check_label_smoothing(lo: LossConfig, kinds: list[LossKind]) -> None:

@@ -9,7 +9,7 @@ named by a fingerprint of
 - the data: a hash of every pair's token ids in order (this covers the tokenizer, the chat
   template and the truncation settings: anything that changes a token changes the hash),
 - the settings that change log-probs: the compute dtype, 4-bit loading (QLoRA), the attention
-  implementation and CACHE_VERSION. The batch layout and the LM-head mode are left out on
+  implementation, LD-DPO's α (`--ld-alpha`: the cached sums weigh tokens by it) and CACHE_VERSION. The batch layout and the LM-head mode are left out on
   purpose: they are equivalent (tests/test_layouts.py).
 
 Only the pairs a run will use are computed (a `--max-steps` run touches a fraction of a large
@@ -87,12 +87,17 @@ def _file_sha256(path: Path) -> bytes:
 
 
 def reference_fingerprint(weights: str, dtype: str, *, load_in_4bit: bool = False,
-                          attention: str | None = None) -> dict[str, str]:
+                          attention: str | None = None, ld_alpha: float | None = None) -> dict[str, str]:
     """The weights and settings parts of a cache key (the data part is added per dataset):
     everything that changes a reference log-prob. 4-bit base weights give other log-probs than
-    full-precision ones, and attention kernels differ in rounding, so each gets its own cache."""
-    return {"version": CACHE_VERSION, "weights": weights, "dtype": dtype,
-            "load_in_4bit": str(bool(load_in_4bit)), "attention": str(attention)}
+    full-precision ones, and attention kernels differ in rounding, so each gets its own cache.
+    Under --ld-alpha the sums weigh tokens by α: the key holds α exactly (repr), so a cache made
+    at another α, or without LD-DPO, never matches; without it the key is what it always was."""
+    key = {"version": CACHE_VERSION, "weights": weights, "dtype": dtype,
+           "load_in_4bit": str(bool(load_in_4bit)), "attention": str(attention)}
+    if ld_alpha is not None:
+        key["ld_alpha"] = repr(float(ld_alpha))
+    return key
 
 
 def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
