@@ -146,8 +146,9 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
             runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=evaluation_prompts,
                                          reference=base.model.reference_model or base.model.model,
                                          progress=progress, log=log)
+        # The demo (`continuing`) is not resumed: its own command has no --resume to point to.
         return _run_rounds(base, prompts, online, runner, done_so_far, start_policy=start_policy,
-                           first_round=first_round)
+                           first_round=first_round, resumable=continuing is None)
 
 
 def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict) -> OnlineProgress:
@@ -169,14 +170,14 @@ def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict) -> O
 
 
 def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner,
-                progress: OnlineProgress, *, start_policy: str | None, first_round: int) -> dict:
+                progress: OnlineProgress, *, start_policy: str | None, first_round: int, resumable: bool) -> dict:
     root, log, starting_model = runner.root, runner.log, base.model.model
     policy_name = start_policy or starting_model
     rounds: list[dict] = []
     (root / "pairs").mkdir(parents=True, exist_ok=True)
     if runner.reference_row is None:  # the reference's row, as the finished rounds measured it
         runner.reference_row = progress.reference_point
-    with _StopsCleanly() as where:
+    with _StopsCleanly(resumable) as where:
         for number in range(first_round, online.rounds + 1):
             where.round = number
             record = progress.finished(number)
@@ -229,10 +230,11 @@ class _StopsCleanly:
     """Between and around the rounds' training steps (sampling, evaluation, saving), SIGINT or
     SIGTERM stop the run at once, and a full disk ends it, each with one line saying how to go on:
     every finished round and sampled pairs file is on disk already, written atomically. During
-    training's steps, training's own handler stops after the step, with a checkpoint."""
+    training's steps, training's own handler stops after the step, with a checkpoint. Inactive
+    when not `resumable`."""
 
-    def __init__(self) -> None:
-        self.round = 0
+    def __init__(self, resumable: bool) -> None:
+        self.round, self.resumable = 0, resumable
         self._previous: dict[int, object] = {}
 
     def _stop(self, signum, frame) -> None:
@@ -242,7 +244,7 @@ class _StopsCleanly:
             exit_code=128 + signum)
 
     def __enter__(self) -> _StopsCleanly:
-        if threading.current_thread() is threading.main_thread():
+        if self.resumable and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._stop)
         return self
@@ -250,7 +252,7 @@ class _StopsCleanly:
     def __exit__(self, kind, exc, traceback) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if self.resumable and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             where = f" writing {exc.filename}" if exc.filename else ""
             raise DpokitError(f"online round {self.round}: no space left on device{where}; the finished rounds are "
                               "kept: free some space, then run the same command with --resume auto") from None
