@@ -25,6 +25,8 @@ from safetensors.torch import load_file
 
 import dpokit.experiments.frontier as frontier
 from dpokit.cli import main
+from dpokit.errors import DpokitError
+from dpokit.experiments.online_progress import OnlineProgress
 from dpokit.train.checkpoint import list_checkpoints
 from helpers.toy import make_pairs, write_jsonl
 
@@ -172,7 +174,7 @@ def one_round(tiny_model_dir, prompt_files, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("change, option", [
     (["--samples-per-prompt", 3], "--samples-per-prompt"), (["--seed", 7], "--seed"),
     (["--pairing", "all"], "--pairing"), (["--beta", 0.5], "--beta"), (["--max-new-tokens", 7], "--max-new-tokens"),
-    (["--rounds", 0], "--rounds"),
+    (["--judge", "my_judges:score"], "--judge"),
 ])
 def test_resume_refuses_changed_settings_naming_the_option(tiny_model_dir, prompt_files, one_round, tmp_path,
                                                            change, option, capsys):
@@ -203,6 +205,17 @@ def test_resume_refuses_other_prompts_and_a_folder_of_something_else(tiny_model_
     assert "no online run to resume" in capsys.readouterr().err
     assert main(_args(tiny_model_dir, prompt_files, out, "--resume", str(out / "round-1"))) == 2
     assert "--resume auto" in capsys.readouterr().err
+
+
+def test_rounds_may_grow_but_not_below_the_finished_ones(tmp_path):
+    finished = [{"round": n, "policy_sampled": "m", "pairs_file": "p", "pair_stats": {}, "point": {"run": f"round-{n}"}}
+                for n in (1, 2)]
+    progress = OnlineProgress(tmp_path, {"--seed": 42}, rounds=[*finished, {**finished[1], "round": 3, "point": None}])
+    assert [r["round"] for r in progress.finished_rounds()] == [1, 2]
+    for rounds in (2, 3, 5):
+        progress.check_rounds(rounds)
+    with pytest.raises(DpokitError, match=r"--rounds 1: .* has finished 2 rounds already; give --rounds 2 or more"):
+        progress.check_rounds(1)
 
 
 @pytest.mark.slow
