@@ -229,3 +229,8 @@ def test_a_finished_run_continues_with_more_rounds(tiny_model_dir, prompt_files,
     assert "round 1/2: finished before the interruption" in capsys.readouterr().out
     assert _mtimes(out) == before
     _assert_same_result(out, uninterrupted)
+    # A finished run resumed as it is trains nothing and writes the same online.json again.
+    assert main(_args(tiny_model_dir, prompt_files, out, "--resume", "auto")) == 0
+    log = capsys.readouterr().out
+    assert log.count("finished before the interruption") == 2 and "training " not in log
+    _assert_same_result(out, uninterrupted)
