@@ -84,7 +84,8 @@ def add_online_command(sub) -> None:
         description="Online (iterative) DPO: each round samples --samples-per-prompt responses per prompt from the "
         "current policy, scores them with --judge, pairs the best over the worst, DPO-trains from the current "
         "policy with the reference fixed at the starting --model, and evaluates (judged reward, win rate, KL to "
-        "the start) on --eval-prompts. Writes OUTPUT/round-N/, OUTPUT/pairs/, online.json, frontier.csv/png.")
+        "the start) on --eval-prompts. Writes OUTPUT/round-N/, OUTPUT/pairs/, online.json, frontier.csv/png. An "
+        "interrupted run continues with the same command and --resume auto, at the round and step it stopped in.")
     add_section(parser, "online options", OnlineConfig)
     add_section(parser, "prompt and judge options", JudgeConfig)
     add_section(parser, "sampling options (pair samples and evaluation)", SamplingConfig)

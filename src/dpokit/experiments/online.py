@@ -13,7 +13,10 @@ and `dpokit.experiments.frontier.FrontierRunner` trains each round (`dpokit.trai
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import signal
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,10 +29,18 @@ from dpokit.config import (
     validate,
     validate_sampling,
 )
-from dpokit.errors import DpokitError
+from dpokit.errors import DpokitError, TrainingInterrupted
 from dpokit.eval.evaluate import Sampler, mean_and_stderr
-from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root, refuse_push
-from dpokit.io import Log, atomic_write_text, run_folder_lock
+from dpokit.experiments.frontier import (
+    CSV_FILE,
+    PNG_FILE,
+    FrontierRunner,
+    prepare_root,
+    refuse_push,
+    write_frontier_csv,
+)
+from dpokit.experiments.online_progress import PROGRESS_FILE, OnlineProgress, online_settings
+from dpokit.io import Log, atomic_write_text, folder_entries, run_folder_lock
 from dpokit.model.load import load_policy
 from dpokit.paths import check_run_paths
 
@@ -109,6 +120,8 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     fresh seed per round) and the evaluation's. A caller that already trained round 1 (the demo's
     offline run) passes its model as `start_policy` and its frontier as `continuing`: rounds then
     start at 2, judged with that frontier's judge, reference and samples.
+    With `base.train.resume == "auto"`, an interrupted run in the folder continues where it stopped
+    (OUTPUT/online_progress.json; see `dpokit.experiments.online_progress`).
     The folder is locked for the command's life (one writer at a time).
     """
     refuse_push(base, "online")
@@ -116,47 +129,133 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     if online.rounds < first_round or online.samples_per_prompt < 2:
         raise DpokitError(f"--rounds must be at least {first_round} and --samples-per-prompt at least 2 "
                           f"(got {online.rounds} and {online.samples_per_prompt})")
+    if base.train.resume not in (None, "none", "no", "auto"):
+        raise DpokitError(f"--resume {base.train.resume}: dpokit online takes --resume auto (it continues the "
+                          "run in --output; each round resumes from its own newest checkpoint)")
     validate_sampling(sampling)
     check_run_paths(base, [("--prompts", judging.prompts), ("--eval-prompts", online.eval_prompts),
                            ("--judge", judging.judge)])
+    evaluation_prompts = list(eval_prompts or prompts)
     with run_folder_lock(base.train.output):
-        root = prepare_root(base)
+        done_so_far = _start_or_resume(base, online, online_settings(base, online, judging, sampling, prompts,
+                                                                     evaluation_prompts))
+        root = Path(base.train.output)
         if continuing is not None:
             runner = continuing.beside(root, progress=progress, log=log)
         else:
-            runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=list(eval_prompts or prompts),
+            runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=evaluation_prompts,
                                          reference=base.model.reference_model or base.model.model,
                                          progress=progress, log=log)
-        return _run_rounds(base, prompts, online, runner, start_policy=start_policy, first_round=first_round)
+        # The demo (`continuing`) is not resumed: its own command has no --resume to point to.
+        return _run_rounds(base, prompts, online, runner, done_so_far, start_policy=start_policy,
+                           first_round=first_round, resumable=continuing is None)
 
 
-def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner, *,
-                start_policy: str | None, first_round: int) -> dict:
+def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict) -> OnlineProgress:
+    """The interrupted run's progress (--resume auto), refused when a setting that changes its
+    figures differs; or a new run's, in a folder that is empty (or emptied by --overwrite)."""
+    root, resume = Path(base.train.output), base.train.resume == "auto"
+    saved = OnlineProgress.read(root) if resume and root.is_dir() else None
+    if saved is not None:
+        saved.check_settings(settings)
+        saved.check_rounds(online.rounds)
+        return saved
+    if resume and root.is_dir() and folder_entries(root) and not base.train.overwrite:
+        raise DpokitError(f"--resume auto: {root} holds no online run to resume (no {PROGRESS_FILE}); pass "
+                          "--overwrite to start over there, or choose a new folder")
+    prepare_root(base)
+    started = OnlineProgress(root, settings)
+    started.save()
+    return started
+
+
+def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner,
+                progress: OnlineProgress, *, start_policy: str | None, first_round: int, resumable: bool) -> dict:
     root, log, starting_model = runner.root, runner.log, base.model.model
-    reference_name = base.model.reference_model or starting_model
     policy_name = start_policy or starting_model
     rounds: list[dict] = []
     (root / "pairs").mkdir(parents=True, exist_ok=True)
-    for number in range(first_round, online.rounds + 1):
-        log(f"--- online round {number}/{online.rounds}: sampling {online.samples_per_prompt} per prompt "
-            f"from {policy_name}")
-        pairs_file, stats = _round_pairs(base, prompts, online, runner, policy_name, number)
-        cfg = copy.deepcopy(base)
-        cfg.model.model, cfg.model.reference_model = policy_name, reference_name
-        cfg.model.tokenizer = base.model.tokenizer or starting_model
-        cfg.data.data = str(pairs_file)
-        cfg.train.output = str(root / f"round-{number}")
-        validate(cfg)
-        done = runner.add_run(cfg, f"round-{number}", method="online DPO", beta=cfg.loss.beta,
-                              label=f"round {number}")
-        rounds.append({"round": number, "policy_sampled": policy_name, "pairs_file": str(pairs_file),
-                       "pair_stats": stats, "point": done.row})
-        policy_name = cfg.train.output
-    summary = _summary(base, prompts, online, runner, rounds)
-    runner.finish("online.json", summary, title=f"online DPO, reward–KL by round: {Path(starting_model).name}, "
-                  f"judge {runner.sampler.judge_name}")
+    if runner.reference_row is None:  # the reference's row, as the finished rounds measured it
+        runner.reference_row = progress.reference_point
+    with _StopsCleanly(resumable) as where:
+        for number in range(first_round, online.rounds + 1):
+            where.round = number
+            record = progress.finished(number)
+            if record is not None:
+                log(f"--- online round {number}/{online.rounds}: finished before the interruption; kept "
+                    f"({record['pairs_file']}, {root / f'round-{number}'})")
+                runner.rows.append(record["point"])
+            else:
+                record = _train_round(base, prompts, online, runner, progress, policy_name, number)
+            rounds.append(record)
+            policy_name = str(root / f"round-{number}")
+        write_frontier_csv(runner.points, root / CSV_FILE)  # whole, even when no round was left to train
+        summary = _summary(base, prompts, online, runner, rounds)
+        runner.finish("online.json", summary, title=f"online DPO, reward–KL by round: {Path(starting_model).name}, "
+                      f"judge {runner.sampler.judge_name}")
     log(f"wrote {root / 'online.json'}, {root / CSV_FILE} and {root / PNG_FILE}")
     return summary
+
+
+def _train_round(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner,
+                 progress: OnlineProgress, policy_name: str, number: int) -> dict:
+    """Round `number`: its pairs (those sampled before an interruption, or new ones), its training
+    (resumed from its newest checkpoint, if any) and its evaluation; returns its online.json record."""
+    record = progress.sampled_pairs(number)
+    if record is not None and record["policy_sampled"] == policy_name:
+        runner.log(f"--- online round {number}/{online.rounds}: reusing its {record['pair_stats']['pairs']} pairs "
+                   f"sampled before the interruption ({record['pairs_file']})")
+    else:
+        runner.log(f"--- online round {number}/{online.rounds}: sampling {online.samples_per_prompt} per prompt "
+                   f"from {policy_name}")
+        pairs_file, stats = _round_pairs(base, prompts, online, runner, policy_name, number)
+        record = {"round": number, "policy_sampled": policy_name, "pairs_file": str(pairs_file), "pair_stats": stats}
+        progress.record_sampled(record)
+    cfg = copy.deepcopy(base)
+    cfg.model.model = policy_name
+    cfg.model.reference_model = base.model.reference_model or base.model.model
+    cfg.model.tokenizer = base.model.tokenizer or base.model.model
+    cfg.data.data = record["pairs_file"]
+    cfg.train.output = str(runner.root / f"round-{number}")
+    # Resumed: the round continues from its newest checkpoint; a round folder without one (killed
+    # before its first) is this run's own, and is started over.
+    cfg.train.overwrite = base.train.overwrite or base.train.resume == "auto"
+    validate(cfg)
+    done = runner.add_run(cfg, f"round-{number}", method="online DPO", beta=cfg.loss.beta, label=f"round {number}")
+    progress.record_finished(number, done.row, runner.reference_row)
+    return {**record, "point": done.row}
+
+
+class _StopsCleanly:
+    """Between and around the rounds' training steps (sampling, evaluation, saving), SIGINT or
+    SIGTERM stop the run at once, and a full disk ends it, each with one line saying how to go on:
+    every finished round and sampled pairs file is on disk already, written atomically. During
+    training's steps, training's own handler stops after the step, with a checkpoint. Inactive
+    when not `resumable`."""
+
+    def __init__(self, resumable: bool) -> None:
+        self.round, self.resumable = 0, resumable
+        self._previous: dict[int, object] = {}
+
+    def _stop(self, signum, frame) -> None:
+        raise TrainingInterrupted(
+            f"{signal.Signals(signum).name} received: dpokit online stopped in round {self.round}; its finished "
+            "rounds and sampled pairs are kept: run the same command with --resume auto to continue",
+            exit_code=128 + signum)
+
+    def __enter__(self) -> _StopsCleanly:
+        if self.resumable and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._stop)
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self.resumable and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            raise DpokitError(f"online round {self.round}: no space left on device{where}; the finished rounds are "
+                              "kept: free some space, then run the same command with --resume auto") from None
 
 
 def _round_pairs(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner,
