@@ -7,8 +7,9 @@ seed and settings: `dpokit demo`'s step 1), then builds two pair files from the 
 
 - `forced`: the pairs as before issue 15 - every sample paired (`--pairing all`), no
   `*_finished` fields, so tokenization gives every response an EOS, cut-off ones included;
-- `marked`: the pairs as `sample_preference_pairs` builds them now - cut responses marked
-  unfinished (no EOS) and prompts with two finished samples of different scores paired among those.
+- `marked`: the pairs as `sample_preference_pairs` builds them now - the same pairs (with the
+  demo's `--pairing all`; `best_worst` would prefer finished samples), cut responses marked
+  unfinished, so they get no EOS.
 
 Each is DPO-trained from the base model with the demo's settings (β 1, 40 steps of 32 pairs, lr
 7e-4), and its margin β·Σ(log π − log π_ref) over chosen minus rejected is split per token: the share

@@ -1,5 +1,5 @@
 """Responses cut off by a token limit never ended: `chosen_finished` / `rejected_finished` false
-gives them no EOS in every layout, and online pairing prefers finished samples (issue 15, part 1)."""
+gives them no EOS in every layout, and best-over-worst pairing prefers finished samples (issue 15, part 1)."""
 
 import json
 
@@ -137,8 +137,12 @@ def test_pairing_prefers_finished_samples_and_counts_pairs_with_a_cut_response()
     assert [(r["chosen"], r["rejected"]) for r in rows] == [("b", "c")]
     assert (rows[0]["chosen_finished"], rows[0]["rejected_finished"]) == (True, True)
     assert stats["pairs_with_cut_response"] == 0
+    # `all` keeps every pair, each saying which of its responses were cut.
     rows, stats = preference_pairs(["p"], texts, scores, "all", finished)
-    assert [(r["chosen"], r["rejected"]) for r in rows] == [("b", "c")]
+    assert [(r["chosen"], r["rejected"], r["chosen_finished"], r["rejected_finished"]) for r in rows] == [
+        ("a", "b", False, True), ("a", "c", False, True), ("a", "d", False, False), ("b", "c", True, True),
+        ("b", "d", True, False), ("c", "d", True, False)]
+    assert stats["pairs_with_cut_response"] == 5
     # Fewer than two finished samples with different scores: every sample is paired, and the
     # rows say which responses were cut.
     for ends in ([[False, True, False, False]], [[True, False, False, False]]):

@@ -50,9 +50,10 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
 
     `finished` (per completion: did it end, or was it cut off by the token limit?) adds
     `chosen_finished` / `rejected_finished` to every row, so a cut response gets no EOS when
-    tokenized, and makes pairing prefer finished completions: a prompt with at least two finished
-    completions of different scores is paired among those alone; any other prompt among all its
-    completions. The stats count the pairs that hold a cut response.
+    tokenized, and the stats count the pairs that hold a cut response. `best_worst` then prefers
+    finished completions: a prompt with at least two finished ones of different scores gets its one
+    pair from those alone. `all` keeps every pair: its cut responses train without an EOS, and
+    pairing among finished ones only cost the demo a third of its pairs and reward at every β.
     """
     if pairing not in PAIRINGS:
         raise DpokitError(f"--pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
@@ -60,7 +61,8 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
     skipped = {"tied_scores": 0, "identical": 0}
     for number, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
         done = finished[number] if finished is not None else None
-        ranked = sorted(_pool(scores, done), key=lambda i: -scores[i])  # stable: ties keep sample order
+        pool = _pool(scores, done) if pairing == "best_worst" else range(len(texts))
+        ranked = sorted(pool, key=lambda i: -scores[i])  # stable: ties keep sample order
         if pairing == "best_worst":
             candidates = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
         else:
@@ -80,8 +82,8 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
 
 
 def _pool(scores: Sequence[float], finished: Sequence[bool] | None) -> list[int]:
-    """The completions a prompt's pairs are drawn from: its finished ones when at least two of them
-    have different scores (a preference with no invented ending on either side), else all."""
+    """The completions a prompt's best-over-worst pair is drawn from: its finished ones when at least
+    two of them have different scores (both responses complete, judged whole), else all."""
     ended = [i for i in range(len(scores)) if finished is not None and finished[i]]
     return ended if len({scores[i] for i in ended}) > 1 else list(range(len(scores)))
 
