@@ -15,6 +15,7 @@ from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
 from dpokit.experiments.online import preference_pairs
 from dpokit.model.logprobs import sequence_logps
+from dpokit.model.reference import data_fingerprint
 from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs, write_jsonl
 
 # Closes each assistant turn with a token that is not EOS, then a newline (as Gemma's `<end_of_turn>\n`).
@@ -119,6 +120,14 @@ def test_every_layout_scores_cut_responses_without_an_eos(word_tok):
         torch.testing.assert_close(out.chosen_logps, padded.chosen_logps, atol=1e-5, rtol=0, msg=layout)
         torch.testing.assert_close(out.rejected_logps, padded.rejected_logps, atol=1e-5, rtol=0, msg=layout)
         assert batch.num_pairs == n
+
+
+def test_the_reference_cache_key_tells_a_cut_response_from_a_finished_one(word_tok):
+    # The cached reference log-probs of "great fun" + EOS are not those of "great fun" alone.
+    finished, _ = PairTokenizer(word_tok, max_length=64).tokenize([PreferencePair("the film", " great fun", " dull", 1)])
+    cut, _ = PairTokenizer(word_tok, max_length=64).tokenize(
+        [PreferencePair("the film", " great fun", " dull", 1, chosen_finished=False)])
+    assert data_fingerprint(finished) != data_fingerprint(cut)
 
 
 def test_data_inspect_counts_responses_marked_unfinished(tmp_path, word_tok):
