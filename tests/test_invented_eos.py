@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpokit.data import PairTokenizer, load_tokenized_pairs, read_pairs
+from dpokit.data import PairTokenizer, PreferencePair, TokenizeStats, load_tokenized_pairs, read_pairs
 from dpokit.experiments.demo.bundled import base_model_dir
 from dpokit.experiments.demo.sentiment import PRESETS
-from dpokit.model.load import load_tokenizer
+from dpokit.model.load import load_policy, load_tokenizer
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -44,6 +44,15 @@ def test_demo_pairs_put_no_eos_on_cut_samples_and_no_margin_on_invented_eos(tmp_
     for pair in pairs:
         for ids, finished in zip((pair.chosen_ids, pair.rejected_ids), flags[pair.index], strict=True):
             assert ids.count(eos) == (1 if finished else 0) and (ids[-1] == eos) == finished
+
+    # Each sample, cut or finished, tokenizes back to exactly the ids it was generated as.
+    model = load_policy(str(base_model_dir()), torch.device("cpu")).eval()
+    prompts, samples = invented_eos.demo_samples(settings, model, tokenizer)
+    tokenize = PairTokenizer(tokenizer, max_length=80)
+    for prompt, completion in ((p, c) for p, per in zip(prompts, samples.completions, strict=True) for c in per):
+        pair = PreferencePair(prompt, completion.text, completion.text + " x", 1, chosen_finished=completion.finished)
+        [encoded] = tokenize.encode([pair], TokenizeStats())
+        assert (tuple(encoded.prompt), tuple(encoded.chosen)) == (completion.prompt_ids, completion.response_ids)
 
     # Before: EOS on every response, and training puts part of the margin on the invented ones.
     assert forced["invented_eos_tokens"] > 0 and forced["share_on_invented_eos"] > 0.02
