@@ -6,6 +6,7 @@ of JSON schemas, Qwen3's `enable_thinking`."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 
@@ -235,6 +236,18 @@ def test_train_on_all_turns_masks_exactly_the_assistant_tokens(tmp_path, name):
         assert "the capital of France?" in between and one not in between  # the user turn and headers: context
     prompt, chosen, _ = pair_tokenizer.render(pairs[0])
     assert _decode(tok, kept.prompt_ids + kept.chosen_ids) == expected_sequence(convention, prompt, chosen)
+
+
+@pytest.mark.parametrize("name", ["chatml-instruct", "llama3", "gemma"])
+def test_a_cut_off_last_turn_is_trained_without_its_turn_end(tmp_path, name):
+    pairs, _ = _turn_pairs(tmp_path, "all")
+    cut = [dataclasses.replace(pairs[0], chosen_finished=False)]
+    _, tok, _, [kept], stats = _tokenize(name, cut, train_on_turns="all")
+    first, last = TURN_ENDS[name]
+    assert stats.skipped == {} and len(kept.chosen_mask) == len(kept.chosen_ids)
+    # The earlier turn keeps the end the template wrote; the cut one stops at its text, no EOS.
+    assert _segments(tok, kept.chosen_ids, kept.chosen_mask) == ["hello world" + first, "Paris."]
+    assert _segments(tok, kept.rejected_ids, kept.rejected_mask)[-1] == "Rome." + last
 
 
 def test_train_on_the_last_turn_keeps_todays_rule(tmp_path):

@@ -33,6 +33,9 @@ def load_tokenized_pairs(
     log(f"{path}: {read.rows_read} rows read ({read.layout} layout); {stats.summary(read.rows_read)}")
     for line in skip_report(read, stats):
         log(f"{path}: {line}")
+    if any(read.unfinished.values()):
+        log(f"{path}: {read.unfinished['chosen']} chosen and {read.unfinished['rejected']} rejected responses "
+            "marked unfinished (cut off): no EOS appended")
     if glued[0]:
         log(f"{path}: {glued_text_warning(glued[0])}")
     if counts is not None:

@@ -149,6 +149,7 @@ def _report(read: ReadStats, stats: TokenizeStats, tally: _Tally, kept: int, dat
         "identical_pairs": len(skipped_rows.get("identical", [])) + len(skipped_rows.get("identical_tokens", [])),
         "tied_scores": {"rows_with_scores": read.rows_with_scores, "tied": read.tied_scores}
         if read.rows_with_scores else None,
+        "unfinished_responses": dict(read.unfinished),  # marked chosen/rejected_finished false: no EOS
         "conversations": tally.conversations(data),
         "boundary": {"merges": stats.boundary_merges if tokenized else None,
                      "glued_text_rows": tally.glued if read.layout in ("standard", "implicit") else None},
@@ -205,6 +206,10 @@ def format_report(report: dict[str, Any]) -> str:
     ties = report["tied_scores"]
     lines.append("scores: none found" if ties is None else
                  f"scores: {ties['tied']} of {ties['rows_with_scores']} rows have tied scores")
+    unfinished = report["unfinished_responses"]
+    if any(unfinished.values()):
+        lines.append(f"responses marked unfinished (cut off, so they get no EOS): {unfinished['chosen']} chosen, "
+                     f"{unfinished['rejected']} rejected")
     chat = report["conversations"]
     if chat is not None:
         lines.append(f"conversations: {chat['assistant_turns']['mean']} assistant turns on average (max "

@@ -23,6 +23,12 @@ reaches into a nested field (`score_chosen=metadata.score`). Scores come from `s
 `score_rejected`, at the top level or inside one nested object (`metadata`), when both are
 numbers. Every other column is kept on the pair as `extra`.
 
+Optional in every layout, `chosen_finished` / `rejected_finished` (JSON booleans; `true`/`false`
+in CSV/TSV, whose fields are all text) say whether a response really ended (EOS or a stop string)
+or was cut off, by a sampler's token limit say: a response marked `false` gets no EOS when
+tokenized (`data/tokenize.py`, rule 1), since it never ended. Absent or null means finished, so a
+field present in some rows only is fine; any other value is an error naming the row and field.
+
 Rows skipped (each counted with its row number; `--strict` turns all but `tied_scores` into
 errors): `non_string` (a field that should be text is not), `malformed_messages`, `unknown_role`,
 `no_assistant_turn`, `prompt_mismatch`, `no_prompt`, `empty_response`, `identical` (chosen == rejected),
@@ -66,6 +72,8 @@ class PreferencePair:
     index: int
     scores: tuple[float, float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    chosen_finished: bool = True  # False: the response was cut off, so it gets no EOS
+    rejected_finished: bool = True
 
     @property
     def is_chat(self) -> bool:
@@ -84,6 +92,7 @@ class ReadStats:
     rows_read: int = 0
     rows_with_scores: int = 0
     tied_scores: int = 0
+    unfinished: dict[str, int] = field(default_factory=lambda: {"chosen": 0, "rejected": 0})  # kept pairs' cut responses
     skipped: dict[str, list[int]] = field(default_factory=dict)
     examples: dict[str, str] = field(default_factory=dict)
 
@@ -127,6 +136,7 @@ class PairReader:
             if scores is not None:
                 self.stats.rows_with_scores += 1
                 self.stats.tied_scores += scores[0] == scores[1]
+            finished = tuple(self._finished(row, name, where) for name in FINISHED_KEYS)
             try:
                 prompt, chosen, rejected, used = normalise(row, where)
                 _check_responses(chosen, rejected)
@@ -139,10 +149,24 @@ class PairReader:
                     raise DpokitError(f"{message} (--strict)") from None
                 self.stats.skip(bad.reason, number, message)
                 continue
-            extra = {k: v for k, v in row.items() if k not in used and k not in _SCORE_KEYS}
-            yield PreferencePair(prompt, chosen, rejected, number, scores, extra)
+            for response, done in zip(("chosen", "rejected"), finished, strict=True):
+                self.stats.unfinished[response] += not done
+            extra = {k: v for k, v in row.items() if k not in used and k not in _SCORE_KEYS + FINISHED_KEYS}
+            yield PreferencePair(prompt, chosen, rejected, number, scores, extra, *finished)
         if self.stats.rows_read == 0:
             raise DpokitError(f"data file {self.source.name} holds no rows")
+
+    def _finished(self, row: Row, name: str, where: str) -> bool:
+        """A response's `*_finished` flag: True when absent or null."""
+        value = row.get(name)
+        if value is None:
+            return True
+        if isinstance(value, str) and self.source.kind in ("csv", "tsv") and value.lower() in ("true", "false"):
+            return value.lower() == "true"  # CSV fields are all text
+        if not isinstance(value, bool):
+            raise DpokitError(f"{where}: field '{name}' must be true or false, got {value_type(value)} "
+                              f"{str(value)[:20]!r}")
+        return value
 
     def _mapped(self, raw: Row, number: int) -> Row:
         if not self.columns:
@@ -249,6 +273,7 @@ def _sharegpt(row: Row, where: str, all_turns: bool = False):
 _LAYOUT_FUNCTIONS = {"standard": _standard, "implicit": _implicit, "conversational": _conversational,
                      "sharegpt": _sharegpt}
 _SCORE_KEYS = ("score_chosen", "score_rejected")
+FINISHED_KEYS = ("chosen_finished", "rejected_finished")
 
 
 # --- field checks -------------------------------------------------------------------------------

@@ -32,14 +32,15 @@ class PairRenderer:
         tools, kwargs = row_tools(pair), row_template_kwargs(pair, self.template_kwargs)
         prompt = self._apply_template(pair.prompt, True, tools, kwargs)
         texts = [prompt]
-        for name, reply in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+        for name, reply, finished in (("chosen", pair.chosen, pair.chosen_finished),
+                                      ("rejected", pair.rejected, pair.rejected_finished)):
             full = self._apply_template([*pair.prompt, *reply], False, tools, kwargs)
             self._check_tools_rendered([*pair.prompt, *reply], full, tools, kwargs, name)
             if not full.startswith(prompt):
                 at = first_difference(prompt, full)
                 raise RowSkip("template_boundary", f"the chat template renders the prompt differently alone and "
                                                    f"followed by '{name}' (from character {at})")
-            texts.append(full[len(prompt):])
+            texts.append(full[len(prompt):] if finished else _without_turn_end(full[len(prompt):], reply))
         return texts[0], texts[1], texts[2]
 
     def render_prompt(self, prompt: str | Sequence[dict]) -> str:
@@ -73,6 +74,17 @@ class PairRenderer:
             )
         except Exception as exc:  # noqa: BLE001 - jinja raises its own types, templates raise_exception
             raise RowSkip("template_error", f"the chat template failed: {first_line(exc)}") from None
+
+
+def _without_turn_end(response: str, reply: Sequence[dict]) -> str:
+    """A cut-off reply's rendering up to the end of its last message's text: whatever the template
+    writes after it (`<|im_end|>\\n`, Gemma's `<end_of_turn>`) closes a turn the model never closed."""
+    content = reply[-1].get("content") or ""
+    for text in (content, content.strip()):  # templates that trim the message render it stripped
+        end = response.rfind(text) if text else -1
+        if end >= 0:
+            return response[:end + len(text)]
+    return response  # the text is not found as written: tokenization still drops a final EOS
 
 
 def read_chat_template(path: str) -> str:

@@ -24,7 +24,10 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    template writes it; the response still ends with exactly one final EOS. Where BOS and EOS are one
    token (GPT-2, Pythia, OPT) a response's final EOS is that token, never a stray BOS. A prompt
    left with no token at all (empty text, no BOS) gives the first response token nothing to be
-   predicted from: the row is skipped (`empty_prompt`).
+   predicted from: the row is skipped (`empty_prompt`). A response marked unfinished
+   (`chosen_finished` / `rejected_finished` false, `data/pairs.py`: cut off by a sampler's token
+   limit) never ended, so it gets no EOS: its tokens are those a finished one would have, less the
+   final EOS, and a chat template's turn end after its text is not rendered (`data/render.py`).
    Sampling encodes prompts with these same rules 0 and 1 (`PairTokenizer.encode_prompts`; no
    truncation), so a policy is sampled in exactly the context it was trained on.
 2. Boundary: a response's tokens are the tokens of the full text `prompt + response` after the
@@ -68,7 +71,8 @@ _CHUNK = 512  # pairs encoded per batched tokenizer call
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one pair. `prompt_ids` includes BOS; each response includes its EOS."""
+    """Token ids of one pair. `prompt_ids` includes BOS; each response ends with its EOS unless it
+    was marked unfinished or cut by truncation."""
 
     prompt_ids: tuple[int, ...]
     chosen_ids: tuple[int, ...]
@@ -198,9 +202,10 @@ class PairTokenizer:
             except RowSkip as bad:
                 self._skip(stats, bad.reason, pair.index, str(bad))
                 continue
-            chosen, rejected = self._with_one_eos(chosen), self._with_one_eos(rejected)
-            problem = (self._special_inside(chosen, "chosen", pair.chosen)
-                       or self._special_inside(rejected, "rejected", pair.rejected))
+            finished = (pair.chosen_finished, pair.rejected_finished)
+            chosen, rejected = self._with_end(chosen, finished[0]), self._with_end(rejected, finished[1])
+            problem = (self._special_inside(chosen, "chosen", pair.chosen, finished[0])
+                       or self._special_inside(rejected, "rejected", pair.rejected, finished[1]))
             if problem:
                 # A BOS, or an EOS before the end, inside a response (often a literal "</s>" in scraped
                 # text) would teach the model to stop and carry on: no exact tokenization exists.
@@ -214,7 +219,8 @@ class PairTokenizer:
                 continue
             stats.boundary_merges += merged_c or merged_r
             out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores,
-                                   _with_final_eos(masks[0], chosen), _with_final_eos(masks[1], rejected)))
+                                   _ended_mask(masks[0], chosen, finished[0]),
+                                   _ended_mask(masks[1], rejected, finished[1])))
         return out
 
     def _turn_mask(self, pair: PreferencePair, reply: Text, prompt_text: str, response_text: str,
@@ -239,12 +245,15 @@ class PairTokenizer:
         chat template fails for a prompt."""
         return [self._with_one_bos(ids) for ids in self._encode([self.renderer.render_prompt(p) for p in prompts])]
 
-    def _special_inside(self, ids: list[int], name: str, response: Text) -> str | None:
+    def _special_inside(self, ids: list[int], name: str, response: Text, finished: bool = True) -> str | None:
+        if not ids:
+            return f"field '{name}' holds nothing but the EOS token, and is marked unfinished"
         turn_ends = self._template_turn_ends(response)
-        if self.eos_id in ids[:-1] and not turn_ends:
+        # A finished response's final token is its EOS, which is BOS too for GPT-2, Pythia and OPT.
+        body = ids[:-1] if finished else ids
+        if self.eos_id in body and not turn_ends:
             return f"field '{name}' contains the EOS token {self.tokenizer.eos_token!r} before its end"
-        # The final token is the response's EOS, which is BOS too for GPT-2, Pythia and OPT.
-        if self.bos_id is not None and self.bos_id in ids[:-1] and not (turn_ends and self.bos_id == self.eos_id):
+        if self.bos_id is not None and self.bos_id in body and not (turn_ends and self.bos_id == self.eos_id):
             return f"field '{name}' contains the BOS token {self.tokenizer.bos_token!r}"
         return None
 
@@ -277,6 +286,12 @@ class PairTokenizer:
         while start < len(prompt) and prompt[start] == self.bos_id:
             start += 1
         return ([self.bos_id] if self.adds_bos or had_bos else []) + prompt[start:]
+
+    def _with_end(self, ids: list[int], finished: bool) -> list[int]:
+        """Rule 1's end of a response: one EOS when it finished, none when it was cut off (the same
+        tokens without their EOS, as truncation leaves them)."""
+        ended = self._with_one_eos(ids)
+        return ended if finished else ended[:-1]
 
     def _with_one_eos(self, ids: list[int]) -> list[int]:
         end = len(ids)
@@ -356,9 +371,12 @@ class PairTokenizer:
         return out, stats
 
 
-def _with_final_eos(mask: list[bool] | None, ids: list[int]) -> tuple[bool, ...] | None:
-    """A token mask after rule 1: `ids` is a prefix of the raw response plus the final EOS (trained)."""
-    return None if mask is None else (*mask[: len(ids) - 1], True)
+def _ended_mask(mask: list[bool] | None, ids: list[int], finished: bool) -> tuple[bool, ...] | None:
+    """A token mask after rule 1: `ids` is a prefix of the raw response, plus the final EOS (trained)
+    when it finished."""
+    if mask is None:
+        return None
+    return (*mask[: len(ids) - 1], True) if finished else tuple(mask[: len(ids)])
 
 
 def _cut_masks(pair: EncodedPair, chosen: int, rejected: int) -> tuple[tuple[bool, ...] | None, ...]:

@@ -29,13 +29,15 @@ def assistant_spans(render: Render, prompt: Sequence[Message], reply: Sequence[M
             continue
         head = render([*prompt, *reply[:j]], True)
         done = render([*prompt, *reply[: j + 1]], False)
-        if not (full_text.startswith(head) and full_text.startswith(done) and len(head) <= len(done)):
+        # A cut-off last reply's text stops before the turn end its rendering adds (data/render.py).
+        cut_off = j == len(reply) - 1 and done.startswith(full_text)
+        if not (full_text.startswith(head) and (full_text.startswith(done) or cut_off) and len(head) <= len(done)):
             raise RowSkip("template_boundary", f"the chat template renders response message {j} differently "
                                                "once later turns follow: no exact mask for its tokens")
         end = len(done)
         if done.rstrip().endswith(eos_text):
             end = len(done.rstrip())
-        spans.append((len(head) - len(prompt_text), end - len(prompt_text)))
+        spans.append((len(head) - len(prompt_text), min(end, len(full_text)) - len(prompt_text)))
     return spans
 
 

@@ -98,6 +98,11 @@ class SampleSet:
     def texts(self) -> list[list[str]]:
         return [[c.text for c in per_prompt] for per_prompt in self.completions]
 
+    @property
+    def finished(self) -> list[list[bool]]:
+        """Per completion: True when it ended (EOS or a stop token), False when cut by max_new_tokens."""
+        return [[c.finished for c in per_prompt] for per_prompt in self.completions]
+
 
 @dataclass(frozen=True)
 class Sampler:

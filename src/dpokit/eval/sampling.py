@@ -294,7 +294,9 @@ def run_sample(model: ModelConfig, prompts: Sequence[Prompt], sampling: Sampling
         ):
             texts = [c.text for c in completions]
             if writer is not None:
-                writer.write({"prompt": prompts[index], "completions": texts})
+                # finished: False where --max-new-tokens cut the completion (a pair's `*_finished` field)
+                writer.write({"prompt": prompts[index], "completions": texts,
+                              "finished": [c.finished for c in completions]})
             else:
                 write(f"prompt {index + 1}: {prompt_text(prompts[index])!r}")
                 for k, text in enumerate(texts, start=1):

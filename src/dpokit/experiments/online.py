@@ -49,7 +49,8 @@ ROUND_SEED_STRIDE = 1000
 
 
 def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], rewards: Sequence[Sequence[float]],
-                     pairing: str = "best_worst") -> tuple[list[dict], dict]:
+                     pairing: str = "best_worst", finished: Sequence[Sequence[bool]] | None = None
+                     ) -> tuple[list[dict], dict]:
     """Pair higher-scored over lower-scored completions of each prompt.
 
     `best_worst`: one pair per prompt, its best completion over its worst (online DPO's rule).
@@ -57,13 +58,22 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
     most). Ties and identical texts carry no preference and are skipped (counted in the stats).
     Rows are standard pairs (text prompts) or conversational ones (message-list prompts), with
     `score_chosen` / `score_rejected`.
+
+    `finished` (per completion: did it end, or was it cut off by the token limit?) adds
+    `chosen_finished` / `rejected_finished` to every row, so a cut response gets no EOS when
+    tokenized, and the stats count the pairs that hold a cut response. `best_worst` then prefers
+    finished completions: a prompt with at least two finished ones of different scores gets its one
+    pair from those alone. `all` keeps every pair: its cut responses train without an EOS, and
+    pairing among finished ones only cost the demo a third of its pairs and reward at every β.
     """
     if pairing not in PAIRINGS:
         raise DpokitError(f"--pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
     rows: list[dict] = []
     skipped = {"tied_scores": 0, "identical": 0}
-    for prompt, texts, scores in zip(prompts, completions, rewards, strict=True):
-        ranked = sorted(range(len(texts)), key=lambda i: -scores[i])  # stable: ties keep sample order
+    for number, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
+        done = finished[number] if finished is not None else None
+        pool = _pool(scores, done) if pairing == "best_worst" else range(len(texts))
+        ranked = sorted(pool, key=lambda i: -scores[i])  # stable: ties keep sample order
         if pairing == "best_worst":
             candidates = [(ranked[0], ranked[-1])] if len(ranked) > 1 else []
         else:
@@ -74,18 +84,30 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
             elif texts[better] == texts[worse]:
                 skipped["identical"] += 1
             else:
-                rows.append(_pair_row(prompt, texts[better], texts[worse], scores[better], scores[worse]))
-    return rows, {"pairs": len(rows), "skipped": skipped}
+                ends = None if done is None else (done[better], done[worse])
+                rows.append(_pair_row(prompt, texts[better], texts[worse], scores[better], scores[worse], ends))
+    stats = {"pairs": len(rows), "skipped": skipped}
+    if finished is not None:
+        stats["pairs_with_cut_response"] = sum(not (r["chosen_finished"] and r["rejected_finished"]) for r in rows)
+    return rows, stats
 
 
-def _pair_row(prompt, chosen: str, rejected: str, score_chosen: float, score_rejected: float) -> dict:
+def _pool(scores: Sequence[float], finished: Sequence[bool] | None) -> list[int]:
+    """The completions a prompt's best-over-worst pair is drawn from: its finished ones when at least
+    two of them have different scores (both responses complete, judged whole), else all."""
+    ended = [i for i in range(len(scores)) if finished is not None and finished[i]]
+    return ended if len({scores[i] for i in ended}) > 1 else list(range(len(scores)))
+
+
+def _pair_row(prompt, chosen: str, rejected: str, score_chosen: float, score_rejected: float,
+              finished: tuple[bool, bool] | None = None) -> dict:
     if isinstance(prompt, list):  # chat prompt: the responses are the assistant's next turn
-        chosen_turn = [{"role": "assistant", "content": chosen}]
-        rejected_turn = [{"role": "assistant", "content": rejected}]
-        return {"prompt": prompt, "chosen": chosen_turn, "rejected": rejected_turn,
-                "score_chosen": score_chosen, "score_rejected": score_rejected}
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "score_chosen": score_chosen, "score_rejected": score_rejected}
+        chosen, rejected = [{"role": "assistant", "content": chosen}], [{"role": "assistant", "content": rejected}]
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+           "score_chosen": score_chosen, "score_rejected": score_rejected}
+    if finished is not None:  # absent means finished (data/pairs.py)
+        row["chosen_finished"], row["rejected_finished"] = finished
+    return row
 
 
 def sample_preference_pairs(model, prompts: Sequence, sampler: Sampler, *,
@@ -96,10 +118,11 @@ def sample_preference_pairs(model, prompts: Sequence, sampler: Sampler, *,
     of where the model is), the pair count and what was skipped.
     """
     samples = sampler.draw(model, prompts)
-    rows, stats = preference_pairs(prompts, samples.texts, samples.rewards, pairing)
+    rows, stats = preference_pairs(prompts, samples.texts, samples.rewards, pairing, samples.finished)
     mean, stderr = mean_and_stderr([r for per in samples.rewards for r in per])
+    cut = sum(not done for per in samples.finished for done in per)
     return rows, {"prompts": len(prompts), "samples_per_prompt": sampler.sampling.num_samples,
-                  "sample_reward": mean, "sample_reward_stderr": stderr, **stats}
+                  "sample_reward": mean, "sample_reward_stderr": stderr, "samples_cut": cut, **stats}
 
 
 def write_pairs(path: Path, rows: Sequence[dict]) -> Path:
@@ -271,8 +294,8 @@ def _round_pairs(base: RunConfig, prompts: Sequence, online: OnlineConfig, runne
         raise DpokitError(f"online round {number}: every pair was a tie; nothing to train on "
                           "(raise --samples-per-prompt or --max-new-tokens)")
     pairs_file = write_pairs(runner.root / "pairs" / f"round-{number}.jsonl", rows)
-    runner.log(f"round {number}: {stats['pairs']} pairs (samples' mean reward {stats['sample_reward']:+.4f}; "
-               f"skipped {stats['skipped']})")
+    runner.log(f"round {number}: {stats['pairs']} pairs, {stats['pairs_with_cut_response']} holding a response "
+               f"cut at --max-new-tokens (samples' mean reward {stats['sample_reward']:+.4f}; skipped {stats['skipped']})")
     return pairs_file, stats
 
 

@@ -197,8 +197,9 @@ def _demo_pairs(s: DemoSettings, runner: FrontierRunner, train_prompts: list[str
                       progress=show)
     rows, pair_stats = sample_preference_pairs(runner.reference, train_prompts, sampler, pairing=s.pairing)
     pairs_file = write_pairs(out / "pairs.jsonl", rows)
-    log(f"      {pair_stats['pairs']} pairs (ties skipped: {pair_stats['skipped']['tied_scores']}); "
-        f"base samples' mean reward {pair_stats['sample_reward']:+.3f}")
+    log(f"      {pair_stats['pairs']} pairs (ties skipped: {pair_stats['skipped']['tied_scores']}; "
+        f"{pair_stats['pairs_with_cut_response']} hold a response cut at {s.max_new_tokens} tokens, which gets no "
+        f"EOS); base samples' mean reward {pair_stats['sample_reward']:+.3f}")
     return pairs_file, pair_stats
 
 
