@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpokit.cli import main
 from dpokit.errors import DpokitError
@@ -129,7 +130,13 @@ def test_offline_runs_share_one_reference_cache_and_write_one_report_each(tmp_pa
     monkeypatch.setattr(report, "plot_training_curves", lambda records, path: plotted.append(path) or curves(records, path))
     tiny = DemoSettings(train_prompts=8, eval_prompts=4, samples_per_prompt=3, eval_samples=1, max_new_tokens=8,
                         betas=(1.0, 0.3), steps=2, batch_size=8, sft_steps=(2,), online_rounds=1, online_beta=1.0)
-    result = run_demo(tiny, tmp_path / "demo", online=False, log=lambda _: None)
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(tiny.threads + 1)
+    try:
+        result = run_demo(tiny, tmp_path / "demo", online=False, log=lambda _: None)
+        assert torch.get_num_threads() == tiny.threads + 1  # the demo ran on its own setting, then gave it back
+    finally:
+        torch.set_num_threads(callers_threads)
     lines = [line.split("] ", 1)[1] for line in (tmp_path / "demo" / "demo.log").read_text().splitlines()]
     reference_lines = [line for line in lines if line.startswith("reference log-probs of")]
     pairs = result.summary["pairs"]["pairs"]

@@ -116,7 +116,12 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
     check_creatable(output, "--output")
     with run_folder_lock(output):
         claim_demo_folder(output, log)
-        return _run_demo(s, output, online=online, progress=progress, log=log)
+        callers_threads = torch.get_num_threads()
+        torch.set_num_threads(s.threads)  # the demo's one thread setting (DemoSettings.threads)
+        try:
+            return _run_demo(s, output, online=online, progress=progress, log=log)
+        finally:
+            torch.set_num_threads(callers_threads)
 
 
 def claim_demo_folder(output: str | Path, log: Log = print) -> None:
@@ -140,7 +145,6 @@ def _written_by_the_demo(entry: Path) -> bool:
 
 def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
     started = time.perf_counter()
-    torch.set_num_threads(s.threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     show = shows_progress("auto") if progress is None else progress
@@ -175,7 +179,8 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
                   title="dpokit demo: reward–KL frontier on held-out review openings")
     _print_outcome(points, base_reward, examples, checks, log)
     log(f"\nwrote {out}/: frontier.png, summary.json, pairs.jsonl, runs/*/ (trained models, training_curves.png, "
-        f"report.md){', online/' if online_summary else ''}; details in demo.log. Took {elapsed:.0f} s.")
+        f"report.md){', online/' if online_summary else ''}, {REFERENCE_CACHE}/; details in {DETAIL_LOG}. "
+        f"Took {elapsed:.0f} s.")
     return DemoResult(out, summary)
 
 
