@@ -3,8 +3,21 @@
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from dpokit.cli import main
-from dpokit.experiments.demo.sentiment import DPO, ONLINE, PREFERRED_FT, frontier_checks
+from dpokit.errors import DpokitError
+from dpokit.eval import report
+from dpokit.experiments.demo.sentiment import (
+    DPO,
+    ONLINE,
+    PREFERRED_FT,
+    DemoSettings,
+    claim_demo_folder,
+    frontier_checks,
+    run_demo,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -32,9 +45,18 @@ def test_frontier_checks_on_hand_made_points():
 
 def test_quick_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
+    # An earlier demo's folder, with a run this one does not make (an earlier --full's β): emptied first.
+    stale = out / "runs" / "dpo-beta0.5"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"old")
+    (out / "demo.log").write_text("an earlier run\n")
+    (tmp_path / "beside.txt").write_text("mine")
     assert main(["demo", "--quick", "--output", str(out), "--progress", "off"]) == 0
     printed = capsys.readouterr().out
     assert "what the numbers show" in printed and "before (base model)" in printed
+    assert f"emptied {out}: it held an earlier dpokit demo run" in printed
+    assert not stale.exists() and (tmp_path / "beside.txt").read_text() == "mine"
+    assert "an earlier run" not in (out / "demo.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert (out / "frontier.png").read_bytes()[:8] == PNG_MAGIC
     runs = {r["run"]: r for r in summary["runs"]}
@@ -56,3 +78,76 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     listed = {Path(r["run"]).relative_to(out).as_posix(): r for r in json.loads(capsys.readouterr().out)}
     assert set(listed) == {"runs/dpo-beta0.3", "runs/preferred-ft-15steps", "online/round-2"}
     assert listed["runs/dpo-beta0.3"]["judged_reward"] == runs["dpo-beta0.3"]["reward"]
+
+
+def _earlier_demo(folder: Path) -> None:
+    (folder / "runs" / "dpo-beta0.5").mkdir(parents=True)
+    (folder / "runs" / "dpo-beta0.5" / "model.safetensors").write_bytes(b"old")
+    (folder / "demo.log").write_text("old\n")
+    (folder / "summary.json").write_text("{}")
+    (folder / ".summary.json.k2x9_a.tmp").write_text("{")  # an atomic write the earlier run did not finish
+
+
+def test_an_earlier_demo_folder_is_emptied_and_any_other_refused(tmp_path):
+    lines = []
+    earlier = tmp_path / "earlier"
+    _earlier_demo(earlier)
+    (tmp_path / "beside.txt").write_text("mine")
+    claim_demo_folder(earlier, lines.append)
+    assert list(earlier.iterdir()) == [] and lines == [f"emptied {earlier}: it held an earlier dpokit demo run"]
+    assert (tmp_path / "beside.txt").read_text() == "mine"
+    # New and empty folders: nothing to say.
+    claim_demo_folder(tmp_path / "new", lines.append)
+    claim_demo_folder(earlier, lines.append)
+    assert len(lines) == 1
+    # A user's folder, and an earlier demo's with a user's file added: refused, nothing deleted.
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep")
+    mixed = tmp_path / "mixed"
+    _earlier_demo(mixed)
+    (mixed / "notes.txt").write_text("keep")
+    for folder in (users, mixed):
+        with pytest.raises(DpokitError, match=f"--output {folder} is not empty; the demo writes into"):
+            claim_demo_folder(folder, lines.append)
+        assert (folder / "notes.txt").read_text() == "keep"
+    assert (mixed / "runs" / "dpo-beta0.5" / "model.safetensors").is_file() and len(lines) == 1
+
+
+def test_the_demo_refuses_a_folder_that_is_not_a_demo_s_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep")
+    assert main(["demo", "--quick", "--output", str(folder), "--progress", "off"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dpokit: error: --output {folder} is not empty") and "\n" not in err
+    assert sorted(p.name for p in folder.iterdir()) == [".dpokit.lock", "notes.txt"]
+
+
+def test_offline_runs_share_one_reference_cache_and_write_one_report_each(tmp_path, monkeypatch):
+    plotted = []
+    curves = report.plot_training_curves
+    monkeypatch.setattr(report, "plot_training_curves", lambda records, path: plotted.append(path) or curves(records, path))
+    tiny = DemoSettings(train_prompts=8, eval_prompts=4, samples_per_prompt=3, eval_samples=1, max_new_tokens=8,
+                        betas=(1.0, 0.3), steps=2, batch_size=8, sft_steps=(2,), online_rounds=1, online_beta=1.0)
+    callers_threads = torch.get_num_threads()
+    torch.set_num_threads(tiny.threads + 1)
+    try:
+        result = run_demo(tiny, tmp_path / "demo", online=False, log=lambda _: None)
+        assert torch.get_num_threads() == tiny.threads + 1  # the demo ran on its own setting, then gave it back
+    finally:
+        torch.set_num_threads(callers_threads)
+    lines = [line.split("] ", 1)[1] for line in (tmp_path / "demo" / "demo.log").read_text().splitlines()]
+    reference_lines = [line for line in lines if line.startswith("reference log-probs of")]
+    pairs = result.summary["pairs"]["pairs"]
+    cache = tmp_path / "demo" / "reference-cache"
+    # β = 1 computes them into the demo's one cache, β = 0.3 computes none; Preferred-FT needs none.
+    assert len(reference_lines) == 2 and f"computed {pairs} " in reference_lines[0]
+    assert reference_lines[1].startswith(f"reference log-probs of {pairs} pairs: reused {cache}")
+    assert len(list(cache.glob("*.safetensors"))) == 1
+    assert not list((tmp_path / "demo" / "runs").glob("*/reference-cache"))
+    # One report per run, written after its evaluation (it shows the judged figures).
+    runs = ["dpo-beta1", "dpo-beta0.3", "preferred-ft-2steps"]
+    assert sorted(plotted) == sorted(tmp_path / "demo" / "runs" / r / "training_curves.png" for r in runs)
+    for run in runs:
+        assert "## Evaluation: judged" in (tmp_path / "demo" / "runs" / run / "report.md").read_text()

@@ -22,7 +22,7 @@ from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
 from dpokit.eval.judges import load_judge
-from dpokit.eval.report import plot_frontier, report_after_training, write_report
+from dpokit.eval.report import plot_frontier, report_after_training
 from dpokit.eval.sampling import Prompt
 from dpokit.io import Log, atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
@@ -109,12 +109,14 @@ class FrontierRunner:
         return [self.reference_row, *self.rows] if self.reference_row else list(self.rows)
 
     def add_run(self, cfg: RunConfig, name: str, *, method: str, beta: float | None, **fields) -> RunEvaluation:
-        """Train `cfg`, write its report, evaluate it; record its row, named `name` (its "run"
+        """Train `cfg`, evaluate it, write its report; record its row, named `name` (its "run"
         column), with `fields` added (e.g. a `label` for the picture)."""
         result = train(cfg, log=self.log)
-        report_after_training(cfg.train.output, self.log, result.trackers)
-        done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
-                             trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
+                                 trust_remote_code=cfg.model.trust_remote_code)
+        finally:  # once, with the evaluation in it (a failed evaluation still leaves the run its report)
+            report_after_training(cfg.train.output, self.log, result.trackers)
         done.row.update(fields)
         self.rows.append(done.row)
         if self.write_csv:
@@ -124,7 +126,7 @@ class FrontierRunner:
     def evaluate(self, run_dir: str | Path, name: str, method: str, beta: float | None, *,
                  final_eval: dict | None = None, trust_remote_code: bool = False) -> RunEvaluation:
         """Evaluate one trained run folder on the prompts against the reference: its frontier row.
-        Writes the run's evaluation.json and report."""
+        Writes the run's evaluation.json (`add_run` then writes its report, which shows it)."""
         device = next(self.reference.parameters()).device
         policy = load_policy(str(run_dir), device, trust_remote_code).eval()
         figures, self.reference_samples = evaluate_on_prompts(
@@ -132,7 +134,6 @@ class FrontierRunner:
             log=self.log)
         del policy
         atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(figures, indent=1))
-        write_report(run_dir)  # again, now with the evaluation in it
         judged, kl = figures["judged"], figures["kl"]
         final_eval = final_eval or {}
         row = {"run": name, "method": method, "beta": beta,

@@ -30,11 +30,17 @@ from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, base_model_dir
 from dpokit.experiments.demo.corpus import review_openings
 from dpokit.experiments.frontier import FrontierRunner
 from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
-from dpokit.io import Log, atomic_write_text, run_folder_lock, shows_progress
+from dpokit.io import Log, atomic_write_text, folder_entries, run_folder_lock, shows_progress
 from dpokit.model.load import load_policy, load_tokenizer
-from dpokit.paths import check_creatable, check_outputs_apart
+from dpokit.paths import check_creatable, check_outputs_apart, claim_output_folder
 
 DPO, PREFERRED_FT, ONLINE = "DPO", "Preferred-FT", "online DPO"
+REFERENCE_CACHE = "reference-cache"  # the offline runs' one cache of reference log-probs, in the output folder
+DETAIL_LOG = "demo.log"  # the demo's first file in its folder: an earlier demo's folder holds it
+# Everything the demo writes at the top of its folder. A folder holding demo.log and nothing but
+# these is an earlier demo's: it is emptied, so no file of that run passes for one of the new run.
+DEMO_ENTRIES = frozenset({DETAIL_LOG, "summary.json", "frontier.png", "pairs.jsonl", "prompts-train.jsonl",
+                          "prompts-heldout.jsonl", "runs", "online", REFERENCE_CACHE})
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,11 @@ def _prompt_rows(prompts: list[str]) -> list[dict]:
 
 
 def _run_config(s: DemoSettings, model: str, pairs: Path, output: Path, *, loss: str, beta: float, steps: int,
-                learning_rate: float, progress: str, reference: str | None = None):
+                learning_rate: float, progress: str, reference_cache: Path | None = None):
     return build_config({
-        "model": {"model": model, "reference_model": reference, "device": "cpu"},
+        "model": {"model": model, "device": "cpu"},
+        # One cache for every run from the base model: the reference log-probs depend on neither β nor the loss.
+        "speed": {"reference_cache": str(reference_cache) if reference_cache else None},
         "data": {"data": str(pairs), "max_length": 2 * s.max_new_tokens + 16},
         "loss": {"loss": loss, "beta": beta},
         "train": {"output": str(output), "overwrite": True, "learning_rate": learning_rate,
@@ -107,16 +115,40 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
     check_outputs_apart([("--output", output)], [("the bundled base model", BASE_MODEL_DIR)])
     check_creatable(output, "--output")
     with run_folder_lock(output):
-        return _run_demo(s, output, online=online, progress=progress, log=log)
+        claim_demo_folder(output, log)
+        callers_threads = torch.get_num_threads()
+        torch.set_num_threads(s.threads)  # the demo's one thread setting (DemoSettings.threads)
+        try:
+            return _run_demo(s, output, online=online, progress=progress, log=log)
+        finally:
+            torch.set_num_threads(callers_threads)
+
+
+def claim_demo_folder(output: str | Path, log: Log = print) -> None:
+    """The demo writes into a new or empty folder, or an earlier demo's, which it empties first
+    (with one line saying so); any other folder that holds something is refused, untouched."""
+    folder = Path(output)
+    entries = folder_entries(folder) if folder.is_dir() else []
+    earlier = (folder / DETAIL_LOG).is_file() and all(_written_by_the_demo(entry) for entry in entries)
+    claim_output_folder(folder, overwrite=earlier, hint="the demo writes into a new folder, an empty one or an "
+                        "earlier demo's (with its demo.log and nothing else); choose another --output")
+    if earlier:
+        log(f"emptied {folder}: it held an earlier dpokit demo run")
+
+
+def _written_by_the_demo(entry: Path) -> bool:
+    name = entry.name
+    if name.startswith(".") and name.endswith(".tmp"):  # a write cut short: .NAME.RANDOM.tmp (io.atomic_write_bytes)
+        name = name[1:].rsplit(".", 2)[0]
+    return name in DEMO_ENTRIES
 
 
 def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
     started = time.perf_counter()
-    torch.set_num_threads(s.threads)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     show = shows_progress("auto") if progress is None else progress
-    with _DetailLog(out / "demo.log", started) as quiet:
+    with _DetailLog(out / DETAIL_LOG, started) as quiet:
         base = str(base_model_dir())  # checked against its manifest
         runner, train_prompts = _demo_frontier(s, base, out, quiet)
         log(f"dpokit demo: DPO on the bundled {sum(p.numel() for p in runner.reference.parameters()) / 1e6:.2f}"
@@ -147,7 +179,8 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
                   title="dpokit demo: reward–KL frontier on held-out review openings")
     _print_outcome(points, base_reward, examples, checks, log)
     log(f"\nwrote {out}/: frontier.png, summary.json, pairs.jsonl, runs/*/ (trained models, training_curves.png, "
-        f"report.md){', online/' if online_summary else ''}; details in demo.log. Took {elapsed:.0f} s.")
+        f"report.md){', online/' if online_summary else ''}, {REFERENCE_CACHE}/; details in {DETAIL_LOG}. "
+        f"Took {elapsed:.0f} s.")
     return DemoResult(out, summary)
 
 
@@ -215,7 +248,8 @@ def _offline_runs(s: DemoSettings, runner: FrontierRunner, base: str, pairs_file
     examples: dict = {}
     for method, loss, beta, steps, lr, name in specs:
         cfg = _run_config(s, base, pairs_file, runner.root / "runs" / name, loss=loss, beta=beta, steps=steps,
-                          learning_rate=lr, progress="on" if show else "off")
+                          learning_rate=lr, progress="on" if show else "off",
+                          reference_cache=runner.root / REFERENCE_CACHE)
         done = runner.add_run(cfg, name, method=method, beta=beta if method == DPO else None, steps=steps,
                               learning_rate=lr)
         point = done.row
