@@ -109,6 +109,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _vm_peak_mb() -> float:
+    """Peak virtual address space (what RLIMIT_AS caps), from /proc; 0 where there is none."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmPeak:")), 0.0)
+
+
 def _gpu_mb() -> float:
     import torch
 
@@ -146,7 +153,7 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     losses = [r["loss"] for r in result.history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
-            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(),
+            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_vm_mb": _vm_peak_mb(), "peak_gpu_mb": _gpu_mb(),
             **_layout_check_seconds(result.output),
             "notes": [line for line in lines if line.startswith("reference")]}
 
@@ -192,7 +199,7 @@ def worker_trl(folder: Path, opts: dict) -> dict:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
-            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_gpu_mb": _gpu_mb(), "notes": []}
+            "losses": losses, "peak_rss_mb": _rss_mb(), "peak_vm_mb": _vm_peak_mb(), "peak_gpu_mb": _gpu_mb(), "notes": []}
 
 
 def worker_gemm(opts: dict) -> dict:

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -36,3 +37,25 @@ def test_length_section_reads_slope_and_budget_lengths_off_the_points(monkeypatc
     assert figures["intercept_mb"] == pytest.approx(500)
     assert figures["longest_measured_under_budget"] == 8192
     assert figures["longest_by_fit"] == pytest.approx((3072 - 500) / 300 * 1024)
+
+
+def test_budget_bisection_finds_the_longest_length_that_fits(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import budget_length
+
+    tried = []
+
+    def fake_try(python, kind, folder, opts, budget_mb, cap):
+        length = opts["max_length"] - 64
+        tried.append(length)
+        peak = 1000 + 300 * length / 1024  # crosses 3072 MB at 7072 tokens
+        return {"fits": peak <= budget_mb, "peak_rss_mb": peak, "peak_vm_mb": None, "losses": None,
+                "wall_s": 0.0, "why": ""}
+
+    monkeypatch.setattr(budget_length, "capped_try", fake_try)
+    monkeypatch.setattr(budget_length, "prepare", lambda folder, spec: None)
+    args = SimpleNamespace(budget_mb=3072, cap="rss", lo=4096, hi=8192, step=256, threads=1,
+                           trl_python=sys.executable)
+    found = budget_length.bisect("dpokit defaults + ckpt", args, tmp_path)
+    assert found["longest"] == 6912 and found["first_fail"] == 7168
+    assert tried[:2] == [4096, 8192] and len(tried) == 2 + 4  # 4096 -> 256 tokens in four halvings

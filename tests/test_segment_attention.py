@@ -16,6 +16,7 @@ from dpokit.cli import main
 from dpokit.data.batching import collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.model.attention import (
+    AUTO_SEGMENTS_MIN_MASK_CELLS,
     SEGMENT_RUNS,
     SEGMENTS,
     attention_impl,
@@ -93,6 +94,23 @@ def test_gradients_equal_the_padded_forward(layout, tok, pairs):
         torch.testing.assert_close(grads["segments"][n], g, atol=1e-5, rtol=1e-5, msg=n)
 
 
+def test_auto_counts_mask_cells_not_width(tok):
+    """Many rows just under 4k tokens (the 4k set's reference pass: 8 x 4091) would need masks of
+    rows x width^2 cells, 5 bytes each on the CPU: auto runs segments there, and keeps the masks
+    on as wide a batch of one row, whose masks are small."""
+    tokens = torch.randint(4, 200, (3 * 1100,), generator=torch.Generator().manual_seed(0)).tolist()
+    wide = [TokenizedPair(tokens[:1100], tokens[1100:2200], tokens[2200:3300 - k], k) for k in range(2)]
+    model = build_family("llama", tok, "sdpa")
+    choose_attention(model, "auto")
+    many = collate(wide, tok.pad_token_id, "padded")
+    rows, width = many.input_ids.shape
+    assert width < 4096 and rows * width * width >= AUTO_SEGMENTS_MIN_MASK_CELLS
+    assert SEGMENT_RUNS in attention_inputs(model, collate(wide, tok.pad_token_id, "packed"))
+    one = collate(wide[:1], tok.pad_token_id, "prefix-shared")
+    assert one.input_ids.shape[0] * one.input_ids.shape[1] ** 2 < AUTO_SEGMENTS_MIN_MASK_CELLS
+    assert SEGMENT_RUNS not in attention_inputs(model, one)
+
+
 def test_auto_falls_back_with_one_line_and_explicit_is_refused(tok):
     lines = []
     model = build_family("mistral", tok, "sdpa")  # sliding window: needs a windowed mask
@@ -103,9 +121,9 @@ def test_auto_falls_back_with_one_line_and_explicit_is_refused(tok):
     assert choose_attention(build_family("llama", tok, "sdpa"), "masks") == "sdpa"
 
 
-def test_auto_keeps_masks_on_narrow_rows_and_runs_segments_on_wide_ones(tok, pairs):
-    """`--attention auto`: rows narrower than AUTO_SEGMENTS_MIN_WIDTH keep the masks (exact too,
-    and faster at short widths); explicit `segments` runs on every row."""
+def test_auto_keeps_masks_on_small_batches_and_runs_segments_on_large_ones(tok, pairs):
+    """`--attention auto`: a batch whose masks would have fewer than AUTO_SEGMENTS_MIN_MASK_CELLS
+    cells keeps them (exact too, and faster on short rows); explicit `segments` runs on every row."""
     batch = collate(pairs, tok.pad_token_id, "packed", PACK)
     width = batch.input_ids.shape[1]
     auto = build_family("llama", tok, "sdpa")
@@ -113,7 +131,7 @@ def test_auto_keeps_masks_on_narrow_rows_and_runs_segments_on_wide_ones(tok, pai
     narrow = attention_inputs(auto, batch)
     assert SEGMENT_RUNS not in narrow and narrow["attention_mask"].shape[-1] == width
     assert narrow["attention_mask"].stride()[-1] != 0  # a real [T x T] mask, not the placeholder
-    choose_attention(auto, "auto", min_width=width)
+    choose_attention(auto, "auto", min_mask_cells=batch.input_ids.shape[0] * width * width)
     assert SEGMENT_RUNS in attention_inputs(auto, batch)
     explicit = build_family("llama", tok, "sdpa")
     choose_attention(explicit, "segments")

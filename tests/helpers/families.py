@@ -88,7 +88,7 @@ def build_family(name: str, tokenizer, attn: str = "eager", seed: int = 0, dropo
     config = family_config(name, tokenizer, "sdpa" if attn == "segments" else attn, dropout)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if attn == "segments":
-        choose_attention(model, "auto", log=lambda line: None, min_width=0)  # segments on every row
+        choose_attention(model, "auto", log=lambda line: None, min_mask_cells=0)  # segments on every row
     return model
 
 

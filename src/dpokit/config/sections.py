@@ -247,6 +247,11 @@ class ScaleConfig:
         False, "keep the activations saved for backward in pinned CPU memory instead of GPU memory "
         "(torch.autograd.graph.save_on_cpu; CUDA only: on the CPU they are in CPU memory already)"
     )
+    malloc_mmap_threshold: int = option(
+        2**20, "glibc (Linux) only: from the start of training, freed host memory blocks of at least this "
+        "many bytes go back to the system instead of staying in the process (malloc's mmap threshold, "
+        "fixed); lowers the peak RSS of long sequences on the CPU; 0 leaves malloc's adaptive default"
+    )
 
 
 @section

@@ -153,11 +153,11 @@ def attention_inputs(model, batch: PairBatch) -> dict:
         raise ValueError(f"--layout {batch.layout} is not exact for this model: {why}")
     if "flash" in attention_impl(model):
         return varlen_inputs(batch)
-    if attention_impl(model) == SEGMENTS and batch.input_ids.shape[1] >= getattr(
-            _config(model), "dpokit_segments_min_width", 0):
+    rows, width = batch.input_ids.shape
+    if attention_impl(model) == SEGMENTS and rows * width * width >= getattr(
+            _config(model), "dpokit_segments_min_mask_cells", 0):
         # A 4D mask reaches the attention function as is; this one is a stride-0 view of one
         # element, so transformers neither builds a [T x T] mask nor looks for packing itself.
-        rows, width = batch.input_ids.shape
         unused = torch.ones((), dtype=torch.bool, device=batch.input_ids.device).expand(rows, 1, width, width)
         return {"input_ids": batch.input_ids, "attention_mask": unused, "position_ids": batch.position_ids,
                 SEGMENT_RUNS: segment_runs(batch.segment_ids, batch.branch_ids)}
@@ -172,10 +172,13 @@ def attention_inputs(model, batch: PairBatch) -> dict:
 # ----------------------------------------------------------------------------- segment attention
 SEGMENTS = "dpokit_segments"  # the attention implementation registered with transformers
 SEGMENT_RUNS = "dpokit_segment_runs"  # the forward keyword argument that carries a batch's runs to it
-# `--attention auto` runs segments on rows at least this wide. Measured on this 2-core CPU (bench
-# Llama, benchmarks/RESULTS.md section 5): up to 4k-token rows the masks cost about the same
-# memory; the demo's short rows train 1.56x faster with masks (153.5 vs 98.5 pairs/s, batch 32).
-AUTO_SEGMENTS_MIN_WIDTH = 4096
+# `--attention auto` runs segments on a batch whose masks would have at least this many cells
+# (rows x width x width). The masks are a bool [R, 1, T, T] tensor, and SDPA on the CPU turns a
+# bool mask into a float one of the same shape for each layer: 5 bytes a cell in fp32, so 2^24
+# cells are 80 MiB. Measured on this 2-core CPU (benchmarks/RESULTS.md section 5): the 4k set's
+# reference pass (8 rows of 4091 tokens, 134M cells) spent 640 MB on masks; the demo's short rows
+# (well under 2^24 cells) train 1.56x faster with masks (153.5 vs 98.5 pairs/s, batch 32).
+AUTO_SEGMENTS_MIN_MASK_CELLS = 2**24
 Span = tuple[int, int]
 
 
@@ -286,13 +289,13 @@ def segments_blocker(model) -> str | None:
 
 
 def choose_attention(model, choice: str, log: Callable[[str], None] = print,
-                     min_width: int | None = None) -> str:
+                     min_mask_cells: int | None = None) -> str:
     """Install segment attention on `model` where `choice` and the model allow; returns what runs.
 
     "segments" on a model that cannot take it is an error with the reason; "auto" falls back to
-    the mask path with one log line; "masks" keeps the hand-built [T x T] masks. Under "auto",
-    rows narrower than `min_width` (default AUTO_SEGMENTS_MIN_WIDTH) keep the masks: both are
-    exact, and below that width the masks cost no more memory and run faster here.
+    the mask path with one log line; "masks" keeps the hand-built [T x T] masks. Under "auto", a
+    batch whose masks would have fewer than `min_mask_cells` cells (rows x width^2, default
+    AUTO_SEGMENTS_MIN_MASK_CELLS) keeps them: both are exact, and such masks are small and faster.
     """
     if choice == "masks":
         return attention_impl(model)
@@ -309,6 +312,6 @@ def choose_attention(model, choice: str, log: Callable[[str], None] = print,
     AttentionInterface.register(SEGMENTS, segment_attention)
     AttentionMaskInterface.register(SEGMENTS, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     _config(model)._attn_implementation = SEGMENTS
-    _config(model).dpokit_segments_min_width = (
-        0 if choice == "segments" else AUTO_SEGMENTS_MIN_WIDTH if min_width is None else min_width)
+    _config(model).dpokit_segments_min_mask_cells = (
+        0 if choice == "segments" else AUTO_SEGMENTS_MIN_MASK_CELLS if min_mask_cells is None else min_mask_cells)
     return SEGMENTS

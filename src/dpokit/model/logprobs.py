@@ -29,6 +29,7 @@ from dpokit.config import ScaleConfig, SpeedConfig
 from dpokit.data.batching import PairBatch
 from dpokit.errors import DpokitError
 from dpokit.model.attention import attention_inputs, choose_attention
+from dpokit.model.host_memory import fix_mmap_threshold
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
 # length adapts to the vocabulary, so peak memory does not grow with it.
@@ -215,7 +216,11 @@ def configure_forward(model: torch.nn.Module, *, speed: SpeedConfig, scale: Scal
     `--attention`: see `attention.choose_attention` (only where a layout other than padded can
     run; auto means masks under `--compile`). `--activation-offload`: the forward's saved activations go to pinned CPU memory
     (CUDA only; a CPU run keeps them in CPU memory anyway, so asking for it there is an error).
+    `--malloc-mmap-threshold`: see `host_memory.fix_mmap_threshold` (process-wide, from here on).
     """
+    if scale.malloc_mmap_threshold < 0:
+        raise DpokitError(f"--malloc-mmap-threshold must be 0 or more bytes, got {scale.malloc_mmap_threshold}")
+    fix_mmap_threshold(scale.malloc_mmap_threshold)
     # Under --compile, auto keeps the masks: the runs differ per batch, and each would recompile.
     choice = "masks" if speed.compile and speed.attention == "auto" else speed.attention
     if speed.layout != "padded":

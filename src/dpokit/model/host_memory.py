@@ -1,0 +1,37 @@
+"""Giving freed host memory back to the system during training (glibc's malloc).
+
+PyTorch's CPU tensors come from malloc. glibc serves a request from its heap unless it is at
+least the mmap threshold, and that threshold adapts: each freed mmap'd block raises it to that
+block's size, up to 32 MiB. After a few steps, activations of up to 32 MiB live in the heap, and
+a freed heap block stays in the process (counted in its RSS) until what lies above it is freed
+too. Long sequences free and allocate many such blocks per step, in changing orders, so the
+heap keeps the high-water mark of every step's fragments: at the 4k-token set of
+benchmarks/RESULTS.md section 5 this was most of dpokit's peak RSS beyond the tensors alive at
+any one time. A fixed threshold (`mallopt(M_MMAP_THRESHOLD)`, which also stops the adapting)
+keeps every block at least that large in its own mapping, returned to the system when freed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def fix_mmap_threshold(threshold: int) -> bool:
+    """Fix glibc's mmap threshold at `threshold` bytes for the rest of the process.
+
+    Returns whether it was set: False for 0 (leave malloc as it is), outside Linux, and where
+    the C library is not glibc (musl has no such setting). Numerics are unaffected: only where
+    freed memory goes changes.
+    """
+    if threshold <= 0 or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, threshold) == 1
