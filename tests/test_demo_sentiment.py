@@ -124,6 +124,14 @@ def test_the_demo_refuses_a_folder_that_is_not_a_demo_s_before_any_work(tmp_path
     assert sorted(p.name for p in folder.iterdir()) == [".dpokit.lock", "notes.txt"]
 
 
+def test_a_thread_count_below_one_is_a_one_line_error_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "out"
+    assert main(["demo", "--quick", "--threads", "0", "--output", str(folder), "--progress", "off"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "dpokit: error: --threads must be at least 1; got 0"
+    assert not folder.exists()
+
+
 def test_offline_runs_share_one_reference_cache_and_write_one_report_each(tmp_path, monkeypatch):
     plotted = []
     curves = report.plot_training_curves

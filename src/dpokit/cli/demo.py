@@ -35,8 +35,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     demo = DemoConfig(**section_from_args(args, DemoConfig))
     if demo.quick and demo.full:
         raise DpokitError("give at most one of --quick and --full")
+    if demo.demo_threads < 1:
+        raise DpokitError(f"--threads must be at least 1; got {demo.demo_threads}")
     preset = "quick" if demo.quick else "full" if demo.full else "default"
-    run_demo(settings_for(preset, seed=demo.demo_seed), demo.demo_output, online=demo.online,
+    run_demo(settings_for(preset, seed=demo.demo_seed, threads=demo.demo_threads), demo.demo_output, online=demo.online,
              progress=show_progress(args))
     return 0
 

@@ -71,6 +71,9 @@ class DemoConfig:
     full: bool = option(False, "a bigger run: more prompts and samples, five β, longer runs, four online rounds")
     online: bool = option(True, "also run online DPO rounds (continuing the DPO run at the largest β), on the same frontier")
     demo_seed: int = option(0, "seed of the prompts, the sampling and the training", flag="--seed")
+    demo_threads: int = option(2, "PyTorch threads (2: fastest on an idle 2-core machine; 1 when other jobs "
+                               "share the cores, where a second thread costs much more than it gives)",
+                               flag="--threads")
 
 
 def validate_sampling(s: SamplingConfig) -> None:
