@@ -16,10 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dpokit.cli import main
 from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from dpokit.losses import LossPlan
 from dpokit.train import checkpoint as ckpt_module
+from dpokit.train import loop
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
 from helpers.toy import make_pairs, write_jsonl
@@ -133,6 +135,28 @@ def test_sigterm_saves_exits_143_and_resume_continues(tiny_model_dir, resume_dat
     drifts = _drifts(out)
     assert [d[0] for d in drifts] == list(range(1, STEPS + 1)) and drifts == _drifts(uninterrupted_run)
     assert drifts[0][1:] == (0.0, 0.0) and drifts[-1][1] != 0.0
+
+
+def test_sigterm_in_the_last_step_still_saves_exits_143_and_resume_finishes(
+    tiny_model_dir, resume_data, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    real_step = loop.train_step
+
+    def step_then_signal(*args, step, **kwargs):
+        outcome = real_step(*args, step=step, **kwargs)
+        if step == STEPS:  # the signal lands while the last step runs
+            os.kill(os.getpid(), signal.SIGTERM)
+        return outcome
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(loop, "train_step", step_then_signal)
+    assert main([str(a) for a in _args(tiny_model_dir, resume_data, out)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"stopped after step {STEPS}" in err and "--resume auto" in err
+    assert not (out / "model.safetensors").exists() and int(list_checkpoints(out)[-1].name.split("-")[1]) == STEPS
+    monkeypatch.setattr(loop, "train_step", real_step)
+    assert main([str(a) for a in _args(tiny_model_dir, resume_data, out, "--resume", "auto")]) == 0
+    _assert_bitwise_equal(_weights(out), uninterrupted)
 
 
 def _config(model_dir, data, out, **train):

@@ -229,14 +229,15 @@ class _Run:
             _report(entry, self.bar, self.show_bar, self.log, data.total_steps)
 
     def checkpoint(self, signal_seen: int, stop: StopRequest) -> None:
-        """Every --save-every steps; at once on a stop signal, then stop (not after the last step:
-        `finish` saves it)."""
+        """Every --save-every steps (not after the last: `finish` saves the model); at once on a stop
+        signal, then stop, after the last step too: a signal is never swallowed (online DPO would
+        otherwise carry on into its next round), and resuming that checkpoint only finishes."""
         step = self.state.step
         last = step == self.data.total_steps
         if self.t.save_every and step % self.t.save_every == 0 and not last:
             with self.window.paused():
                 self.save()
-        if signal_seen and not last:
+        if signal_seen:
             path = self.save()
             self.bar.close()
             stop.requested = signal_seen  # the signal may have reached another rank only
