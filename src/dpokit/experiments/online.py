@@ -249,6 +249,16 @@ def _train_round(base: RunConfig, prompts: Sequence, online: OnlineConfig, runne
     return {**record, "point": done.row}
 
 
+class _Stopped(BaseException):
+    """What the online signal handler raises: a BaseException, so that no `except Exception` on its
+    way out (a report's guard around its plots, say) can swallow it; `_StopsCleanly` turns it into
+    the one-line TrainingInterrupted."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class _StopsCleanly:
     """Between and around the rounds' training steps (sampling, evaluation, saving), SIGINT or
     SIGTERM stop the run at once, and a full disk ends it, each with one line saying how to go on:
@@ -261,10 +271,7 @@ class _StopsCleanly:
         self._previous: dict[int, object] = {}
 
     def _stop(self, signum, frame) -> None:
-        raise TrainingInterrupted(
-            f"{signal.Signals(signum).name} received: dpokit online stopped in round {self.round}; its finished "
-            "rounds and sampled pairs are kept: run the same command with --resume auto to continue",
-            exit_code=128 + signum)
+        raise _Stopped(signum)
 
     def __enter__(self) -> _StopsCleanly:
         if self.resumable and threading.current_thread() is threading.main_thread():
@@ -275,6 +282,11 @@ class _StopsCleanly:
     def __exit__(self, kind, exc, traceback) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        if isinstance(exc, _Stopped):
+            raise TrainingInterrupted(
+                f"{signal.Signals(exc.signum).name} received: dpokit online stopped in round {self.round}; its "
+                "finished rounds and sampled pairs are kept: run the same command with --resume auto to continue",
+                exit_code=128 + exc.signum) from None
         if self.resumable and isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             where = f" writing {exc.filename}" if exc.filename else ""
             raise DpokitError(f"online round {self.round}: no space left on device{where}; the finished rounds are "
