@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,15 @@ def read_run_config(run_dir: str | Path) -> dict | None:
         raise DpokitError(f"{path}: not a readable run config ({first_line(exc)})") from None
     return loaded if isinstance(loaded, dict) else None
 
+
+
+def file_sha256(path: str | Path) -> bytes:
+    """SHA-256 of a file's bytes, read 16 MiB at a time (model weights do not fit in memory twice)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 24):
+            digest.update(block)
+    return digest.digest()
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dpokit.config import JudgeConfig, OnlineConfig, RunConfig, SamplingConfig, flag_of, iter_options
 from dpokit.errors import DpokitError
-from dpokit.io import atomic_write_text
+from dpokit.io import atomic_write_text, file_sha256
 from dpokit.train.checkpoint import RESUME_MAY_CHANGE
 
 PROGRESS_FILE = "online_progress.json"
@@ -44,10 +44,6 @@ def online_settings(base: RunConfig, online: OnlineConfig, judging: JudgeConfig,
 
 def _fingerprint(rows: Sequence) -> str:
     return hashlib.sha256(json.dumps(list(rows), sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class OnlineProgress:
@@ -104,11 +100,11 @@ class OnlineProgress:
         if record is None:
             return None
         path = Path(record["pairs_file"])
-        return record if path.is_file() and file_sha256(path) == self.pairs_sha256.get(str(number)) else None
+        return record if path.is_file() and file_sha256(path).hex() == self.pairs_sha256.get(str(number)) else None
 
     def record_sampled(self, record: dict) -> None:
         self.rounds[record["round"]] = {**record, "point": None}
-        self.pairs_sha256[str(record["round"])] = file_sha256(Path(record["pairs_file"]))
+        self.pairs_sha256[str(record["round"])] = file_sha256(Path(record["pairs_file"])).hex()
         self.save()
 
     def record_finished(self, number: int, point: dict, reference_point: dict | None) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
-from dpokit.io import Log, atomic_write_bytes
+from dpokit.io import Log, atomic_write_bytes, file_sha256
 from dpokit.model.logprobs import PairLogps
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
@@ -58,7 +58,7 @@ def weights_fingerprint(model_source: str | None, model: torch.nn.Module | None 
     if files:
         for path in [*files, folder / "config.json"]:
             if path.is_file():
-                digest.update(path.name.encode() + b"\0" + _file_sha256(path))
+                digest.update(path.name.encode() + b"\0" + file_sha256(path))
         return "files:" + digest.hexdigest()
     if model is None:
         raise ValueError("no weight files and no model to fingerprint")
@@ -76,14 +76,6 @@ def run_reference_weights(model: str | None, reference_model: str | None, policy
         return weights_fingerprint(reference_model, None) if reference_model else weights_fingerprint(model, policy)
     except ValueError:
         return None
-
-
-def _file_sha256(path: Path) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 24):
-            digest.update(block)
-    return digest.digest()
 
 
 def reference_fingerprint(weights: str, dtype: str, *, load_in_4bit: bool = False,
