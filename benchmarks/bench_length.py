@@ -4,7 +4,8 @@ For each length L (1k, 2k, 4k, 8k tokens): 4 pairs whose prompt and responses ar
 L/2 tokens (every sequence about L tokens), batch 2, 1 warm-up + 1 timed step, both tools in
 their most frugal setting with gradient checkpointing (TRL: `precompute_ref_log_probs=True`,
 `gradient_checkpointing=True`; dpokit: defaults plus `--gradient-checkpointing`, and the same
-with `--malloc-mmap-threshold 1048576`: freed blocks of 1 MiB or more go back to the system). `attention_memory.py` compares segment attention with the [T x T] masks alone.
+with `--malloc-mmap-threshold 0`: malloc's adaptive threshold, which the default `auto` replaces
+by a fixed one from 3072-token sequences on). `attention_memory.py` compares segment attention with the [T x T] masks alone.
 Reported per configuration:
 the least-squares slope of peak RSS against L, and the longest pair that fits a memory budget
 as read off the measured points (the longest measured L under the budget) and off the fit.
@@ -30,10 +31,13 @@ def length_configs(me: str, trl: str | None, length: int) -> list[tuple]:
     return [
         ("TRL precompute_ref_log_probs", trl, "trl", {**frugal, "precompute": True, "gradient_checkpointing": True}),
         ("dpokit defaults + ckpt", me, "dpokit", checkpointing),
-        # With malloc's mmap threshold fixed at 1 MiB (--malloc-mmap-threshold, host_memory.py;
-        # off by default since it costs short sequences system time).
-        ("dpokit defaults + ckpt + mmap 1 MiB", me, "dpokit",
-         {**frugal, "scale": {"gradient_checkpointing": True, "malloc_mmap_threshold": 2**20}}),
+        # The same with malloc's adaptive mmap threshold kept (--malloc-mmap-threshold 0): the
+        # default (auto) fixes it for sequences of 3072 tokens or more (host_memory.py).
+        ("dpokit defaults + ckpt, malloc adaptive", me, "dpokit",
+         {**frugal, "scale": {"gradient_checkpointing": True, "malloc_mmap_threshold": "0"}}),
+        # ... and fixed at 1 MiB at every length (what auto does from 3072 tokens on).
+        ("dpokit defaults + ckpt, mmap 1 MiB", me, "dpokit",
+         {**frugal, "scale": {"gradient_checkpointing": True, "malloc_mmap_threshold": str(2**20)}}),
     ]
 
 

@@ -296,6 +296,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--json", help="also write all figures to this file")
     parser.add_argument("--plot", help="with --sections length: write the memory-vs-length plot here")
+    parser.add_argument("--vocabs", default="8192,32768,131072", help="with --sections vocab: vocabulary sizes")
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)), help="with --sections length: tokens per sequence")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
@@ -383,7 +384,7 @@ def main() -> None:
             ("dpokit defaults", me, "dpokit", {}),
         ], "dpokit padded")
     if "vocab" in sections:
-        for vocab in (8192, 32768, 131072):
+        for vocab in map(int, args.vocabs.split(",")):
             spec = {**MAIN, "vocab": vocab, "pairs": 32}
             measure(f"vocab{vocab // 1024}k", spec, [
                 ("dpokit defaults (chunked head)", me, "dpokit", {}),

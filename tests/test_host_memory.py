@@ -1,4 +1,5 @@
-"""--malloc-mmap-threshold: freed blocks at or above the threshold leave the process (glibc)."""
+"""--malloc-mmap-threshold: freed blocks at or above the threshold leave the process (glibc); auto
+fixes it for long rows on the CPU only."""
 
 import subprocess
 import sys
@@ -6,8 +7,8 @@ import sys
 import pytest
 
 from dpokit.cli import main
-from dpokit.model.host_memory import fix_mmap_threshold
-from helpers.toy import make_pairs, save_tiny_model, write_jsonl
+from dpokit.model.host_memory import AUTO_MIN_ROW_TOKENS, AUTO_THRESHOLD, fix_mmap_threshold, threshold_for
+from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs, save_tiny_model, write_jsonl
 
 # In a fresh process: a 20 MiB block freed (glibc's adaptive threshold rises to 20 MiB), then a
 # touched 10 MiB block with a small block after it, freed: under the adaptive threshold it sat
@@ -16,7 +17,7 @@ from helpers.toy import make_pairs, save_tiny_model, write_jsonl
 PROBE = """
 import ctypes, sys
 from pathlib import Path
-from dpokit.model.host_memory import fix_mmap_threshold
+from dpokit.model.host_memory import AUTO_MIN_ROW_TOKENS, AUTO_THRESHOLD, fix_mmap_threshold, threshold_for
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.malloc.argtypes = (ctypes.c_size_t,)
@@ -52,11 +53,46 @@ def test_zero_leaves_malloc_alone():
     assert fix_mmap_threshold(0) is False
 
 
-def test_a_negative_threshold_is_a_one_line_error(tmp_path, capsys):
+def test_auto_fixes_it_for_long_rows_on_the_cpu_only():
+    assert threshold_for(None, AUTO_MIN_ROW_TOKENS, "cpu") == AUTO_THRESHOLD
+    assert threshold_for(None, AUTO_MIN_ROW_TOKENS - 1, "cpu") == 0  # short rows keep malloc's adaptive threshold
+    assert threshold_for(None, 10 * AUTO_MIN_ROW_TOKENS, "cuda") == 0  # activations are not in host memory there
+    assert threshold_for(0, 10 * AUTO_MIN_ROW_TOKENS, "cpu") == 0  # 0: never, whatever the rows
+    assert threshold_for(65536, 10, "cpu") == 65536  # a number: always that
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots", ""])
+def test_a_bad_threshold_is_a_one_line_error(tmp_path, capsys, value):
     model = save_tiny_model(tmp_path / "model")
     data = write_jsonl(tmp_path / "train.jsonl", make_pairs(4, seed=1))
     capsys.readouterr()  # the model writer's progress lines
     code = main(["train", "--model", str(model), "--data", str(data), "--output", str(tmp_path / "o"),
-                 "--max-steps", "1", "--progress", "off", "--malloc-mmap-threshold", "-1"])
+                 "--max-steps", "1", "--progress", "off", "--malloc-mmap-threshold", value])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--malloc-mmap-threshold" in err[0], err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+@glibc
+@pytest.mark.parametrize("words, setting, fixed", [(1600, "auto", True), (1600, "0", False), (40, "auto", False)])
+def test_train_fixes_the_threshold_only_where_auto_sees_long_rows(tmp_path, words, setting, fixed):
+    """Through `dpokit train` in its own process (the setting is process-wide): the one log line
+    says the threshold was fixed (mallopt succeeded), for rows of >= 3072 tokens only."""
+    tokenizer = build_tokenizer("word")
+    model = build_tiny_llama(tokenizer)
+    model.config.max_position_embeddings = 4096  # the 3.2k-token rows fit without truncation
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = tmp_path / "model"
+    rows = [{"prompt": " ".join(["good"] * words), "chosen": " " + " ".join(["great"] * words),
+             "rejected": " " + " ".join(["bad"] * words)} for _ in range(2)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    proc = subprocess.run([sys.executable, "-m", "dpokit", "train", "--model", str(model), "--data", str(data),
+                           "--output", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "2", "--progress", "off",
+                           "--max-length", "4096", "--malloc-mmap-threshold", setting],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stdout.splitlines() if "--malloc-mmap-threshold auto" in line]
+    assert len(said) == int(fixed), proc.stdout
+    if fixed:
+        assert f"{AUTO_THRESHOLD >> 20} MiB" in said[0] and "up to 3" in said[0]

@@ -203,7 +203,9 @@ def build_scorer(
     limits the precomputed pass to those. `reference_weights` is the reference's weights
     fingerprint when the caller has it already (`run_reference_weights`).
     """
-    configure_forward(policy, speed=speed, scale=scale, device=device, log=log)
+    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for pairs in datasets for p in pairs),
+                  default=0)
+    configure_forward(policy, speed=speed, scale=scale, device=device, longest_row=longest, log=log)
     compile_if_asked(policy, speed)
     unwrapped = PairScorer(policy, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device)
     if world_size > 1:

@@ -1,4 +1,5 @@
-"""Option values written as small languages: --columns and --chat-template-kwargs.
+"""Option values written as small languages: --columns, --chat-template-kwargs and
+--malloc-mmap-threshold.
 
 They live with the config (the bottom layer) so that validation can parse them before any model
 is loaded; the data readers import them from here.
@@ -47,3 +48,15 @@ def parse_template_kwargs(value: str | dict | None) -> dict[str, Any]:
     if reserved:
         raise DpokitError(f"--chat-template-kwargs: {', '.join(reserved)} is set by dpokit itself, not a template argument")
     return value
+
+
+def parse_mmap_threshold(value: str | int) -> int | None:
+    """`--malloc-mmap-threshold`: "auto" -> None (decided from the data's longest row), else the
+    whole number of bytes it gives (0: leave malloc's adaptive threshold); bad input is one line."""
+    text = str(value).strip()
+    if text == "auto":
+        return None
+    if not text.isdigit():
+        raise DpokitError(f"--malloc-mmap-threshold must be auto or a whole number of bytes >= 0 "
+                          f"(0: malloc's adaptive threshold); got {text!r}")
+    return int(text)

@@ -247,12 +247,12 @@ class ScaleConfig:
         False, "keep the activations saved for backward in pinned CPU memory instead of GPU memory "
         "(torch.autograd.graph.save_on_cpu; CUDA only: on the CPU they are in CPU memory already)"
     )
-    malloc_mmap_threshold: int = option(
-        0, "glibc (Linux) only: from the start of training, freed host memory blocks of at least this "
+    malloc_mmap_threshold: str = option(
+        "auto", "glibc (Linux) only: from the start of training, freed host memory blocks of at least this "
         "many bytes go back to the system instead of staying in the process (malloc's mmap threshold, "
-        "fixed; 1048576 for 1 MiB); lowers the peak RSS of long sequences on the CPU (4k-token pairs: "
-        "0.6x), but costs system time on short ones (the demo: 30 percent more CPU); 0 (default) leaves malloc's "
-        "adaptive threshold"
+        "fixed). auto (default): 1 MiB on the CPU when the data's longest sequence is at least 3072 tokens "
+        "(4k-token pairs: about 0.55x the peak RSS, for more system time), malloc's adaptive threshold otherwise "
+        "(short rows only pay for it: the demo at 1 MiB took 30 percent more CPU); 0: always adaptive; N: N bytes"
     )
 
 

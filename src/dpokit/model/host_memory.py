@@ -9,6 +9,11 @@ heap keeps the high-water mark of every step's fragments: at the 4k-token set of
 benchmarks/RESULTS.md section 5 this was most of dpokit's peak RSS beyond the tensors alive at
 any one time. A fixed threshold (`mallopt(M_MMAP_THRESHOLD)`, which also stops the adapting)
 keeps every block at least that large in its own mapping, returned to the system when freed.
+
+It is not free: each such block is mapped, zero-filled page by page and unmapped again. Where
+rows are short that is nearly all the work (the demo at 1 MiB: 46.8 s of system time instead of
+3.6 s), so `--malloc-mmap-threshold auto` fixes it only for long rows on the CPU, where the
+retained heap is what fills memory (benchmarks/RESULTS.md section 5).
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ import ctypes
 import sys
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+AUTO_THRESHOLD = 1 << 20  # what auto fixes (at the 4k set: 1037 MB peak RSS at 1 MiB, 1151 at 4 MiB, 1921 adaptive)
+AUTO_MIN_ROW_TOKENS = 3072  # auto fixes it from this longest sequence on (RESULTS.md section 5: at 2k it cost +30-54% wall for -42% RSS)
+
+
+def threshold_for(setting: int | None, longest_row: int, device_type: str) -> int:
+    """The threshold to fix (0: none). `setting` is `--malloc-mmap-threshold` parsed (None: auto);
+    `longest_row` the data's longest sequence in tokens (prompt + the longer response)."""
+    if setting is not None:
+        return setting
+    return AUTO_THRESHOLD if device_type == "cpu" and longest_row >= AUTO_MIN_ROW_TOKENS else 0
 
 
 def fix_mmap_threshold(threshold: int) -> bool:

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from dpokit.config import ScaleConfig, SpeedConfig
+from dpokit.config.parsers import parse_mmap_threshold
 from dpokit.data.batching import PairBatch
 from dpokit.errors import DpokitError
 from dpokit.model.attention import attention_inputs, choose_attention
-from dpokit.model.host_memory import fix_mmap_threshold
+from dpokit.model.host_memory import fix_mmap_threshold, threshold_for
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
 # length adapts to the vocabulary, so peak memory does not grow with it.
@@ -210,17 +211,19 @@ def head_is_plain(model: torch.nn.Module) -> bool:
 
 
 def configure_forward(model: torch.nn.Module, *, speed: SpeedConfig, scale: ScaleConfig, device: torch.device,
-                      log: Callable[[str], None] = print) -> None:
-    """Once per run, before anything is scored: the attention packed rows use, and offloading.
+                      longest_row: int = 0, log: Callable[[str], None] = print) -> None:
+    """Once per run, before anything is scored: the attention packed rows use, offloading, malloc.
 
     `--attention`: see `attention.choose_attention` (only where a layout other than padded can
     run; auto means masks under `--compile`). `--activation-offload`: the forward's saved activations go to pinned CPU memory
     (CUDA only; a CPU run keeps them in CPU memory anyway, so asking for it there is an error).
-    `--malloc-mmap-threshold`: see `host_memory.fix_mmap_threshold` (process-wide, from here on).
+    `--malloc-mmap-threshold`: see `host_memory` (process-wide, from here on); under auto it is
+    fixed when `longest_row` (the data's longest sequence, in tokens) is long.
     """
-    if scale.malloc_mmap_threshold < 0:
-        raise DpokitError(f"--malloc-mmap-threshold must be 0 or more bytes, got {scale.malloc_mmap_threshold}")
-    fix_mmap_threshold(scale.malloc_mmap_threshold)
+    threshold = threshold_for(parse_mmap_threshold(scale.malloc_mmap_threshold), longest_row, device.type)
+    if fix_mmap_threshold(threshold) and scale.malloc_mmap_threshold == "auto":
+        log(f"long sequences (up to {longest_row} tokens): freed host memory blocks of {threshold >> 20} MiB or more "
+            "go back to the system (--malloc-mmap-threshold auto; 0 keeps malloc's adaptive threshold)")
     # Under --compile, auto keeps the masks: the runs differ per batch, and each would recompile.
     choice = "masks" if speed.compile and speed.attention == "auto" else speed.attention
     if speed.layout != "padded":
