@@ -220,8 +220,9 @@ def configure_forward(model: torch.nn.Module, *, speed: SpeedConfig, scale: Scal
     `--malloc-mmap-threshold`: see `host_memory` (process-wide, from here on); under auto it is
     fixed when `longest_row` (the data's longest sequence, in tokens) is long.
     """
-    threshold = threshold_for(parse_mmap_threshold(scale.malloc_mmap_threshold), longest_row, device.type)
-    if fix_mmap_threshold(threshold) and scale.malloc_mmap_threshold == "auto":
+    setting = parse_mmap_threshold(scale.malloc_mmap_threshold)  # None: auto
+    threshold = threshold_for(setting, longest_row, device.type)
+    if fix_mmap_threshold(threshold) and setting is None:
         log(f"long sequences (up to {longest_row} tokens): freed host memory blocks of {threshold >> 20} MiB or more "
             "go back to the system (--malloc-mmap-threshold auto; 0 keeps malloc's adaptive threshold)")
     # Under --compile, auto keeps the masks: the runs differ per batch, and each would recompile.
