@@ -81,8 +81,8 @@ class DataConfig:
     )
     train_on_turns: str = option(
         "last", "conversations: last (the loss covers the last assistant turn; chosen and rejected must share "
-        "everything before it) or all (every assistant turn from the first one where they differ; only the "
-        "assistant's tokens are in the loss)", choices=TURN_MODES,
+        "everything before it) or all (every assistant turn from the first one where they differ); in both, "
+        "only the assistant's tokens are in the loss (tool results and user turns are context)", choices=TURN_MODES,
     )
     strict: bool = option(
         False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
