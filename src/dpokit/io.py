@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from dpokit.config.load import RUN_CONFIG_FILE as RUN_CONFIG_FILE  # the run folder's files are named here
 from dpokit.errors import DpokitError, first_line
 
 # Where a function writes its progress lines: `print`, or a caller's collector.
@@ -35,9 +36,6 @@ def counted(number: int, noun: str) -> str:
 # The advisory lock file a run holds in its folder (left in place: removing it would let two
 # processes lock two different files of the same name).
 LOCK_FILE = ".dpokit.lock"
-# The resolved config a training run writes into its folder (what `--resume`, `evaluate` and
-# `export` read back to learn how the run was trained).
-RUN_CONFIG_FILE = "dpokit_config.yaml"
 # Every line a training run logs, in its folder: what a console that went away (`| head`) missed.
 RUN_LOG_FILE = "train.log"
 

@@ -53,7 +53,7 @@ def _suggestion(option: str, parser: argparse.ArgumentParser) -> str:
     known = sorted(s for s in parser._option_string_actions if s.startswith("--") and s != "--help")
     typed = option.lstrip("-").replace("_", "-").lower().split("-")
     near = [s for s in known if _abbreviates(typed, s[2:].split("-"))] or difflib.get_close_matches(
-        "--" + "-".join(typed), known, n=3, cutoff=0.6)
+        "--" + "-".join(typed), known, n=3, cutoff=0.75)
     if not near:
         return ""
     return f"; did you mean {near[0]}?" if len(near) == 1 else f"; did you mean one of {', '.join(near[:4])}?"

@@ -1,7 +1,8 @@
 """Reading and writing the config: YAML files, layers of values, the resolved tree.
 
-`load_yaml` reads a user's file (or a run folder's dpokit_config.yaml, also one an older dpokit
-wrote with comma strings for lists); `build_config` stacks layers of {section: {option: value}}
+`load_yaml` reads a user's file, whose relative paths name files beside it (or a run folder's
+dpokit_config.yaml, also one an older dpokit wrote with comma strings for lists, whose paths are
+as the run's command line gave them); `build_config` stacks layers of {section: {option: value}}
 over the defaults and validates the result; `dump_yaml` writes what a run used.
 """
 
@@ -18,6 +19,10 @@ from dpokit.config.fields import OUTPUT, coerce
 from dpokit.config.sections import RunConfig, iter_options, section_classes
 from dpokit.config.validate import validate
 from dpokit.errors import DpokitError
+
+# The resolved config a training run writes into its folder (what `--resume`, `evaluate` and
+# `export` read back to learn how the run was trained).
+RUN_CONFIG_FILE = "dpokit_config.yaml"
 
 
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -38,6 +43,8 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     by_name = {f.name: (section, f) for section, f in iter_options()}
     classes = section_classes()
     values: dict[str, dict[str, Any]] = {}
+    # A user's file names paths beside it; a run's own record names them as its command line did.
+    folder = None if path.name == RUN_CONFIG_FILE else path.parent
     for key, value in raw.items():
         if key in classes and isinstance(value, dict):
             names = {f.name: f for f in dataclasses.fields(classes[key])}
@@ -45,11 +52,11 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
                 if sub not in names:
                     raise DpokitError(f"{_at(path, sub)}: unknown option '{key}.{sub}'{_where_instead(sub, by_name)}")
                 where = f"{_at(path, sub)}: {key}.{sub}"
-                _set_once(values, key, sub, _beside(coerce(subvalue, names[sub], where), names[sub], path.parent), where)
+                _set_once(values, key, sub, _beside(coerce(subvalue, names[sub], where), names[sub], folder), where)
         elif key.replace("-", "_") in by_name:
             section, f = by_name[key.replace("-", "_")]
             where = f"{_at(path, key)}: {key}"
-            _set_once(values, section, f.name, _beside(coerce(value, f, where), f, path.parent), where)
+            _set_once(values, section, f.name, _beside(coerce(value, f, where), f, folder), where)
         else:
             raise DpokitError(f"{_at(path, key)}: unknown option '{key}'{_where_instead(key, by_name)}")
     return values
@@ -72,12 +79,12 @@ def _where_instead(name: Any, by_name: dict[str, tuple[str, dataclasses.Field]])
 _RESUME_WORDS = ("auto", "none", "no")  # --resume values that are not a folder
 
 
-def _beside(value: Any, f: dataclasses.Field, folder: Path) -> Any:
+def _beside(value: Any, f: dataclasses.Field, folder: Path | None) -> Any:
     """A relative path in a config file names a file beside that file, not in the current folder:
     an output always; an input when it exists there (else it is kept as written: a hub id, or a
-    path from the current folder, as before)."""
+    path from the current folder, as before). `folder` None: kept as written."""
     kind = f.metadata.get("path")
-    if not kind or not isinstance(value, str) or (f.name == "resume" and value in _RESUME_WORDS):
+    if folder is None or not kind or not isinstance(value, str) or (f.name == "resume" and value in _RESUME_WORDS):
         return value
     if Path(value).expanduser().is_absolute():
         return value
