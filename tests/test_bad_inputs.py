@@ -93,7 +93,7 @@ def _with(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
 
 CASES = [
     # (id, argv, fragments the one line must contain)
-    ("unknown flag", _with("!--bogus"), ["unrecognized arguments: --bogus"]),
+    ("unknown flag", _with("!--bogus"), ["dpokit train: error: unrecognized option --bogus"]),
     ("unknown command", ["trian"], ["invalid choice: 'trian'"]),
     ("no data", _with(drop=("--data",)), ["missing required option(s): --data"]),
     ("no model", _with(drop=("--model",)), ["--model"]),

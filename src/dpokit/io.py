@@ -22,17 +22,22 @@ from typing import Any
 
 import yaml
 
+from dpokit.config.load import RUN_CONFIG_FILE as RUN_CONFIG_FILE  # the run folder's files are named here
 from dpokit.errors import DpokitError, first_line
 
 # Where a function writes its progress lines: `print`, or a caller's collector.
 Log = Callable[[str], None]
 
+
+def counted(number: int, noun: str) -> str:
+    """'1 pair', '2 pairs': a count in a progress line."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
 # The advisory lock file a run holds in its folder (left in place: removing it would let two
 # processes lock two different files of the same name).
 LOCK_FILE = ".dpokit.lock"
-# The resolved config a training run writes into its folder (what `--resume`, `evaluate` and
-# `export` read back to learn how the run was trained).
-RUN_CONFIG_FILE = "dpokit_config.yaml"
+# Every line a training run logs, in its folder: what a console that went away (`| head`) missed.
+RUN_LOG_FILE = "train.log"
 
 
 def read_run_config(run_dir: str | Path) -> dict | None:
@@ -173,3 +178,19 @@ def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path
 def shows_progress(choice: str) -> bool:
     """--progress on/off/auto: progress bars, with auto meaning when stderr is a terminal."""
     return choice == "on" or (choice == "auto" and sys.stderr.isatty())
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader went away (`dpokit ... | head`), so later prints and
+    the interpreter's final flush do not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def console(line: str) -> None:
+    """`print` for progress lines that outlive their reader: a closed stdout ends nothing."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        silence_stdout()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpokit.config import LOSS_KINDS
 from dpokit.errors import DpokitError
 from dpokit.io import RUN_CONFIG_FILE, atomic_write_text, read_run_config
 
@@ -36,6 +37,11 @@ class RunInfo:
     def setting(self, section: str, name: str) -> Any:
         return (self.config.get(section) or {}).get(name)
 
+    def _beta_counts(self) -> bool:
+        """False for a run whose losses all ignore β (sft, orpo): its β changed nothing."""
+        names = _loss_names(self.setting("loss", "loss")) or ["sigmoid"]
+        return not all(name in LOSS_KINDS and not LOSS_KINDS[name].uses_beta for name in names)
+
     @property
     def is_run(self) -> bool:
         return bool(self.config or self.last_train)
@@ -47,7 +53,8 @@ class RunInfo:
             "run": str(self.folder),
             "model": self.setting("model", "model"),
             "loss": _as_text(self.setting("loss", "loss")),
-            "beta": self.setting("loss", "beta"),
+            "beta": self.setting("loss", "beta") if self._beta_counts() else None,
+            "lora": self.setting("lora", "lora_r") or None,  # 0: every weight trained
             "steps": self.last_train.get("step"),
             "loss_final": self.last_train.get("loss"),
             "reward_accuracy": self.last_train.get("rewards/accuracies"),
@@ -58,6 +65,10 @@ class RunInfo:
             "kl": kl.get("kl"),
             "wall_s": self.summary.get("wall_seconds"),
         }
+
+
+def _loss_names(value: Any) -> list[str]:
+    return [name.strip() for name in (_as_text(value) or "").split(",") if name.strip()]
 
 
 def _as_text(value: Any) -> Any:

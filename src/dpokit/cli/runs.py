@@ -17,6 +17,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "model": ("model", "{}"),
     "loss": ("loss", "{}"),
     "beta": ("β", "{:g}"),
+    "lora": ("LoRA r", "{:d}"),
     "steps": ("steps", "{:d}"),
     "loss_final": ("final loss", "{:.4f}"),
     "reward_accuracy": ("reward acc", "{:.3f}"),
@@ -31,7 +32,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
 
 def add_runs_command(sub) -> None:
     runs = sub.add_parser(
-        "runs", help="list runs: model, loss, β, steps, final figures, evaluation, wall time",
+        "runs", help="list runs: model, loss, β, LoRA rank, steps, final figures, evaluation, wall time",
         description="A table of the dpokit runs in each FOLDER and in its subfolders (a sweep's or the "
         "demo's root lists all of its runs). Figures a run does not have show as '-'.")
     runs.add_argument("folders", nargs="*", default=["."], metavar="FOLDER", help="run folders (default: .)")

@@ -29,7 +29,7 @@ from dpokit.config.commands import (
     SweepConfig,
     validate_sampling,
 )
-from dpokit.config.fields import coerce, flag_of, format_value, kind_of, option, section
+from dpokit.config.fields import INPUT, OUTPUT, coerce, flag_of, format_value, kind_of, option, section
 from dpokit.config.load import build_config, dump_yaml, load_yaml, with_absolute_model_paths
 from dpokit.config.parsers import parse_columns, parse_template_kwargs
 from dpokit.config.sections import (
@@ -47,7 +47,7 @@ from dpokit.config.sections import (
 from dpokit.config.validate import check_loss_config, loss_kind, loss_weights, validate, validate_data
 
 __all__ = [
-    "BATCH_LAYOUTS", "COLUMN_TARGETS", "DATA_FORMATS", "DTYPES", "F_DIVERGENCES", "LOSS_KINDS", "PAIRINGS",
+    "BATCH_LAYOUTS", "COLUMN_TARGETS", "INPUT", "OUTPUT", "DATA_FORMATS", "DTYPES", "F_DIVERGENCES", "LOSS_KINDS", "PAIRINGS",
     "RESERVED_TEMPLATE_ARGS", "TRUNCATION_MODES", "TURN_MODES", "DataConfig", "DemoConfig",
     "EvaluateCommandConfig", "JudgeConfig", "LoraSection", "LossConfig", "LossKind", "ModelConfig",
     "OnlineConfig", "RunConfig", "SampleCommandConfig", "SamplingConfig", "ScaleConfig", "SpeedConfig",

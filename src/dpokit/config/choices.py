@@ -39,6 +39,7 @@ class LossKind:
     uses_label_smoothing: bool = False  # ε changes the loss
     f_divergence: bool = False  # an --f-divergence other than reverse_kl is meaningful
     batch_statistics: bool = False  # keeps running statistics over the training batches (alone in --loss)
+    uses_beta: bool = True  # β changes the loss (not only the β-scaled rewards it reports)
 
 
 _SIGMOID = LossKind(uses_label_smoothing=True, f_divergence=True)
@@ -64,9 +65,9 @@ LOSS_KINDS: dict[str, LossKind] = {
     "rdpo": LossKind(f_divergence=True),
     "dpop": LossKind(),
     "beta_dpo": LossKind(batch_statistics=True),
-    "sft": LossKind(needs_reference=False, f_divergence=True),  # ignores --f-divergence, so it combines with any
+    "sft": LossKind(needs_reference=False, f_divergence=True, uses_beta=False),  # ignores --f-divergence, so it combines with any
     "simpo": _REFERENCE_FREE,
-    "orpo": _REFERENCE_FREE,
+    "orpo": LossKind(needs_reference=False, uses_beta=False),  # its odds-ratio term is weighted by --orpo-lambda
 }
 NEEDS_LABEL_SMOOTHING = ("exo_pair",)  # losses that are undefined at ε = 0
 SORTS_PAIRS = ("aot", "aot_unpaired")  # sort the batch's log-ratios, so per-pair weights (--wpo) lose their pair

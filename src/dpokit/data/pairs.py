@@ -14,7 +14,10 @@ Layouts (`--data-format`, `auto` detects from the first row that has a usable `c
   is given (else `prompt_mismatch`). An assistant turn is everything after the last user or
   system message: an agent's `tool_calls`, the `tool` results and its answer form one response;
   a list that starts with an assistant message and holds only assistant and tool messages is a
-  response as a whole. Messages keep `tool_calls`, `tool_call_id`, `name`, `reasoning_content`.
+  response as a whole. With a `prompt`, lists that start with an assistant message and do not
+  repeat the prompt are completions appended to it, later user turns included (TRL's layout).
+  A response ends with an assistant message (else `no_assistant_turn`). Messages keep
+  `tool_calls`, `tool_call_id`, `name`, `reasoning_content`.
 - `sharegpt`: `conversations` as `{from, value}` messages (human/gpt/system), and `chosen`,
   `rejected` as one such message or a list of them.
 

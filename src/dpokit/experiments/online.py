@@ -40,7 +40,7 @@ from dpokit.experiments.frontier import (
     write_frontier_csv,
 )
 from dpokit.experiments.online_progress import PROGRESS_FILE, OnlineProgress, online_settings
-from dpokit.io import Log, atomic_write_text, folder_entries, run_folder_lock
+from dpokit.io import Log, atomic_write_text, counted, folder_entries, run_folder_lock
 from dpokit.model.load import load_policy
 from dpokit.paths import check_run_paths
 
@@ -226,7 +226,7 @@ def _train_round(base: RunConfig, prompts: Sequence, online: OnlineConfig, runne
     (resumed from its newest checkpoint, if any) and its evaluation; returns its online.json record."""
     record = progress.sampled_pairs(number)
     if record is not None and record["policy_sampled"] == policy_name:
-        runner.log(f"--- online round {number}/{online.rounds}: reusing its {record['pair_stats']['pairs']} pairs "
+        runner.log(f"--- online round {number}/{online.rounds}: reusing its {counted(record['pair_stats']['pairs'], 'pair')} "
                    f"sampled before the interruption ({record['pairs_file']})")
     else:
         runner.log(f"--- online round {number}/{online.rounds}: sampling {online.samples_per_prompt} per prompt "
@@ -306,7 +306,7 @@ def _round_pairs(base: RunConfig, prompts: Sequence, online: OnlineConfig, runne
         raise DpokitError(f"online round {number}: every pair was a tie; nothing to train on "
                           "(raise --samples-per-prompt or --max-new-tokens)")
     pairs_file = write_pairs(runner.root / "pairs" / f"round-{number}.jsonl", rows)
-    runner.log(f"round {number}: {stats['pairs']} pairs, {stats['pairs_with_cut_response']} holding a response "
+    runner.log(f"round {number}: {counted(stats['pairs'], 'pair')}, {stats['pairs_with_cut_response']} holding a response "
                f"cut at --max-new-tokens (samples' mean reward {stats['sample_reward']:+.4f}; skipped {stats['skipped']})")
     return pairs_file, stats
 

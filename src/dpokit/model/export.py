@@ -32,6 +32,9 @@ def export_model(run: str | Path, output: str | Path, merge: bool, base: str | N
     adapter = (run / "adapter_config.json").is_file()
     if adapter and not merge:
         raise DpokitError(f"export: {run} holds a LoRA adapter; pass --merge to fold it into the base model")
+    if not adapter and (merge or base):
+        raise DpokitError(f"export: {run} holds a full model, no LoRA adapter: {'--merge' if merge else '--base'} "
+                          "has nothing to fold in; export it without")
     if adapter:
         base = base or run_base_model(run)
         model = load_lora_run(run, torch.device("cpu"), base=base)

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dpokit.config import RunConfig, coerce, dump_yaml, iter_options
+from dpokit.config import INPUT, RunConfig, coerce, dump_yaml, iter_options
 from dpokit.errors import DpokitError, first_line
 from dpokit.io import RUN_CONFIG_FILE, fsync_tree, make_staging_dir
 from dpokit.train.distributed import Distributed
@@ -234,12 +234,21 @@ def check_resumable(saved: dict[str, dict[str, Any]], cfg: RunConfig, where: Pat
         # Converted as on load: an older checkpoint wrote lists as comma strings.
         before = coerce(saved.get(section, {}).get(f.name, f.default), f, f"{where}: {section}.{f.name}")
         now = getattr(getattr(cfg, section), f.name)
-        if before != now:
+        if _compared(before, f) != _compared(now, f):
             flag = "--" + f.name.replace("_", "-")
             raise DpokitError(
                 f"cannot resume from {where}: {flag} differs (checkpoint: {before!r}, now: {now!r}); "
                 "use the original value or start a new run in another --output"
             )
+
+
+def _compared(value: Any, f) -> Any:
+    """A local input path as the file it names (`./data/a.jsonl` is `data/a.jsonl`); its content is
+    checked apart (`check_resume_data`: the data's token ids; the reference's weights)."""
+    if f.metadata.get("path") != INPUT or not isinstance(value, str):
+        return value
+    path = Path(value).expanduser()
+    return path.resolve() if path.exists() else value
 
 
 def _saved_state(path: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dpokit.config import RunConfig, with_absolute_model_paths
 from dpokit.data.order import epoch_order
 from dpokit.hub import check_push_possible, push_run
-from dpokit.io import JsonlWriter, Log, run_folder_lock, shows_progress
+from dpokit.io import RUN_LOG_FILE, JsonlWriter, Log, counted, run_folder_lock, shows_progress
 from dpokit.model.reference import reference_sync_due, sync_reference
 from dpokit.model_card import write_model_card
 from dpokit.paths import check_run_paths
@@ -40,6 +40,7 @@ from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed, init_distributed, teardown
 from dpokit.train.metrics_window import MetricsWindow, add_drift, check_finite_record, describe
 from dpokit.train.run_folder import prepare_output, save_final_model, start_run_files
+from dpokit.train.run_log import RunLog
 from dpokit.train.setup import (
     RunData,
     build_run_scorer,
@@ -87,6 +88,8 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
 
 def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
     started = time.perf_counter()
+    run_log = RunLog(log) if ctx.is_main else None  # the console and, once the folder is ready, train.log
+    log = run_log or log
     cfg = with_absolute_model_paths(cfg)  # the saved config must name them from any directory
     tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=log)
     warn_idle_options(cfg, log)
@@ -115,8 +118,9 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     if resume_from is not None:
         log(f"resuming from {resume_from} at step {state.step}/{data.total_steps}")
     output = Path(cfg.train.output)
-    if ctx.is_main:  # rank 0 alone writes files
+    if run_log is not None:  # rank 0 alone writes files
         start_run_files(output, cfg, state.step if resume_from is not None else None)
+        run_log.attach(output / RUN_LOG_FILE, resumed=resume_from is not None)
     log(_run_line(cfg, data, device, ctx))
 
     run = _Run(cfg, data, scorer, parts, state, output=output, ctx=ctx, log=log, started=started)
@@ -139,9 +143,9 @@ def _run_line(cfg: RunConfig, data: RunData, device: torch.device, ctx: Distribu
     t = cfg.train
     processes = f" x {ctx.world_size} processes ({cfg.scale.parallel})" if ctx.world_size > 1 else ""
     lora = f", LoRA r={cfg.lora.lora_r}" if cfg.lora.lora_r else ""
-    return (f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {len(data.train_pairs)} pairs, "
+    return (f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {counted(len(data.train_pairs), 'pair')}, "
             f"global batch {data.global_batch} = {t.batch_size} x {t.gradient_accumulation_steps} "
-            f"accumulation{processes}, {data.total_steps} steps, loss {cfg.loss.loss_spec}, beta {cfg.loss.beta}")
+            f"accumulation{processes}, {counted(data.total_steps, 'step')}, loss {cfg.loss.loss_spec}, beta {cfg.loss.beta}")
 
 
 class _Run:
