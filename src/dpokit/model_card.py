@@ -101,7 +101,9 @@ def _results_section(run: RunInfo) -> list[str]:
     if run.last_eval:
         lines += [f"## Held-out figures (step {run.last_eval.get('step')})", "",
                   *_table([(k, v) for k, v in run.last_eval.items() if k.startswith("eval_")])]
-    for section, title in (("preferences", "preference accuracy"), ("judged", "judged reward"), ("kl", "KL")):
+    for section, title in (("preferences", "preference accuracy"),
+                           ("preferences_synced_reference", "preference accuracy against TR-DPO's synced reference"),
+                           ("judged", "judged reward"), ("kl", "KL")):
         figures = run.evaluation.get(section)
         if isinstance(figures, dict):
             lines += [f"## Evaluation: {title}", "",
