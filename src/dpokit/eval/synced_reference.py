@@ -28,7 +28,8 @@ class SyncedReference:
     synced_at: int  # the step of the last update it holds
 
     def describe(self) -> str:
-        return f"TR-DPO's synced reference after step {self.synced_at} ({self.file})"
+        where = self.file.relative_to(self.file.parents[2])  # checkpoints/step-N/reference.safetensors
+        return f"TR-DPO's synced reference after step {self.synced_at} ({where} in the run folder)"
 
     def load_into(self, reference) -> None:
         """Overwrite `reference` (the run's starting reference, loaded) with these weights."""
