@@ -18,6 +18,7 @@ from dpokit.config.choices import (
     TRUNCATION_MODES,
     TURN_MODES,
     LossKind,
+    loss_options_in_use,
 )
 from dpokit.config.commands import (
     DemoConfig,
@@ -52,7 +53,7 @@ __all__ = [
     "EvaluateCommandConfig", "JudgeConfig", "LoraSection", "LossConfig", "LossKind", "ModelConfig",
     "OnlineConfig", "RunConfig", "SampleCommandConfig", "SamplingConfig", "ScaleConfig", "SpeedConfig",
     "SweepConfig", "TrainConfig", "build_config", "check_loss_config", "coerce", "dump_yaml", "flag_of",
-    "format_value", "iter_options", "kind_of", "load_yaml", "loss_kind", "loss_weights", "option",
+    "format_value", "iter_options", "kind_of", "load_yaml", "loss_kind", "loss_options_in_use", "loss_weights", "option",
     "parse_columns", "parse_template_kwargs", "section", "section_classes", "validate", "validate_data",
     "validate_sampling", "with_absolute_model_paths",
 ]

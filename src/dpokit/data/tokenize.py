@@ -46,6 +46,11 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    response token dropped (`prompt_too_long`).
 4. Pairs whose chosen and rejected tokens are identical carry no preference: dropped
    (`identical_tokens`).
+5. Pairs built from samples (`chosen_ids` / `rejected_ids`, `data/sampled.py`) skip rules 0-2 for
+   their ids: the sampled ids are used verbatim, once checked to be the row's (the prompt's ids
+   are its encoding by rules 0-1, each response's ids decode to its text; else
+   `sampled_ids_mismatch`), so a response cut inside a character, or ended by a stop token that
+   is not the tokenizer's EOS, trains on what was sampled. Rules 3 and 4 apply as to any pair.
 Every cut and drop is counted in `TokenizeStats`, with the row numbers of the drops.
 """
 
@@ -59,6 +64,7 @@ from itertools import islice
 from dpokit.config import TRUNCATION_MODES, DataConfig
 from dpokit.data.pairs import PreferencePair, Text
 from dpokit.data.render import PairRenderer, read_chat_template
+from dpokit.data.sampled import sampled_pair_ids
 from dpokit.data.sources import RowSkip
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.data.turns import assistant_spans, token_mask
@@ -175,6 +181,8 @@ class PairTokenizer:
 
     def encode(self, pairs: Sequence[PreferencePair], stats: TokenizeStats) -> list[EncodedPair]:
         """Rules 0-2 for a chunk of pairs (one batched tokenizer call per field)."""
+        if any(pair.sampled_ids is not None for pair in pairs):
+            return self._encode_sampled(pairs, stats)
         rendered = []
         for pair in pairs:
             stats.rows += 1
@@ -218,6 +226,23 @@ class PairTokenizer:
             out.append(EncodedPair(prompt, chosen, rejected, pair.index, pair.scores,
                                    _ended_mask(masks[0], chosen, finished[0]),
                                    _ended_mask(masks[1], rejected, finished[1])))
+        return out
+
+    def _encode_sampled(self, pairs: Sequence[PreferencePair], stats: TokenizeStats) -> list[EncodedPair]:
+        """Rule 5, in row order: pairs carrying their sampled ids get those ids, checked; the others rules 0-2."""
+        out = []
+        for pair in pairs:
+            if pair.sampled_ids is None:
+                out += self.encode([pair], stats)
+                continue
+            stats.rows += 1
+            try:
+                [prompt] = self.encode_prompts([pair.prompt])
+                ids = sampled_pair_ids(self.tokenizer, pair.sampled_ids, prompt, pair.chosen, pair.rejected)
+            except RowSkip as bad:
+                self._skip(stats, bad.reason, pair.index, str(bad))
+                continue
+            out.append(EncodedPair(*ids, pair.index, pair.scores))
         return out
 
     def _turn_mask(self, pair: PreferencePair, reply: Text, prompt_text: str, response_text: str,

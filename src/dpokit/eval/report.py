@@ -15,7 +15,7 @@ from typing import Any
 
 from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
-from dpokit.eval.evaluate import Sampler, format_number, run_template_kwargs
+from dpokit.eval.evaluate import EVALUATION_SECTIONS, Sampler, format_number, run_template_kwargs
 from dpokit.eval.sampling import prompt_text, read_prompts
 from dpokit.io import RUN_CONFIG_FILE, Log, atomic_write_bytes, atomic_write_text, read_run_config
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
@@ -187,7 +187,7 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
     evaluation = run_dir / EVALUATION_FILE
     if evaluation.is_file():
         result = json.loads(evaluation.read_text(encoding="utf-8"))
-        for section in ("preferences", "judged", "kl"):
+        for section in EVALUATION_SECTIONS:
             if section in result:
                 sections += [f"## Evaluation: {section}", "", _table(list(result[section].items())), ""]
     samples = run_dir / SAMPLES_FILE

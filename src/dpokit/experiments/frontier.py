@@ -20,10 +20,11 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
-from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
+from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts, held_out_against
 from dpokit.eval.judges import load_judge
 from dpokit.eval.report import plot_frontier, report_after_training
 from dpokit.eval.sampling import Prompt
+from dpokit.eval.synced_reference import sync_every
 from dpokit.io import Log, atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 from dpokit.paths import claim_output_folder
@@ -129,6 +130,9 @@ class FrontierRunner:
         Writes the run's evaluation.json (`add_run` then writes its report, which shows it)."""
         device = next(self.reference.parameters()).device
         policy = load_policy(str(run_dir), device, trust_remote_code).eval()
+        if sync_every(run_dir):  # TR-DPO trained (and evaluated) against a moving reference:
+            final_eval = held_out_against(policy, self.reference, self.sampler.tokenizer, run_dir, device=device,
+                                          dtype=self.sampler.dtype, log=self.log)  # the row's is the KL's
         figures, self.reference_samples = evaluate_on_prompts(
             policy, self.reference, self.prompts, self.sampler, reference_samples=self.reference_samples,
             log=self.log)

@@ -29,8 +29,10 @@ from dpokit.config import (
     validate,
     validate_sampling,
 )
+from dpokit.data.sampled import SAMPLED_ID_FIELDS
 from dpokit.errors import DpokitError, TrainingInterrupted
 from dpokit.eval.evaluate import Sampler, mean_and_stderr
+from dpokit.eval.sampling import Completion
 from dpokit.experiments.frontier import (
     CSV_FILE,
     PNG_FILE,
@@ -49,8 +51,8 @@ ROUND_SEED_STRIDE = 1000
 
 
 def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], rewards: Sequence[Sequence[float]],
-                     pairing: str = "best_worst", finished: Sequence[Sequence[bool]] | None = None
-                     ) -> tuple[list[dict], dict]:
+                     pairing: str = "best_worst", finished: Sequence[Sequence[bool]] | None = None, *,
+                     sampled: Sequence[Sequence[Completion]] | None = None) -> tuple[list[dict], dict]:
     """Pair higher-scored over lower-scored completions of each prompt.
 
     `best_worst`: one pair per prompt, its best completion over its worst (online DPO's rule).
@@ -65,6 +67,10 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
     finished completions: a prompt with at least two finished ones of different scores gets its one
     pair from those alone. `all` keeps every pair: its cut responses train without an EOS, and
     pairing among finished ones only cost the demo a third of its pairs and reward at every β.
+
+    `sampled` (the completions themselves, whose texts are `completions`) adds the sampled token
+    ids to every row (`prompt_ids`, `chosen_ids`, `rejected_ids`), so training uses exactly
+    those, not the text tokenized again (`dpokit.data.sampled`).
     """
     if pairing not in PAIRINGS:
         raise DpokitError(f"--pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
@@ -85,7 +91,10 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
                 skipped["identical"] += 1
             else:
                 ends = None if done is None else (done[better], done[worse])
-                rows.append(_pair_row(prompt, texts[better], texts[worse], scores[better], scores[worse], ends))
+                row = _pair_row(prompt, texts[better], texts[worse], scores[better], scores[worse], ends)
+                if sampled is not None:
+                    row.update(_sampled_ids(sampled[number][better], sampled[number][worse]))
+                rows.append(row)
     stats = {"pairs": len(rows), "skipped": skipped}
     if finished is not None:
         stats["pairs_with_cut_response"] = sum(not (r["chosen_finished"] and r["rejected_finished"]) for r in rows)
@@ -110,6 +119,12 @@ def _pair_row(prompt, chosen: str, rejected: str, score_chosen: float, score_rej
     return row
 
 
+def _sampled_ids(chosen: Completion, rejected: Completion) -> dict[str, list[int]]:
+    """A pair row's sampled ids (`dpokit.data.sampled.SAMPLED_ID_FIELDS`)."""
+    ids = (list(chosen.prompt_ids), list(chosen.response_ids), list(rejected.response_ids))
+    return dict(zip(SAMPLED_ID_FIELDS, ids, strict=True))
+
+
 def sample_preference_pairs(model, prompts: Sequence, sampler: Sampler, *,
                             pairing: str = "best_worst") -> tuple[list[dict], dict]:
     """Sample `sampler.sampling.num_samples` completions per prompt from `model`, judge them, pair them.
@@ -118,7 +133,8 @@ def sample_preference_pairs(model, prompts: Sequence, sampler: Sampler, *,
     of where the model is), the pair count and what was skipped.
     """
     samples = sampler.draw(model, prompts)
-    rows, stats = preference_pairs(prompts, samples.texts, samples.rewards, pairing, samples.finished)
+    rows, stats = preference_pairs(prompts, samples.texts, samples.rewards, pairing, samples.finished,
+                                   sampled=samples.completions)
     mean, stderr = mean_and_stderr([r for per in samples.rewards for r in per])
     cut = sum(not done for per in samples.finished for done in per)
     return rows, {"prompts": len(prompts), "samples_per_prompt": sampler.sampling.num_samples,

@@ -160,7 +160,7 @@ def reference_weights(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in reference.named_parameters()}
 
 
-def _load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     params = dict(reference.named_parameters())
     if params.keys() != weights.keys() or any(params[n].shape != weights[n].shape for n in params):
         raise ValueError("the reference weights do not match the reference model")
@@ -196,7 +196,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed |
     try:
         load_trainable_state(policy, weights, ctx)
         if saved_reference is not None:
-            _load_reference_weights(reference, saved_reference)
+            load_reference_weights(reference, saved_reference)
         state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise DpokitError(f"--resume {path}: checkpoint is damaged or from another model ({exc})") from None
