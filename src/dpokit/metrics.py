@@ -6,6 +6,7 @@ import torch
 
 from dpokit.logratios import LossOutput
 from dpokit.model.logprobs import PairLogps
+from dpokit.model.router_loss import ROUTER_METRICS, router_metric_rows
 
 PAIR_METRICS = (
     "loss",
@@ -51,6 +52,7 @@ class PairMetrics:
         self.pairs = 0
         self.beta = beta
         self.weighted = False  # whether the pairs carried WPO weights (the same on every rank: one config)
+        self.routed = False  # whether the batches carried the MoE router's figures (likewise)
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
@@ -68,16 +70,18 @@ class PairMetrics:
                 chosen_logps.detach().float(),
                 rejected_logps.detach().float(),
                 logps.pair_weights.float() if logps.pair_weights is not None else torch.zeros_like(wins.float()),
+                *router_metric_rows(logps.router, wins.float()),
             ]
         ).sum(dim=1)
         self.weighted = self.weighted or logps.pair_weights is not None
+        self.routed = self.routed or logps.router is not None
         self._sums = per_pair if self._sums is None else self._sums + per_pair
         self.pairs += out.losses.shape[0]
 
     def merge_across_ranks(self, sum_over_ranks, extra: int = 0) -> int:
         """Replace this rank's sums and pair count by those of all ranks; `extra` (a count such as
         tokens) rides along in the same collective and its total is returned."""
-        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS) + 1)
+        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS) + 1 + len(ROUTER_METRICS))
         # float64: token counts stay exact far past float32's 2**24
         packed = torch.cat([sums.double().cpu(), torch.tensor([self.pairs, extra], dtype=torch.float64)])
         total = sum_over_ranks(packed)
@@ -92,4 +96,7 @@ class PairMetrics:
         record = {prefix + name: value for name, value in zip(PAIR_METRICS, means[: len(PAIR_METRICS)], strict=True)}
         if self.weighted:
             record[prefix + WPO_METRIC] = means[len(PAIR_METRICS)]
+        if self.routed:
+            record.update({prefix + name: value for name, value in zip(ROUTER_METRICS, means[-len(ROUTER_METRICS):],
+                                                                        strict=True)})
         return record
