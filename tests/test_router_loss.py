@@ -129,8 +129,9 @@ def test_routed_token_weights_count_what_the_padded_layout_routes():
     pairs = [_pair((1, 2, 3), (4, 5), (6, 7)), _pair((8,), (9,), (10, 11, 12))]
     padded = collate(pairs, 0, "padded")
     assert torch.equal(routed_token_weights(padded), padded.attention_mask.float())
-    packed = collate(pairs, 0, "packed", 64)
-    assert routed_token_weights(packed).sum() == padded.attention_mask.sum() == 5 + 5 + 2 + 4
+    packed = collate(pairs, 0, "packed")  # rows as wide as the longest sequence: padding in some
+    assert torch.equal(routed_token_weights(packed), (packed.segment_ids >= 0).float())
+    assert routed_token_weights(packed).sum() == padded.attention_mask.sum() == 5 + 5 + 2 + 4 < packed.input_ids.numel()
     shared = collate(pairs, 0, "prefix-shared", 64)
     # One row: [1 2 3 4 5 6 7 | 8 9 10 11 12]; each prompt weighs 2 (routed with both responses).
     assert routed_token_weights(shared).tolist() == [[2, 2, 2, 1, 1, 1, 1, 2, 1, 1, 1, 1]]
