@@ -242,3 +242,18 @@ def test_the_first_batch_guard_checks_the_load_balancing_loss(tok, pairs, tmp_pa
                                tmp_path, lines.append)
     assert record["fallback"] and scorer.layouts == ["padded"]
     assert "router's load-balancing loss differs by" in lines[-1] and "using --layout padded" in lines[-1]
+
+
+def test_lora_and_gradient_checkpointing_record_the_same_routing(tok, pairs):
+    from dpokit.config import LoraSection
+    from dpokit.model.load import prepare_policy
+
+    plain = build_moe("qwen2-moe", tok).train()
+    wrapped = prepare_policy(build_moe("qwen2-moe", tok).train(), LoraSection(lora_r=4), gradient_checkpointing=True)
+    router = router_loss_for(wrapped, None, quiet)  # found through the peft wrapper
+    batch = collate(pairs, tok.pad_token_id, "prefix-shared", PACK)
+    expected = sequence_logps(plain, batch, router=router).router.aux_loss
+    got = sequence_logps(wrapped, batch, router=router).router.aux_loss  # adapters start at zero
+    torch.testing.assert_close(got, expected, atol=_tolerance(expected.item()), rtol=0)
+    got.backward()  # through the checkpointed (recomputed) forward: the adapters get the term's gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in wrapped.named_parameters() if "lora_" in n)

@@ -18,7 +18,8 @@ function (no copy of it), on the router logits of the policy's forward, with its
 
 The router logits are asked of the model body with `output_router_logits=True` (a forward
 pre-hook), for the chunked LM head (which calls the body) and the plain one (which calls the
-model, whose own aux loss is then not computed: its attention mask is a packed row's 4D mask).
+model): the model's own aux computation stays off, since it would take whatever attention mask
+the forward got, a packed row's 4D mask included, as its token mask.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import dataclasses
 import inspect
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,7 +64,7 @@ class RouterLoss:
     function: Callable
     model_type: str
 
-    @contextmanager
+    @contextlib.contextmanager
     def recording(self, model: torch.nn.Module) -> Iterator[list]:
         """While inside, each forward of `model`'s body asks for its router logits and appends
         them (a tuple of (tokens, E) tensors, one per MoE layer) to the yielded list."""
