@@ -8,6 +8,7 @@ import torch
 
 from dpokit.logratios import LossOutput
 from dpokit.model.logprobs import PairLogps
+from dpokit.model.router_loss import ROUTER_METRICS, router_metric_rows
 
 PAIR_METRICS = (
     "loss",
@@ -58,6 +59,7 @@ class PairMetrics:
         self.beta = beta
         # Which optional metrics the pairs carried (the same on every rank: one config).
         self.has = dict.fromkeys(OPTIONAL_METRICS, False)
+        self.routed = False  # whether the batches carried the MoE router's figures (likewise)
 
     def add(self, out: LossOutput, logps: PairLogps) -> None:
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
@@ -76,17 +78,19 @@ class PairMetrics:
                 logps.rejected_logps.detach().float(),
                 *(torch.zeros_like(wins.float()) if value is None else value.detach().float()
                   for value in optional.values()),
+                *router_metric_rows(logps.router, wins.float()),
             ]
         ).sum(dim=1)
         for name, value in optional.items():
             self.has[name] = self.has[name] or value is not None
+        self.routed = self.routed or logps.router is not None
         self._sums = per_pair if self._sums is None else self._sums + per_pair
         self.pairs += out.losses.shape[0]
 
     def merge_across_ranks(self, sum_over_ranks, extra: int = 0) -> int:
         """Replace this rank's sums and pair count by those of all ranks; `extra` (a count such as
         tokens) rides along in the same collective and its total is returned."""
-        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS) + len(OPTIONAL_METRICS))
+        sums = self._sums if self._sums is not None else torch.zeros(len(PAIR_METRICS) + len(OPTIONAL_METRICS) + len(ROUTER_METRICS))
         # float64: token counts stay exact far past float32's 2**24
         packed = torch.cat([sums.double().cpu(), torch.tensor([self.pairs, extra], dtype=torch.float64)])
         total = sum_over_ranks(packed)
@@ -98,6 +102,6 @@ class PairMetrics:
         if self._sums is None:
             return {}
         means = (self._sums / self.pairs).tolist()
-        names = (*PAIR_METRICS, *OPTIONAL_METRICS)
+        names = (*PAIR_METRICS, *OPTIONAL_METRICS, *ROUTER_METRICS)
         return {prefix + name: value for name, value in zip(names, means, strict=True)
-                if name in PAIR_METRICS or self.has[name]}
+                if name in PAIR_METRICS or self.has.get(name, self.routed)}  # router rows: self.routed

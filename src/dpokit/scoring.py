@@ -33,6 +33,7 @@ from dpokit.model.reference import (
     reference_fingerprint,
     run_reference_weights,
 )
+from dpokit.model.router_loss import RouterLoss, router_loss_for, with_router_loss
 
 
 @dataclass
@@ -85,8 +86,10 @@ class PairScorer:
     """
 
     def __init__(self, policy, reference=None, *, loss: LossConfig, speed: SpeedConfig, dtype: str, pad_id: int,
-                 device: torch.device, layouts: Sequence[str] | None = None, chunked_head: bool | None = None):
+                 device: torch.device, layouts: Sequence[str] | None = None, chunked_head: bool | None = None,
+                 router: RouterLoss | None = None):
         self.policy, self.reference = policy, reference
+        self.router = router  # the MoE load-balancing term: the policy's forward only, never the reference's
         self.loss = compile_loss(loss)  # names, weights and options resolved once per run
         self.beta, self.speed, self.dtype = loss.beta, speed, dtype
         self.ld_alpha, self.wpo = loss.ld_alpha, loss.wpo  # act in the log-prob reduction (`sequence_logps`)
@@ -105,11 +108,13 @@ class PairScorer:
             layout = min(self.layouts, key=lambda lay: self.cost(plan_rows(pairs, lay, pack)))
         return collate(pairs, self.pad_id, layout, self.speed.pack_length)
 
-    def logps(self, model, batch: PairBatch, *, wpo_weights: bool = False) -> PairLogps:
-        """Summed log-probs of `model` (policy or reference: both under --ld-alpha), WPO's weights when asked."""
+    def logps(self, model, batch: PairBatch, *, wpo_weights: bool = False, router: RouterLoss | None = None
+              ) -> PairLogps:
+        """Summed log-probs of `model` (policy or reference: both under --ld-alpha), WPO's weights
+        and the router's load-balancing loss when asked."""
         with autocast_context(self.device, self.dtype):
             return sequence_logps(model, batch, self.chunked_head, self.speed.lm_head_chunk or None,
-                                  ld_alpha=self.ld_alpha, wpo_weights=wpo_weights)
+                                  ld_alpha=self.ld_alpha, wpo_weights=wpo_weights, router=router)
 
     def no_grad_logps(self, pairs: Sequence[TokenizedPair]) -> PairLogps:
         """Policy log-probs without gradients (the precompute pass, where policy == reference)."""
@@ -118,7 +123,7 @@ class PairScorer:
 
     def __call__(self, pairs: Sequence[TokenizedPair]) -> ScoredBatch:
         batch = self.batch(pairs).to(self.device)
-        policy = self.logps(self.policy, batch, wpo_weights=self.wpo)
+        policy = self.logps(self.policy, batch, wpo_weights=self.wpo, router=self.router)
         reference_chosen = reference_rejected = None
         if isinstance(self.reference, PrecomputedReference):
             reference_chosen, reference_rejected = self.reference.lookup(pairs, self.device)
@@ -135,7 +140,7 @@ class PairScorer:
             rejected_lengths=policy.rejected_lengths,
             pair_weights=policy.pair_weights,
         )
-        return ScoredBatch(out, policy, batch.num_tokens)
+        return ScoredBatch(with_router_loss(out, policy.router, self.router), policy, batch.num_tokens)
 
     def evaluate(self, pairs: Sequence[TokenizedPair], batch_size: int) -> dict[str, float]:
         """Mean loss, rewards and accuracy on held-out pairs, under TRL's `eval_` names."""
@@ -203,11 +208,12 @@ def build_scorer(
     limits the precomputed pass to those. `reference_weights` is the reference's weights
     fingerprint when the caller has it already (`run_reference_weights`).
     """
+    router = router_loss_for(policy, loss.router_aux_loss_coef, log)  # a refusal before any work
     longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for pairs in datasets for p in pairs),
                   default=0)
     configure_forward(policy, speed=speed, scale=scale, device=device, longest_row=longest, log=log)
     compile_if_asked(policy, speed)
-    unwrapped = PairScorer(policy, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device)
+    unwrapped = PairScorer(policy, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device, router=router)
     if world_size > 1:
         _torchrun_layouts(unwrapped)
     else:
@@ -230,7 +236,8 @@ def build_scorer(
                                      folder, 2 * train.batch_size, log)  # keyed on --ld-alpha too (scorer.ld_alpha)
     policy = wrap(policy)  # the policy first: a live LoRA reference wraps the same module
     return PairScorer(policy, wrap(reference) if live else reference, loss=loss, speed=speed, dtype=model.dtype,
-                      pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head)
+                      pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head,
+                      router=router)
 
 
 def _torchrun_layouts(scorer: PairScorer) -> None:

@@ -175,6 +175,11 @@ class LossConfig:
         "policy and reference log-probs (TRL's ld_alpha; 1 is plain DPO, 0 drops them); default none: off. Not with the "
         "losses that average log-probs per token already (ipo, sigmoid_norm, sft, simpo, orpo)"
     )
+    router_aux_loss_coef: float | None = option(
+        None, "Mixture-of-Experts models: weight of the router's load-balancing loss added to the training loss "
+        "(TRL's router_aux_loss_coef; logged as aux_loss); default: the coefficient the model's own forward "
+        "applies (e.g. 0.001 for Mixtral, 0.01 for OLMoE); 0: off. An error on a model without a router"
+    )
 
     @property
     def loss_spec(self) -> str:

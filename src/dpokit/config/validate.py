@@ -183,6 +183,9 @@ def check_loss_config(lo: LossConfig) -> None:
     for flag, (value, what, ok) in checks.items():
         if not (math.isfinite(value) and ok(value)):
             raise DpokitError(f"{flag} must be {what}; got {value}")
+    coef = lo.router_aux_loss_coef
+    if coef is not None and not (math.isfinite(coef) and coef >= 0):
+        raise DpokitError(f"--router-aux-loss-coef must be a number >= 0 (0: off; unset: the model's own); got {coef}")
     if lo.sync_reference_steps and not any(kind.needs_reference for kind in kinds):
         raise DpokitError(f"--sync-reference-steps moves the reference toward the policy, but --loss {lo.loss_spec} "
                           "uses no reference; set it to 0 or use a loss with one")

@@ -23,6 +23,7 @@ from dpokit.data.batching import collate
 from dpokit.errors import DpokitError, first_line
 from dpokit.io import Log, atomic_write_text
 from dpokit.model.logprobs import PairLogps, head_is_plain, sequence_logps
+from dpokit.model.router_loss import check_router_gap
 
 # fp32: summed log-probs of a few hundred tokens agree across layouts to ~1e-5 (the conformance
 # matrix); wrong attention shows up as 1e-2 and more. The relative term covers long sequences:
@@ -38,7 +39,7 @@ def _fp32_logps(model, pairs, scorer, layout: str, chunked_head, chunk) -> PairL
     # Always fp32: the guard asks whether a layout is exact, not how bf16 rounds in it.
     batch = collate(pairs, scorer.pad_id, layout, scorer.speed.pack_length).to(scorer.device)
     with torch.no_grad(), torch.autocast(device_type=scorer.device.type, enabled=False):
-        return sequence_logps(model, batch, chunked_head, chunk)
+        return sequence_logps(model, batch, chunked_head, chunk, router=getattr(scorer, "router", None))
 
 
 def _gap(a: PairLogps, b: PairLogps) -> tuple[float, float]:
@@ -93,7 +94,8 @@ def _check(model, pairs, scorer, layout: str, plain: PairLogps, chunk) -> dict:
         why = first_line(exc)
         return {"layout": layout, "gap": None, "error": f"{type(exc).__name__}: {why}", "exact": False}
     gap, tolerance = _gap(plain, got)
-    return {"layout": layout, "gap": gap, "tolerance": tolerance, "exact": gap <= tolerance}
+    return check_router_gap({"layout": layout, "gap": gap, "tolerance": tolerance, "exact": gap <= tolerance},
+                            plain.router, got.router)
 
 
 def _fall_back(scorer, record: dict, failed: dict, model_type: str, head: str, log) -> None:

@@ -31,6 +31,7 @@ from dpokit.data.batching import PairBatch
 from dpokit.errors import DpokitError
 from dpokit.model.attention import attention_inputs, choose_attention
 from dpokit.model.host_memory import fix_mmap_threshold, threshold_for
+from dpokit.model.router_loss import RouterAux, RouterLoss
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
 # length adapts to the vocabulary, so peak memory does not grow with it.
@@ -45,13 +46,15 @@ _offloaded: weakref.WeakSet = weakref.WeakSet()
 @dataclass
 class PairLogps:
     """(B,) tensors: summed response log-probs and response token counts of each half, and
-    WPO's pair weights w_c·w_r (no gradient) when asked for (`wpo_pair_weights`), else None."""
+    WPO's pair weights w_c·w_r (no gradient) when asked for (`wpo_pair_weights`), else None;
+    the MoE router's load-balancing loss and load of the forward when asked for (`router_loss`)."""
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     pair_weights: torch.Tensor | None = None
+    router: RouterAux | None = None
 
 
 def chunk_positions(vocab_size: int, chunk: int | None = None) -> int:
@@ -248,23 +251,25 @@ def _saved_tensors_place(model: torch.nn.Module):
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool | None = None,
                    chunk: int | None = None, *, ld_alpha: float | None = None,
-                   wpo_weights: bool = False) -> PairLogps:
+                   wpo_weights: bool = False, router: RouterLoss | None = None) -> PairLogps:
     """Run `model` on the batch and sum each sequence's scored-token log-probs.
 
     chunked_head: None = use the chunked LM head whenever the model passes `head_is_plain`;
     False = the plain path (full logits from the model); True = require the chunked head.
     ld_alpha: LD-DPO's α (`response_sums`); wpo_weights: also WPO's pair weights (`wpo_pair_weights`).
     Both act here, on the scored tokens every layout ends in, so every layout gets them alike.
+    router: the MoE load-balancing term (`model.router_loss`), computed on this forward's routing.
     """
     use_chunked = head_is_plain(model) if chunked_head is None else chunked_head
-    with _saved_tensors_place(model):
+    with _saved_tensors_place(model), router.recording(model) if router else contextlib.nullcontext() as routed:
         logps, log_sum_sq = _scored_token_logps(model, batch, use_chunked, chunk, wpo_weights)
     counts = torch.bincount(batch.score_seq, minlength=2 * batch.num_pairs)
     summed = response_sums(logps, batch.score_seq, counts, ld_alpha)
     weights = None if log_sum_sq is None else wpo_pair_weights(logps, log_sum_sq, batch.score_seq, counts)
     lengths = counts.to(torch.float32)
     b = batch.num_pairs
-    return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:], weights)
+    aux = router(routed[-1], batch) if router else None
+    return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:], weights, aux)
 
 
 def response_positions(score_seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
