@@ -41,7 +41,7 @@ from dpokit.io import Log, read_run_config
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
 from dpokit.scoring import PairScorer
-from dpokit.settings_checks import context_limit, fit_max_length
+from dpokit.settings_checks import fit_max_length
 
 EXAMPLES_KEPT = 3
 
@@ -348,7 +348,7 @@ def evaluate_models(model: ModelConfig, *, data: dict | None = None, loss_overri
     result: dict = {"policy": str(model.model), "reference": str(reference)}
     if data_settings is not None:
         data_settings.max_length = fit_max_length(data_settings.max_length, data_settings.max_prompt_length,
-                                                  context_limit(policy.config, tokenizer), log)
+                                                  policy.config, tokenizer, log)
         result["preferences"] = preference_metrics(
             policy, reference_model, tokenizer, data_settings.data, loss=loss_config_for(model.model, loss_overrides),
             data=data_settings, batch_size=batch_size, device=device, dtype=model.dtype, log=log)
