@@ -35,6 +35,20 @@ LOCK_FILE = ".dpokit.lock"
 RUN_CONFIG_FILE = "dpokit_config.yaml"
 
 
+class SaidOnce:
+    """A Log that passes each distinct line on once: the notes on settings that a command's runs
+    share (a sweep's runs, online's rounds: "beyond the model's context", a warm-up warning) are
+    said once per command, not once per run."""
+
+    def __init__(self, log: Log) -> None:
+        self.log, self.said = log, set()
+
+    def __call__(self, line: str) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            self.log(line)
+
+
 def read_run_config(run_dir: str | Path) -> dict | None:
     """The resolved config a dpokit run wrote into `run_dir`, or None for any other folder."""
     path = Path(run_dir) / RUN_CONFIG_FILE

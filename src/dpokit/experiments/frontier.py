@@ -24,7 +24,7 @@ from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
 from dpokit.eval.judges import load_judge
 from dpokit.eval.report import plot_frontier, report_after_training
 from dpokit.eval.sampling import Prompt
-from dpokit.io import Log, atomic_write_text
+from dpokit.io import Log, SaidOnce, atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
 from dpokit.paths import claim_output_folder
 from dpokit.trackers import open_trackers
@@ -77,6 +77,7 @@ class FrontierRunner:
             raise DpokitError("a reward–KL frontier needs a judge to score the samples")
         self.root, self.reference, self.prompts, self.sampler = Path(root), reference, list(prompts), sampler
         self.write_csv, self.report_to, self.log = write_csv, report_to, log
+        self.notices = SaidOnce(log)  # each note on the runs' shared settings, once per command
         self.reference_samples: SampleSet | None = None
         self.reference_row: dict | None = None
         self.rows: list[dict] = []
@@ -101,6 +102,7 @@ class FrontierRunner:
         other = FrontierRunner(root, reference=self.reference, prompts=self.prompts,
                                sampler=replace(self.sampler, progress=progress), report_to=self.report_to, log=log)
         other.reference_samples, other.reference_row = self.reference_samples, self.reference_row
+        other.notices = self.notices
         return other
 
     @property
@@ -111,7 +113,7 @@ class FrontierRunner:
     def add_run(self, cfg: RunConfig, name: str, *, method: str, beta: float | None, **fields) -> RunEvaluation:
         """Train `cfg`, evaluate it, write its report; record its row, named `name` (its "run"
         column), with `fields` added (e.g. a `label` for the picture)."""
-        result = train(cfg, log=self.log)
+        result = train(cfg, log=self.log, notice=self.notices)
         try:
             done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
                                  trust_remote_code=cfg.model.trust_remote_code)

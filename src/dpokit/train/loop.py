@@ -70,8 +70,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: RunConfig, log: Log = print) -> TrainResult:
-    """Run one training job: a single process, or one rank of a torchrun launch."""
+def train(cfg: RunConfig, log: Log = print, *, notice: Log | None = None) -> TrainResult:
+    """Run one training job: a single process, or one rank of a torchrun launch. `notice` takes
+    the notes on settings (a length capped, an idle option, a warm-up past the run): a command
+    training several runs passes one `io.SaidOnce` to all of them (default: `log`)."""
     check_run_paths(cfg)  # before anything else, the lock file included: an output never lands on an input
     require_trackers(cfg.train.report_to)  # a missing tracker or an impossible push: refused before any work
     if cfg.train.push_to_hub:
@@ -80,23 +82,24 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     try:
         # One writer per run folder: a second train/resume on it is refused while this one lives.
         with run_folder_lock(cfg.train.output) if ctx.is_main else nullcontext():
-            return _train(cfg, ctx.main_only(log), ctx, device)
+            return _train(cfg, ctx.main_only(log), ctx.main_only(notice or log), ctx, device)
     finally:
         teardown(ctx)
 
 
-def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
+def _train(cfg: RunConfig, log: Log, notice: Log, ctx: Distributed, device: torch.device) -> TrainResult:
     started = time.perf_counter()
     cfg = with_absolute_model_paths(cfg)  # the saved config must name them from any directory
-    tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=log)
-    warn_idle_options(cfg, log)
+    tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=notice)
+    warn_idle_options(cfg, notice)
     resume_from = ckpt.find_resume(cfg)
     if ctx.is_main:  # one rank checks and prepares the folder; the others wait for it
         prepare_output(cfg.train, resuming=resume_from is not None)
     ctx.barrier()
     seed_everything(cfg.train.seed)  # the same on every rank: identical initialisation (LoRA adapters too)
 
-    data = load_run_data(tokenizer, data=cfg.data, train=cfg.train, world_size=ctx.world_size, log=log)
+    data = load_run_data(tokenizer, data=cfg.data, train=cfg.train, world_size=ctx.world_size, log=log,
+                         notice=notice)
     if resume_from is not None:  # before any heavy work: a refused resume costs seconds
         ckpt.check_resume_data(resume_from, data.fingerprint, data.global_batch)
     policy, reference_weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, device=device,

@@ -58,7 +58,9 @@ def load_run_tokenizer(*, model: ModelConfig, data: DataConfig, log: Log):
     return tokenizer
 
 
-def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size: int, log: Log) -> RunData:
+def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size: int, log: Log,
+                  notice: Log | None = None) -> RunData:
+    """The tokenized pairs and step counts; `notice` takes the warm-up warning (default: `log`)."""
     pair_tokenizer = PairTokenizer.from_config(tokenizer, data)
     counts: dict = {}
     train_pairs = load_tokenized_pairs(data.data, pair_tokenizer, log, data, counts)
@@ -66,7 +68,7 @@ def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size
     global_batch = train.batch_size * train.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
-    warn_warmup(warmup_steps(train, total_steps), total_steps, train.learning_rate, log)
+    warn_warmup(warmup_steps(train, total_steps), total_steps, train.learning_rate, notice or log)
     return RunData(train_pairs, eval_pairs, data_fingerprint(train_pairs), global_batch, steps_per_epoch, total_steps,
                    counts)
 
