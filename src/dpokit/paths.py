@@ -12,6 +12,7 @@ import functools
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -81,8 +82,15 @@ def check_creatable(path: str | Path, option: str, folder: bool = True) -> None:
         above = above.parent
     if above.exists() and not above.is_dir():
         raise DpokitError(f"{option} {path}: cannot be created, because {above} is a file, not a folder")
-    if not target.exists() and not os.access(above, os.W_OK | os.X_OK):
+    if target.exists():
+        return
+    if not os.access(above, os.W_OK | os.X_OK):
         raise DpokitError(f"{option} {path}: cannot be created (no permission to write in {above})")
+    try:  # permissions do not tell all (/proc, a read-only mount, a full disk): try, and leave nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".dpokit-probe-", dir=above))
+    except OSError as exc:
+        raise DpokitError(f"{option} {path}: cannot be created ({above} takes no new files or folders: "
+                          f"{exc.strerror or type(exc).__name__})") from None
 
 
 def claim_output_folder(folder: str | Path, *, overwrite: bool, option: str = "--output",
