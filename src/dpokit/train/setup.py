@@ -5,7 +5,7 @@ weights fingerprint), the scorer with its reference, the optimizer, schedule and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -86,10 +86,13 @@ def load_run_policy(*, model: ModelConfig, lora: LoraSection, loss: LossConfig, 
 
 
 def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: RunConfig, *, reference_weights: str | None,
-                     device: torch.device, ctx: Distributed, log: Log) -> PairScorer:
+                     device: torch.device, ctx: Distributed, log: Log, output: Path,
+                     reference_cache: str | None) -> PairScorer:
     """Reference log-probs precomputed (and cached) now from the initial weights, for the pairs the
     run will use, or a live reference (see --reference); then the policy (and a live reference)
-    wrapped for torchrun. The scorer reads every section but data's, so it takes the tree."""
+    wrapped for torchrun. The scorer reads every section but data's, so it takes the tree.
+    `output` and `reference_cache`: where the run is being built (a new run is set up beside the
+    folder it replaces, train/loop.py), and the cache's place there."""
     t = cfg.train
     stateful = [name for name in cfg.loss.loss if get_loss(name).batch_statistics]
     if stateful and ctx.world_size > 1:  # each process would keep its own running statistic
@@ -97,9 +100,10 @@ def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: Run
     used = pairs_the_run_uses(len(data.train_pairs), t.seed, data.total_steps, t.batch_size,
                               t.gradient_accumulation_steps, ctx)
     return build_scorer(
-        policy, model=cfg.model, loss=cfg.loss, speed=cfg.speed, scale=cfg.scale, lora=cfg.lora, train=t,
-        pad_id=tokenizer.pad_token_id, device=device, datasets=[data.train_pairs, data.eval_pairs],
-        needed=[used, None], output=Path(t.output), log=log, world_size=ctx.world_size,
+        policy, model=cfg.model, loss=cfg.loss, speed=replace(cfg.speed, reference_cache=reference_cache),
+        scale=cfg.scale, lora=cfg.lora, train=t, pad_id=tokenizer.pad_token_id, device=device,
+        datasets=[data.train_pairs, data.eval_pairs], needed=[used, None], output=output, log=log,
+        world_size=ctx.world_size,
         make_live_reference=lambda: live_reference(policy, model=cfg.model, loss=cfg.loss, device=device),
         reference_weights=reference_weights, wrap=lambda module: parallelize(module, scale=cfg.scale, ctx=ctx),
     )
