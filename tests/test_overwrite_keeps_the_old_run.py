@@ -19,22 +19,11 @@ from dpokit import cli
 from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from dpokit.folder_swap import MARKER, locked_folder, swap_path
-from dpokit.io import LOCK_FILE
 from dpokit.train import loop
 from dpokit.train.checkpoint import list_checkpoints
 from dpokit.train.loop import train
+from helpers.folders import leftovers, snapshot
 from helpers.toy import make_pairs, write_jsonl
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file below `folder` by relative path, with its bytes (the lock file aside)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != LOCK_FILE}
-
-
-def leftovers(run: Path) -> list[str]:
-    """What a replacement may leave beside the folder: nothing, once it is settled."""
-    return sorted(p.name for p in run.parent.iterdir() if p.name.startswith(f".{run.name}."))
 
 
 def _options(model, data, out, **train_options) -> dict:
