@@ -206,3 +206,38 @@ def test_sigkill_after_the_commit_leaves_the_new_run(tiny_model_dir, data, run):
     # The new run is whole: its checkpoint resumes (and only writes the final model it had not saved yet).
     train(build_config(_options(tiny_model_dir, data, out, max_steps=3, resume="auto")), log=lambda _: None)
     assert (out / "model.safetensors").is_file()
+
+
+# What a killed replacement can leave on disk, built by hand: the reader's view and the settling.
+
+def _folder(path: Path, **files: str) -> Path:
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    return path
+
+
+def test_each_state_a_kill_can_leave_reads_and_settles_to_one_run(tmp_path):
+    from dpokit.folder_swap import standing
+
+    cases = {
+        # name: (what is on disk, where readers find the run, what the folder holds once settled)
+        "garbage beside": ({"run": {"new": "n"}, ".run.dpokit-swap": {"old": "o"}}, "run", {"new": "n"}),
+        "not committed": ({"run": {"new": "n", MARKER: ""}, ".run.dpokit-swap": {"old": "o"}}, ".run.dpokit-swap",
+                          {"old": "o"}),
+        "cut after the first rename": ({".run.dpokit-half": {"old": "o"}, ".run.dpokit-swap": {"new": "n", MARKER: ""}},
+                                       ".run.dpokit-half", {"old": "o"}),
+        "cut before the last rename": ({"run": {"new": "n", MARKER: ""}, ".run.dpokit-half": {"old": "o"}},
+                                       ".run.dpokit-half", {"old": "o"}),
+        "cut before the last rename, committed": ({"run": {"new": "n"}, ".run.dpokit-half": {"old": "o"}}, "run",
+                                                  {"new": "n"}),
+    }
+    for number, (name, (disk, reader, settled)) in enumerate(cases.items()):
+        root = tmp_path / str(number)
+        for folder, files in disk.items():
+            _folder(root / folder, **files)
+        out = root / "run"
+        assert standing(out) == root / reader, name
+        _settle(out)
+        assert snapshot(out) == {file: text.encode() for file, text in settled.items()}, name
+        assert leftovers(out) == [], name
