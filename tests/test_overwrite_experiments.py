@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-import dpokit.experiments.frontier as frontier
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
 from dpokit.errors import DpokitError
 from dpokit.experiments.demo.sentiment import DemoSettings, run_demo
@@ -18,6 +17,7 @@ from dpokit.experiments.online import run_online
 from dpokit.experiments.sweep import run_sweep
 from dpokit.train import loop
 from dpokit.train.loop import train
+from helpers.fast_frontier import fast_frontier
 from helpers.folders import leftovers, snapshot
 from helpers.toy import make_pairs, write_jsonl
 
@@ -52,19 +52,8 @@ def _old_root(folder: Path, run: Path, *files: str) -> dict[str, bytes]:
     return snapshot(folder)
 
 
-def _fast_frontier(monkeypatch):
-    def evaluate(self, run_dir, name, *args, **kwargs):
-        row = {"run": name, "reward": 0.0, "reward_stderr": 0.0, "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
-        self.reference_row = dict(row, run="reference")
-        return frontier.RunEvaluation(row, {})
-
-    monkeypatch.setattr(frontier.FrontierRunner, "evaluate", evaluate)
-    monkeypatch.setattr(frontier, "report_after_training", lambda *a, **k: None)
-    monkeypatch.setattr(frontier, "plot_frontier", lambda *a, **k: None)
-
-
 def test_a_failed_sweep_overwrite_puts_the_earlier_sweep_back(tiny_model_dir, pairs, a_run, tmp_path, monkeypatch):
-    _fast_frontier(monkeypatch)
+    fast_frontier(monkeypatch)
     root = tmp_path / "sweep"
     before = _old_root(root, a_run, "frontier.csv", "sweep.json")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
@@ -93,7 +82,7 @@ def test_a_failed_sweep_overwrite_puts_the_earlier_sweep_back(tiny_model_dir, pa
 
 
 def test_a_failed_online_overwrite_puts_the_earlier_run_back(tiny_model_dir, pairs, a_run, tmp_path, monkeypatch):
-    _fast_frontier(monkeypatch)
+    fast_frontier(monkeypatch)
     root = tmp_path / "online"
     before = _old_root(root, a_run, "online_progress.json", "online.json")
     base = _base(tiny_model_dir, "unused.jsonl", root, train={"overwrite": True}, lora=BAD_LORA)

@@ -3,23 +3,11 @@ command, not once per sweep run or online round."""
 
 from __future__ import annotations
 
-import dpokit.experiments.frontier as frontier
 from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_config
 from dpokit.experiments.online import run_online
 from dpokit.experiments.sweep import run_sweep
+from helpers.fast_frontier import fast_frontier
 from helpers.toy import make_pairs, write_jsonl
-
-
-def _fast_frontier(monkeypatch):
-    """Real training; the evaluation, report and picture (not under test) replaced by a fixed row."""
-    def evaluate(self, run_dir, name, *args, **kwargs):
-        row = {"run": name, "reward": 0.0, "reward_stderr": 0.0, "kl": 0.0, "kl_stderr": 0.0, "win_rate": 0.5}
-        self.reference_row = dict(row, run="reference")
-        return frontier.RunEvaluation(row, {})
-
-    monkeypatch.setattr(frontier.FrontierRunner, "evaluate", evaluate)
-    monkeypatch.setattr(frontier, "report_after_training", lambda *a, **k: None)
-    monkeypatch.setattr(frontier, "plot_frontier", lambda *a, **k: None)
 
 
 def _base(model, data, out):
@@ -29,7 +17,7 @@ def _base(model, data, out):
 
 
 def test_a_sweep_says_the_context_cap_once(tiny_model_dir, tmp_path, monkeypatch):
-    _fast_frontier(monkeypatch)
+    fast_frontier(monkeypatch)
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(4, seed=1))
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}])
     lines: list[str] = []
@@ -41,7 +29,7 @@ def test_a_sweep_says_the_context_cap_once(tiny_model_dir, tmp_path, monkeypatch
 
 
 def test_online_rounds_say_the_context_cap_once(tiny_model_dir, tmp_path, monkeypatch):
-    _fast_frontier(monkeypatch)
+    fast_frontier(monkeypatch)
     prompts = [r["prompt"] for r in make_pairs(4, seed=5)]
     lines: list[str] = []
     run_online(_base(tiny_model_dir, "unused.jsonl", tmp_path / "online"), prompts,
