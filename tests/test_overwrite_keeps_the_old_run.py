@@ -140,7 +140,7 @@ def test_the_lines_name_what_overwrite_would_delete(tiny_model_dir, data, run, c
     out, _ = run
     base = ["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(out), "--max-steps", "1",
             "--progress", "off"]
-    for extra, start in (([], f"--output {out} holds another dpokit run; pass --resume auto to continue it, pass "
+    for extra, start in (([], f"--output {out} holds another dpokit run; pass --resume auto to continue it, "
                                "--overwrite to replace it (deleting README.md, checkpoints/, config.json, "),
                          (["--resume", "auto", "--max-length", "64"], "cannot resume from")):
         assert cli.main(base + extra) == 2

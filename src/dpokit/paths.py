@@ -131,7 +131,8 @@ def _listing(entries: list[Path], shown: int = 4) -> str:
 
 
 def check_replaceable(folder: str | Path, *, overwrite: bool, option: str = "--output",
-                      refusal: str = "{option} {folder} holds another dpokit run; {overwrite}, or choose a new folder"
+                      refusal: str = "{option} {folder} holds another dpokit run; pass {overwrite}, or choose a new "
+                      "folder"
                       ) -> None:
     """Refuse, before any work, to write a new run where something is already: a folder that holds
     files dpokit did not write is never replaced (not even with --overwrite); a dpokit run's folder
@@ -147,7 +148,7 @@ def check_replaceable(folder: str | Path, *, overwrite: bool, option: str = "--o
         raise DpokitError(f"{option} {folder} holds files dpokit did not write ({_listing(held)}); dpokit never "
                           f"replaces them, not even with --overwrite: move them away, or choose another {option}")
     if not overwrite:
-        advice = f"pass --overwrite to replace it (deleting {_listing(held)})"
+        advice = f"--overwrite to replace it (deleting {_listing(held)})"
         raise DpokitError(refusal.format(option=option, folder=folder, overwrite=advice))
     refuse_where_you_stand(folder, option)
 

@@ -190,8 +190,8 @@ def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict, lock
         saved.check_rounds(online.rounds)
         yield Replacement(root, lock, replace=False), saved
         return
-    refusal = (f"--resume auto: {{folder}} holds no online run to resume (no {PROGRESS_FILE}); {{overwrite}}, or "
-               "choose a new folder" if resume else None)
+    refusal = (f"--resume auto: {{folder}} holds no online run to resume (no {PROGRESS_FILE}); pass {{overwrite}}, "
+               "or choose a new folder" if resume else None)
     with replace_root(base, lock, log, refusal) as replacing:
         started = OnlineProgress(root, settings)
         started.save()

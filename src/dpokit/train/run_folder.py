@@ -24,8 +24,8 @@ def check_output(train: TrainConfig, resuming: bool) -> None:
     if resuming:
         ckpt.remove_stale_staging(output)
         return
-    refusal = ("--resume auto: {folder} holds no complete checkpoint to resume from; {overwrite}, or choose a new "
-               "folder" if train.resume == "auto" else
+    refusal = ("--resume auto: {folder} holds no complete checkpoint to resume from; pass {overwrite}, or choose a "
+               "new folder" if train.resume == "auto" else
                "{option} {folder} holds another dpokit run; pass --resume auto to continue it, {overwrite}, or "
                "choose a new folder")
     check_replaceable(output, overwrite=train.overwrite, refusal=refusal)
