@@ -40,6 +40,20 @@ LOCK_FILE = ".dpokit.lock"
 RUN_LOG_FILE = "train.log"
 
 
+class SaidOnce:
+    """A Log that passes each distinct line on once: the notes on settings that a command's runs
+    share (a sweep's runs, online's rounds: "beyond the model's context", a warm-up warning) are
+    said once per command, not once per run."""
+
+    def __init__(self, log: Log) -> None:
+        self.log, self.said = log, set()
+
+    def __call__(self, line: str) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            self.log(line)
+
+
 def read_run_config(run_dir: str | Path) -> dict | None:
     """The resolved config a dpokit run wrote into `run_dir`, or None for any other folder."""
     path = Path(run_dir) / RUN_CONFIG_FILE
@@ -143,8 +157,43 @@ def folder_entries(folder: Path) -> list[Path]:
     return [p for p in Path(folder).iterdir() if p.name != LOCK_FILE]
 
 
+class FolderLock:
+    """The run lock of a folder, held: FOLDER/.dpokit.lock, and any other lock file `hold` takes
+    (a folder swapped into FOLDER's place brings its own lock file: `dpokit.folder_swap`). Every
+    one is released when the `run_folder_lock` block ends."""
+
+    def __init__(self, folder: Path, flag: str) -> None:
+        self.folder, self.flag = folder, flag
+        self._handles: list = []
+
+    def hold(self, lock_file: Path) -> None:
+        """Take the exclusive lock on `lock_file` (created if missing) until the block ends; refused
+        at once, naming the holder's pid, when another process has it."""
+        handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the block
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DpokitError(f"{self.flag} {self.folder}: cannot lock the folder ({exc.strerror})") from None
+            raise DpokitError(f"{self.flag} {self.folder} is in use by another dpokit process (pid {holder}); wait "
+                              "for it to finish or stop it, or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handles.append(handle)
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+
+
 @contextmanager
-def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path]:
+def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[FolderLock]:
     """Hold an exclusive advisory lock on `folder` (created if missing) while the block runs.
 
     fcntl.flock on FOLDER/.dpokit.lock: the kernel releases it when the process exits, however it
@@ -155,24 +204,12 @@ def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path
     if folder.exists() and not folder.is_dir():
         raise DpokitError(f"{flag} {folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the block
+    lock = FolderLock(folder, flag)
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DpokitError(f"{flag} {folder}: cannot lock the folder ({exc.strerror})") from None
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise DpokitError(f"{flag} {folder} is in use by another dpokit process (pid {holder}); wait for it "
-                              "to finish or stop it, or choose another folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield folder
+        lock.hold(folder / LOCK_FILE)
+        yield lock
     finally:
-        handle.close()  # releases the lock
+        lock.release()
 
 
 def shows_progress(choice: str) -> bool:

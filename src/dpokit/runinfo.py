@@ -16,6 +16,7 @@ from typing import Any
 
 from dpokit.config import LOSS_KINDS
 from dpokit.errors import DpokitError
+from dpokit.folder_swap import HALF_SUFFIX, SWAP_SUFFIX, standing
 from dpokit.io import RUN_CONFIG_FILE, atomic_write_text, read_run_config
 
 RUN_SUMMARY_FILE = "run_summary.json"
@@ -137,13 +138,15 @@ def find_runs(folders: list[str | Path]) -> list[Path]:
     found: list[Path] = []
 
     def visit(folder: Path) -> None:
+        folder = standing(folder)  # an --overwrite not committed yet: the run it replaces (folder_swap)
         if _is_run(folder) and folder not in found:
             found.append(folder)
-        for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _NOT_RUNS):
+        for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _NOT_RUNS
+                            and not p.name.endswith((SWAP_SUFFIX, HALF_SUFFIX))):
             visit(child)
 
     for given in map(Path, folders):
-        if given.is_dir():
+        if standing(given).is_dir():
             visit(given)
     return found
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from dpokit.cli.common import add_debug_flag
 from dpokit.errors import DpokitError
+from dpokit.folder_swap import standing
 from dpokit.runinfo import find_runs, read_run
 
 # Column -> (header, format). Rows sort by any column; a run without the figure sorts last.
@@ -74,7 +75,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     for folder in args.folders:
-        if not Path(folder).is_dir():
+        if not standing(Path(folder)).is_dir():
             raise DpokitError(f"FOLDER {folder}: not a folder")
     rows = [read_run(path).row() for path in find_runs(args.folders)]
     if not rows:

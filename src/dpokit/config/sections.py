@@ -191,8 +191,11 @@ class LossConfig:
 class TrainConfig:
     output: str | None = option(None, "run folder: final model, tokenizer, config and metrics.jsonl (required)",
                                 path=OUTPUT)
-    overwrite: bool = option(False, "allow writing into a non-empty output folder")
+    overwrite: bool = option(False, "replace the dpokit run in --output (kept until the new run's first checkpoint; "
+                             "a folder of other files is never replaced)")
     learning_rate: float = option(5e-7, "peak AdamW learning rate")
+    allow_large_learning_rate: bool = option(
+        False, "take a --learning-rate above 1 as given (refused otherwise, as a likely typo: 1e6 for 1e-6)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW β1")
     adam_beta2: float = option(0.999, "AdamW β2")

@@ -42,7 +42,7 @@ from dpokit.io import Log, read_run_config
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
 from dpokit.scoring import PairScorer
-from dpokit.settings_checks import context_limit, fit_max_length
+from dpokit.settings_checks import fit_max_length
 
 EXAMPLES_KEPT = 3
 # The sections of figures an evaluation result holds, in the order they are shown.
@@ -351,7 +351,7 @@ def evaluate_models(model: ModelConfig, *, data: dict | None = None, loss_overri
     result: dict = {"policy": str(model.model), "reference": str(reference)}
     if data_settings is not None:
         data_settings.max_length = fit_max_length(data_settings.max_length, data_settings.max_prompt_length,
-                                                  context_limit(policy.config, tokenizer), log)
+                                                  policy.config, tokenizer, log)
         loss = loss_config_for(model.model, loss_overrides)
         score = lambda against: preference_metrics(  # noqa: E731 - the same pairs and loss, against one reference
             policy, against, tokenizer, data_settings.data, loss=loss, data=data_settings, batch_size=batch_size,

@@ -12,12 +12,13 @@ and `dpokit.experiments.frontier.FrontierRunner` trains each round (`dpokit.trai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dpokit.config import (
@@ -37,12 +38,13 @@ from dpokit.experiments.frontier import (
     CSV_FILE,
     PNG_FILE,
     FrontierRunner,
-    prepare_root,
     refuse_push,
+    replace_root,
     write_frontier_csv,
 )
 from dpokit.experiments.online_progress import PROGRESS_FILE, OnlineProgress, online_settings
-from dpokit.io import Log, atomic_write_text, counted, folder_entries, run_folder_lock
+from dpokit.folder_swap import Replacement, locked_folder
+from dpokit.io import FolderLock, Log, atomic_write_text, counted
 from dpokit.model.load import load_policy
 from dpokit.paths import check_run_paths
 
@@ -175,9 +177,9 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     check_run_paths(base, [("--prompts", judging.prompts), ("--eval-prompts", online.eval_prompts),
                            ("--judge", judging.judge)])
     evaluation_prompts = list(eval_prompts or prompts)
-    with run_folder_lock(base.train.output):
-        done_so_far = _start_or_resume(base, online, online_settings(base, online, judging, sampling, prompts,
-                                                                     evaluation_prompts))
+    settings = online_settings(base, online, judging, sampling, prompts, evaluation_prompts)
+    with locked_folder(base.train.output, log=log) as lock, _start_or_resume(base, online, settings, lock,
+                                                                              log) as (replacing, done_so_far):
         root = Path(base.train.output)
         if continuing is not None:
             runner = continuing.beside(root, progress=progress, log=log)
@@ -185,27 +187,31 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
             runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=evaluation_prompts,
                                          reference=base.model.reference_model or base.model.model,
                                          progress=progress, log=log)
+        runner.replacing = replacing
         # The demo (`continuing`) is not resumed: its own command has no --resume to point to.
         return _run_rounds(base, prompts, online, runner, done_so_far, start_policy=start_policy,
                            first_round=first_round, resumable=continuing is None)
 
 
-def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict) -> OnlineProgress:
+@contextlib.contextmanager
+def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict, lock: FolderLock,
+                     log: Log) -> Iterator[tuple[Replacement, OnlineProgress]]:
     """The interrupted run's progress (--resume auto), refused when a setting that changes its
-    figures differs; or a new run's, in a folder that is empty (or emptied by --overwrite)."""
+    figures differs, in its own folder; or a new run's, in a folder that is new, empty, or replaced
+    (--overwrite: what it held stays beside it until round 1's first checkpoint)."""
     root, resume = Path(base.train.output), base.train.resume == "auto"
     saved = OnlineProgress.read(root) if resume and root.is_dir() else None
     if saved is not None:
         saved.check_settings(settings)
         saved.check_rounds(online.rounds)
-        return saved
-    if resume and root.is_dir() and folder_entries(root) and not base.train.overwrite:
-        raise DpokitError(f"--resume auto: {root} holds no online run to resume (no {PROGRESS_FILE}); pass "
-                          "--overwrite to start over there, or choose a new folder")
-    prepare_root(base)
-    started = OnlineProgress(root, settings)
-    started.save()
-    return started
+        yield Replacement(root, lock, replace=False), saved
+        return
+    refusal = (f"--resume auto: {{folder}} holds no online run to resume (no {PROGRESS_FILE}); pass {{overwrite}}, "
+               "or choose a new folder" if resume else None)
+    with replace_root(base, lock, log, refusal) as replacing:
+        started = OnlineProgress(root, settings)
+        started.save()
+        yield replacing, started
 
 
 def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner,

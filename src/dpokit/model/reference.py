@@ -33,6 +33,7 @@ import torch
 
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
+from dpokit.faults import inject
 from dpokit.io import Log, atomic_write_bytes, file_sha256
 from dpokit.model.logprobs import PairLogps
 
@@ -222,6 +223,7 @@ def precompute_reference(
 def _fill(compute: Callable[[Sequence[TokenizedPair]], PairLogps], pairs: Sequence[TokenizedPair],
           rows: Sequence[int], chosen: torch.Tensor, rejected: torch.Tensor, batch_size: int) -> None:
     """Score `pairs` in batches and write their log-probs into `chosen[rows]` and `rejected[rows]`."""
+    inject("reference-pass")  # tests: an out-of-memory (or a kill) where the pass allocates
     for start in range(0, len(pairs), batch_size):
         out = compute(pairs[start : start + batch_size])
         at = list(rows[start : start + batch_size])
