@@ -35,10 +35,11 @@ from dpokit.config.fields import format_value, option, section
 
 @section
 class ModelConfig:
-    model: str | None = option(None, "policy to train: a local Hugging Face model folder or a hub id (required)")
-    tokenizer: str | None = option(None, "tokenizer folder or hub id (default: the model's)")
+    model: str | None = option(None, "policy to train: a local Hugging Face model folder, a hub id, or a "
+                                      ".gguf file (dequantized to float32) (required)")
+    tokenizer: str | None = option(None, "tokenizer folder, hub id or .gguf file (default: the model's)")
     reference_model: str | None = option(
-        None, "reference model folder or hub id (default: a frozen copy of the initial policy)"
+        None, "reference model folder, hub id or .gguf file (default: a frozen copy of the initial policy)"
     )
     dtype: str = option(
         "fp32",
