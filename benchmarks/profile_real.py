@@ -8,8 +8,8 @@ Each variant runs in its own process (so peak RSS is its own): the first `--pair
 bench_real.py at `--max-length`, one batch, the step training runs, built from dpokit's pieces:
 reference log-probs (no gradient, the same layout), the policy's forward (`sequence_logps`), the
 sigmoid DPO loss (β 0.1), backward, gradient clipping and an AdamW step; step 1 warms up, step 2 is
-timed by phase (wall and CPU seconds). The baseline variant (`auto`: the layout, head and attention
-dpokit's defaults pick for this model) is also profiled with torch.profiler (self CPU time by op
+timed by phase (wall and CPU seconds). One variant (PROFILED: the layout, head and attention
+dpokit's defaults pick for this model) runs a step 3 under torch.profiler (self CPU time by op
 class: GEMMs split by the weight they multiply, attention core, softmax/log-sum-exp, elementwise,
 copies and indexing) and with hooks on each decoder layer (forward and backward time by layer).
 
@@ -35,20 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real import SHARED, usable_rows  # noqa: E402
 from real_model import real_model_folder  # noqa: E402
 
-# name -> (layout, lm_head chunked?, attention, gradient checkpointing)
+# key -> (layout, LM head chunked?, attention, gradient checkpointing)
 VARIANTS = {
-    "padded, plain head (baseline math)": ("padded", False, "sdpa", False),
-    "padded, chunked head": ("padded", True, "sdpa", False),
-    "packed, chunked head, segments": ("packed", True, "segments", False),
-    "packed, chunked head, masks": ("packed", True, "sdpa", False),
-    "prefix-shared, chunked head, segments": ("prefix-shared", True, "segments", False),
-    "prefix-shared, chunked head, masks": ("prefix-shared", True, "sdpa", False),
-    "padded, chunked head, eager attention": ("padded", True, "eager", False),
-    "prefix-shared, chunked head, segments + grad ckpt": ("prefix-shared", True, "segments", True),
-    "padded, plain head + grad ckpt": ("padded", False, "sdpa", True),
+    "baseline": ("padded", False, "sdpa", False),  # the padded math path, plain LM head
+    "padded-chunked": ("padded", True, "sdpa", False),
+    "packed-segments": ("packed", True, "segments", False),
+    "packed-masks": ("packed", True, "sdpa", False),
+    "prefix-segments": ("prefix-shared", True, "segments", False),
+    "prefix-masks": ("prefix-shared", True, "sdpa", False),
+    "padded-chunked-eager": ("padded", True, "eager", False),
+    "prefix-segments-ckpt": ("prefix-shared", True, "segments", True),
+    "baseline-ckpt": ("padded", False, "sdpa", True),
 }
-BASELINE = "padded, plain head (baseline math)"
-PROFILED = "prefix-shared, chunked head, segments"
+BASELINE = "baseline"
+PROFILED = "prefix-segments"
 
 
 # ----------------------------------------------------------------------------- one variant (worker)
@@ -75,8 +75,10 @@ def run_variant(name: str, args) -> dict:
     reference, result["reference_pass_s"], result["reference_pass_cpu_s"] = _timed_no_grad(policy, batch, chunked)
     result["what_the_loss_sees"] = _loss_gap(policy, reference, plain_batch)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
-    for step in (1, 2):
-        profiled = name == PROFILED and step == 2 and not args.no_profile
+    for step in (1, 2, 3):  # 1 warms up, 2 is timed, 3 (the profiled variant only) runs under the profiler
+        profiled = step == 3
+        if profiled and (name != PROFILED or args.no_profile):
+            break
         phases, breakdown = _step(policy, optimizer, batch, reference, chunked, profiled)
         result[f"step{step}"] = phases
         if breakdown:
@@ -252,7 +254,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=768)
     parser.add_argument("--pairs", type=int, default=4, help="pairs in the step's batch")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--variants", default="all", help="comma list of variant names, or all")
+    parser.add_argument("--variants", default="all", help=f"comma list of {', '.join(VARIANTS)}, or all")
     parser.add_argument("--shared", default=str(SHARED), help="the shared preference samples' folder")
     parser.add_argument("--smoke", action="store_true", help="2 pairs at 128 tokens; the baseline and auto variants")
     parser.add_argument("--no-profile", action="store_true", help="skip torch.profiler and the layer hooks")
@@ -287,9 +289,11 @@ def print_variant(r: dict) -> None:
     if "failed" in r:
         print(f"\n## {r['name']}: failed: {r['failed']}")
         return
+    layout, chunked, attention, ckpt = VARIANTS[r["name"]]
+    described = f"{layout}, {'chunked' if chunked else 'plain'} LM head, {attention}" + (", grad ckpt" if ckpt else "")
     step = r["step2"]
     total = sum(v["cpu_s"] for k, v in step.items() if isinstance(v, dict))
-    print(f"\n## {r['name']}: peak RSS {r['peak_rss_mb']:.0f} MB; batch holds {r['tokens_in_batch']} token slots "
+    print(f"\n## {r['name']} ({described}): peak RSS {r['peak_rss_mb']:.0f} MB; batch holds {r['tokens_in_batch']} token slots "
           f"for {r['real_tokens']} tokens; step 1 loss {r['step1']['loss_value']:.6f}")
     gap = r["what_the_loss_sees"]
     print(f"  against padded + plain head: log-prob gap {gap['max_logp_gap']:.2e} (sums up to {gap['largest_sum']:.0f}), "
