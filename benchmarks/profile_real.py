@@ -73,6 +73,7 @@ def run_variant(name: str, args) -> dict:
     result = {"name": name, "tokens_in_batch": int(batch.input_ids.numel()),
               "real_tokens": sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in tokenized)}
     reference, result["reference_pass_s"], result["reference_pass_cpu_s"] = _timed_no_grad(policy, batch, chunked)
+    result["saved_for_backward_mb"] = saved_for_backward(policy, batch, chunked)
     result["what_the_loss_sees"] = _loss_gap(policy, reference, plain_batch)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6)
     for step in (1, 2, 3):  # 1 warms up, 2 is timed, 3 (the profiled variant only) runs under the profiler
@@ -216,6 +217,56 @@ class _LayerTimers:
                 **{f"decoder_layer_{k}_min_max_s": (min(v), max(v)) for k, v in per_layer.items()}}
 
 
+def saved_for_backward(model, batch, chunked: bool) -> dict[str, float]:
+    """MB the forward keeps for backward, by the module that saved it (each storage counted once,
+    where it was first saved): what activation memory is made of. Under gradient checkpointing
+    the checkpoint keeps its tensors through its own hooks, which these do not see: read peak RSS.
+    Anything saved outside the model's modules is the chunked LM head's and the loss's."""
+    import torch
+
+    from dpokit.model.logprobs import sequence_logps
+
+    stack: list[str] = ["LM head and loss (outside the body)"]
+    seen: set[int] = set()
+    totals: dict[str, float] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if name:  # every module pushes what it is while it runs; the innermost one gets the bytes
+            where = _component(name)
+            handles.append(module.register_forward_pre_hook(lambda *_, w=where: stack.append(w)))
+            handles.append(module.register_forward_hook(lambda *_: stack.pop() and None))  # None: output kept
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen and tensor.device.type == "cpu":
+            seen.add(storage.data_ptr())
+            totals[stack[-1]] = totals.get(stack[-1], 0.0) + storage.nbytes() / 2**20
+        return tensor
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            sequence_logps(model, batch, chunked_head=chunked)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def _component(name: str) -> str:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("mlp", "gate_proj", "up_proj", "down_proj", "act_fn"):
+        return "MLP (gate, up, SiLU, product, down)"
+    if leaf in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        return "attention projections' inputs"
+    if leaf == "self_attn":
+        return "attention core (rotary, sdpa)"
+    if "norm" in leaf:
+        return "RMSNorms"
+    if "embed" in leaf:
+        return "embedding"
+    return "decoder layers' and body's own ops"
+
+
 def op_classes(profiler) -> dict[str, float]:
     """Self CPU seconds by op class; GEMMs named by the weight they multiply (read off the shapes:
     576x576 q/o, 576x192 k/v, 576x1536 gate/up/down, 49152 the LM head)."""
@@ -298,6 +349,8 @@ def print_variant(r: dict) -> None:
     gap = r["what_the_loss_sees"]
     print(f"  against padded + plain head: log-prob gap {gap['max_logp_gap']:.2e} (sums up to {gap['largest_sum']:.0f}), "
           f"loss gap {gap['loss_gap']:.2e}")
+    saved = r["saved_for_backward_mb"]
+    print(f"  saved for backward {sum(saved.values()):.0f} MB: " + "; ".join(f"{k} {v:.0f}" for k, v in saved.items()))
     print(f"  reference pass {r['reference_pass_cpu_s']:.2f} CPU s; step 2: {total:.2f} CPU s = " + ", ".join(
         f"{k} {v['cpu_s']:.2f} ({v['cpu_s'] / total:.0%})" for k, v in step.items() if isinstance(v, dict)))
     if "profile" in r:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,11 @@ def main() -> None:
     parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts sampled for the KL")
     parser.add_argument("--sample-prompts", type=int, default=3, help="held-out prompts shown before/after")
     parser.add_argument("--max-new-tokens", type=int, default=192)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: dpokit's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads for every step (OMP_NUM_THREADS; 0: leave it as it is)")
     args = parser.parse_args()
+    if args.threads:  # before torch loads, here and in the dpokit commands this runs
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     limits = {"train": 16, "eval": 8} if args.smoke else {}
@@ -186,7 +190,7 @@ def main() -> None:
                   "--max-length", args.max_length, "--beta", args.beta, "--learning-rate", args.learning_rate,
                   "--batch-size", 4, "--gradient-accumulation-steps", 1 if args.smoke else 4,
                   "--warmup-ratio", 0.1, "--lr-scheduler", "cosine", "--gradient-checkpointing",
-                  "--drop-tied-scores", "--seed", 0, "--log-every", 1, "--progress", "off"]
+                  "--seed", 0, "--log-every", 1, "--progress", "off"]
     train_args += ["--max-steps", 2] if args.smoke else ["--epochs", args.epochs]
     if args.lora_r:
         train_args += ["--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r]
@@ -204,8 +208,6 @@ def evaluate_sets(files: dict[str, Path], run: Path, base: Path, args) -> dict:
 
     from dpokit.model.load import load_policy, load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(str(base))
     reference = load_policy(str(base), torch.device("cpu")).eval()
     policy = load_policy(str(run), torch.device("cpu")).eval()
