@@ -221,7 +221,8 @@ class _LayerTimers:
 
 def saved_for_backward(model, batch, chunked: bool) -> dict[str, float]:
     """MB the forward keeps for backward, by the module that saved it (each storage counted once,
-    where it was first saved): what activation memory is made of. Under gradient checkpointing
+    where it was first saved; the weights, which Linear layers save too, not counted): what
+    activation memory is made of. Under gradient checkpointing
     the checkpoint keeps its tensors through its own hooks, which these do not see: read peak RSS.
     Anything saved outside the model's modules is the chunked LM head's and the loss's."""
     import torch
@@ -229,7 +230,7 @@ def saved_for_backward(model, batch, chunked: bool) -> dict[str, float]:
     from dpokit.model.logprobs import sequence_logps
 
     stack: list[str] = ["LM head and loss (outside the body)"]
-    seen: set[int] = set()
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights are not activations
     totals: dict[str, float] = {}
     handles = []
     for name, module in model.named_modules():
