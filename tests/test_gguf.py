@@ -144,3 +144,13 @@ def test_a_bad_gguf_file_gets_one_line_naming_it(bad_gguf, tiny_gguf, chat_pairs
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert str(bad) in err and fragment in err, err
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_reference_cache_is_keyed_by_the_gguf_files_bytes(tiny_gguf, tmp_path):
+    from dpokit.model.reference import weights_fingerprint
+
+    path, _ = tiny_gguf
+    other, _ = write_tiny_gguf(tmp_path / "other.gguf", seed=1)
+    key = weights_fingerprint(str(path))  # no model given: the file alone names the weights
+    assert key.startswith("files:") and key == weights_fingerprint(str(path))
+    assert weights_fingerprint(str(other)) != key
