@@ -82,14 +82,3 @@ def warn_warmup(warmup: int, total_steps: int, learning_rate: float, log: Log) -
         log(f"warning: a warm-up of {warmup} steps is longer than the whole run ({total_steps} step(s)): the "
             f"learning rate never reaches --learning-rate {learning_rate:g} (highest {highest:.3g}, at step "
             f"{total_steps})")
-
-
-def model_config(name: str, trust_remote_code: bool = False) -> Any:
-    """The model's config (config.json) without its weights; None when it cannot be read here
-    (loading the model itself then reports why)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None

@@ -62,8 +62,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_export_command(sub) -> None:
     export = sub.add_parser("export", help="write a trained run as a standalone Hugging Face model",
                             description="Write a run folder as a standalone model + tokenizer. For a LoRA "
-                            "run, --merge folds the adapter into the base model's weights.")
-    export.add_argument("run", help="the run folder (dpokit train --output)")
+                            "run, --merge folds the adapter into the base model's weights. A .gguf model file is "
+                            "written dequantized, as a plain model folder.")
+    export.add_argument("run", help="the run folder (dpokit train --output), or a .gguf model file")
     export.add_argument("--output", required=True, help="folder for the exported model")
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     export.add_argument("--base", help="base model of a LoRA run (default: the run's --model)")

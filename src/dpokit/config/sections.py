@@ -35,11 +35,11 @@ from dpokit.config.fields import INPUT, OUTPUT, format_value, option, section
 
 @section
 class ModelConfig:
-    model: str | None = option(None, "policy to train: a local Hugging Face model folder or a hub id (required)",
-                               path=INPUT)
-    tokenizer: str | None = option(None, "tokenizer folder or hub id (default: the model's)", path=INPUT)
+    model: str | None = option(None, "policy to train: a local Hugging Face model folder, a hub id, or a "
+                                      ".gguf file (dequantized to float32) (required)", path=INPUT)
+    tokenizer: str | None = option(None, "tokenizer folder, hub id or .gguf file (default: the model's)", path=INPUT)
     reference_model: str | None = option(
-        None, "reference model folder or hub id (default: a frozen copy of the initial policy)", path=INPUT
+        None, "reference model folder, hub id or .gguf file (default: a frozen copy of the initial policy)", path=INPUT
     )
     dtype: str = option(
         "fp32",

@@ -52,9 +52,13 @@ def pair_key(pair: TokenizedPair) -> PairKey:
 
 
 def weights_fingerprint(model_source: str | None, model: torch.nn.Module | None = None) -> str:
-    """sha256 of a local model folder's weight files and config, else of `model`'s state dict."""
+    """sha256 of a local model folder's weight files and config (or of a GGUF model file), else of
+    `model`'s state dict."""
     digest = hashlib.sha256()
     folder = Path(model_source).expanduser() if model_source else None
+    if folder and folder.is_file():  # a GGUF file holds the weights and the config
+        digest.update(folder.name.encode() + b"\0" + file_sha256(folder))
+        return "files:" + digest.hexdigest()
     files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)}) if folder and folder.is_dir() else []
     if files:
         for path in [*files, folder / "config.json"]:

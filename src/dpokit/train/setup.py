@@ -19,13 +19,14 @@ from dpokit.model.load import (
     build_reference,
     check_model_source,
     frozen_reference,
+    load_model_config,
     load_policy,
     load_tokenizer,
     prepare_policy,
 )
 from dpokit.model.reference import data_fingerprint, run_reference_weights
 from dpokit.scoring import PairScorer, build_scorer
-from dpokit.settings_checks import fit_max_length, model_config, warn_warmup
+from dpokit.settings_checks import fit_max_length, warn_warmup
 from dpokit.train.distributed import Distributed
 from dpokit.train.optim import build_optimizer, build_scheduler, warmup_steps
 from dpokit.train.shards import pairs_the_run_uses
@@ -54,7 +55,7 @@ def load_run_tokenizer(*, model: ModelConfig, data: DataConfig, log: Log):
             check_model_source(name)
     tokenizer = load_tokenizer(model.tokenizer or model.model, model.trust_remote_code)
     data.max_length = fit_max_length(data.max_length, data.max_prompt_length,
-                                     model_config(model.model, model.trust_remote_code), tokenizer, log)
+                                     load_model_config(model.model, model.trust_remote_code), tokenizer, log)
     return tokenizer
 
 
