@@ -19,7 +19,13 @@ from dpokit.cli import main
 from dpokit.config import build_config
 from dpokit.data.batching import LAYOUTS, collate
 from dpokit.errors import DpokitError
-from dpokit.model.attention import PACKED_LAYOUTS, SEGMENTS, attention_impl, attention_inputs, block_attention_mask
+from dpokit.model.attention import (
+    PACKED_LAYOUTS,
+    SEGMENTS,
+    attention_impl,
+    attention_inputs,
+    block_attention_mask,
+)
 from dpokit.model.capability import configure_forward, describe_forward
 from dpokit.model.load import disable_dropout
 from dpokit.model.logprobs import sequence_logps
