@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 import dpokit.model.attention as attention
 import dpokit.model.capability as capability
 import dpokit.model.logprobs as logprobs
+import dpokit.scoring as scoring
 from dpokit.cli import main
 from dpokit.config import DataConfig, LossConfig, SpeedConfig, build_config
 from dpokit.data import PairTokenizer, load_tokenized_pairs
@@ -219,6 +220,25 @@ def test_every_batch_of_a_run_takes_the_kernel_the_guard_checked(tok, tmp_path, 
     assert reference_batches and max(reference_batches) <= 4
     check = json.loads((tmp_path / "run" / "layout_check.json").read_text())
     assert check["attention"] == SEGMENTS and check["pairs"] == 4
+
+
+def test_auto_settles_one_layout_per_run_and_every_batch_takes_it(tok, tmp_path, monkeypatch):
+    """On main `--layout auto` picked packed or prefix-shared per batch and the check ran both;
+    now the run takes the one cheaper over its first epoch's batches, and the check runs it."""
+    data = write_jsonl(tmp_path / "train.jsonl", make_pairs(16, seed=4))
+    model_dir = _save(build_family("llama", tok, "sdpa"), tok, tmp_path / "model")
+    layouts, collate = [], scoring.collate
+
+    def spy(pairs, pad_id, layout="padded", pack_length=0):
+        layouts.append(layout)
+        return collate(pairs, pad_id, layout, pack_length)
+
+    monkeypatch.setattr(scoring, "collate", spy)
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "run"),
+                 "--max-steps", "3", "--batch-size", "4", "--progress", "off"]) == 0
+    check = json.loads((tmp_path / "run" / "layout_check.json").read_text())
+    assert len(check["layouts"]) == 1 and [c["layout"] for c in check["checked"]] == check["layouts"]
+    assert len(layouts) >= 6 and set(layouts) == set(check["layouts"]), layouts  # reference pass and steps
 
 
 def test_a_reference_model_of_another_architecture_is_checked_too(tok, tmp_path, capsys):

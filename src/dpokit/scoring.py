@@ -121,12 +121,20 @@ class PairScorer:
         return self.forwards["reference" if model is self.reference else "policy"]
 
     def batch(self, pairs: Sequence[TokenizedPair]) -> PairBatch:
-        """Collate in the configured layout; under auto, the layout the cost model finds cheapest."""
-        layout = self.layouts[0]
-        if len(self.layouts) > 1:
-            pack = self.speed.pack_length
-            layout = min(self.layouts, key=lambda lay: self.cost(plan_rows(pairs, lay, pack)))
+        """Collate in the configured layout; with several, the one the cost model finds cheapest here."""
+        layout = self.layouts[0] if len(self.layouts) == 1 else self.cheapest_layout([pairs])
         return collate(pairs, self.pad_id, layout, self.speed.pack_length)
+
+    def cheapest_layout(self, batches: Sequence[Sequence[TokenizedPair]]) -> str:
+        """The allowed layout the cost model finds cheapest over `batches` together."""
+        pack = self.speed.pack_length
+        return min(self.layouts, key=lambda lay: sum(self.cost(plan_rows(pairs, lay, pack)) for pairs in batches))
+
+    def settle_layout(self, batches: Sequence[Sequence[TokenizedPair]]) -> None:
+        """One layout for a run (`--layout auto`): the cheapest over its batches, so that every
+        batch takes the layout the first-batch check runs (and the check runs one, not two)."""
+        if len(self.layouts) > 1 and batches:
+            self.layouts = [self.cheapest_layout(batches)]
 
     def logps(self, model, batch: PairBatch, *, wpo_weights: bool = False) -> PairLogps:
         """Summed log-probs of `model` (policy or reference: both under --ld-alpha), WPO's weights when asked."""
@@ -237,21 +245,17 @@ def build_scorer(
     compile_if_asked(policy, speed)
     live = needs_reference(loss) and uses_live_reference(model, speed, world_size,
                                                          synced=loss.sync_reference_steps > 0)
-    reference = make_live_reference() if live else None
-    if live:
-        if loss.sync_reference_steps:
-            check_sync_compatible(reference, policy)
-        # A copy of the policy (or its LoRA base) runs as the policy does; another model is probed itself.
-        forwards["reference"] = setup(reference) if model.reference_model else forwards["policy"]
+    reference = _live_reference(policy, make_live_reference, forwards, setup, model=model, loss=loss) if live else None
     unwrapped = PairScorer(policy, reference, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device,
                            forwards=forwards)
     if world_size > 1:
         _torchrun_layouts(unwrapped)
     else:
-        # Before the reference is precomputed in the same layouts: a layout that is not exact here
+        batches = first_epoch_batches(datasets[0], needed[0], train.seed, train.batch_size)
+        unwrapped.settle_layout(batches)
+        # Before the reference is precomputed in the same layout: a layout that is not exact here
         # falls back to padded + plain (under auto) before it scores anything.
-        first = epoch_order(len(datasets[0]), train.seed, 0)[: train.batch_size]
-        check_first_batch(unwrapped, [datasets[0][i] for i in first], output, log,
+        check_first_batch(unwrapped, batches[0] if batches else [], output, log,
                           check_reference=bool(model.reference_model))
     if needs_reference(loss) and not live:
         fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
@@ -264,6 +268,17 @@ def build_scorer(
                       forwards=forwards)
 
 
+def _live_reference(policy, make_live_reference: Callable[[], object], forwards: dict[str, ModelForward],
+                    setup: ForwardSetup, *, model: ModelConfig, loss: LossConfig):
+    """The live reference, with its entry in `forwards`: a copy of the policy (or its LoRA base)
+    runs as the policy does; another model (`--reference-model`) is set up and probed itself."""
+    reference = make_live_reference()
+    if loss.sync_reference_steps:
+        check_sync_compatible(reference, policy)
+    forwards["reference"] = setup(reference) if model.reference_model else forwards["policy"]
+    return reference
+
+
 def guarded_scorer(policy, reference, pairs: Sequence[TokenizedPair], *, batch_size: int, loss: LossConfig,
                    speed: SpeedConfig, dtype: str, pad_id: int, device: torch.device, log: Log) -> PairScorer:
     """A scorer for `pairs` in batches of `batch_size` outside training (`dpokit evaluate`): both
@@ -273,8 +288,18 @@ def guarded_scorer(policy, reference, pairs: Sequence[TokenizedPair], *, batch_s
     forwards = {"policy": setup(policy), **({"reference": setup(reference)} if reference is not None else {})}
     scorer = PairScorer(policy, reference, loss=loss, speed=speed, dtype=dtype, pad_id=pad_id, device=device,
                         forwards=forwards)
+    scorer.settle_layout([pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)])
     check_first_batch(scorer, list(pairs[:batch_size]), None, log, check_reference=True)
     return scorer
+
+
+def first_epoch_batches(pairs: Sequence[TokenizedPair], wanted: Sequence[int] | None, seed: int,
+                        batch_size: int) -> list[list[TokenizedPair]]:
+    """The micro-batches of the run's first epoch in one process: the seeded order of the pairs the
+    run uses (`wanted`; None: all), batch_size at a time, as the loop takes them."""
+    keep = None if wanted is None else set(wanted)
+    order = [i for i in epoch_order(len(pairs), seed, 0) if keep is None or i in keep]
+    return [[pairs[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
 
 
 def _longest(pair: TokenizedPair) -> int:

@@ -7,8 +7,8 @@ measured by position within a sequence (not by column), which is exact for prefi
 too: rejected tokens carry positions len(prompt) + k, as in an unshared forward.
 
 What cannot be made exact from the outside is excluded by reading the model's config
-(`layout_blocker`): `--layout auto` never picks such a layout, an explicit `--layout` fails with
-the reason. Under FlashAttention, packed rows are flattened to one row with explicit varlen
+(`layout_blocker`) and by probing what its code does (`capability`): `--layout auto` never picks
+such a layout, an explicit `--layout` fails with the reason. Under FlashAttention, packed rows are flattened to one row with explicit varlen
 arguments (`cu_seq_lens_q/k`, `max_length_q/k`), so correctness never rests on transformers
 guessing sequence starts from the position ids.
 
@@ -28,7 +28,7 @@ import torch
 from dpokit.data.batching import PairBatch, collate
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import first_line
-from dpokit.model.segment_attention import (  # noqa: F401 - SegmentRuns, segment_runs: their home for callers
+from dpokit.model.segment_attention import (  # noqa: F401 - re-exported: callers import them from here
     SEGMENT_RUNS,
     SEGMENTS,
     SegmentRuns,
