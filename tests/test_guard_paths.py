@@ -217,7 +217,7 @@ def test_every_batch_of_a_run_takes_the_kernel_the_guard_checked(tok, tmp_path, 
     assert main(["train", "--model", str(model_dir), "--data", str(data), "--output", str(tmp_path / "run"),
                  "--max-steps", "2", "--batch-size", "4", "--layout", "packed", "--progress", "off"]) == 0
     assert set(kernels) == {SEGMENTS}, kernels
-    assert len(kernels) == 4, kernels  # the check, the reference pass, two steps
+    assert len(kernels) == 5, kernels  # the check, the reference pass (two batches of 4), two steps
     assert reference_batches and max(reference_batches) <= 4
     check = json.loads((tmp_path / "run" / "layout_check.json").read_text())
     assert check["attention"] == SEGMENTS and check["pairs"] == 4
