@@ -184,6 +184,12 @@ def test_the_guard_checks_the_whole_first_batch_where_sequences_pack(tok, tmp_pa
     assert record["pairs"] == 4 and [c["layout"] for c in record["checked"]] == ["packed", "prefix-shared"]
 
 
+def test_explicit_segments_on_a_model_with_no_exact_packed_layout_is_refused(tok):
+    with pytest.raises(ValueError, match="--attention segments is not exact for bart: two copies"):
+        capability.configure_forward(_bart(tok, 0), choice="segments", layouts=["packed", "prefix-shared"],
+                                     mask_cells=None, log=print)
+
+
 # ----------------------------------------------------------------------------- the guard's path is training's
 
 

@@ -80,6 +80,9 @@ def configure_forward(model, *, choice: str, layouts: Sequence[str], mask_cells:
     forward = describe_forward(model, layouts, offload=offload)
     if any(layout not in forward.refusals for layout in layouts):
         choose_attention(model, choice, log, mask_cells=mask_cells, windows=forward.windows)
+    elif layouts and choice == "segments":  # asked for, and no packed row will run: say so
+        model_type = getattr(config_of(model), "model_type", "this model")
+        raise ValueError(f"--attention segments is not exact for {model_type}: {forward.refusals[layouts[0]]}")
     return forward
 
 
