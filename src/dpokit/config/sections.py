@@ -273,7 +273,8 @@ class SpeedConfig:
     layout: str = option(
         "auto",
         "batch layout: padded, packed (padding-free), prefix-shared (each prompt computed once per pair), "
-        "or auto (per batch, the cheapest of packed and prefix-shared by a token and attention cost model)",
+        "or auto (one per run: the cheaper of packed and prefix-shared over its first epoch's batches by a "
+        "token and attention cost model)",
         choices=("auto", *BATCH_LAYOUTS),
     )
     pack_length: int = option(0, "packed rows hold at least this many tokens (0: the batch's longest block)")
@@ -288,8 +289,8 @@ class SpeedConfig:
         "auto",
         "attention of packed and prefix-shared rows: segments (each sequence through SDPA's fused causal "
         "kernel: no [T x T] mask, memory linear in length), masks (a [T x T] mask per row), or auto "
-        "(segments on rows of 4096 tokens or more where exact for the model, else masks; a model that "
-        "cannot take segments gets one log line)",
+        "(segments for a run whose batches' masks could reach 2^24 cells, where exact for the model, else "
+        "masks; one choice per run; a model that cannot take segments gets one log line)",
         choices=ATTENTION_KINDS,
     )
     reference: str = option(

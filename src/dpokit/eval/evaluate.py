@@ -41,7 +41,7 @@ from dpokit.eval.synced_reference import synced_reference
 from dpokit.io import Log, read_run_config
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
-from dpokit.scoring import PairScorer
+from dpokit.scoring import guarded_scorer
 from dpokit.settings_checks import fit_max_length
 
 EXAMPLES_KEPT = 3
@@ -79,8 +79,9 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
 
     data = data or DataConfig()
     pairs = load_tokenized_pairs(data_path, PairTokenizer.from_config(tokenizer, data), log, data)
-    scorer = PairScorer(policy, reference, loss=loss, speed=SpeedConfig(), dtype=dtype, pad_id=tokenizer.pad_token_id,
-                        device=device)
+    # The layouts training would pick, checked on the first batch as training checks them.
+    scorer = guarded_scorer(policy, reference, pairs, batch_size=batch_size, loss=loss, speed=SpeedConfig(),
+                            dtype=dtype, pad_id=tokenizer.pad_token_id, device=device, log=log)
     figures = scorer.evaluate(pairs, batch_size)
     return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss_spec, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
