@@ -94,7 +94,7 @@ def _policy(model, attention: str, ckpt: bool):
     from dpokit.model.attention import choose_attention
 
     if attention == "segments":
-        choose_attention(model, "segments", log=lambda line: None, min_mask_cells=0)
+        choose_attention(model, "segments", log=lambda line: None, mask_cells=0)
     elif attention == "eager":
         model.set_attn_implementation("eager")
     if ckpt:

@@ -107,7 +107,7 @@ def test_every_layout_and_head_gives_the_padded_log_probs_on_the_real_weights(re
     model = AutoModelForCausalLM.from_pretrained(
         real_folder, dtype=torch.float32, attn_implementation="sdpa" if attention == "segments" else attention).eval()
     if attention == "segments":
-        choose_attention(model, "segments", log=lambda line: None, min_mask_cells=0)
+        choose_attention(model, "segments", log=lambda line: None, mask_cells=0)
     with torch.no_grad():
         plain = sequence_logps(model, collate(tokenized, pad, "padded"), chunked_head=False)
         expected = torch.cat([plain.chosen_logps, plain.rejected_logps])

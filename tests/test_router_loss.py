@@ -51,7 +51,7 @@ def _build(family, tok, attn):
     if attn == "eager":
         return build_moe(family, tok, "eager")
     model = build_moe(family, tok, "sdpa")
-    choose_attention(model, "auto", log=quiet, min_mask_cells=0)  # segments where exact, masks elsewhere
+    choose_attention(model, "auto", log=quiet)  # segments where exact (no mask size given), masks elsewhere
     return model
 
 
@@ -206,8 +206,7 @@ def test_the_term_on_the_loss_and_coefficient_zero_is_exactly_todays_loss(tok, p
 
 
 def _count_router_requests(model) -> list[bool]:
-    """Whether each forward of `model`'s body returned router logits (after the one-time head probe)."""
-    head_is_plain(model)
+    """Whether each forward of `model`'s body returned router logits from now on."""
     asked = []
     model.base_model.register_forward_hook(lambda _m, _args, output: asked.append(output.router_logits is not None))
     return asked
@@ -216,8 +215,8 @@ def _count_router_requests(model) -> list[bool]:
 def test_the_reference_never_asks_for_router_logits(tok, pairs):
     policy, reference = build_moe("mixtral", tok).train(), build_moe("mixtral", tok).eval()
     router = router_loss_for(policy, None, quiet)
+    scorer = _scorer(policy, router, reference)  # its capability probes run here, before the count starts
     policy_asked, reference_asked = _count_router_requests(policy), _count_router_requests(reference)
-    scorer = _scorer(policy, router, reference)
     scorer(pairs)
     scorer.evaluate(pairs, 2)
     assert policy_asked and all(policy_asked)
