@@ -129,11 +129,21 @@ class FrontierRunner:
         Writes the run's evaluation.json (`add_run` then writes its report, which shows it)."""
         device = next(self.reference.parameters()).device
         policy = load_policy(str(run_dir), device, trust_remote_code).eval()
-        figures, self.reference_samples = evaluate_on_prompts(
-            policy, self.reference, self.prompts, self.sampler, reference_samples=self.reference_samples,
-            log=self.log)
+        done = self.evaluate_policy(policy, name, method, beta, final_eval=final_eval)
         del policy
-        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(figures, indent=1))
+        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(done.figures, indent=1))
+        return done
+
+    def evaluate_policy(self, policy, name: str, method: str, beta: float | None, *, final_eval: dict | None = None,
+                        sampler: Sampler | None = None) -> RunEvaluation:
+        """Evaluate a loaded policy (e.g. a checkpoint along a run) on the prompts: its frontier row.
+        `sampler` may draw fewer samples per prompt than the frontier's own (a cheaper, noisier
+        point, its standard errors saying so); the reference's samples are always the frontier's."""
+        if sampler is not None and self.reference_samples is None:
+            self.reference_samples = self.sampler.draw(self.reference, self.prompts)
+        figures, self.reference_samples = evaluate_on_prompts(
+            policy, self.reference, self.prompts, sampler or self.sampler, reference_samples=self.reference_samples,
+            log=self.log)
         judged, kl = figures["judged"], figures["kl"]
         final_eval = final_eval or {}
         row = {"run": name, "method": method, "beta": beta,
@@ -151,10 +161,11 @@ class FrontierRunner:
         return RunEvaluation(row, figures)
 
     def finish(self, summary_file: str, summary: dict, *, title: str, points: Sequence[dict] | None = None,
-               from_reference: Sequence[str] = ()) -> None:
-        """Draw frontier.png (of `points`, default: the reference and every run) and write `summary`."""
+               envelopes: Sequence[str] = ()) -> None:
+        """Draw frontier.png (of `points`, default: the reference and every run; the methods in
+        `envelopes` as their upper envelope, see `plot_frontier`) and write `summary`."""
         plot_frontier(self.points if points is None else points, self.root / PNG_FILE, title=title,
-                      from_reference=from_reference)
+                      envelopes=envelopes)
         atomic_write_text(self.root / summary_file, json.dumps(summary, indent=1))
         if self.report_to != ("none",):  # the frontier, as a tracker run of its own beside the runs'
             trackers = open_trackers(self.report_to, run_dir=self.root, run_name=f"{self.root.name}-frontier",
