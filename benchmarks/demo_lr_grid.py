@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dpokit.eval.envelope import PromptFigures, frontier_gap_with_stderr
+from dpokit.eval.envelope import PromptFigures, frontier, frontier_gap_with_stderr, mean_gap
 from dpokit.experiments.demo import sentiment as demo
 from dpokit.experiments.demo.along_training import evaluate_along_training, point_of
 
@@ -34,14 +34,13 @@ from dpokit.experiments.demo.along_training import evaluate_along_training, poin
 def run(args: argparse.Namespace) -> None:
     settings = replace(demo.DemoSettings(), learning_rate=args.lr, sft_learning_rate=args.sft_lr or args.lr,
                        steps=args.steps, sft_steps=args.steps, lr_scheduler=args.scheduler,
-                       checkpoint_every=args.every, checkpoint_eval_samples=args.samples, threads=args.threads)
+                       checkpoint_every=args.every, eval_samples=args.samples, threads=args.threads)
     torch.set_num_threads(settings.threads)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     base = str(demo.base_model_dir())
     runner, train_prompts = demo._demo_frontier(settings, base, out, lambda *_: None)
     pairs_file, _ = demo._demo_pairs(settings, runner, train_prompts, out, False, print)
-    along = runner.sampler.with_sampling(num_samples=settings.checkpoint_eval_samples)
     specs = [(demo.DPO, "sigmoid", beta, settings.learning_rate, f"dpo-beta{beta:g}") for beta in args.betas]
     specs.append((demo.PREFERRED_FT, "sft", 0.1, settings.sft_learning_rate, "preferred-ft"))
     points = []
@@ -51,7 +50,7 @@ def run(args: argparse.Namespace) -> None:
                                reference_cache=out / demo.REFERENCE_CACHE, checkpoint_every=settings.checkpoint_every)
         shown = beta if method == demo.DPO else None
         done = runner.add_run(cfg, name, method=method, beta=shown, learning_rate=lr)
-        mine = [*evaluate_along_training(runner, base, cfg.train.output, name, method, shown, along),
+        mine = [*evaluate_along_training(runner, base, cfg.train.output, name, method, shown),
                 point_of(done, name, settings.steps, final=True)]
         for p in mine:
             print(f"{name:<14} step {p['step']:>3}  reward {p['reward']:+.3f} ± {p['reward_stderr']:.3f}  "
@@ -73,20 +72,42 @@ def gap_of(points: list[dict], base_per_prompt: list[float]) -> str:
             f"{gap.kl_start:.2f}-{gap.kl_stop:.2f} nats")
 
 
-def table(files: list[str]) -> None:
+def samples_of(settings: dict) -> str:
+    """Samples per held-out prompt; the first settings studied drew fewer at checkpoints than at the end."""
+    if "checkpoint_eval_samples" in settings:
+        return f"{settings['checkpoint_eval_samples']} (final point: {settings['eval_samples']})"
+    return str(settings["eval_samples"])
+
+
+def window_means(points: list[dict], base_reward: float, window: tuple[float, float]) -> str:
+    """Each method's frontier, averaged over a fixed KL window (where its points reach that far)."""
+    shown = []
+    for method in (demo.DPO, demo.PREFERRED_FT):
+        mine = [(p["kl"], p["reward"]) for p in points if p["method"] == method]
+        if max(x for x, _ in mine) < window[1]:
+            shown.append(f"{method} reaches only {max(x for x, _ in mine):.2f} nats")
+            continue
+        curve = frontier(mine, (0.0, base_reward))
+        flat = [(window[0], 0.0), (window[1], 0.0)]
+        shown.append(f"{method} {mean_gap(curve, flat, *window):+.3f}")
+    return f"frontier's mean reward over {window[0]:g}-{window[1]:g} nats: " + ", ".join(shown)
+
+
+def table(files: list[str], window: tuple[float, float]) -> None:
     pooled: list[dict] = []
     base_per_prompt = None
     for file in files:
         result = json.loads(Path(file).read_text())
         s = result["settings"]
         print(f"\n## lr {s['learning_rate']:g} (Preferred-FT {s['sft_learning_rate']:g}), {s['steps']} steps, "
-              f"{s['lr_scheduler']}, checkpoints every {s['checkpoint_every']} x {s['checkpoint_eval_samples']} "
-              f"samples; base {result['base_reward']:+.3f}")
+              f"{s['lr_scheduler']}, every {s['checkpoint_every']} steps x {samples_of(s)} samples per prompt; "
+              f"base {result['base_reward']:+.3f}")
         print("| run | step | reward | KL (nats) |\n|---|---|---|---|")
         for p in result["points"]:
             print(f"| {p['run_name']} | {p['step']} | {p['reward']:+.3f} ± {p['reward_stderr']:.3f} | "
                   f"{p['kl']:.2f} ± {p['kl_stderr']:.2f} |")
         print(gap_of(result["points"], result["base_per_prompt"]))
+        print(window_means(result["points"], result["base_reward"], window))
         pooled += result["points"]
         base_per_prompt = result["base_per_prompt"]  # the same prompts and seed in every setting
     if len(files) > 1:
@@ -103,13 +124,15 @@ def main(argv: list[str]) -> None:
     one.add_argument("--steps", type=int, required=True)
     one.add_argument("--scheduler", default="cosine")
     one.add_argument("--every", type=int, default=10)
-    one.add_argument("--samples", type=int, default=4, help="held-out samples per prompt at every checkpoint")
+    one.add_argument("--samples", type=int, default=2, help="held-out samples per prompt at every point")
     one.add_argument("--betas", type=float, nargs="+", default=[1.0, 0.3, 0.1])
     one.add_argument("--threads", type=int, default=1)
     many = sub.add_parser("table")
     many.add_argument("files", nargs="+")
+    many.add_argument("--window", type=float, nargs=2, default=(0.5, 1.5),
+                      help="KL range (nats) over which each method's frontier is averaged")
     args = parser.parse_args(argv)
-    run(args) if args.command == "run" else table(args.files)
+    run(args) if args.command == "run" else table(args.files, tuple(args.window))
 
 
 if __name__ == "__main__":

@@ -103,8 +103,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert (folder / "model.safetensors").is_file() and (folder / "training_curves.png").is_file()
         # The checkpoints along training were evaluated and removed; the final one stays, as in any run.
         assert [c.name for c in (folder / "checkpoints").iterdir()] == ["step-0000015"]
-    # A checkpoint along training is evaluated with fewer samples per held-out prompt than the final model.
-    assert [runs[f"dpo-beta0.3{tail}"]["samples_per_prompt"] for tail in ("-step5", "")] == [1, 2]
+    # A checkpoint along training is evaluated exactly as the final model: the same samples per prompt.
+    assert [runs[f"dpo-beta0.3{tail}"]["samples_per_prompt"] for tail in ("-step5", "")] == [2, 2]
     # The frontiers' comparison is printed from the data, and summary.json holds what recomputes it.
     gap = summary["checks"]["frontier_gap"]
     per_prompt = summary["per_prompt"]

@@ -134,15 +134,12 @@ class FrontierRunner:
         atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(done.figures, indent=1))
         return done
 
-    def evaluate_policy(self, policy, name: str, method: str, beta: float | None, *, final_eval: dict | None = None,
-                        sampler: Sampler | None = None) -> RunEvaluation:
-        """Evaluate a loaded policy (e.g. a checkpoint along a run) on the prompts: its frontier row.
-        `sampler` may draw fewer samples per prompt than the frontier's own (a cheaper, noisier
-        point, its standard errors saying so); the reference's samples are always the frontier's."""
-        if sampler is not None and self.reference_samples is None:
-            self.reference_samples = self.sampler.draw(self.reference, self.prompts)
+    def evaluate_policy(self, policy, name: str, method: str, beta: float | None, *,
+                        final_eval: dict | None = None) -> RunEvaluation:
+        """Evaluate a loaded policy (a run's final model, or a checkpoint along it) on the prompts
+        against the reference: its frontier row."""
         figures, self.reference_samples = evaluate_on_prompts(
-            policy, self.reference, self.prompts, sampler or self.sampler, reference_samples=self.reference_samples,
+            policy, self.reference, self.prompts, self.sampler, reference_samples=self.reference_samples,
             log=self.log)
         judged, kl = figures["judged"], figures["kl"]
         final_eval = final_eval or {}

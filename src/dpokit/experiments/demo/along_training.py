@@ -3,9 +3,9 @@ evaluated at checkpoints until it converges, so each method traces a curve throu
 
 The demo trains each run with a checkpoint every `checkpoint_every` steps. The last checkpoint is
 the run's final model, which the frontier already evaluated in full; every earlier one is loaded
-into a copy of the base model, evaluated on the same held-out prompts with the same sampling
-seed (with fewer samples per prompt: cheaper, its standard errors say how much noisier), and
-then removed, so the run folder holds what a plain run's holds.
+into a copy of the base model, evaluated exactly as the final model (the same held-out prompts,
+sampling settings and seed: the same random numbers, so two points differ by their models, not by
+their samples' luck), and then removed, so the run folder holds what a plain run's holds.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from dpokit.eval.evaluate import Sampler
 from dpokit.experiments.frontier import FrontierRunner, RunEvaluation
 from dpokit.model.load import load_policy
 from dpokit.train.checkpoint import STATE_FILE, list_checkpoints
@@ -35,7 +34,7 @@ def point_of(done: RunEvaluation, run_name: str, step: int, *, final: bool) -> d
 
 
 def evaluate_along_training(runner: FrontierRunner, base: str, run_dir: Path, run_name: str, method: str,
-                            beta: float | None, sampler: Sampler) -> list[dict]:
+                            beta: float | None) -> list[dict]:
     """Evaluate every checkpoint of `run_dir` but its last (the final model), oldest first; each is
     removed once evaluated. Returns their points."""
     checkpoints = list_checkpoints(run_dir)[:-1]
@@ -46,7 +45,7 @@ def evaluate_along_training(runner: FrontierRunner, base: str, run_dir: Path, ru
     for folder in checkpoints:
         step = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))["step"]
         load_trainable_state(policy, load_file(str(folder / "model.safetensors")), Distributed())
-        done = runner.evaluate_policy(policy, f"{run_name}-step{step}", method, beta, sampler=sampler)
+        done = runner.evaluate_policy(policy, f"{run_name}-step{step}", method, beta)
         points.append(point_of(done, run_name, step, final=False))
         shutil.rmtree(folder)
     return points

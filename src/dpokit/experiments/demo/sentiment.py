@@ -60,19 +60,21 @@ class DemoSettings:
     eval_prompts: int = 64
     samples_per_prompt: int = 4  # completions sampled per training prompt to build the pairs
     pairing: str = "all"  # every two samples of a prompt with different scores (see dpokit.experiments.online)
-    eval_samples: int = 4  # completions per held-out prompt for judged reward and KL
+    # Completions per held-out prompt for judged reward and KL, at every point (checkpoints along training
+    # included): one sampling stream for all, so points differ by their models, not by their samples' luck.
+    eval_samples: int = 2
     max_new_tokens: int = 32
     betas: tuple[float, ...] = (1.0, 0.3, 0.1)
-    steps: int = 40
+    # As the paper trains (a small constant learning rate after a warm-up, evaluated along training):
+    # small enough that each run's checkpoints trace its curve from low KL on, a point every ~0.3 nats
+    # at β = 1 (7e-4 put DPO's first checkpoint at 4.4 nats). Measured: benchmarks/RESULTS.md section 8.
+    steps: int = 60
     batch_size: int = 32
-    learning_rate: float = 7e-4
-    sft_steps: int = 40
-    sft_learning_rate: float = 7e-4
-    lr_scheduler: str = "cosine"  # after the warm-up (a tenth of the steps)
-    # Every run is also evaluated every `checkpoint_every` steps along its training (the paper's
-    # frontier), with `checkpoint_eval_samples` completions per held-out prompt (the final model: eval_samples).
-    checkpoint_every: int = 10
-    checkpoint_eval_samples: int = 2
+    learning_rate: float = 2e-4
+    sft_steps: int = 60
+    sft_learning_rate: float = 2e-4
+    lr_scheduler: str = "constant"  # after the warm-up (a tenth of the steps)
+    checkpoint_every: int = 10  # every run is also evaluated every N steps along its training (the paper's frontier)
     online_rounds: int = 3  # total rounds, the offline run at online_beta being round 1
     online_beta: float = 1.0  # the largest β: its rounds move in small steps, so they stay at comparable KL
     online_steps: int = 40  # optimizer steps per online round after the first
@@ -84,8 +86,8 @@ class DemoSettings:
 
     def describe(self) -> str:
         return (f"{self.train_prompts} training prompts x {self.samples_per_prompt} samples, "
-                f"{self.eval_prompts} held-out prompts x {self.eval_samples} samples "
-                f"({self.checkpoint_eval_samples} every {self.checkpoint_every} steps along training), "
+                f"{self.eval_prompts} held-out prompts x {self.eval_samples} samples every {self.checkpoint_every} "
+                "steps along training, "
                 f"{self.max_new_tokens} new tokens, {self.steps} steps of {self.batch_size} pairs at lr "
                 f"{self.learning_rate:g} ({self.lr_scheduler}), β {', '.join(f'{b:g}' for b in self.betas)}")
 
@@ -93,12 +95,11 @@ class DemoSettings:
 PRESETS = {
     "quick": DemoSettings(train_prompts=48, eval_prompts=24, samples_per_prompt=4, eval_samples=2,
                           max_new_tokens=24, betas=(0.3,), steps=15, sft_steps=15, online_rounds=2,
-                          online_beta=0.3, online_steps=15, checkpoint_every=5, checkpoint_eval_samples=1),
+                          online_beta=0.3, online_steps=15, checkpoint_every=5),
     "default": DemoSettings(),
-    "full": DemoSettings(train_prompts=256, eval_prompts=128, samples_per_prompt=6, eval_samples=8,
+    "full": DemoSettings(train_prompts=256, eval_prompts=128, samples_per_prompt=6, eval_samples=4,
                          max_new_tokens=48, betas=(1.0, 0.5, 0.3, 0.1, 0.05), steps=150,
-                         sft_steps=150, online_rounds=4, online_steps=150, checkpoint_every=25,
-                         checkpoint_eval_samples=4),
+                         sft_steps=150, online_rounds=4, online_steps=150, checkpoint_every=30),
 }
 
 
@@ -265,14 +266,12 @@ def _demo_pairs(s: DemoSettings, runner: FrontierRunner, train_prompts: list[str
 
 def _offline_runs(s: DemoSettings, runner: FrontierRunner, base: str, pairs_file: Path, show: bool,
                   log: Log) -> tuple[list[dict], dict]:
-    """2-3. Train each run from the base model; evaluate it on the held-out prompts at its end and at
-    checkpoints along its training (fewer samples per prompt there)."""
+    """2-3. Train each run from the base model; evaluate it on the held-out prompts at checkpoints
+    along its training and at its end."""
     specs = [(DPO, "sigmoid", beta, s.steps, s.learning_rate, f"dpo-beta{beta:g}") for beta in s.betas]
     specs.append((PREFERRED_FT, "sft", 0.1, s.sft_steps, s.sft_learning_rate, "preferred-ft"))
     log(f"[2/4] training {len(specs)} runs ({len(s.betas)} DPO β, Preferred-FT) and evaluating each on "
-        f"{len(runner.prompts)} held-out prompts: every {s.checkpoint_every} steps x {s.checkpoint_eval_samples} "
-        f"samples, at the end x {s.eval_samples}")
-    along = runner.sampler.with_sampling(num_samples=s.checkpoint_eval_samples)
+        f"{len(runner.prompts)} held-out prompts x {s.eval_samples} samples every {s.checkpoint_every} steps")
     points: list[dict] = []
     examples: dict = {}
     for method, loss, beta, steps, lr, name in specs:
@@ -283,13 +282,14 @@ def _offline_runs(s: DemoSettings, runner: FrontierRunner, base: str, pairs_file
         done = runner.add_run(cfg, name, method=method, beta=beta_shown, learning_rate=lr)
         final = point_of(done, name, steps, final=True)
         final["label"] = f"β={beta:g}" if method == DPO else f"{steps} steps"
-        along_training = evaluate_along_training(runner, base, cfg.train.output, name, method, beta_shown, along)
+        along_training = evaluate_along_training(runner, base, cfg.train.output, name, method, beta_shown)
         for point in along_training:
             point.update(learning_rate=lr, label="")
         points += [*along_training, final]
         examples[name] = done.figures["examples"]
-        log(f"      {name:<14} " + "  ".join(f"step {p['step']}: {p['reward']:+.3f} at {p['kl']:.2f} nats"
-                                            for p in [*along_training, final]))
+        earlier = f" (and at steps {', '.join(str(p['step']) for p in along_training)})" if along_training else ""
+        log(f"      {name:<14} reward {final['reward']:+.3f}  KL {final['kl']:6.2f} nats  win rate "
+            f"{final['win_rate']:.2f} after {steps} steps{earlier}")
     return points, examples
 
 
