@@ -106,8 +106,8 @@ def table(files: list[str], window: tuple[float, float]) -> None:
         for p in result["points"]:
             print(f"| {p['run_name']} | {p['step']} | {p['reward']:+.3f} ± {p['reward_stderr']:.3f} | "
                   f"{p['kl']:.2f} ± {p['kl_stderr']:.2f} |")
-        print(gap_of(result["points"], result["base_per_prompt"]))
-        print(window_means(result["points"], result["base_reward"], window))
+        print(f"\n{gap_of(result['points'], result['base_per_prompt'])}; "
+              f"{window_means(result['points'], result['base_reward'], window)}")
         pooled += result["points"]
         base_per_prompt = result["base_per_prompt"]  # the same prompts and seed in every setting
     if len(files) > 1:
