@@ -84,12 +84,18 @@ def prepare(folder: Path, spec: dict, seed: int = 0) -> dict:
         rows.append({"prompt": words(p), "chosen": " " + words(c - 1) + " </s>", "rejected": " " + words(r - 1) + " </s>"})
         lengths.append((p + 1, c, r))  # + BOS
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    generator = torch.Generator().manual_seed(0 * 100_003 + 0)  # dpokit's epoch_order(seed=0, epoch=0)
-    order = torch.randperm(len(rows), generator=generator).tolist()
+    order = dpokit_order(len(rows))
     (folder / "order.json").write_text(json.dumps(order))
     info = {"lengths": lengths, "order": order, "config": config.to_dict()}
     (folder / "info.json").write_text(json.dumps(info))
     return info
+
+
+def dpokit_order(num_pairs: int) -> list[int]:
+    """The order dpokit visits the pairs in its first epoch (seed 0), which TRL then follows."""
+    from dpokit.data.order import epoch_order
+
+    return epoch_order(num_pairs, seed=0, epoch=0)
 
 
 def model_flops_per_pair(info: dict, prompt: int, chosen: int, rejected: int) -> float:

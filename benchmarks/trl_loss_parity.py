@@ -1,4 +1,4 @@
-"""dpokit's WPO (--wpo) and LD-DPO (--ld-alpha) against TRL 1.16's DPOTrainer, same model, same pairs.
+"""dpokit's WPO (--wpo), LD-DPO (--ld-alpha) and logged metrics against TRL 1.16's DPOTrainer, same model, same pairs.
 
     PYTHONPATH=src /tmp/trlenv/bin/python benchmarks/trl_loss_parity.py
 
@@ -18,9 +18,9 @@ two comparisons are printed per setting:
 
 Per setting: the largest |difference| of the batch loss (mean over the six pairs) over the
 layouts, and, from one-pair batches, of each pair's loss, summed log-probs (LD-weighted),
-rewards (TRL's summed β·lr: dpokit's per-token rewards of the averaging losses, such as IPO's,
-times the token count), and WPO weight (TRL's weight read as its weighted loss / its unweighted
-loss on the same pair).
+rewards (β·lr on the sums, for every loss, IPO and sigmoid_norm included), and WPO weight (TRL's
+weight read as its weighted loss / its unweighted loss on the same pair); "metrics": the batch's
+logged `rewards/*` and `logps/*` means (dpokit's `PairMetrics`, TRL's `_metrics`).
 `tests/test_trl_parity.py` runs this where TRL is installed.
 """
 
@@ -37,7 +37,9 @@ import torch
 SETTINGS = [  # (name, --loss, --wpo, --ld-alpha)
     ("sigmoid (DPO)", "sigmoid", False, None),
     ("sigmoid + WPO", "sigmoid", True, None),
+    ("ipo", "ipo", False, None),
     ("ipo + WPO", "ipo", True, None),
+    ("sigmoid_norm", "sigmoid_norm", False, None),
     ("apo_zero + WPO", "apo_zero", True, None),
     ("sigmoid + LD α=0.5", "sigmoid", False, 0.5),
     ("sigmoid + LD α=0", "sigmoid", False, 0.0),
@@ -147,6 +149,8 @@ def dpokit_scorer(policy, reference, loss: str, wpo: bool, ld_alpha: float | Non
 
 def compare(setting, policy, reference, pairs, folder: str, exact: bool) -> dict[str, float]:
     """Largest |dpokit − TRL| of each compared quantity over layouts and pairs."""
+    from dpokit.metrics import PairMetrics
+
     _, loss, wpo, ld_alpha = setting
     trainer = trl_trainer(policy, reference, loss, wpo, ld_alpha, folder, exact)
     plain = trl_trainer(policy, reference, loss, False, ld_alpha, folder, exact) if wpo else None
@@ -155,7 +159,7 @@ def compare(setting, policy, reference, pairs, folder: str, exact: bool) -> dict
     def note(name: str, a: float, b: float) -> None:
         gaps[name] = max(gaps.get(name, 0.0), abs(a - b))
 
-    trl_batch, _ = trl_loss(trainer, pairs)
+    trl_batch, trl_logged = trl_loss(trainer, pairs)
     per_pair = [(trl_loss(trainer, [p]), trl_loss(plain, [p])[0] if plain else None) for p in pairs]
     for layout in LAYOUTS:
         for chunked in (True, False) if layout == "padded" else (True,):
@@ -163,16 +167,17 @@ def compare(setting, policy, reference, pairs, folder: str, exact: bool) -> dict
             with torch.no_grad():
                 ours = scorer(pairs)
             note("batch loss", float(ours.out.losses.mean()), trl_batch)
+            metrics = PairMetrics(BETA)
+            metrics.add(ours.out, ours.policy)
+            for name, value in metrics.compute().items():
+                if name != "loss" and name in trl_logged:
+                    note("metrics", value, trl_logged[name])
             for i, ((trl_pair_loss, logged), trl_unweighted) in enumerate(per_pair):
                 note("pair loss", float(ours.out.losses[i]), trl_pair_loss)
                 note("logps", float(ours.policy.chosen_logps[i]), logged["logps/chosen"])
                 note("logps", float(ours.policy.rejected_logps[i]), logged["logps/rejected"])
-                # dpokit reports the averaging losses' rewards per token (β·lr/len), TRL summed (β·lr)
-                per_token = ours.out.chosen_logps is not None
-                scale_c = float(ours.policy.chosen_lengths[i]) if per_token else 1.0
-                scale_r = float(ours.policy.rejected_lengths[i]) if per_token else 1.0
-                note("rewards", float(ours.out.chosen_rewards[i]) * scale_c, logged["rewards/chosen"])
-                note("rewards", float(ours.out.rejected_rewards[i]) * scale_r, logged["rewards/rejected"])
+                note("rewards", float(ours.out.chosen_rewards[i]), logged["rewards/chosen"])
+                note("rewards", float(ours.out.rejected_rewards[i]), logged["rewards/rejected"])
                 if wpo:
                     note("WPO weight", float(ours.policy.pair_weights[i]), trl_pair_loss / trl_unweighted)
     return gaps
@@ -198,7 +203,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     print(f"TRL {trl.__version__}, transformers {transformers.__version__}, torch {torch.__version__}; "
           f"tiny Llama (float64), 6 pairs, β = {BETA}; dpokit in layouts {', '.join(LAYOUTS)} (padded also plain head)")
-    columns = ("batch loss", "pair loss", "logps", "rewards", "WPO weight")
+    columns = ("batch loss", "pair loss", "logps", "rewards", "metrics", "WPO weight")
     for exact, title in ((True, "fp64 (exact per-token log-probs fed to TRL)"), (False, "TRL's own float32 kernel")):
         print(f"\nmax |dpokit − TRL|, {title}")
         print(f"| setting | {' | '.join(columns)} |\n|---|{'---|' * len(columns)}")

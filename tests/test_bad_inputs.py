@@ -93,7 +93,7 @@ def _with(*changes: str, drop: tuple[str, ...] = ()) -> list[str]:
 
 CASES = [
     # (id, argv, fragments the one line must contain)
-    ("unknown flag", _with("!--bogus"), ["unrecognized arguments: --bogus"]),
+    ("unknown flag", _with("!--bogus"), ["dpokit train: error: unrecognized option --bogus"]),
     ("unknown command", ["trian"], ["invalid choice: 'trian'"]),
     ("no data", _with(drop=("--data",)), ["missing required option(s): --data"]),
     ("no model", _with(drop=("--model",)), ["--model"]),
@@ -140,7 +140,6 @@ CASES = [
     ("model not a model", _with("--model", "{d}/nomodel"), ["nomodel is not a Hugging Face model folder"]),
     ("model is a file", _with("--model", "{d}/afile"), ["afile is not a Hugging Face model folder"]),
     ("output is a file", _with("--output", "{d}/afile"), ["--output", "afile is a file"]),
-    ("output not empty", _with("--output", "{d}/full"), ["full is not empty", "--overwrite"]),
     ("resume missing", _with("--resume", "{d}/no-ckpt"), ["--resume", "no such checkpoint"]),
     ("resume not a checkpoint", _with("--resume", "{d}/nomodel"), ["not a complete dpokit checkpoint"]),
 ]
@@ -251,6 +250,39 @@ CASES += [
      ["data mydata/pairs: no such file or folder; as a hub id: offline"]),
     ("demo output inside the bundled model", ["demo", "--quick", "--output", str(BASE_MODEL_DIR / "out")],
      ["lies inside the bundled base model"]),
+]
+
+
+# Issue 35 / 36.7: a learning-rate typo, outputs that cannot be created, a folder of files dpokit did not write.
+PROC = "/proc/dpokit-test"  # a folder that exists but where nothing can be created, even by root
+NOT_OURS = "{d}/full holds files dpokit did not write (notes.txt)"
+CASES += [
+    ("learning rate typo", _with("--learning-rate", "1e6"),
+     ["--learning-rate 1e+06 is above 1", "did you mean 1e-06?", "--allow-large-learning-rate"]),
+    ("learning rate typo in a sweep", ["sweep", "--model", "{model}", "--data", "{data}", "--output", "{d}/sw2",
+                                       "--prompts", PROMPTS, "--judge", "sentiment", "--learning-rate", "5e5"],
+     ["--learning-rate 500000 is above 1", "did you mean 5e-05?"]),
+    ("output not ours", _with("--output", "{d}/full"), [NOT_OURS, "choose another --output"]),
+    ("output not ours, overwrite", _with("--output", "{d}/full", "!--overwrite"), [NOT_OURS]),
+    ("output not ours, resume auto", _with("--output", "{d}/full", "--resume", "auto"), [NOT_OURS]),
+    ("sweep output not ours", ["sweep", "--model", "{model}", "--data", "{data}", "--output", "{d}/full",
+                               "--overwrite", "--prompts", PROMPTS, "--judge", "sentiment"], [NOT_OURS]),
+    ("online output not ours", ["online", "--model", "{model}", "--output", "{d}/full", "--overwrite", "--prompts",
+                                PROMPTS, "--judge", "sentiment"], [NOT_OURS]),
+    ("train output under /proc", _with("--output", PROC + "/run"), [f"--output {PROC}/run: cannot be created"]),
+    ("reference cache under /proc", _with("--reference-cache", PROC), [f"--reference-cache {PROC}: cannot be created"]),
+    ("plot under /proc", ["data", "inspect", "{data}", "--plot", PROC + ".png"],
+     [f"--plot {PROC}.png: cannot be created"]),
+    ("export under /proc", ["export", "{model}", "--output", PROC], [f"export: --output {PROC}: cannot be created"]),
+    ("sample output under /proc", ["sample", "--model", "{model}", "--prompt", "hi", "--output", PROC, *SMALL],
+     [f"--output {PROC}: cannot be created"]),
+    ("evaluate output under /proc", ["evaluate", "--model", "{model}", "--reference-model", "{model}", "--data",
+                                     "{data}", "--output", PROC], [f"--output {PROC}: cannot be created"]),
+    ("sweep output under /proc", ["sweep", "--model", "{model}", "--data", "{data}", "--output", PROC, "--prompts",
+                                  PROMPTS, "--judge", "sentiment"], [f"--output {PROC}: cannot be created"]),
+    ("online output under /proc", ["online", "--model", "{model}", "--output", PROC, "--prompts", PROMPTS,
+                                   "--judge", "sentiment"], [f"--output {PROC}: cannot be created"]),
+    ("demo output under /proc", ["demo", "--quick", "--output", PROC], [f"--output {PROC}: cannot be created"]),
 ]
 
 

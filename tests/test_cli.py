@@ -48,7 +48,7 @@ def test_yaml_then_flags_take_precedence(tmp_path):
     path.write_text("model: {model: m}\ndata: {data: d.jsonl}\nloss: {beta: 0.3}\noutput: o\nbatch-size: 2\n")
     layer = load_yaml(path)
     cfg = build_config(layer, {"loss": {"beta": 0.5}})
-    assert cfg.loss.beta == 0.5 and cfg.train.batch_size == 2 and cfg.train.output == "o"
+    assert cfg.loss.beta == 0.5 and cfg.train.batch_size == 2 and cfg.train.output == str(tmp_path / "o")  # beside the file
     path.write_text("loss: {betta: 0.3}\n")
     with pytest.raises(DpokitError, match="unknown option 'loss.betta'"):
         load_yaml(path)
@@ -68,7 +68,7 @@ def test_bad_input_in_a_real_process_is_one_line(tiny_model_dir, toy_data, tmp_p
     # process prints one line and exits non-zero for an argparse error and for a data error.
     train_file, _ = toy_data
     _one_line_error(dpokit("train", "--model", tiny_model_dir, "--data", train_file, "--output", tmp_path / "o",
-                           "--bogus-flag", 1), "unrecognized arguments: --bogus-flag")
+                           "--bogus-flag", 1), "dpokit train: error: unrecognized option --bogus-flag")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(train_file.read_text().splitlines()[0] + "\n{not json\n")
     _one_line_error(dpokit("train", "--model", tiny_model_dir, "--data", bad, "--output", tmp_path / "o2"),

@@ -2,7 +2,8 @@
 
 For each family (tiny random model, fp32, local/sliding windows shorter than the sequences):
 - every layout x LM head x attention implementation (eager, sdpa, and dpokit's segment
-  attention over sdpa) gives each sequence's summed response log-prob of a one-sequence-at-a-time
+  attention over sdpa), run as the scorer runs it (with what `capability.describe_forward` found
+  about the model), gives each sequence's summed response log-prob of a one-sequence-at-a-time
   forward to 1e-5, or the layout is excluded: `auto` never picks it and asking for it explicitly
   fails with the reason; segment attention runs exactly where documented (SEGMENTS_EXCLUDED);
 - two train-mode forwards of the same input are bitwise equal (dropout off, config fields too);
@@ -17,16 +18,17 @@ import torch
 from dpokit.cli import main
 from dpokit.config import build_config
 from dpokit.data.batching import LAYOUTS, collate
+from dpokit.errors import DpokitError
 from dpokit.model.attention import (
+    PACKED_LAYOUTS,
     SEGMENTS,
     attention_impl,
     attention_inputs,
     block_attention_mask,
-    layout_blocker,
-    segments_blocker,
 )
+from dpokit.model.capability import configure_forward, describe_forward
 from dpokit.model.load import disable_dropout
-from dpokit.model.logprobs import head_is_plain, sequence_logps
+from dpokit.model.logprobs import sequence_logps
 from dpokit.scoring import PairScorer
 from helpers.families import FAMILIES, WINDOW, attention_kinds, build_family, family_pairs
 from helpers.toy import make_pairs, write_jsonl
@@ -53,63 +55,70 @@ def _one_at_a_time(model, pairs):
     return torch.tensor(sums["chosen"]), torch.tensor(sums["rejected"])
 
 
-def _auto_layouts(model):
-    cfg = build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"}, "train": {"output": "o"}})
+def _scorer(model, layout="auto"):
+    cfg = build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"}, "train": {"output": "o"},
+                        "speed": {"layout": layout}})
     return PairScorer(model, loss=cfg.loss, speed=cfg.speed, dtype=cfg.model.dtype, pad_id=0,
-                      device=torch.device("cpu")).layouts
+                      device=torch.device("cpu"))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_layout_is_exact_or_excluded(family, tok, pairs):
     for attn in attention_kinds(family):
         model = build_family(family, tok, attn).eval()
+        forward = describe_forward(model)  # what the scorer finds about the model, once per run
         with torch.no_grad():
             chosen, rejected = _one_at_a_time(model, pairs)
-            heads = [False, True] if head_is_plain(model) else [False]  # auto's probe excludes the rest
+            heads = [False, True] if forward.plain_head else [False]  # auto's probe excludes the rest
             for layout in LAYOUTS:
                 batch = collate(pairs, tok.pad_token_id, layout, PACK)
                 where = f"{family}/{attn}/{layout}"
-                why = layout_blocker(model, layout)
-                if why is not None:
-                    assert layout not in _auto_layouts(model), where
+                if layout in forward.refusals:
+                    assert layout not in _scorer(model).layouts, where
+                    with pytest.raises(DpokitError, match=f"--layout {layout} is not exact"):
+                        _scorer(model, layout)
                     with pytest.raises(ValueError, match="not exact"):
-                        sequence_logps(model, batch)
+                        sequence_logps(model, batch)  # probed on the spot when called without `forward`
                     continue
                 for chunked in heads:
-                    out = sequence_logps(model, batch, chunked_head=chunked, chunk=5)
+                    out = sequence_logps(model, batch, chunked_head=chunked, chunk=5, forward=forward)
                     msg = f"{where}/chunked={chunked}"
                     torch.testing.assert_close(out.chosen_logps.double(), chosen, atol=1e-5, rtol=0, msg=msg)
                     torch.testing.assert_close(out.rejected_logps.double(), rejected, atol=1e-5, rtol=0, msg=msg)
 
 
 # Where each family cannot be exact, and why (the README's table). Everything else is exact.
+_POSITIONS_BY_COLUMN = {"packed", "prefix-shared"}
 EXCLUDED = {"bloom": {"packed", "prefix-shared"}, "falcon-alibi": {"packed", "prefix-shared"},
-            "mpt": {"prefix-shared"}, "gpt-neo": {"prefix-shared"}}
+            "mpt": {"prefix-shared"}, "gpt-neo": {"prefix-shared"},
+            "bart": _POSITIONS_BY_COLUMN, "mbart": _POSITIONS_BY_COLUMN, "marian": _POSITIONS_BY_COLUMN}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_exclusions_are_exactly_the_documented_ones(family, tok):
     model = build_family(family, tok, attention_kinds(family)[-1])
-    blocked = {lay for lay in LAYOUTS if layout_blocker(model, lay) is not None}
-    assert blocked == EXCLUDED.get(family, set())
+    assert set(describe_forward(model).refusals) == EXCLUDED.get(family, set())
 
 
 # Families with sdpa whose packed rows keep the [T x T] masks under --attention auto, and why
-# (`attention.segments_blocker`); every other family with sdpa runs segment attention.
+# (the one log line); every other family with a packed layout and sdpa runs segment attention.
 SEGMENTS_EXCLUDED = {"mistral": "sliding-window", "mixtral": "sliding-window", "phi3": "sliding-window",
                      "qwen2-sliding": "sliding-window", "gemma3": "sliding-window", "starcoder2": "sliding-window",
                      "falcon": "does not pass attention arguments", "falcon-alibi": "does not pass attention arguments",
-                     "stablelm": "does not pass attention arguments"}
+                     "stablelm": "does not pass attention arguments",
+                     "nemotron": "do not pass the forward's keyword arguments to attention"}
 
 
 @pytest.mark.parametrize("family", sorted(f for f in FAMILIES if "segments" in attention_kinds(f)))
 def test_segment_attention_runs_exactly_where_documented(family, tok):
-    model = build_family(family, tok, "segments")
-    why = segments_blocker(build_family(family, tok, "sdpa"))
-    if family in SEGMENTS_EXCLUDED:
-        assert attention_impl(model) == "sdpa" and SEGMENTS_EXCLUDED[family] in why
+    model, lines = build_family(family, tok, "sdpa"), []
+    configure_forward(model, choice="auto", layouts=PACKED_LAYOUTS, mask_cells=None, log=lines.append)
+    if EXCLUDED.get(family) == set(PACKED_LAYOUTS):  # no packed row to attend: nothing to choose
+        assert attention_impl(model) == "sdpa" and lines == []
+    elif family in SEGMENTS_EXCLUDED:
+        assert attention_impl(model) == "sdpa" and len(lines) == 1 and SEGMENTS_EXCLUDED[family] in lines[0], lines
     else:
-        assert attention_impl(model) == SEGMENTS and why is None
+        assert attention_impl(model) == SEGMENTS and lines == []
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -209,9 +218,12 @@ def test_cli_trains_two_steps_and_samples(family, tok, tok_dir, train_file, tmp_
     assert "the film was" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("family,layout", [("bloom", "packed"), ("falcon-alibi", "prefix-shared"),
-                                           ("mpt", "prefix-shared"), ("gpt-neo", "prefix-shared")])
-def test_an_explicit_layout_that_cannot_be_exact_is_a_one_line_error(family, layout, tok, tok_dir, train_file,
+@pytest.mark.parametrize("family,layout,why", [("bloom", "packed", "ALiBi"), ("falcon-alibi", "prefix-shared", "ALiBi"),
+                                               ("mpt", "prefix-shared", "ALiBi"),
+                                               ("gpt-neo", "prefix-shared", "local attention"),
+                                               ("bart", "packed", "position_ids"),
+                                               ("marian", "prefix-shared", "position_ids")])
+def test_an_explicit_layout_that_cannot_be_exact_is_a_one_line_error(family, layout, why, tok, tok_dir, train_file,
                                                                      tmp_path, capsys):
     model_dir = _save(family, tok, tmp_path / "model", "eager")
     capsys.readouterr()  # saving the model prints a progress bar
@@ -219,5 +231,4 @@ def test_an_explicit_layout_that_cannot_be_exact_is_a_one_line_error(family, lay
                  "--max-steps", "1", "--layout", layout, "--progress", "off"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
-    assert f"--layout {layout} is not exact for" in err[0]
-    assert ("ALiBi" in err[0]) if family != "gpt-neo" else ("local attention" in err[0])
+    assert f"--layout {layout} is not exact for" in err[0] and why in err[0]

@@ -225,7 +225,7 @@ def _turn_pairs(tmp_path, turns: str):
 def test_train_on_all_turns_masks_exactly_the_assistant_tokens(tmp_path, name):
     pairs, _ = _turn_pairs(tmp_path, "all")
     assert pairs[0].prompt == MULTI_TURN["chosen"][:1] and pairs[0].chosen == MULTI_TURN["chosen"][1:]
-    convention, tok, pair_tokenizer, [kept], stats = _tokenize(name, pairs, train_on_turns="all")
+    convention, tok, pair_tokenizer, [kept], stats = _tokenize(name, pairs)
     assert stats.skipped == {}
     first, last = TURN_ENDS[name]
     for ids, mask, (one, two) in ((kept.chosen_ids, kept.chosen_mask, ("hello world", "Paris.")),
@@ -242,7 +242,7 @@ def test_train_on_all_turns_masks_exactly_the_assistant_tokens(tmp_path, name):
 def test_a_cut_off_last_turn_is_trained_without_its_turn_end(tmp_path, name):
     pairs, _ = _turn_pairs(tmp_path, "all")
     cut = [dataclasses.replace(pairs[0], chosen_finished=False)]
-    _, tok, _, [kept], stats = _tokenize(name, cut, train_on_turns="all")
+    _, tok, _, [kept], stats = _tokenize(name, cut)
     first, last = TURN_ENDS[name]
     assert stats.skipped == {} and len(kept.chosen_mask) == len(kept.chosen_ids)
     # The earlier turn keeps the end the template wrote; the cut one stops at its text, no EOS.
@@ -253,8 +253,7 @@ def test_a_cut_off_last_turn_is_trained_without_its_turn_end(tmp_path, name):
 def test_train_on_the_last_turn_keeps_todays_rule(tmp_path):
     pairs, stats = _turn_pairs(tmp_path, "last")
     assert pairs == [] and stats.skipped == {"prompt_mismatch": [1]}  # the branches differ before the last turn
-    _, _, _, [kept], _ = _tokenize("chatml-instruct", [PreferencePair(USER, GUESS, AGENT_TURN[2:], 1)],
-                                   train_on_turns="all")
+    _, _, _, [kept], _ = _tokenize("chatml-instruct", [PreferencePair(USER, GUESS, AGENT_TURN[2:], 1)])
     assert kept.chosen_mask is None  # a single assistant message: every token trained, as before
 
 
@@ -267,7 +266,7 @@ def test_masked_turns_score_only_the_assistant_tokens_in_every_layout(tmp_path, 
     from helpers.toy import build_tiny_llama
 
     pairs, _ = _turn_pairs(tmp_path, "all")
-    _, tok, _, [kept], _ = _tokenize("chatml-instruct", pairs, train_on_turns="all")
+    _, tok, _, [kept], _ = _tokenize("chatml-instruct", pairs)
     model = build_tiny_llama(tok, seed=3).eval()
     with torch.no_grad():
         out = sequence_logps(model, collate([kept], tok.pad_token_id, layout))
@@ -284,9 +283,9 @@ def test_masked_turns_score_only_the_assistant_tokens_in_every_layout(tmp_path, 
 
 def test_truncation_cuts_the_masks_with_the_responses(tmp_path):
     pairs, _ = _turn_pairs(tmp_path, "all")
-    _, tok, _, [full], _ = _tokenize("chatml-instruct", pairs, train_on_turns="all")
+    _, tok, _, [full], _ = _tokenize("chatml-instruct", pairs)
     limit = len(full.prompt_ids) + 6
-    [cut], stats = PairTokenizer(tok, max_length=limit, train_on_turns="all").tokenize(pairs)
+    [cut], stats = PairTokenizer(tok, max_length=limit).tokenize(pairs)
     assert stats.responses_cut == 1 and len(cut.chosen_mask) == len(cut.chosen_ids) == 6
     assert cut.chosen_mask == full.chosen_mask[:6]
 

@@ -12,6 +12,7 @@ from dpokit.eval import report
 from dpokit.eval.envelope import PromptFigures, frontier_gap_with_stderr
 from dpokit.experiments.demo.checks import DPO, ONLINE, PREFERRED_FT, describe_checks, frontier_checks
 from dpokit.experiments.demo.sentiment import DemoSettings, claim_demo_folder, run_demo
+from dpokit.folder_swap import locked_folder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -84,7 +85,7 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(out), "--progress", "off"]) == 0
     printed = capsys.readouterr().out
     assert "what the numbers show" in printed and "before (base model)" in printed
-    assert f"emptied {out}: it held an earlier dpokit demo run" in printed
+    assert f"replacing {out}: it held an earlier dpokit demo run" in printed
     assert not stale.exists() and (tmp_path / "beside.txt").read_text() == "mine"
     assert "an earlier run" not in (out / "demo.log").read_text()
     summary = json.loads((out / "summary.json").read_text())
@@ -136,17 +137,25 @@ def _earlier_demo(folder: Path) -> None:
     (folder / ".summary.json.k2x9_a.tmp").write_text("{")  # an atomic write the earlier run did not finish
 
 
-def test_an_earlier_demo_folder_is_emptied_and_any_other_refused(tmp_path):
+def _claim(folder: Path, log) -> None:
+    with locked_folder(folder) as lock, claim_demo_folder(lock, log):
+        pass
+
+
+def test_an_earlier_demo_folder_is_replaced_and_any_other_refused(tmp_path):
     lines = []
     earlier = tmp_path / "earlier"
     _earlier_demo(earlier)
     (tmp_path / "beside.txt").write_text("mine")
-    claim_demo_folder(earlier, lines.append)
-    assert list(earlier.iterdir()) == [] and lines == [f"emptied {earlier}: it held an earlier dpokit demo run"]
+    _claim(earlier, lines.append)
+    assert [p.name for p in earlier.iterdir()] == [".dpokit.lock"]
+    assert lines == [f"replacing {earlier}: it held an earlier dpokit demo run, which is kept beside it until this "
+                     "demo's first run has a checkpoint"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["beside.txt", "earlier"]
     assert (tmp_path / "beside.txt").read_text() == "mine"
     # New and empty folders: nothing to say.
-    claim_demo_folder(tmp_path / "new", lines.append)
-    claim_demo_folder(earlier, lines.append)
+    _claim(tmp_path / "new", lines.append)
+    _claim(earlier, lines.append)
     assert len(lines) == 1
     # A user's folder, and an earlier demo's with a user's file added: refused, nothing deleted.
     users = tmp_path / "users"
@@ -157,7 +166,7 @@ def test_an_earlier_demo_folder_is_emptied_and_any_other_refused(tmp_path):
     (mixed / "notes.txt").write_text("keep")
     for folder in (users, mixed):
         with pytest.raises(DpokitError, match=f"--output {folder} is not empty; the demo writes into"):
-            claim_demo_folder(folder, lines.append)
+            _claim(folder, lines.append)
         assert (folder / "notes.txt").read_text() == "keep"
     assert (mixed / "runs" / "dpo-beta0.5" / "model.safetensors").is_file() and len(lines) == 1
 

@@ -27,6 +27,7 @@ def test_sample_command_streams_a_reproducible_file(tiny_model_dir, tmp_path):
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in make_pairs(6, seed=3)]
     assert all(len(r["completions"]) == 2 for r in rows)
     assert all(len(r["finished"]) == 2 and all(isinstance(f, bool) for f in r["finished"]) for r in rows)
+    assert all(len(r["completion_ids"]) == 2 and r["prompt_ids"] for r in rows)  # what was sampled, exactly
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
     assert not (tmp_path / "a.jsonl.partial").exists()
 

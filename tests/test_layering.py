@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dpokit"
 
 # Lowest first. A module may import its own layer and the layers below, never one above.
 LAYERS = [
-    ("errors", "io", "paths", "config", "settings_checks", "runinfo", "model_card", "hub", "trackers"),
+    ("errors", "faults", "io", "folder_swap", "paths", "config", "settings_checks", "runinfo", "model_card", "hub", "trackers"),
     ("data",),
     ("model", "losses", "logratios", "metrics"),
     ("scoring",),

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import dpokit.model.attention
+import dpokit.model.capability
 from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from dpokit.model.layout_guard import check_first_batch
@@ -27,7 +28,7 @@ def _scorer(model, tok, layout="auto", lm_head="auto"):
 
 
 def _hide_window(monkeypatch):
-    monkeypatch.setattr(dpokit.model.attention, "layer_windows", lambda config: {dpokit.model.attention.FULL: None})
+    monkeypatch.setattr(dpokit.model.capability, "applied_windows", lambda model: {dpokit.model.attention.FULL: None})
 
 
 def test_exact_layouts_are_kept_and_recorded(tok, pairs, tmp_path):

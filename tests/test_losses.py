@@ -51,10 +51,10 @@ LR_C, LR_R = [0.5, -1.0], [-0.5, 0.5]
 Z = [0.5, -0.75]
 A, B = [BETA * x for x in LR_C], [BETA * x for x in LR_R]  # β·lr_c, β·lr_r
 AVG_C, AVG_R = [-0.5, -1.0], [-0.5, -1.5]  # π/len
-# Losses that length-average report rewards on what they see, β·lr/len (TRL's IPO convention):
-# lr_c/len_c = [0.25, -0.25], lr_r/len_r = [-0.125, 0.25].
+# Losses that length-average report TRL's rewards, β·lr on the sums, like every loss with a reference,
+# and the per-token margin they act on: lr_c/len_c = [0.25, -0.25], lr_r/len_r = [-0.125, 0.25].
 AVERAGED = {"ipo", "sigmoid_norm"}
-A_AVG, B_AVG = [BETA * 0.25, BETA * -0.25], [BETA * -0.125, BETA * 0.25]
+PER_TOKEN_MARGINS = [BETA * (0.25 + 0.125), BETA * (-0.25 - 0.25)]
 
 
 def inputs(dtype=torch.float64, **over):
@@ -133,9 +133,13 @@ def test_hand_worked_value(name):
     assert isinstance(out, LossOutput)
     torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     free = ([BETA * x for x in AVG_C], [BETA * x for x in AVG_R])  # β·π/len
-    rewards = free if name in REFERENCE_FREE else (A_AVG, B_AVG) if name in AVERAGED else (A, B)  # β·lr
+    rewards = free if name in REFERENCE_FREE else (A, B)  # β·lr
     torch.testing.assert_close(out.chosen_rewards, torch.tensor(rewards[0], dtype=torch.float64))
     torch.testing.assert_close(out.rejected_rewards, torch.tensor(rewards[1], dtype=torch.float64))
+    if name in AVERAGED:
+        torch.testing.assert_close(out.margins_per_token, torch.tensor(PER_TOKEN_MARGINS, dtype=torch.float64))
+    else:
+        assert out.margins_per_token is None
 
 
 def test_some_values_as_literals():

@@ -76,6 +76,7 @@ def test_online_command_two_tiny_rounds(tiny_model_dir, tmp_path, capsys):
         assert saved["reference_model"] == str(tiny_model_dir)
         rows = [json.loads(line) for line in (out / "pairs" / f"round-{number}.jsonl").read_text().splitlines()]
         assert rows and all(r["score_chosen"] > r["score_rejected"] for r in rows)
+        assert all(r["chosen_ids"] and r["rejected_ids"] and r["prompt_ids"] for r in rows)  # trained verbatim
         assert len(rows) <= 8  # best over worst: at most one pair per prompt
         assert (out / f"round-{number}" / "evaluation.json").is_file()
     assert (out / "frontier.png").read_bytes()[:4] == b"\x89PNG"

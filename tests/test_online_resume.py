@@ -197,11 +197,13 @@ def test_resume_refuses_other_prompts_and_a_folder_of_something_else(tiny_model_
     assert "--prompts" in capsys.readouterr().err
     # Without --resume a used folder is refused as before; --resume auto on a folder of something else too.
     assert main(_args(tiny_model_dir, prompt_files, out, "--rounds", 1)) == 2
-    assert "is not empty" in capsys.readouterr().err
+    assert "holds another dpokit run" in capsys.readouterr().err
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     assert main(_args(tiny_model_dir, prompt_files, other, "--resume", "auto")) == 2
+    assert "holds files dpokit did not write (notes.txt)" in capsys.readouterr().err
+    assert main(_args(tiny_model_dir, prompt_files, out / "round-1", "--resume", "auto")) == 2  # a run, not online's
     assert "no online run to resume" in capsys.readouterr().err
     assert main(_args(tiny_model_dir, prompt_files, out, "--resume", str(out / "round-1"))) == 2
     assert "--resume auto" in capsys.readouterr().err

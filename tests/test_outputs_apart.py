@@ -9,7 +9,7 @@ import pytest
 
 from dpokit import cli
 from dpokit.errors import DpokitError
-from dpokit.experiments.sweep import prepare_root
+from dpokit.experiments.frontier import replace_root
 from dpokit.paths import check_creatable, check_outputs_apart, clear_for_overwrite
 
 TRAIN = ["--max-steps", "1", "--max-length", "32", "--progress", "off"]
@@ -61,14 +61,17 @@ def test_overwrite_leaves_nothing_of_the_previous_run(tiny_model_dir, toy_data, 
     assert not (exported / "adapter_config.json").exists() and (exported / "model.safetensors").is_file()
 
 
-def test_sweep_and_online_root_is_cleared_by_overwrite(tmp_path):
+def test_sweep_and_online_root_is_replaced_by_overwrite(tmp_path):
     from dpokit.config import RunConfig
+    from dpokit.folder_swap import held_entries, locked_folder
 
     cfg = RunConfig()
     cfg.train.output, cfg.train.overwrite = str(tmp_path / "sweep"), True
     (tmp_path / "sweep" / "old-run").mkdir(parents=True)
     (tmp_path / "sweep" / "frontier.csv").write_text("run\n")
-    assert list(prepare_root(cfg).iterdir()) == []
+    with locked_folder(cfg.train.output) as lock, replace_root(cfg, lock, print) as root:
+        assert held_entries(root.folder) == []  # the new root, empty; the old one waits beside it
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["sweep"]  # committed: the old one is gone
 
 
 def test_overwrite_never_deletes_where_you_stand(tmp_path, monkeypatch):

@@ -168,7 +168,7 @@ def test_sweep_runs_share_one_reference_cache(tiny_model_dir, tmp_path, monkeypa
 
     trained = []
 
-    def fake_train(cfg, log):
+    def fake_train(cfg, log, **kwargs):
         trained.append(cfg)
         return loop.TrainResult(output=cfg.train.output, steps=1)
 

@@ -72,7 +72,7 @@ def test_model_card_of_a_trained_run_parses_with_the_hub_reader(trained_run, tmp
     assert f"| loss | {last['loss']:.6g} |" in card.text
     assert "Held-out figures (step 16)" in card.text
     assert "rafailov2023direct" in card.text
-    assert 'AutoModelForCausalLM.from_pretrained("toy-dpo")' in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("path/to/toy-dpo")' in card.text  # not a bare name
 
 
 def test_model_card_names_hub_model_and_dataset(tmp_path):

@@ -7,13 +7,14 @@ cannot take it falls back (auto) or is refused (explicit) with one line.
 """
 
 import json
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dpokit.cli import main
-from dpokit.data.batching import collate
+from dpokit.data.batching import collate, most_mask_cells
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.model.attention import (
     AUTO_SEGMENTS_MIN_MASK_CELLS,
@@ -94,21 +95,38 @@ def test_gradients_equal_the_padded_forward(layout, tok, pairs):
         torch.testing.assert_close(grads["segments"][n], g, atol=1e-5, rtol=1e-5, msg=n)
 
 
-def test_auto_counts_mask_cells_not_width(tok):
-    """Many rows just under 4k tokens (the 4k set's reference pass: 8 x 4091) would need masks of
-    rows x width^2 cells, 5 bytes each on the CPU: auto runs segments there, and keeps the masks
-    on as wide a batch of one row, whose masks are small."""
-    tokens = torch.randint(4, 200, (3 * 1100,), generator=torch.Generator().manual_seed(0)).tolist()
+def test_auto_decides_once_per_run_from_the_most_mask_cells_any_batch_can_have(tok, pairs):
+    """Rows just under 4k tokens (the 4k set's reference pass: 8 x 4091) would need masks of rows x
+    width^2 cells, 5 bytes each on the CPU: a run whose batches can reach 2^24 cells runs segments,
+    on every batch, its narrow ones too; a run of short rows keeps the masks on every batch."""
+    tokens = torch.randint(4, 40, (3 * 1100,), generator=torch.Generator().manual_seed(0)).tolist()
     wide = [TokenizedPair(tokens[:1100], tokens[1100:2200], tokens[2200:3300 - k], k) for k in range(2)]
+    cells = max(most_mask_cells(wide, 2, layout) for layout in ("packed", "prefix-shared"))
+    assert cells >= AUTO_SEGMENTS_MIN_MASK_CELLS
     model = build_family("llama", tok, "sdpa")
-    choose_attention(model, "auto")
-    many = collate(wide, tok.pad_token_id, "padded")
-    rows, width = many.input_ids.shape
-    assert width < 4096 and rows * width * width >= AUTO_SEGMENTS_MIN_MASK_CELLS
-    assert SEGMENT_RUNS in attention_inputs(model, collate(wide, tok.pad_token_id, "packed"))
+    assert choose_attention(model, "auto", mask_cells=cells) == SEGMENTS
     one = collate(wide[:1], tok.pad_token_id, "prefix-shared")
     assert one.input_ids.shape[0] * one.input_ids.shape[1] ** 2 < AUTO_SEGMENTS_MIN_MASK_CELLS
-    assert SEGMENT_RUNS not in attention_inputs(model, one)
+    assert SEGMENT_RUNS in attention_inputs(model, one)  # a narrow batch of the same run: segments too
+    short = most_mask_cells(pairs, 4, "packed", PACK)
+    assert short < AUTO_SEGMENTS_MIN_MASK_CELLS
+    assert choose_attention(model, "auto", mask_cells=short) == "sdpa"  # the same model in a run of short rows
+    narrow = attention_inputs(model, collate(pairs, tok.pad_token_id, "packed", PACK))
+    assert SEGMENT_RUNS not in narrow and narrow["attention_mask"].stride()[-1] != 0  # a real [T x T] mask
+
+
+def test_most_mask_cells_bounds_every_batch_the_pairs_can_make():
+    rng = random.Random(0)
+    for trial in range(200):
+        count, per_batch, pack = rng.randint(1, 12), rng.randint(1, 6), rng.choice([0, 0, 16, 40])
+        pool = [TokenizedPair(tuple(range(rng.randint(1, 30))), tuple(range(rng.randint(1, 30))),
+                              tuple(range(rng.randint(1, 30))), i) for i in range(count)]
+        for layout in ("packed", "prefix-shared"):
+            bound = most_mask_cells(pool, per_batch, layout, pack)
+            for _ in range(10):
+                batch = collate(rng.sample(pool, min(count, rng.randint(1, per_batch))), 0, layout, pack)
+                rows, width = batch.input_ids.shape
+                assert rows * width * width <= bound, (trial, layout)
 
 
 def test_auto_falls_back_with_one_line_and_explicit_is_refused(tok):
@@ -121,29 +139,20 @@ def test_auto_falls_back_with_one_line_and_explicit_is_refused(tok):
     assert choose_attention(build_family("llama", tok, "sdpa"), "masks") == "sdpa"
 
 
-def test_auto_keeps_masks_on_small_batches_and_runs_segments_on_large_ones(tok, pairs):
-    """`--attention auto`: a batch whose masks would have fewer than AUTO_SEGMENTS_MIN_MASK_CELLS
-    cells keeps them (exact too, and faster on short rows); explicit `segments` runs on every row."""
+def test_explicit_segments_run_on_every_row_and_masks_stay_exact(tok, pairs):
     batch = collate(pairs, tok.pad_token_id, "packed", PACK)
-    width = batch.input_ids.shape[1]
-    auto = build_family("llama", tok, "sdpa")
-    assert choose_attention(auto, "auto") == SEGMENTS
-    narrow = attention_inputs(auto, batch)
-    assert SEGMENT_RUNS not in narrow and narrow["attention_mask"].shape[-1] == width
-    assert narrow["attention_mask"].stride()[-1] != 0  # a real [T x T] mask, not the placeholder
-    choose_attention(auto, "auto", min_mask_cells=batch.input_ids.shape[0] * width * width)
-    assert SEGMENT_RUNS in attention_inputs(auto, batch)
     explicit = build_family("llama", tok, "sdpa")
-    choose_attention(explicit, "segments")
+    assert choose_attention(explicit, "segments", mask_cells=0) == SEGMENTS  # whatever the batches' size
     assert SEGMENT_RUNS in attention_inputs(explicit, batch)
+    masks = build_family("llama", tok, "sdpa")
+    assert choose_attention(masks, "masks") == "sdpa"
     padded, logps = collate(pairs, tok.pad_token_id, "padded"), {}
-    for name, model in (("padded", build_family("llama", tok, "sdpa")), ("auto", auto)):
+    for name, model in (("padded", build_family("llama", tok, "sdpa")), ("segments", explicit), ("masks", masks)):
         model.eval()
         with torch.no_grad():
             logps[name] = sequence_logps(model, padded if name == "padded" else batch).chosen_logps
-    choose_attention(auto, "auto")  # narrow rows through the masks again: still the padded result
-    with torch.no_grad():
-        torch.testing.assert_close(sequence_logps(auto, batch).chosen_logps, logps["padded"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps["segments"], logps["padded"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps["masks"], logps["padded"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

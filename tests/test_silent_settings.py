@@ -13,7 +13,7 @@ from dpokit.data import read_pairs
 from dpokit.errors import DpokitError
 from dpokit.eval.sampling import read_prompts
 from dpokit.model.load import check_model_source
-from dpokit.settings_checks import context_limit, fit_max_length
+from dpokit.settings_checks import fit_max_length
 from dpokit.train.loop import train
 
 
@@ -47,22 +47,13 @@ def test_max_length_past_the_context_is_capped_with_one_line_and_warnings_name_n
     assert not any("beyond the model's context" in line or "warm-up" in line for line in lines)
 
 
-def test_context_limit_takes_the_smaller_of_model_and_tokenizer():
+def test_fit_max_length_refuses_a_prompt_limit_past_the_context():
     class Config:
-        max_position_embeddings = 2048
+        max_position_embeddings = 512
 
-    class Tokenizer:
-        model_max_length = 512
-
-    class Unlimited:
-        model_max_length = int(1e30)
-
-    assert context_limit(Config(), Tokenizer()) == (512, "the tokenizer's model_max_length")
-    assert context_limit(Config(), Unlimited()) == (2048, "the model's max_position_embeddings")
-    assert context_limit(object(), None) is None
-    assert fit_max_length(1024, None, None, print) == 1024
+    assert fit_max_length(1024, None, object(), None, print) == 1024  # nothing declares a limit
     with pytest.raises(DpokitError, match=r"--max-prompt-length \(600\) must be below the model's context"):
-        fit_max_length(1024, 600, (512, "x"), print)
+        fit_max_length(1024, 600, Config(), None, print)
 
 
 def test_unknown_chat_role_is_a_skip_reason(tmp_path):

@@ -22,17 +22,36 @@ from typing import Any
 
 import yaml
 
+from dpokit.config.load import RUN_CONFIG_FILE as RUN_CONFIG_FILE  # the run folder's files are named here
 from dpokit.errors import DpokitError, first_line
 
 # Where a function writes its progress lines: `print`, or a caller's collector.
 Log = Callable[[str], None]
 
+
+def counted(number: int, noun: str) -> str:
+    """'1 pair', '2 pairs': a count in a progress line."""
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
 # The advisory lock file a run holds in its folder (left in place: removing it would let two
 # processes lock two different files of the same name).
 LOCK_FILE = ".dpokit.lock"
-# The resolved config a training run writes into its folder (what `--resume`, `evaluate` and
-# `export` read back to learn how the run was trained).
-RUN_CONFIG_FILE = "dpokit_config.yaml"
+# Every line a training run logs, in its folder: what a console that went away (`| head`) missed.
+RUN_LOG_FILE = "train.log"
+
+
+class SaidOnce:
+    """A Log that passes each distinct line on once: the notes on settings that a command's runs
+    share (a sweep's runs, online's rounds: "beyond the model's context", a warm-up warning) are
+    said once per command, not once per run."""
+
+    def __init__(self, log: Log) -> None:
+        self.log, self.said = log, set()
+
+    def __call__(self, line: str) -> None:
+        if line not in self.said:
+            self.said.add(line)
+            self.log(line)
 
 
 def read_run_config(run_dir: str | Path) -> dict | None:
@@ -138,8 +157,43 @@ def folder_entries(folder: Path) -> list[Path]:
     return [p for p in Path(folder).iterdir() if p.name != LOCK_FILE]
 
 
+class FolderLock:
+    """The run lock of a folder, held: FOLDER/.dpokit.lock, and any other lock file `hold` takes
+    (a folder swapped into FOLDER's place brings its own lock file: `dpokit.folder_swap`). Every
+    one is released when the `run_folder_lock` block ends."""
+
+    def __init__(self, folder: Path, flag: str) -> None:
+        self.folder, self.flag = folder, flag
+        self._handles: list = []
+
+    def hold(self, lock_file: Path) -> None:
+        """Take the exclusive lock on `lock_file` (created if missing) until the block ends; refused
+        at once, naming the holder's pid, when another process has it."""
+        handle = open(lock_file, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the block
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DpokitError(f"{self.flag} {self.folder}: cannot lock the folder ({exc.strerror})") from None
+            raise DpokitError(f"{self.flag} {self.folder} is in use by another dpokit process (pid {holder}); wait "
+                              "for it to finish or stop it, or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handles.append(handle)
+
+    def release(self) -> None:
+        for handle in self._handles:
+            handle.close()
+        self._handles.clear()
+
+
 @contextmanager
-def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path]:
+def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[FolderLock]:
     """Hold an exclusive advisory lock on `folder` (created if missing) while the block runs.
 
     fcntl.flock on FOLDER/.dpokit.lock: the kernel releases it when the process exits, however it
@@ -150,26 +204,30 @@ def run_folder_lock(folder: str | Path, flag: str = "--output") -> Iterator[Path
     if folder.exists() and not folder.is_dir():
         raise DpokitError(f"{flag} {folder} is a file, not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the block
+    lock = FolderLock(folder, flag)
     try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DpokitError(f"{flag} {folder}: cannot lock the folder ({exc.strerror})") from None
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise DpokitError(f"{flag} {folder} is in use by another dpokit process (pid {holder}); wait for it "
-                              "to finish or stop it, or choose another folder") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield folder
+        lock.hold(folder / LOCK_FILE)
+        yield lock
     finally:
-        handle.close()  # releases the lock
+        lock.release()
 
 
 def shows_progress(choice: str) -> bool:
     """--progress on/off/auto: progress bars, with auto meaning when stderr is a terminal."""
     return choice == "on" or (choice == "auto" and sys.stderr.isatty())
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader went away (`dpokit ... | head`), so later prints and
+    the interpreter's final flush do not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def console(line: str) -> None:
+    """`print` for progress lines that outlive their reader: a closed stdout ends nothing."""
+    try:
+        print(line, flush=True)
+    except BrokenPipeError:
+        silence_stdout()

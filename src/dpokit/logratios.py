@@ -47,17 +47,19 @@ class LossOptions:
 class LossOutput:
     """Per-example tensors, each of shape (B,).
 
-    Rewards and log-probs are reported on what the loss sees (TRL's convention): a loss that
-    length-averages its log-probs (IPO, sigmoid_norm, the reference-free ones) reports rewards
-    β·lr/len and sets `chosen_logps`/`rejected_logps` to the averaged policy log-probs; None
-    there means the summed ones.
+    Rewards are TRL 1.16's: β·lr on the summed log-ratios for every loss with a reference, IPO and
+    sigmoid_norm included (they act on length-averaged ones, but report the sums, as TRL does).
+    Reference-free losses (no log-ratio exists) report β·π/len, the implicit reward of SimPO and of
+    TRL's CPO and ORPO trainers; `reward_logps` then holds the per-token log-probs π/len those
+    rewards are β times (None: the rewards are on summed log-probs), for the tie tolerance.
+    `margins_per_token`, for the losses that length-average: β(lr_c/len_c − lr_r/len_r), what they act on.
     """
 
     losses: Tensor
     chosen_rewards: Tensor
     rejected_rewards: Tensor
-    chosen_logps: Tensor | None = None
-    rejected_logps: Tensor | None = None
+    reward_logps: tuple[Tensor, Tensor] | None = None
+    margins_per_token: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,15 @@ class PairLogRatios:
                 length_average(self.policy_rejected_logps, self.rejected_lengths))
 
     def averaged_output(self, losses: Tensor) -> LossOutput:
-        """Rewards β·lr/len and log-probs π/len: the length-averaged quantities such a loss sees."""
-        beta, avg_c, avg_r = self.options.beta, *self.averaged_logps
-        rewards = (beta * length_average(self.chosen_logratios, self.chosen_lengths).detach(),
-                   beta * length_average(self.rejected_logratios, self.rejected_lengths).detach())
-        return LossOutput(losses, *rewards, avg_c.detach(), avg_r.detach())
+        """A length-averaging loss's output: TRL's rewards β·lr on the sums, and the per-token margin it acts on."""
+        per_token = length_average(self.chosen_logratios, self.chosen_lengths) - length_average(
+            self.rejected_logratios, self.rejected_lengths)
+        return LossOutput(losses, *self.rewards, margins_per_token=self.options.beta * per_token.detach())
 
     def reference_free_output(self, losses: Tensor) -> LossOutput:
-        """Rewards β·π/len and the averaged log-probs π/len that reference-free losses see."""
+        """Rewards β·π/len on the per-token log-probs π/len that reference-free losses see."""
         beta, avg_c, avg_r = self.options.beta, *self.averaged_logps
-        return LossOutput(losses, beta * avg_c.detach(), beta * avg_r.detach(), avg_c.detach(), avg_r.detach())
+        return LossOutput(losses, beta * avg_c.detach(), beta * avg_r.detach(), (avg_c.detach(), avg_r.detach()))
 
 
 class RunningMargin:

@@ -11,9 +11,9 @@ Notation: lr_c = π_c − ref_c and lr_r = π_r − ref_r are the log-ratios of 
 rejected responses, Δ = lr_c − lr_r, ε = label smoothing, len = response token count. The
 "score" of a log-ratio is the log-ratio itself under the default reverse KL, or its transform
 under `--f-divergence` (f-DPO, Wang et al. 2023, Thm. 1); `logits` is Δ on scores. Reference-
-based losses report the rewards β·lr_c and β·lr_r (TRL's convention), on length-averaged
-log-probs for the losses that average them (IPO, sigmoid_norm); reference-free ones report
-β·π/len. Nothing calls `.item()` or branches on tensor values, so no function forces a host sync.
+based losses report the rewards β·lr_c and β·lr_r on the summed log-ratios (TRL 1.16's, for every
+loss: IPO and sigmoid_norm too, whose per-token margin goes in `margins_per_token`); reference-free
+ones report β·π/len. Nothing calls `.item()` or branches on tensor values, so no function forces a host sync.
 """
 
 from __future__ import annotations
@@ -317,7 +317,8 @@ class LossPlan:
     def __call__(self, *, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                  reference_chosen_logps: Tensor | None, reference_rejected_logps: Tensor | None,
                  chosen_lengths: Tensor, rejected_lengths: Tensor, pair_weights: Tensor | None = None) -> LossOutput:
-        """Rewards are those of the first reference-based loss configured, else of the first loss.
+        """Rewards are those of the first reference-based loss configured, else of the first loss;
+        the per-token margin that of the first length-averaging loss.
 
         `pair_weights` (B,), WPO's w_c·w_r (`model.logprobs.wpo_pair_weights`, no gradient), scale
         each pair's total loss, every configured term alike (as TRL 1.16's use_weighting); the
@@ -336,8 +337,8 @@ class LossPlan:
             total = total * pair_weights
         with_ref = [out for spec, out in zip(self.specs, outputs, strict=True) if spec.needs_reference]
         rewards = (with_ref or outputs)[0]
-        return LossOutput(total, rewards.chosen_rewards, rewards.rejected_rewards, rewards.chosen_logps,
-                          rewards.rejected_logps)
+        per_token = next((out.margins_per_token for out in outputs if out.margins_per_token is not None), None)
+        return LossOutput(total, rewards.chosen_rewards, rewards.rejected_rewards, rewards.reward_logps, per_token)
 
 
 def compile_loss(loss_config: LossConfig) -> LossPlan:

@@ -12,10 +12,12 @@ import functools
 import os
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from dpokit.errors import DpokitError
+from dpokit.folder_swap import held_entries
 from dpokit.io import RUN_CONFIG_FILE, folder_entries
 
 Named = Iterable[tuple[str, "str | Path | None"]]
@@ -81,8 +83,15 @@ def check_creatable(path: str | Path, option: str, folder: bool = True) -> None:
         above = above.parent
     if above.exists() and not above.is_dir():
         raise DpokitError(f"{option} {path}: cannot be created, because {above} is a file, not a folder")
-    if not target.exists() and not os.access(above, os.W_OK | os.X_OK):
+    if target.exists():
+        return
+    if not os.access(above, os.W_OK | os.X_OK):
         raise DpokitError(f"{option} {path}: cannot be created (no permission to write in {above})")
+    try:  # permissions do not tell all (/proc, a read-only mount, a full disk): try, and leave nothing
+        os.rmdir(tempfile.mkdtemp(prefix=".dpokit-probe-", dir=above))
+    except OSError as exc:
+        raise DpokitError(f"{option} {path}: cannot be created ({above} takes no new files or folders: "
+                          f"{exc.strerror or type(exc).__name__})") from None
 
 
 def claim_output_folder(folder: str | Path, *, overwrite: bool, option: str = "--output",
@@ -101,6 +110,49 @@ def claim_output_folder(folder: str | Path, *, overwrite: bool, option: str = "-
     return path
 
 
+# Names only dpokit writes into a folder of its own: a run's (config, metrics, layout check, run
+# summary, checkpoints, reference cache) and an experiment root's (online, sweep, demo).
+_DPOKIT_NAMES = frozenset({RUN_CONFIG_FILE, "metrics.jsonl", "layout_check.json", "run_summary.json", "checkpoints",
+                           "reference-cache", "online_progress.json", "sweep.json", "frontier.csv", "demo.log"})
+
+
+def is_dpokit_folder(folder: Path) -> bool:
+    """A folder dpokit wrote: a run's or an experiment root's (it holds one of the names above), or
+    one whose subfolders are runs (a sweep killed in its first run)."""
+    entries = folder_entries(folder)
+    return any(p.name in _DPOKIT_NAMES for p in entries) or any(
+        p.is_dir() and not p.is_symlink() and (p / RUN_CONFIG_FILE).is_file() for p in entries)
+
+
+def _listing(entries: list[Path], shown: int = 4) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_replaceable(folder: str | Path, *, overwrite: bool, option: str = "--output",
+                      refusal: str = "{option} {folder} holds another dpokit run; pass {overwrite}, or choose a new "
+                      "folder"
+                      ) -> None:
+    """Refuse, before any work, to write a new run where something is already: a folder that holds
+    files dpokit did not write is never replaced (not even with --overwrite); a dpokit run's folder
+    only with `overwrite`, else `refusal` (with "{overwrite}": the advice, naming what it deletes).
+    The replacement itself is `folder_swap.Replacement`'s."""
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise DpokitError(f"{option} {folder} is a file, not a folder")
+    held = held_entries(path) if path.is_dir() else []
+    if not held:
+        return
+    if not is_dpokit_folder(path):
+        raise DpokitError(f"{option} {folder} holds files dpokit did not write ({_listing(held)}); dpokit never "
+                          f"replaces them, not even with --overwrite: move them away, or choose another {option}")
+    if not overwrite:
+        advice = f"--overwrite to replace it (deleting {_listing(held)})"
+        raise DpokitError(refusal.format(option=option, folder=folder, overwrite=advice))
+    refuse_where_you_stand(folder, option)
+
+
 def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
     """`--overwrite`: remove everything in `folder`, so nothing of the previous run survives
     beside the new one (a LoRA adapter beside a full model would load as that adapter). The run
@@ -108,10 +160,7 @@ def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
     folder_path = resolved(folder)
     if not folder_path.is_dir() or not folder_entries(folder_path):
         return
-    here = resolved(Path.cwd())
-    for guarded, what in ((here, "the current folder"), (resolved(Path.home()), "your home folder")):
-        if folder_path == guarded or folder_path in guarded.parents:
-            raise DpokitError(f"{option} {folder}: --overwrite would delete {what}; choose a folder of its own")
+    refuse_where_you_stand(folder, option)
     try:
         for item in folder_entries(folder_path):
             if item.is_dir() and not item.is_symlink():
@@ -120,6 +169,14 @@ def clear_for_overwrite(folder: str | Path, option: str = "--output") -> None:
                 item.unlink()
     except OSError as exc:
         raise DpokitError(f"{option} {folder}: --overwrite could not empty it ({exc.strerror}: {exc.filename})") from None
+
+
+def refuse_where_you_stand(folder: str | Path, option: str = "--output") -> None:
+    """Replacing a folder deletes it: never the current folder or your home, nor one holding them."""
+    folder_path = resolved(folder)
+    for guarded, what in ((resolved(Path.cwd()), "the current folder"), (resolved(Path.home()), "your home folder")):
+        if folder_path == guarded or folder_path in guarded.parents:
+            raise DpokitError(f"{option} {folder}: --overwrite would delete {what}; choose a folder of its own")
 
 
 def run_inputs(cfg) -> list[tuple[str, str | None]]:

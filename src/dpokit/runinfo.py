@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpokit.config import LOSS_KINDS
 from dpokit.errors import DpokitError
+from dpokit.folder_swap import HALF_SUFFIX, SWAP_SUFFIX, standing
 from dpokit.io import RUN_CONFIG_FILE, atomic_write_text, read_run_config
 
 RUN_SUMMARY_FILE = "run_summary.json"
@@ -36,6 +38,11 @@ class RunInfo:
     def setting(self, section: str, name: str) -> Any:
         return (self.config.get(section) or {}).get(name)
 
+    def _beta_counts(self) -> bool:
+        """False for a run whose losses all ignore β (sft, orpo): its β changed nothing."""
+        names = _loss_names(self.setting("loss", "loss")) or ["sigmoid"]
+        return not all(name in LOSS_KINDS and not LOSS_KINDS[name].uses_beta for name in names)
+
     @property
     def is_run(self) -> bool:
         return bool(self.config or self.last_train)
@@ -47,7 +54,8 @@ class RunInfo:
             "run": str(self.folder),
             "model": self.setting("model", "model"),
             "loss": _as_text(self.setting("loss", "loss")),
-            "beta": self.setting("loss", "beta"),
+            "beta": self.setting("loss", "beta") if self._beta_counts() else None,
+            "lora": self.setting("lora", "lora_r") or None,  # 0: every weight trained
             "steps": self.last_train.get("step"),
             "loss_final": self.last_train.get("loss"),
             "reward_accuracy": self.last_train.get("rewards/accuracies"),
@@ -58,6 +66,10 @@ class RunInfo:
             "kl": kl.get("kl"),
             "wall_s": self.summary.get("wall_seconds"),
         }
+
+
+def _loss_names(value: Any) -> list[str]:
+    return [name.strip() for name in (_as_text(value) or "").split(",") if name.strip()]
 
 
 def _as_text(value: Any) -> Any:
@@ -126,13 +138,15 @@ def find_runs(folders: list[str | Path]) -> list[Path]:
     found: list[Path] = []
 
     def visit(folder: Path) -> None:
+        folder = standing(folder)  # an --overwrite not committed yet: the run it replaces (folder_swap)
         if _is_run(folder) and folder not in found:
             found.append(folder)
-        for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _NOT_RUNS):
+        for child in sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _NOT_RUNS
+                            and not p.name.endswith((SWAP_SUFFIX, HALF_SUFFIX))):
             visit(child)
 
     for given in map(Path, folders):
-        if given.is_dir():
+        if standing(given).is_dir():
             visit(given)
     return found
 

@@ -17,26 +17,42 @@ _POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_leng
 _NO_LIMIT = 10**9
 
 
-def context_limit(model_config: Any, tokenizer: Any = None) -> tuple[int, str] | None:
-    """(positions, where that number comes from): the model's position count, or the tokenizer's
-    model_max_length when smaller; None when neither says."""
-    limits = []
+def _model_positions(model_config: Any) -> tuple[int, str] | None:
     for name in _POSITION_FIELDS:
         value = getattr(model_config, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            limits.append((value, f"the model's {name}"))
-            break
+            return value, f"the model's {name}"
+    return None
+
+
+def _tokenizer_length(tokenizer: Any) -> int | None:
     value = getattr(tokenizer, "model_max_length", None)
-    if isinstance(value, int) and 0 < value < _NO_LIMIT:
-        limits.append((value, "the tokenizer's model_max_length"))
-    return min(limits) if limits else None
+    return value if isinstance(value, int) and 0 < value < _NO_LIMIT else None
 
 
-def fit_max_length(max_length: int, max_prompt_length: int | None, limit: tuple[int, str] | None,
+def context_limit(model_config: Any, tokenizer: Any = None) -> tuple[int, str] | None:
+    """(positions, where that number comes from): the positions the model's config declares; the
+    tokenizer's model_max_length only when the config declares none (the tokenizer's field is
+    advisory: it goes stale after a context extension, or when a tokenizer is copied from the base
+    model). None when neither says."""
+    positions = _model_positions(model_config)
+    if positions is not None:
+        return positions
+    length = _tokenizer_length(tokenizer)
+    return (length, "the tokenizer's model_max_length; the model's config declares none") if length else None
+
+
+def fit_max_length(max_length: int, max_prompt_length: int | None, model_config: Any, tokenizer: Any,
                    log: Log) -> int:
-    """--max-length, capped (with one line) at the positions the model has: past them a model
-    trains on positions it never learned (or fails on an index)."""
+    """--max-length, capped (with one line) at the positions the model has (`context_limit`): past
+    them a model trains on positions it never learned (or fails on an index). A tokenizer's
+    smaller model_max_length is said in one line and the user's length kept."""
+    limit = context_limit(model_config, tokenizer)
     if limit is None or max_length <= limit[0]:
+        advised = _tokenizer_length(tokenizer)
+        if limit is not None and advised is not None and advised < max_length:
+            log(f"note: the tokenizer's model_max_length ({advised}) is below --max-length {max_length}; keeping "
+                f"{max_length}: {limit[1]} ({limit[0]}) decides, the tokenizer's field is advisory")
         return max_length
     positions, source = limit
     if max_prompt_length is not None and max_prompt_length >= positions:
@@ -66,14 +82,3 @@ def warn_warmup(warmup: int, total_steps: int, learning_rate: float, log: Log) -
         log(f"warning: a warm-up of {warmup} steps is longer than the whole run ({total_steps} step(s)): the "
             f"learning rate never reaches --learning-rate {learning_rate:g} (highest {highest:.3g}, at step "
             f"{total_steps})")
-
-
-def model_config(name: str, trust_remote_code: bool = False) -> Any:
-    """The model's config (config.json) without its weights; None when it cannot be read here
-    (loading the model itself then reports why)."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError):
-        return None

@@ -11,7 +11,8 @@ import torch
 
 from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
-from dpokit.model.attention import choose_attention
+from dpokit.model.attention import PACKED_LAYOUTS
+from dpokit.model.capability import configure_forward
 from helpers.toy import make_pairs
 
 WINDOW = 4
@@ -19,6 +20,9 @@ _LLAMA_LIKE = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 
                "num_key_value_heads": 1, "max_position_embeddings": 128}
 _SW = {"sliding_window": WINDOW}
 _GPT = {"n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 128}
+# Encoder-decoder families' decoders as causal LMs (as many encoder layers: the cache is sized by them).
+_SEQ2SEQ = {"d_model": 16, "decoder_layers": 2, "encoder_layers": 2, "decoder_attention_heads": 2,
+            "encoder_attention_heads": 2, "decoder_ffn_dim": 32, "encoder_ffn_dim": 32, "max_position_embeddings": 128}
 
 # name -> (model_type, config fields)
 FAMILIES: dict[str, tuple[str, dict]] = {
@@ -52,6 +56,15 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "cohere": ("cohere", _LLAMA_LIKE),
     "granite": ("granite", _LLAMA_LIKE),
     "mixtral": ("mixtral", {**_LLAMA_LIKE, **_SW, "num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Its decoder layers call attention without the forward's keyword arguments (transformers 5.24).
+    "nemotron": ("nemotron", _LLAMA_LIKE),
+    # Learned (BART, mBART) or sinusoidal (Marian) positions counted by column, whatever position_ids says.
+    "bart": ("bart", _SEQ2SEQ),
+    "mbart": ("mbart", _SEQ2SEQ),
+    "marian": ("marian", _SEQ2SEQ),
+    # A sliding_window the model's forward never applies: Llama has none; Moshi's (default 3000) is stale.
+    "llama-stale-window": ("llama", {**_LLAMA_LIKE, **_SW}),
+    "moshi": ("moshi", {**_LLAMA_LIKE, **_SW}),
 }
 
 
@@ -88,7 +101,8 @@ def build_family(name: str, tokenizer, attn: str = "eager", seed: int = 0, dropo
     config = family_config(name, tokenizer, "sdpa" if attn == "segments" else attn, dropout)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if attn == "segments":
-        choose_attention(model, "auto", log=lambda line: None, min_mask_cells=0)  # segments on every row
+        # As a run sets it up whose batches are large: segments on every packed row, where exact.
+        configure_forward(model, choice="auto", layouts=PACKED_LAYOUTS, mask_cells=None, log=lambda line: None)
     return model
 
 

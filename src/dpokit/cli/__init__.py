@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 import warnings
 from collections.abc import Sequence
+from functools import partial
 
+from dpokit import __version__
 from dpokit.cli.common import Parser, add_debug_flag, add_train_options, check_config_apart, config_from_args
 from dpokit.cli.data import add_data_command
 from dpokit.cli.demo import add_demo_command, add_online_command
@@ -28,19 +31,23 @@ from dpokit.cli.runs import add_runs_command
 from dpokit.config import DTYPES
 from dpokit.errors import DpokitError, TrainingInterrupted, first_line
 from dpokit.eval.report import report_after_training
+from dpokit.io import console, silence_stdout
 from dpokit.model.export import export_model
 from dpokit.train.loop import train
 
 __all__ = ["build_parser", "config_from_args", "main"]
+
+_TRAINING_COMMANDS = ("train", "online", "sweep", "demo")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     check_config_apart(args, cfg.train.output)
-    result = train(cfg)
+    # Each line flushed, so a reader gone early (`| head`) shows at once: train goes on, into train.log only.
+    result = train(cfg, log=partial(print, flush=True))
     if result.is_main:  # under torchrun, rank 0 writes the report
-        report_after_training(result.output, print, result.trackers)
+        report_after_training(result.output, console, result.trackers)
     return 0
 
 
@@ -55,8 +62,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _add_export_command(sub) -> None:
     export = sub.add_parser("export", help="write a trained run as a standalone Hugging Face model",
                             description="Write a run folder as a standalone model + tokenizer. For a LoRA "
-                            "run, --merge folds the adapter into the base model's weights.")
-    export.add_argument("run", help="the run folder (dpokit train --output)")
+                            "run, --merge folds the adapter into the base model's weights. A .gguf model file is "
+                            "written dequantized, as a plain model folder.")
+    export.add_argument("run", help="the run folder (dpokit train --output), or a .gguf model file")
     export.add_argument("--output", required=True, help="folder for the exported model")
     export.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base weights")
     export.add_argument("--base", help="base model of a LoRA run (default: the run's --model)")
@@ -70,6 +78,7 @@ def _add_export_command(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="dpokit", description="Direct Preference Optimization for Hugging Face causal LMs.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"dpokit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     train = sub.add_parser("train", help="train a policy with DPO on preference pairs",
@@ -100,13 +109,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
-def _closed_pipe() -> int:
+def _closed_pipe(command: str) -> int:
     """The reader of our output went away (`dpokit data inspect ... | head`): a normal, quiet end.
-    stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    return 0
+    stdout is pointed at /dev/null so the interpreter's final flush does not fail a second time.
+    Training commands log through `console`, which a closed stdout does not stop: one that ends
+    here lost its stderr too (a progress bar into `2>&1 | head`), and stopped unsaved: no success."""
+    silence_stdout()
+    return 128 + signal.SIGPIPE if command in _TRAINING_COMMANDS else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -133,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("dpokit: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        return _closed_pipe()
+        return _closed_pipe(args.command)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a one-line message
         if args.debug:
             raise

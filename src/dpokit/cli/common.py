@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import re
+from collections.abc import Collection
 
 from dpokit.config import build_config, coerce, flag_of, format_value, iter_options, kind_of, load_yaml
 from dpokit.io import shows_progress
@@ -11,10 +14,54 @@ from dpokit.paths import check_outputs_apart
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage dump), pointing at --help."""
+    """argparse with one-line errors (no usage dump), pointing at --help. Options are never
+    abbreviated (argparse's prefix matching took `--lr` for `--lr-scheduler` and `--max-step` for
+    `--max-steps` silently): an unknown option is an error from the subcommand it was given to,
+    naming the nearest options."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = _chosen_parser(self, namespace)
+            option = next((e.split("=", 1)[0] for e in extras if e.startswith("-")), None)
+            if option is None:
+                owner.error(f"unrecognized arguments: {' '.join(extras)}")
+            owner.error(f"unrecognized option {option}{_suggestion(option, owner)}")
+        return namespace
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> argparse.ArgumentParser:
+    """The innermost subcommand's parser the arguments chose (`dpokit data inspect`), else `parser`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(namespace, action.dest, None) or "")
+            if chosen is not None:
+                return _chosen_parser(chosen, namespace)
+    return parser
+
+
+def _suggestion(option: str, parser: argparse.ArgumentParser) -> str:
+    """'; did you mean --x?' for the options of `parser` nearest `option`: those it abbreviates,
+    word by word (`--max-step`, `--grad-accum`) or by initials (`--lr`), else the closest spellings."""
+    known = sorted(s for s in parser._option_string_actions if s.startswith("--") and s != "--help")
+    typed = option.lstrip("-").replace("_", "-").lower().split("-")
+    near = [s for s in known if _abbreviates(typed, s[2:].split("-"))] or difflib.get_close_matches(
+        "--" + "-".join(typed), known, n=3, cutoff=0.75)
+    if not near:
+        return ""
+    return f"; did you mean {near[0]}?" if len(near) == 1 else f"; did you mean one of {', '.join(near[:4])}?"
+
+
+def _abbreviates(typed: list[str], words: list[str]) -> bool:
+    initials = len(typed) == 1 and len(typed[0]) > 1 and typed[0] == "".join(w[0] for w in words)
+    return initials or (len(typed) <= len(words) and all(w.startswith(t) for t, w in zip(typed, words, strict=False)))
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -27,12 +74,15 @@ def show_progress(args: argparse.Namespace) -> bool:
     return shows_progress(getattr(args, "progress", "auto"))
 
 
-def add_field(group, f: dataclasses.Field, help_override: str | None = None) -> None:
-    """One option from one config field: flag from the name (or `flag` metadata), help and default."""
+def add_field(group, f: dataclasses.Field, help_override: str | None = None, inherited: bool = False) -> None:
+    """One option from one config field: flag from the name (or `flag` metadata), help and default
+    (`inherited`: a dpokit run's own setting comes first, as `evaluate` reads it)."""
     flag = flag_of(f)
     help_text = help_override or f.metadata["help"]
     if "default" not in help_text:
         help_text += f" (default: {format_value(f.default)})"
+    if inherited:  # "(default 0.1)" -> "(default: the run's own, else 0.1)"
+        help_text = re.sub(r"\bdefault:? ", "default: the run's own, else ", help_text, count=1)
     if kind_of(f).base is bool:
         group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
@@ -56,11 +106,13 @@ def add_train_options(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
 
 
 def add_section(parser: argparse.ArgumentParser, title: str, cls: type, only: tuple[str, ...] = (),
-                 helps: dict[str, str] | None = None) -> None:
+                 helps: dict[str, str] | None = None, inherited: Collection[str] = ()) -> None:
+    """The options of `cls` (`only` these) in one help group; `inherited` name those whose default
+    is a dpokit run's own setting."""
     group = parser.add_argument_group(title)
     for f in dataclasses.fields(cls):
         if not only or f.name in only:
-            add_field(group, f, (helps or {}).get(f.name))
+            add_field(group, f, (helps or {}).get(f.name), inherited=f.name in inherited)
 
 
 def section_from_args(args: argparse.Namespace, cls: type, only: tuple[str, ...] = ()) -> dict:

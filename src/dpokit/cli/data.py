@@ -8,9 +8,9 @@ import sys
 from dpokit.cli.common import Parser, add_debug_flag, add_field
 from dpokit.config import DataConfig, coerce, flag_of, iter_options, validate_data
 from dpokit.data.doctor import format_report, inspect_data, report_json
-from dpokit.model.load import load_tokenizer
+from dpokit.model.load import load_model_config, load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart
-from dpokit.settings_checks import context_limit, fit_max_length, model_config
+from dpokit.settings_checks import fit_max_length
 
 _INSPECT_SKIPS = ("data", "eval_data")
 
@@ -51,8 +51,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     if args.model:
         tokenizer = load_tokenizer(args.model, args.trust_remote_code)
         # As train does: a --max-length past the model's positions is capped (the line goes to stderr).
-        limit = context_limit(model_config(args.model, args.trust_remote_code), tokenizer)
-        data.max_length = fit_max_length(data.max_length, data.max_prompt_length, limit,
+        data.max_length = fit_max_length(data.max_length, data.max_prompt_length,
+                                         load_model_config(args.model, args.trust_remote_code), tokenizer,
                                          lambda line: print(line, file=sys.stderr))
     report = inspect_data(args.path, data, tokenizer, plot=args.plot)
     print(report_json(report) if args.json else format_report(report))

@@ -26,6 +26,7 @@ from dpokit.eval.evaluate import format_number
 from dpokit.eval.sampling import read_prompts
 from dpokit.experiments.demo.sentiment import run_demo, settings_for
 from dpokit.experiments.online import run_online
+from dpokit.io import console
 
 # `dpokit online` generates its training pairs every round, so these train options do not apply.
 ONLINE_SKIPS = ("data", "eval_data")
@@ -39,7 +40,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise DpokitError(f"--threads must be at least 1; got {demo.demo_threads}")
     preset = "quick" if demo.quick else "full" if demo.full else "default"
     run_demo(settings_for(preset, seed=demo.demo_seed, threads=demo.demo_threads), demo.demo_output, online=demo.online,
-             progress=show_progress(args))
+             progress=show_progress(args), log=console)
     return 0
 
 
@@ -70,13 +71,13 @@ def _cmd_online(args: argparse.Namespace) -> int:
     prompts = read_prompts(judging.prompts, judging.max_prompts)
     eval_prompts = read_prompts(online.eval_prompts) if online.eval_prompts else None
     summary = run_online(base, prompts, online, judging, sampling, eval_prompts=eval_prompts,
-                         progress=show_progress(args))
-    print(f"{'round':<8} {'pairs':>6} {'reward':>10} {'KL':>10} {'win rate':>9}")
-    print(f"{'start':<8} {'-':>6} {format_number(summary['points'][0]['reward']):>10} {0.0:>10.4f} {0.5:>9.3f}")
+                         progress=show_progress(args), log=console)
+    console(f"{'round':<8} {'pairs':>6} {'reward':>10} {'KL':>10} {'win rate':>9}")
+    console(f"{'start':<8} {'-':>6} {format_number(summary['points'][0]['reward']):>10} {0.0:>10.4f} {0.5:>9.3f}")
     for r in summary["rounds"]:
         p = r["point"]
-        print(f"{r['round']:<8} {r['pair_stats']['pairs']:>6} {format_number(p['reward']):>10} "
-              f"{format_number(p['kl']):>10} {p['win_rate']:>9.3f}")
+        console(f"{r['round']:<8} {r['pair_stats']['pairs']:>6} {format_number(p['reward']):>10} "
+                f"{format_number(p['kl']):>10} {p['win_rate']:>9.3f}")
     return 0
 
 

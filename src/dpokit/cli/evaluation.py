@@ -25,11 +25,11 @@ from dpokit.config import (
     validate_sampling,
 )
 from dpokit.errors import DpokitError
-from dpokit.eval.evaluate import evaluate_models, format_table, run_template_kwargs
+from dpokit.eval.evaluate import RUN_DATA_SETTINGS, evaluate_models, format_table, run_template_kwargs
 from dpokit.eval.report import CURVES_FILE, REPORT_FILE, SAMPLES_FILE, sample_before_after, write_report
 from dpokit.eval.sampling import check_prompt, read_prompts, run_sample
 from dpokit.experiments.sweep import run_sweep
-from dpokit.io import atomic_write_text
+from dpokit.io import atomic_write_text, console
 from dpokit.paths import check_creatable, check_outputs_apart
 
 # `evaluate --data` takes every data flag of `train` but --eval-data; for a dpokit run each one
@@ -127,8 +127,10 @@ def add_evaluate_command(sub) -> None:
                             "the win rate (--judge) and KL(policy || reference) from policy samples.")
     _add_section(parser, "evaluation options", EvaluateCommandConfig)
     _add_section(parser, "preference data options (default: the run's own settings, as train's flags)", DataConfig,
-                 only=EVALUATE_DATA_OPTIONS, helps={"data": "preference pairs to compute reward accuracy and margins on"})
-    _add_section(parser, "implicit reward options (default: the run's own)", LossConfig)
+                 only=EVALUATE_DATA_OPTIONS, helps={"data": "preference pairs to compute reward accuracy and margins on"},
+                 inherited=RUN_DATA_SETTINGS)
+    _add_section(parser, "implicit reward options (default: the run's own)", LossConfig,
+                 inherited=[f.name for f in dataclasses.fields(LossConfig)])
     _add_section(parser, "batch options", TrainConfig, only=("batch_size",))
     _add_section(parser, "prompt and judge options", JudgeConfig)
     _add_model_and_sampling(parser, {
@@ -147,7 +149,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     losses = [spec.strip() for spec in getattr(args, "losses", None) or [sweep.losses]]
     base = config_from_args(args, {"loss": {"loss": losses[0]}})  # checked with the first; each run with its own
     check_config_apart(args, base.train.output)
-    run_sweep(base, betas, losses, JudgeConfig(**_section_from_args(args, JudgeConfig)), _sampling_options(args))
+    run_sweep(base, betas, losses, JudgeConfig(**_section_from_args(args, JudgeConfig)), _sampling_options(args),
+              log=console)
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from dpokit.cli.common import add_debug_flag
 from dpokit.errors import DpokitError
+from dpokit.folder_swap import standing
 from dpokit.runinfo import find_runs, read_run
 
 # Column -> (header, format). Rows sort by any column; a run without the figure sorts last.
@@ -17,6 +18,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "model": ("model", "{}"),
     "loss": ("loss", "{}"),
     "beta": ("β", "{:g}"),
+    "lora": ("LoRA r", "{:d}"),
     "steps": ("steps", "{:d}"),
     "loss_final": ("final loss", "{:.4f}"),
     "reward_accuracy": ("reward acc", "{:.3f}"),
@@ -31,7 +33,7 @@ COLUMNS: dict[str, tuple[str, str]] = {
 
 def add_runs_command(sub) -> None:
     runs = sub.add_parser(
-        "runs", help="list runs: model, loss, β, steps, final figures, evaluation, wall time",
+        "runs", help="list runs: model, loss, β, LoRA rank, steps, final figures, evaluation, wall time",
         description="A table of the dpokit runs in each FOLDER and in its subfolders (a sweep's or the "
         "demo's root lists all of its runs). Figures a run does not have show as '-'.")
     runs.add_argument("folders", nargs="*", default=["."], metavar="FOLDER", help="run folders (default: .)")
@@ -73,7 +75,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _cmd_runs(args: argparse.Namespace) -> int:
     for folder in args.folders:
-        if not Path(folder).is_dir():
+        if not standing(Path(folder)).is_dir():
             raise DpokitError(f"FOLDER {folder}: not a folder")
     rows = [read_run(path).row() for path in find_runs(args.folders)]
     if not rows:

@@ -8,6 +8,7 @@ behind each name lives in `dpokit.losses`, which pairs one function with every n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -39,10 +40,11 @@ class LossKind:
     uses_label_smoothing: bool = False  # ε changes the loss
     f_divergence: bool = False  # an --f-divergence other than reverse_kl is meaningful
     batch_statistics: bool = False  # keeps running statistics over the training batches (alone in --loss)
+    uses_beta: bool = True  # β enters the loss (not only the logged rewards)
+    options: tuple[str, ...] = ()  # the LossConfig fields of its own that change it (--simpo-gamma, ...)
 
 
 _SIGMOID = LossKind(uses_label_smoothing=True, f_divergence=True)
-_REFERENCE_FREE = LossKind(needs_reference=False)
 
 # Every loss name --loss accepts, in the order --help lists them.
 LOSS_KINDS: dict[str, LossKind] = {
@@ -59,18 +61,32 @@ LOSS_KINDS: dict[str, LossKind] = {
     "aot_unpaired": LossKind(uses_label_smoothing=True),
     "apo_zero": LossKind(),
     "apo_down": LossKind(),
-    "discopop": LossKind(f_divergence=True),
+    "discopop": LossKind(f_divergence=True, options=("discopop_tau",)),
     "sigmoid_norm": LossKind(f_divergence=True),
-    "rdpo": LossKind(f_divergence=True),
-    "dpop": LossKind(),
-    "beta_dpo": LossKind(batch_statistics=True),
-    "sft": LossKind(needs_reference=False, f_divergence=True),  # ignores --f-divergence, so it combines with any
-    "simpo": _REFERENCE_FREE,
-    "orpo": _REFERENCE_FREE,
+    "rdpo": LossKind(f_divergence=True, options=("rdpo_alpha",)),
+    "dpop": LossKind(options=("dpop_lambda",)),
+    "beta_dpo": LossKind(batch_statistics=True, options=("beta_dpo_alpha", "beta_dpo_rho")),
+    # sft ignores --f-divergence (so it combines with any) and β (it is the chosen response's NLL)
+    "sft": LossKind(needs_reference=False, f_divergence=True, uses_beta=False),
+    "simpo": LossKind(needs_reference=False, options=("simpo_gamma",)),
+    "orpo": LossKind(needs_reference=False, uses_beta=False, options=("orpo_lambda",)),  # β: rewards only
 }
 NEEDS_LABEL_SMOOTHING = ("exo_pair",)  # losses that are undefined at ε = 0
 SORTS_PAIRS = ("aot", "aot_unpaired")  # sort the batch's log-ratios, so per-pair weights (--wpo) lose their pair
 PER_TOKEN_LOSSES = ("ipo", "sigmoid_norm", "sft", "simpo", "orpo")  # average log-probs per token (no --ld-alpha)
+
+
+def loss_options_in_use(names: Sequence[str], f_divergence: str = "reverse_kl") -> tuple[str, ...]:
+    """The LossConfig options that change a loss made of `names` (besides the names themselves,
+    their weights and the run-wide --sync-reference-*, --wpo, --ld-alpha): the shared ones, then each loss's own."""
+    kinds = [LOSS_KINDS[name] for name in names]
+    scored = any(kind.f_divergence and kind.needs_reference for kind in kinds)  # sft accepts it, ignores it
+    used = {"beta": any(kind.uses_beta for kind in kinds),
+            "label_smoothing": any(kind.uses_label_smoothing for kind in kinds),
+            "f_divergence": scored,
+            "alpha_divergence_coef": scored and f_divergence == "alpha_divergence"}
+    own = [option for kind in kinds for option in kind.options]
+    return tuple(name for name, on in used.items() if on) + tuple(dict.fromkeys(own))
 
 
 def losses_where(trait: str) -> list[str]:

@@ -66,7 +66,7 @@ class OnlineConfig:
 @section
 class DemoConfig:
     demo_output: str = option("demo-output", "folder for the demo's files (default: demo-output); an earlier demo's "
-                              "folder is emptied first, any other that is not empty refused", flag="--output")
+                              "folder is replaced, any other that is not empty refused", flag="--output")
     quick: bool = option(False, "a smoke version in under a minute: fewer prompts, one β, short runs")
     full: bool = option(False, "a bigger run: more prompts and samples, five β, longer runs, four online rounds")
     online: bool = option(True, "also run online DPO rounds (continuing the DPO run at the largest β), on the same frontier")

@@ -1,7 +1,8 @@
 """How an option is declared, typed and converted from YAML or command-line text.
 
 Each option is a dataclass field with its help text in `metadata["help"]` (and optionally
-`choices`, or `flag` where the command line wants another name). `@section` makes such a
+`choices`, `flag` where the command line wants another name, or `path`: INPUT for a file or
+folder read, which may also be a hub id, OUTPUT for one written). `@section` makes such a
 dataclass: it resolves the annotations once with `typing.get_type_hints`, so `coerce` reads a
 real type (bool, int, float, str, `X | None`, or `tuple[X, ...]` for a list), and it converts
 every value given to the constructor, so a section never holds a value of the wrong type: a
@@ -20,6 +21,8 @@ from dpokit.errors import DpokitError
 
 _SCALARS = (bool, int, float, str)
 _NONE_WORDS = ("none", "null")  # an optional option given as this text is unset
+# `path` metadata: a local file or folder the run reads (or a hub id), or one it writes.
+INPUT, OUTPUT = "input", "output"
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:

@@ -1,22 +1,28 @@
 """Reading and writing the config: YAML files, layers of values, the resolved tree.
 
-`load_yaml` reads a user's file (or a run folder's dpokit_config.yaml, also one an older dpokit
-wrote with comma strings for lists); `build_config` stacks layers of {section: {option: value}}
+`load_yaml` reads a user's file, whose relative paths name files beside it (or a run folder's
+dpokit_config.yaml, also one an older dpokit wrote with comma strings for lists, whose paths are
+as the run's command line gave them); `build_config` stacks layers of {section: {option: value}}
 over the defaults and validates the result; `dump_yaml` writes what a run used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dpokit.config.fields import coerce
+from dpokit.config.fields import OUTPUT, coerce
 from dpokit.config.sections import RunConfig, iter_options, section_classes
 from dpokit.config.validate import validate
 from dpokit.errors import DpokitError
+
+# The resolved config a training run writes into its folder (what `--resume`, `evaluate` and
+# `export` read back to learn how the run was trained).
+RUN_CONFIG_FILE = "dpokit_config.yaml"
 
 
 def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -37,20 +43,57 @@ def load_yaml(path: str | Path) -> dict[str, dict[str, Any]]:
     by_name = {f.name: (section, f) for section, f in iter_options()}
     classes = section_classes()
     values: dict[str, dict[str, Any]] = {}
+    # A user's file names paths beside it; a run's own record names them as its command line did.
+    folder = None if path.name == RUN_CONFIG_FILE else path.parent
     for key, value in raw.items():
         if key in classes and isinstance(value, dict):
             names = {f.name: f for f in dataclasses.fields(classes[key])}
             for sub, subvalue in value.items():
                 if sub not in names:
-                    raise DpokitError(f"{path}: unknown option '{key}.{sub}'")
-                _set_once(values, key, sub, coerce(subvalue, names[sub], f"{_at(path, sub)}: {key}.{sub}"),
-                          f"{_at(path, sub)}: {key}.{sub}")
+                    raise DpokitError(f"{_at(path, sub)}: unknown option '{key}.{sub}'{_where_instead(sub, by_name)}")
+                where = f"{_at(path, sub)}: {key}.{sub}"
+                _set_once(values, key, sub, _beside(coerce(subvalue, names[sub], where), names[sub], folder), where)
         elif key.replace("-", "_") in by_name:
             section, f = by_name[key.replace("-", "_")]
-            _set_once(values, section, f.name, coerce(value, f, f"{_at(path, key)}: {key}"), f"{_at(path, key)}: {key}")
+            where = f"{_at(path, key)}: {key}"
+            _set_once(values, section, f.name, _beside(coerce(value, f, where), f, folder), where)
         else:
-            raise DpokitError(f"{path}: unknown option '{key}'")
+            raise DpokitError(f"{_at(path, key)}: unknown option '{key}'{_where_instead(key, by_name)}")
     return values
+
+
+def _where_instead(name: Any, by_name: dict[str, tuple[str, dataclasses.Field]]) -> str:
+    """Where an unknown key may belong: its section when it is an option of another one, the
+    nearest option name otherwise (`training:` -> the section `train:`)."""
+    name = str(name).replace("-", "_")
+    if name in by_name:
+        section = by_name[name][0]
+        return f"; it belongs in the section '{section}:' ({section}: {{{name}: ...}}), or at the top level"
+    close = difflib.get_close_matches(name, [*section_classes(), *by_name], n=1, cutoff=0.6)
+    if not close:
+        return "; see dpokit train --help for the options"
+    what = "the section" if close[0] in section_classes() else "the option"
+    return f"; did you mean {what} '{close[0]}'?"
+
+
+_RESUME_WORDS = ("auto", "none", "no")  # --resume values that are not a folder
+
+
+def _beside(value: Any, f: dataclasses.Field, folder: Path | None) -> Any:
+    """A relative path in a config file names a file beside that file, not in the current folder:
+    an output always; an input when it exists there (else it is kept as written: a hub id, or a
+    path from the current folder, as before). `folder` None: kept as written."""
+    kind = f.metadata.get("path")
+    if folder is None or not kind or not isinstance(value, str) or (f.name == "resume" and value in _RESUME_WORDS):
+        return value
+    if Path(value).expanduser().is_absolute():
+        return value
+    if kind == OUTPUT or (folder / value).exists():
+        return str(folder / value)
+    local, colon, split = value.partition(":")  # FOLDER:SPLIT (a saved dataset's split)
+    if colon and local and (folder / local).exists():
+        return f"{folder / local}:{split}"
+    return value
 
 
 def _set_once(values: dict[str, dict[str, Any]], section: str, name: str, value: Any, where: str) -> None:

@@ -30,15 +30,16 @@ from dpokit.config.choices import (
     TURN_MODES,
     losses_where,
 )
-from dpokit.config.fields import format_value, option, section
+from dpokit.config.fields import INPUT, OUTPUT, format_value, option, section
 
 
 @section
 class ModelConfig:
-    model: str | None = option(None, "policy to train: a local Hugging Face model folder or a hub id (required)")
-    tokenizer: str | None = option(None, "tokenizer folder or hub id (default: the model's)")
+    model: str | None = option(None, "policy to train: a local Hugging Face model folder, a hub id, or a "
+                                      ".gguf file (dequantized to float32) (required)", path=INPUT)
+    tokenizer: str | None = option(None, "tokenizer folder, hub id or .gguf file (default: the model's)", path=INPUT)
     reference_model: str | None = option(
-        None, "reference model folder or hub id (default: a frozen copy of the initial policy)"
+        None, "reference model folder, hub id or .gguf file (default: a frozen copy of the initial policy)", path=INPUT
     )
     dtype: str = option(
         "fp32",
@@ -56,12 +57,14 @@ class DataConfig:
         None,
         "training pairs: a .jsonl/.json/.csv/.parquet file, a datasets.save_to_disk folder (FOLDER[:SPLIT]) "
         "or a hub dataset ORG/NAME[:SPLIT] or ORG/NAME:CONFIG:SPLIT (required); .jsonl.gz/.json.gz are read compressed",
+        path=INPUT,
     )
     data_config: str | None = option(
         None, "hub datasets only: the configuration to load (as in ORG/NAME:CONFIG:SPLIT), for --data and --eval-data"
     )
     data_dir: str | None = option(None, "hub datasets only: the folder inside the dataset repository to load (data_dir)")
-    eval_data: str | None = option(None, "held-out pairs (any source --data takes), evaluated every --eval-every steps")
+    eval_data: str | None = option(None, "held-out pairs (any source --data takes), evaluated every --eval-every steps",
+                                   path=INPUT)
     data_format: str = option(
         "auto",
         "row layout: auto (detected from the first row), standard (prompt/chosen/rejected strings), implicit "
@@ -73,7 +76,7 @@ class DataConfig:
         "field: score_chosen=meta.score)"
     )
     chat_template: str | None = option(
-        None, "Jinja chat template file for conversational data (default: the tokenizer's own template)"
+        None, "Jinja chat template file for conversational data (default: the tokenizer's own template)", path=INPUT
     )
     chat_template_kwargs: str | None = option(
         None, "JSON object of extra chat template arguments, e.g. '{\"enable_thinking\": false}'; a row's "
@@ -81,8 +84,8 @@ class DataConfig:
     )
     train_on_turns: str = option(
         "last", "conversations: last (the loss covers the last assistant turn; chosen and rejected must share "
-        "everything before it) or all (every assistant turn from the first one where they differ; only the "
-        "assistant's tokens are in the loss)", choices=TURN_MODES,
+        "everything before it) or all (every assistant turn from the first one where they differ); in both, "
+        "only the assistant's tokens are in the loss (tool results and user turns are context)", choices=TURN_MODES,
     )
     strict: bool = option(
         False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
@@ -172,6 +175,11 @@ class LossConfig:
         "policy and reference log-probs (TRL's ld_alpha; 1 is plain DPO, 0 drops them); default none: off. Not with the "
         "losses that average log-probs per token already (ipo, sigmoid_norm, sft, simpo, orpo)"
     )
+    router_aux_loss_coef: float | None = option(
+        None, "Mixture-of-Experts models: weight of the router's load-balancing loss added to the training loss "
+        "(TRL's router_aux_loss_coef; logged as aux_loss); default: the coefficient the model's own forward "
+        "applies (e.g. 0.001 for Mixtral, 0.01 for OLMoE); 0: off. An error on a model without a router"
+    )
 
     @property
     def loss_spec(self) -> str:
@@ -181,9 +189,13 @@ class LossConfig:
 
 @section
 class TrainConfig:
-    output: str | None = option(None, "run folder: final model, tokenizer, config and metrics.jsonl (required)")
-    overwrite: bool = option(False, "allow writing into a non-empty output folder")
+    output: str | None = option(None, "run folder: final model, tokenizer, config and metrics.jsonl (required)",
+                                path=OUTPUT)
+    overwrite: bool = option(False, "replace the dpokit run in --output (kept until the new run's first checkpoint; "
+                             "a folder of other files is never replaced)")
     learning_rate: float = option(5e-7, "peak AdamW learning rate")
+    allow_large_learning_rate: bool = option(
+        False, "take a --learning-rate above 1 as given (refused otherwise, as a likely typo: 1e6 for 1e-6)")
     weight_decay: float = option(0.0, "AdamW weight decay")
     adam_beta1: float = option(0.9, "AdamW β1")
     adam_beta2: float = option(0.999, "AdamW β2")
@@ -205,7 +217,7 @@ class TrainConfig:
     save_every: int | None = option(None, "write a checkpoint every N steps (one is always written at the end)")
     keep_checkpoints: int = option(2, "keep only the newest K checkpoints")
     resume: str | None = option(
-        None, "continue a run: auto (newest checkpoint in --output, if any) or a checkpoint folder"
+        None, "continue a run: auto (newest checkpoint in --output, if any) or a checkpoint folder", path=INPUT
     )
     skip_nonfinite: bool = option(False, "skip (and count) a step whose loss or gradient is not finite, instead of stopping")
     report_to: tuple[str, ...] = option(
@@ -261,7 +273,8 @@ class SpeedConfig:
     layout: str = option(
         "auto",
         "batch layout: padded, packed (padding-free), prefix-shared (each prompt computed once per pair), "
-        "or auto (per batch, the cheapest of packed and prefix-shared by a token and attention cost model)",
+        "or auto (one per run: the cheaper of packed and prefix-shared over its first epoch's batches by a "
+        "token and attention cost model)",
         choices=("auto", *BATCH_LAYOUTS),
     )
     pack_length: int = option(0, "packed rows hold at least this many tokens (0: the batch's longest block)")
@@ -276,8 +289,8 @@ class SpeedConfig:
         "auto",
         "attention of packed and prefix-shared rows: segments (each sequence through SDPA's fused causal "
         "kernel: no [T x T] mask, memory linear in length), masks (a [T x T] mask per row), or auto "
-        "(segments on rows of 4096 tokens or more where exact for the model, else masks; a model that "
-        "cannot take segments gets one log line)",
+        "(segments for a run whose batches' masks could reach 2^24 cells, where exact for the model, else "
+        "masks; one choice per run; a model that cannot take segments gets one log line)",
         choices=ATTENTION_KINDS,
     )
     reference: str = option(
@@ -287,7 +300,8 @@ class SpeedConfig:
         choices=REFERENCE_MODES,
     )
     reference_cache: str | None = option(
-        None, "folder of cached reference log-probs (default: <output>/reference-cache); share one across a sweep"
+        None, "folder of cached reference log-probs (default: <output>/reference-cache); share one across a sweep",
+        path=OUTPUT,
     )
     compile: bool = option(False, "torch.compile the model body (slow first steps; helps most on GPU)")
 

@@ -43,6 +43,7 @@ def validate(config: RunConfig) -> None:
     for flag, value in positive.items():
         if not (value > 0 and math.isfinite(value)):
             raise DpokitError(f"{flag} must be a positive number; got {value}")
+    _check_learning_rate(t.learning_rate, t.allow_large_learning_rate)
     validate_data(d)
     for flag, value in {
         "--max-steps": t.max_steps,
@@ -69,6 +70,18 @@ def validate(config: RunConfig) -> None:
             raise DpokitError(f"{flag} must be in [0, 1); got {value}")
     _validate_lora(config)
     _check_reference_sync(config)
+
+
+def _check_learning_rate(learning_rate: float, allowed: bool) -> None:
+    """AdamW moves every weight by about the learning rate at each step: above 1 it wipes out any
+    trained model in one step, and the run still "succeeds". Such a value is a typo of a sign (1e6
+    for 1e-6) far more often than a choice, so it is refused unless insisted on."""
+    if learning_rate <= 1 or allowed:
+        return
+    mantissa, exponent = f"{learning_rate:e}".split("e")
+    guess = f"; did you mean {float(mantissa):g}e-{int(exponent):02d}?" if int(exponent) > 0 else ""
+    raise DpokitError(f"--learning-rate {learning_rate:g} is above 1, which wrecks the model in one AdamW step"
+                      f"{guess} (pass --allow-large-learning-rate to use it as given)")
 
 
 def _check_reference_sync(config: RunConfig) -> None:
@@ -183,6 +196,9 @@ def check_loss_config(lo: LossConfig) -> None:
     for flag, (value, what, ok) in checks.items():
         if not (math.isfinite(value) and ok(value)):
             raise DpokitError(f"{flag} must be {what}; got {value}")
+    coef = lo.router_aux_loss_coef
+    if coef is not None and not (math.isfinite(coef) and coef >= 0):
+        raise DpokitError(f"--router-aux-loss-coef must be a number >= 0 (0: off; unset: the model's own); got {coef}")
     if lo.sync_reference_steps and not any(kind.needs_reference for kind in kinds):
         raise DpokitError(f"--sync-reference-steps moves the reference toward the policy, but --loss {lo.loss_spec} "
                           "uses no reference; set it to 0 or use a loss with one")

@@ -6,7 +6,7 @@ from dpokit.data.doctor import glued_text, glued_text_warning
 from dpokit.data.pairs import PreferencePair, ReadStats, read_pairs
 from dpokit.data.tokenize import PairTokenizer, TokenizedPair, TokenizeStats
 from dpokit.errors import DpokitError
-from dpokit.io import Log
+from dpokit.io import Log, counted
 
 __all__ = ["PairTokenizer", "PreferencePair", "ReadStats", "TokenizeStats", "TokenizedPair",
            "load_tokenized_pairs", "read_pairs", "skip_report"]
@@ -30,7 +30,7 @@ def load_tokenized_pairs(
 
     pairs, stats = pair_tokenizer.tokenize(counting_glued_text(), where=reader.source.where)
     read = reader.stats
-    log(f"{path}: {read.rows_read} rows read ({read.layout} layout); {stats.summary(read.rows_read)}")
+    log(f"{path}: {counted(read.rows_read, 'row')} read ({read.layout} layout); {stats.summary(read.rows_read)}")
     for line in skip_report(read, stats):
         log(f"{path}: {line}")
     if any(read.unfinished.values()):

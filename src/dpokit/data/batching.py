@@ -157,6 +157,31 @@ def plan_rows(pairs: Sequence[TokenizedPair], layout: str, pack_length: int = 0)
                                                                          pack_length)]
 
 
+def block_lengths(pair: TokenizedPair, layout: str) -> list[int]:
+    """Lengths of the blocks `pair` becomes in `layout`: its two sequences, or one prompt + both responses."""
+    if layout == "prefix-shared":
+        return [len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)]
+    return [len(pair.prompt_ids) + len(pair.chosen_ids), len(pair.prompt_ids) + len(pair.rejected_ids)]
+
+
+def most_mask_cells(pairs: Sequence[TokenizedPair], batch_pairs: int, layout: str, pack_length: int = 0) -> int:
+    """A bound on rows x width^2 (a [T x T] mask per row) of any batch of at most `batch_pairs` of
+    `pairs` collated in `layout`, whatever pairs it holds.
+
+    A batch of K blocks (K = 2 x pairs packed, 1 x pairs prefix-shared) has at most K rows, each at
+    most C wide, C = max(pack_length, its longest block) <= W, W = max(pack_length, the longest
+    block of `pairs`). First fit leaves at most one row filled to C/2 or less (a block that opened
+    a later row would have fitted there), so rows < 2S/C + 1 for S tokens, and
+    rows x C^2 < 2SC + C^2 <= 2 S_K W + W^2, S_K the sum of the K longest blocks.
+    """
+    if layout == "padded" or not pairs:
+        return 0
+    lengths = sorted((n for p in pairs for n in block_lengths(p, layout)), reverse=True)
+    per_batch = batch_pairs * (1 if layout == "prefix-shared" else 2)
+    widest, most_tokens = max(pack_length, lengths[0]), sum(lengths[:per_batch])
+    return min(per_batch * widest**2, 2 * most_tokens * widest + widest**2)
+
+
 def collate(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded", pack_length: int = 0) -> PairBatch:
     """Build one batch of `pairs` in `layout`; `pack_length` is the packed rows' minimum capacity."""
     if layout not in LAYOUTS:

@@ -63,6 +63,11 @@ def sharegpt_messages(row: Row, name: str) -> list[Message]:
 
 def split_conversations(prompt, chosen, rejected, all_turns: bool = False):
     """Explicit prompt and/or whole conversations -> (context, chosen reply, rejected reply)."""
+    if prompt is not None and _is_completion(chosen, prompt) and _is_completion(rejected, prompt):
+        # TRL's explicit-prompt layout: each completion continues the prompt as given, later user
+        # turns included (masked out of the loss by the tokenizer), in either --train-on-turns mode.
+        return _check_context(prompt, None, _ends_with_assistant(chosen, "chosen"),
+                              _ends_with_assistant(rejected, "rejected"))
     if all_turns and not _is_reply(chosen) and not _is_reply(rejected):
         return _check_context(prompt, *_split_at_divergence(chosen, rejected))
     context_c, reply_c = _split_last_assistant(chosen, "chosen")
@@ -103,6 +108,23 @@ def _split_at_divergence(chosen: list[Message], rejected: list[Message]):
     return chosen[:start], chosen[start:], rejected[start:]
 
 
+def _is_completion(messages: list[Message], prompt: list[Message]) -> bool:
+    """A continuation of the row's prompt: starts with the assistant (it may hold later user turns)
+    and does not repeat the prompt (a whole conversation holds it, and is split as one)."""
+    size = len(prompt)
+    return messages[0]["role"] == "assistant" and not any(
+        messages[i:i + size] == prompt for i in range(len(messages) - size + 1))
+
+
+def _ends_with_assistant(messages: list[Message], name: str) -> list[Message]:
+    """A response whose last message is the assistant's: a response ending in a tool result or a
+    user turn would end with tokens the model never writes (its final EOS closing their turn)."""
+    if messages[-1]["role"] != "assistant":
+        raise RowSkip("no_assistant_turn", f"field '{name}' ends with a {messages[-1]['role']} message, "
+                                           "not the assistant's")
+    return messages
+
+
 def _is_reply(messages: list[Message]) -> bool:
     """A reply alone (not a whole conversation): starts with the assistant, holds no user turn."""
     return messages[0]["role"] == "assistant" and all(m["role"] in AGENT_ROLES for m in messages)
@@ -113,7 +135,7 @@ def _split_last_assistant(messages: list[Message], name: str):
     the assistant's messages after the last user (or system) message, with the tool results it
     called for: an agent's trajectory is one turn, a response spanning several messages."""
     if _is_reply(messages):
-        return None, messages
+        return None, _ends_with_assistant(messages, name)
     start = len(messages)
     while start and messages[start - 1]["role"] in AGENT_ROLES:
         start -= 1
@@ -121,4 +143,4 @@ def _split_last_assistant(messages: list[Message], name: str):
         start += 1  # tool results before the turn's first assistant message belong to the context
     if start == len(messages):
         raise RowSkip("no_assistant_turn", f"field '{name}' holds no assistant message after its last user turn")
-    return messages[:start], messages[start:]
+    return messages[:start], _ends_with_assistant(messages[start:], name)

@@ -14,7 +14,10 @@ Layouts (`--data-format`, `auto` detects from the first row that has a usable `c
   is given (else `prompt_mismatch`). An assistant turn is everything after the last user or
   system message: an agent's `tool_calls`, the `tool` results and its answer form one response;
   a list that starts with an assistant message and holds only assistant and tool messages is a
-  response as a whole. Messages keep `tool_calls`, `tool_call_id`, `name`, `reasoning_content`.
+  response as a whole. With a `prompt`, lists that start with an assistant message and do not
+  repeat the prompt are completions appended to it, later user turns included (TRL's layout).
+  A response ends with an assistant message (else `no_assistant_turn`). Messages keep
+  `tool_calls`, `tool_call_id`, `name`, `reasoning_content`.
 - `sharegpt`: `conversations` as `{from, value}` messages (human/gpt/system), and `chosen`,
   `rejected` as one such message or a list of them.
 
@@ -28,6 +31,9 @@ in CSV/TSV, whose fields are all text) say whether a response really ended (EOS 
 or was cut off, by a sampler's token limit say: a response marked `false` gets no EOS when
 tokenized (`data/tokenize.py`, rule 1), since it never ended. Absent or null means finished, so a
 field present in some rows only is fine; any other value is an error naming the row and field.
+
+Optional too, `chosen_ids` / `rejected_ids` (and `prompt_ids`): the token ids a pair built from
+samples was sampled as (`data/sampled.py`); tokenization trains on exactly those.
 
 Rows skipped (each counted with its row number; `--strict` turns all but `tied_scores` into
 errors): `non_string` (a field that should be text is not), `malformed_messages`, `unknown_role`,
@@ -51,6 +57,7 @@ from dpokit.data.conversations import (
     sharegpt_messages,
     split_conversations,
 )
+from dpokit.data.sampled import SAMPLED_ID_FIELDS, SampledIds, read_sampled_ids
 from dpokit.data.sources import Row, RowSkip, RowSource, open_source, value_type
 from dpokit.errors import DpokitError
 
@@ -74,6 +81,7 @@ class PreferencePair:
     extra: dict[str, Any] = field(default_factory=dict)
     chosen_finished: bool = True  # False: the response was cut off, so it gets no EOS
     rejected_finished: bool = True
+    sampled_ids: SampledIds | None = None  # a pair built from samples: the ids to train on (data/sampled.py)
 
     @property
     def is_chat(self) -> bool:
@@ -137,6 +145,7 @@ class PairReader:
                 self.stats.rows_with_scores += 1
                 self.stats.tied_scores += scores[0] == scores[1]
             finished = tuple(self._finished(row, name, where) for name in FINISHED_KEYS)
+            sampled_ids = read_sampled_ids(row, where)
             try:
                 prompt, chosen, rejected, used = normalise(row, where)
                 _check_responses(chosen, rejected)
@@ -151,8 +160,9 @@ class PairReader:
                 continue
             for response, done in zip(("chosen", "rejected"), finished, strict=True):
                 self.stats.unfinished[response] += not done
-            extra = {k: v for k, v in row.items() if k not in used and k not in _SCORE_KEYS + FINISHED_KEYS}
-            yield PreferencePair(prompt, chosen, rejected, number, scores, extra, *finished)
+            extra = {k: v for k, v in row.items()
+                     if k not in used and k not in _SCORE_KEYS + FINISHED_KEYS + SAMPLED_ID_FIELDS}
+            yield PreferencePair(prompt, chosen, rejected, number, scores, extra, *finished, sampled_ids)
         if self.stats.rows_read == 0:
             raise DpokitError(f"data file {self.source.name} holds no rows")
 

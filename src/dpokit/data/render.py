@@ -7,6 +7,7 @@ Text pairs are used as written; conversational pairs go through the tokenizer's 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from dpokit.data.pairs import PreferencePair, first_difference
@@ -64,16 +65,24 @@ class PairRenderer:
             raise RowSkip("tools_unsupported", f"the chat template does not render the 'tool_calls' in '{name}'")
 
     def _apply_template(self, messages, add_generation_prompt: bool, tools=None, kwargs=None) -> str:
+        """The template's text. A tool-call message with null content reaches the template without a
+        `content` key (transformers drops null keys); a template that cannot do without one (SmolLM2's
+        `message['content']`) gets the empty string instead, the text such a message has."""
         if not getattr(self.tokenizer, "chat_template", None):
             raise DpokitError("conversational data needs a chat template, and this tokenizer has none; "
                               "pass --chat-template FILE.jinja")
+        call = partial(self.tokenizer.apply_chat_template, tokenize=False,
+                       add_generation_prompt=add_generation_prompt, tools=tools, **(kwargs or {}))
         try:
-            return self.tokenizer.apply_chat_template(
-                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
-                **(kwargs or {})
-            )
+            return call(list(messages))
         except Exception as exc:  # noqa: BLE001 - jinja raises its own types, templates raise_exception
-            raise RowSkip("template_error", f"the chat template failed: {first_line(exc)}") from None
+            failure = exc
+        if any(message.get("content", "") is None for message in messages):
+            try:
+                return call([{**m, "content": "" if m.get("content") is None else m["content"]} for m in messages])
+            except Exception as exc:  # noqa: BLE001 - as above
+                failure = exc
+        raise RowSkip("template_error", f"the chat template failed: {first_line(failure)}") from None
 
 
 def _without_turn_end(response: str, reply: Sequence[dict]) -> str:

@@ -17,11 +17,12 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    exactly once: an EOS already at its end is not doubled, and whitespace a template writes after
    its own EOS (`<|im_end|>\\n`) is dropped, since generation stops at EOS and never produces it.
    A response holding BOS, or EOS before its end (a literal `</s>` in the text, say), cannot
-   satisfy this: the row is skipped (`special_token_in_response`). One exception, multi-turn
-   responses under templates that close every turn with EOS (ChatML's `<|im_end|>`, Llama 3's
-   `<|eot_id|>`): an EOS the template writes inside a conversational response (no message text
-   holds the EOS text itself) is that template's end of an earlier turn, and stays, exactly as the
-   template writes it; the response still ends with exactly one final EOS. Where BOS and EOS are one
+   satisfy this: the row is skipped (`special_token_in_response`). One exception, responses of
+   several messages under templates that write BOS or EOS at every turn (ChatML's `<|im_end|>`,
+   and `<|im_start|>` where it is BOS, as in SmolLM2; Llama 3's `<|eot_id|>`): a BOS or EOS the
+   template writes inside a conversational response is part of the rendered text, exactly as the
+   template writes it, and only one inside a message's own text is suspect; the response still
+   ends with exactly one final EOS. Where BOS and EOS are one
    token (GPT-2, Pythia, OPT) a response's final EOS is that token, never a stray BOS. A prompt
    left with no token at all (empty text, no BOS) gives the first response token nothing to be
    predicted from: the row is skipped (`empty_prompt`). A response marked unfinished
@@ -45,12 +46,16 @@ The rules, in order (README "How pairs are tokenized" repeats them for users):
    response token dropped (`prompt_too_long`).
 4. Pairs whose chosen and rejected tokens are identical carry no preference: dropped
    (`identical_tokens`).
+5. Pairs built from samples (`chosen_ids` / `rejected_ids`, `data/sampled.py`) skip rules 0-2 for
+   their ids: the sampled ids are used verbatim, once checked to be the row's (the prompt's ids
+   are its encoding by rules 0-1, each response's ids decode to its text; else
+   `sampled_ids_mismatch`), so a response cut inside a character, or ended by a stop token that
+   is not the tokenizer's EOS, trains on what was sampled. Rules 3 and 4 apply as to any pair.
 Every cut and drop is counted in `TokenizeStats`, with the row numbers of the drops.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +64,7 @@ from itertools import islice
 from dpokit.config import TRUNCATION_MODES, DataConfig
 from dpokit.data.pairs import PreferencePair, Text
 from dpokit.data.render import PairRenderer, read_chat_template
+from dpokit.data.sampled import sampled_pair_ids
 from dpokit.data.sources import RowSkip
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.data.turns import assistant_spans, token_mask
@@ -79,7 +85,7 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     index: int
     scores: tuple[float, float] | None = None
-    chosen_mask: tuple[bool, ...] | None = None  # --train-on-turns all: True on the tokens in the loss
+    chosen_mask: tuple[bool, ...] | None = None  # several messages: True on the assistant's tokens, in the loss
     rejected_mask: tuple[bool, ...] | None = None
 
     @property
@@ -97,7 +103,7 @@ class EncodedPair:
     rejected: list[int]
     index: int
     scores: tuple[float, float] | None = None
-    chosen_mask: tuple[bool, ...] | None = None  # --train-on-turns all: True on the tokens trained
+    chosen_mask: tuple[bool, ...] | None = None  # several messages: True on the assistant's tokens, trained
     rejected_mask: tuple[bool, ...] | None = None
 
 
@@ -139,8 +145,7 @@ class PairTokenizer:
 
     def __init__(self, tokenizer, max_length: int, max_prompt_length: int | None = None,
                  truncation_mode: str = "keep_end", strict: bool = False,
-                 min_response_share: float = MIN_RESPONSE_SHARE, template_kwargs: dict | None = None,
-                 train_on_turns: str = "last"):
+                 min_response_share: float = MIN_RESPONSE_SHARE, template_kwargs: dict | None = None):
         if tokenizer.eos_token_id is None:
             raise DpokitError("the tokenizer has no EOS token; set one (tokenizer.eos_token) before training")
         if truncation_mode not in TRUNCATION_MODES:
@@ -153,7 +158,6 @@ class PairTokenizer:
         self.strict = strict
         self.min_response_share = min_response_share
         self.renderer = PairRenderer(tokenizer, template_kwargs)  # rule 0
-        self.all_turns = train_on_turns == "all"  # loss masks on multi-turn responses (data/turns.py)
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = tokenizer.bos_token_id
         self.adds_bos = _tokenizer_adds_bos(tokenizer)
@@ -167,8 +171,7 @@ class PairTokenizer:
             tokenizer.chat_template = read_chat_template(data.chat_template)
         return cls(tokenizer, data.max_length, data.max_prompt_length, data.truncation_mode, data.strict,
                    data.min_response_share,
-                   template_kwargs=parse_template_kwargs(getattr(data, "chat_template_kwargs", None)),
-                   train_on_turns=getattr(data, "train_on_turns", "last"))
+                   template_kwargs=parse_template_kwargs(getattr(data, "chat_template_kwargs", None)))
 
     def render(self, pair: PreferencePair) -> tuple[str, str, str]:
         """Rule 0: (prompt, chosen, rejected) texts whose concatenations are the full rendered sequences."""
@@ -178,6 +181,8 @@ class PairTokenizer:
 
     def encode(self, pairs: Sequence[PreferencePair], stats: TokenizeStats) -> list[EncodedPair]:
         """Rules 0-2 for a chunk of pairs (one batched tokenizer call per field)."""
+        if any(pair.sampled_ids is not None for pair in pairs):
+            return self._encode_sampled(pairs, stats)
         rendered = []
         for pair in pairs:
             stats.rows += 1
@@ -223,11 +228,29 @@ class PairTokenizer:
                                    _ended_mask(masks[1], rejected, finished[1])))
         return out
 
+    def _encode_sampled(self, pairs: Sequence[PreferencePair], stats: TokenizeStats) -> list[EncodedPair]:
+        """Rule 5, in row order: pairs carrying their sampled ids get those ids, checked; the others rules 0-2."""
+        out = []
+        for pair in pairs:
+            if pair.sampled_ids is None:
+                out += self.encode([pair], stats)
+                continue
+            stats.rows += 1
+            try:
+                [prompt] = self.encode_prompts([pair.prompt])
+                ids = sampled_pair_ids(self.tokenizer, pair.sampled_ids, prompt, pair.chosen, pair.rejected)
+            except RowSkip as bad:
+                self._skip(stats, bad.reason, pair.index, str(bad))
+                continue
+            out.append(EncodedPair(*ids, pair.index, pair.scores))
+        return out
+
     def _turn_mask(self, pair: PreferencePair, reply: Text, prompt_text: str, response_text: str,
                    ids: list[int], merged: bool) -> list[bool] | None:
-        """`--train-on-turns all`: True on the response tokens that are the assistant's own
-        (`data/turns.py`); None (every token trained) otherwise."""
-        if not self.all_turns or isinstance(reply, str) or all(m["role"] == "assistant" for m in reply):
+        """A response holding others' messages (tool results, user turns), in either
+        --train-on-turns mode: True on the tokens that are the assistant's own (`data/turns.py`);
+        None (every token trained) for text or assistant messages alone."""
+        if isinstance(reply, str) or all(m["role"] == "assistant" for m in reply):
             return None
         spans = assistant_spans(self.renderer.turn_renderer(pair), pair.prompt, reply, prompt_text,
                                 prompt_text + response_text, self.tokenizer.eos_token)
@@ -248,21 +271,17 @@ class PairTokenizer:
     def _special_inside(self, ids: list[int], name: str, response: Text, finished: bool = True) -> str | None:
         if not ids:
             return f"field '{name}' holds nothing but the EOS token, and is marked unfinished"
-        turn_ends = self._template_turn_ends(response)
         # A finished response's final token is its EOS, which is BOS too for GPT-2, Pythia and OPT.
         body = ids[:-1] if finished else ids
-        if self.eos_id in body and not turn_ends:
-            return f"field '{name}' contains the EOS token {self.tokenizer.eos_token!r} before its end"
-        if self.bos_id is not None and self.bos_id in body and not (turn_ends and self.bos_id == self.eos_id):
-            return f"field '{name}' contains the BOS token {self.tokenizer.bos_token!r}"
-        return None
-
-    def _template_turn_ends(self, response: Text) -> bool:
-        """True when every EOS inside a response was written by the chat template (an earlier
-        turn's end): the response is messages and none of their text holds the EOS text."""
+        found = [(kind, token) for kind, token, token_id in (("EOS", self.tokenizer.eos_token, self.eos_id),
+                                                              ("BOS", self.tokenizer.bos_token, self.bos_id))
+                 if token_id is not None and token_id in body]
+        if not found:
+            return None
         if isinstance(response, str):
-            return False
-        return self.tokenizer.eos_token not in json.dumps(response, ensure_ascii=False)
+            kind, token = found[0]
+            return f"field '{name}' contains the {kind} token {token!r}" + (" before its end" if kind == "EOS" else "")
+        return _special_in_messages(response, name, found)
 
     def _skip(self, stats: TokenizeStats, reason: str, index: int, problem: str) -> None:
         message = f"{stats.where(index)}: {problem}"
@@ -383,6 +402,29 @@ def _cut_masks(pair: EncodedPair, chosen: int, rejected: int) -> tuple[tuple[boo
     """The masks of a pair whose responses truncation cut to `chosen` and `rejected` tokens."""
     return tuple(None if mask is None else tuple(mask[:n])
                  for mask, n in ((pair.chosen_mask, chosen), (pair.rejected_mask, rejected)))
+
+
+def _special_in_messages(messages: Sequence[dict], name: str, found: list[tuple[str, str]]) -> str | None:
+    """A chat response's BOS and EOS tokens are the template's own (an earlier turn's end, a turn's
+    start where BOS is ChatML's `<|im_start|>`), part of the rendered text as its final EOS is,
+    unless a message's own text holds one: that one names the problem."""
+    for i, message in enumerate(messages):
+        for kind, token in found:
+            if token and any(token in text for text in _strings(message)):
+                return f"field '{name}', message {i} holds the {kind} token {token!r} in its own text"
+    return None
+
+
+def _strings(value) -> Iterator[str]:
+    """Every string inside a message list (contents, tool call names and arguments, ...)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

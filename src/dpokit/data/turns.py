@@ -1,7 +1,8 @@
-"""`--train-on-turns all`: which tokens of a multi-turn response are the assistant's.
+"""Which tokens of a response of several messages are the assistant's.
 
-A response of several turns (from the first assistant turn where chosen and rejected differ to
-the end) holds user turns and template markup too; only the assistant's own tokens carry loss.
+A response holding others' messages (an agent's turn with its tool results under `--train-on-turns
+last`; under `all`, every turn from the first assistant turn where chosen and rejected differ to
+the end) holds their text and template markup too; only the assistant's own tokens carry loss.
 An assistant message's tokens are the text its turn adds after the template's generation prompt
 (the role header is context, as in a single-turn prompt), up to and including its end-of-turn
 (EOS or the template's own marker); whitespace a template writes after an EOS is never generated,

@@ -37,13 +37,16 @@ from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
 from dpokit.eval.judges import Judge, load_judge, score_responses
 from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text, read_prompts
+from dpokit.eval.synced_reference import synced_reference
 from dpokit.io import Log, read_run_config
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
 from dpokit.model.logprobs import sequence_logps
-from dpokit.scoring import PairScorer
-from dpokit.settings_checks import context_limit, fit_max_length
+from dpokit.scoring import guarded_scorer
+from dpokit.settings_checks import fit_max_length
 
 EXAMPLES_KEPT = 3
+# The sections of figures an evaluation result holds, in the order they are shown.
+EVALUATION_SECTIONS = ("preferences", "preferences_synced_reference", "judged", "kl")
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -76,8 +79,9 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
 
     data = data or DataConfig()
     pairs = load_tokenized_pairs(data_path, PairTokenizer.from_config(tokenizer, data), log, data)
-    scorer = PairScorer(policy, reference, loss=loss, speed=SpeedConfig(), dtype=dtype, pad_id=tokenizer.pad_token_id,
-                        device=device)
+    # The layouts training would pick, checked on the first batch as training checks them.
+    scorer = guarded_scorer(policy, reference, pairs, batch_size=batch_size, loss=loss, speed=SpeedConfig(),
+                            dtype=dtype, pad_id=tokenizer.pad_token_id, device=device, log=log)
     figures = scorer.evaluate(pairs, batch_size)
     return {"data": str(data_path), "pairs": len(pairs), "loss_name": loss.loss_spec, "beta": loss.beta,
             **{name.removeprefix("eval_"): value for name, value in figures.items()}}
@@ -290,7 +294,7 @@ def _examples(policy: SampleSet, reference: SampleSet | None) -> list[dict]:
 def format_table(result: dict) -> str:
     """A readable two-column table of every figure in an evaluation result."""
     lines = []
-    for section in ("preferences", "judged", "kl"):
+    for section in EVALUATION_SECTIONS:
         if section not in result:
             continue
         lines.append(f"{section}:")
@@ -370,16 +374,36 @@ def evaluate_models(model: ModelConfig, *, data: dict | None = None, loss_overri
     result: dict = {"policy": str(model.model), "reference": str(reference)}
     if data_settings is not None:
         data_settings.max_length = fit_max_length(data_settings.max_length, data_settings.max_prompt_length,
-                                                  context_limit(policy.config, tokenizer), log)
-        result["preferences"] = preference_metrics(
-            policy, reference_model, tokenizer, data_settings.data, loss=loss_config_for(model.model, loss_overrides),
-            data=data_settings, batch_size=batch_size, device=device, dtype=model.dtype, log=log)
+                                                  policy.config, tokenizer, log)
+        loss = loss_config_for(model.model, loss_overrides)
+        score = lambda against: preference_metrics(  # noqa: E731 - the same pairs and loss, against one reference
+            policy, against, tokenizer, data_settings.data, loss=loss, data=data_settings, batch_size=batch_size,
+            device=device, dtype=model.dtype, log=log)
+        result["preferences"] = {"reference": str(reference), **score(reference_model)}
     if prompt_list:
         sampler = Sampler(tokenizer, sampling or SamplingConfig(), judge=judge, judging=judging, dtype=model.dtype,
                           template_kwargs=run_template_kwargs(model.model), progress=progress)
         figures, _ = evaluate_on_prompts(policy, reference_model, prompt_list, sampler, log=log)
         result.update(figures)
+    synced = synced_reference(model.model) if data_settings is not None and not model.reference_model else None
+    if synced is not None:  # last: it overwrites the starting reference's weights
+        log(f"also against {synced.describe()}: the reference training's evaluations used")
+        synced.load_into(reference_model)
+        result["preferences_synced_reference"] = {"reference": synced.describe(), **score(reference_model)}
     return result
+
+
+def held_out_against(policy, reference, tokenizer, run_dir: str | Path, *, device: torch.device, dtype: str = "fp32",
+                     log: Log = print) -> dict:
+    """A trained run's held-out figures (its --eval-data, read with its own data settings and loss)
+    against `reference`, under training's `eval_` names; {} when the run had no held-out data."""
+    eval_data = ((read_run_config(run_dir) or {}).get("data") or {}).get("eval_data")
+    if not eval_data:
+        return {}
+    figures = preference_metrics(policy, reference, tokenizer, eval_data, loss=loss_config_for(run_dir),
+                                 data=data_config_for(run_dir, eval_data, log=log), device=device, dtype=dtype,
+                                 log=log)
+    return {f"eval_{name}": value for name, value in figures.items() if name not in ("data", "pairs", "loss_name", "beta")}
 
 
 def _run_reference(model_dir: str, log: Log) -> str:

@@ -28,6 +28,7 @@ import torch
 
 from dpokit.errors import DpokitError, first_line
 from dpokit.model.load import load_tokenizer
+from dpokit.settings_checks import context_limit
 
 Judge = Callable[[list[str], list[str]], list[float]]
 
@@ -71,8 +72,9 @@ class RewardModelJudge:
         self.tokenizer.truncation_side = "left"  # keep the end of a long text: the response is judged
         self.model.to(device).eval()
         self.device, self.batch_size = torch.device(device), batch_size
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_length = min(limit or 10**9, self.tokenizer.model_max_length or 10**9)
+        # Texts are cut (from the left) at the model's positions, by the rule training caps at.
+        limit = context_limit(self.model.config, self.tokenizer)
+        self.max_length = limit[0] if limit is not None else None
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -80,8 +82,8 @@ class RewardModelJudge:
         for start in range(0, len(prompts), self.batch_size):
             texts = [p + r for p, r in zip(prompts[start:start + self.batch_size],
                                            responses[start:start + self.batch_size], strict=True)]
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
+            enc = self.tokenizer(texts, padding=True, truncation=self.max_length is not None,
+                                 max_length=self.max_length, return_tensors="pt").to(self.device)
             logits = self.model(**enc).logits.float()
             reward = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
             scores.extend(reward.tolist())

@@ -16,7 +16,7 @@ from typing import Any
 from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
 from dpokit.eval.envelope import frontier, upper_envelope
-from dpokit.eval.evaluate import Sampler, format_number, run_template_kwargs
+from dpokit.eval.evaluate import EVALUATION_SECTIONS, Sampler, format_number, run_template_kwargs
 from dpokit.eval.sampling import prompt_text, read_prompts
 from dpokit.io import RUN_CONFIG_FILE, Log, atomic_write_bytes, atomic_write_text, read_run_config
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
@@ -24,6 +24,7 @@ from dpokit.model_card import write_model_card
 from dpokit.trackers import Trackers
 
 CURVES_FILE = "training_curves.png"
+ROUTER_FILE = "router_load.png"
 REPORT_FILE = "report.md"
 SAMPLES_FILE = "samples.json"
 EVALUATION_FILE = "evaluation.json"
@@ -37,6 +38,11 @@ CURVE_PANELS = {
     "summed response log-probs": ["logps/chosen", "logps/rejected"],
     "log-prob drift from the first logged value": ["logps/chosen_drift", "logps/rejected_drift"],
     "learning rate": ["learning_rate"],
+}
+# Mixture-of-Experts runs (`model.router_loss`): a second figure, so a collapsing router shows.
+ROUTER_PANELS = {
+    "router load-balancing loss (aux_loss)": ["aux_loss"],
+    "busiest expert's share of routed tokens": ["router/max_expert_share", "router/max_expert_share_busiest_layer"],
 }
 
 
@@ -68,14 +74,15 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
-def plot_training_curves(records: Sequence[dict], path: str | Path) -> Path:
-    """One panel per CURVE_PANELS entry; training lines solid, held-out (`eval_`) points dashed."""
-    ncols = math.ceil(len(CURVE_PANELS) / 2)
-    figure, axes = _figure(13 * ncols / 3, 7, ncols=ncols, nrows=2)
-    colors = {"chosen": "tab:green", "rejected": "tab:red"}
-    for ax in axes.flat[len(CURVE_PANELS):]:  # a grid cell left over
+def plot_training_curves(records: Sequence[dict], path: str | Path, panels: dict[str, list[str]] | None = None) -> Path:
+    """One panel per `panels` entry (CURVE_PANELS); training lines solid, held-out (`eval_`) points dashed."""
+    panels = CURVE_PANELS if panels is None else panels
+    ncols = math.ceil(len(panels) / 2)
+    figure, axes = _figure(13 * max(ncols, 2) / 3, 7, ncols=ncols, nrows=2)
+    colors = {"chosen": "tab:green", "rejected": "tab:red", "busiest_layer": "tab:orange"}
+    for ax in axes.flat[len(panels):]:  # a grid cell left over
         ax.set_visible(False)
-    for ax, (title, names) in zip(axes.flat, CURVE_PANELS.items(), strict=False):
+    for ax, (title, names) in zip(axes.flat, panels.items(), strict=False):
         drawn = False
         for name in names:
             color = next((c for key, c in colors.items() if key in name.split("/")[-1]), "tab:blue")
@@ -206,6 +213,12 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
     if records:
         plot_training_curves(records, run_dir / CURVES_FILE)
         sections += [f"![training curves]({CURVES_FILE})", ""]
+    if any("aux_loss" in r for r in records):
+        plot_training_curves(records, run_dir / ROUTER_FILE, ROUTER_PANELS)
+        sections += ["## Mixture-of-Experts router", "", "The load-balancing loss added to the training loss "
+                     "(`--router-aux-loss-coef`), and the share of the routed tokens whose top-k includes the "
+                     "busiest expert (k/E when balanced, 1 when every token goes to one expert).", "",
+                     f"![router load]({ROUTER_FILE})", ""]
     train_records = [r for r in records if "loss" in r]
     eval_records = [r for r in records if any(k.startswith("eval_") for k in r)]
     if train_records:
@@ -219,7 +232,7 @@ def write_report(run_dir: str | Path, log: Log | None = None) -> Path:
     evaluation = run_dir / EVALUATION_FILE
     if evaluation.is_file():
         result = json.loads(evaluation.read_text(encoding="utf-8"))
-        for section in ("preferences", "judged", "kl"):
+        for section in EVALUATION_SECTIONS:
             if section in result:
                 sections += [f"## Evaluation: {section}", "", _table(list(result[section].items())), ""]
     samples = run_dir / SAMPLES_FILE
@@ -250,7 +263,7 @@ def report_after_training(run_dir: str | Path, log: Log, trackers: Trackers | No
     except Exception as exc:  # noqa: BLE001 - a report must never fail a finished run
         log(f"warning: could not write the report ({type(exc).__name__}: {exc}); run `dpokit report {run_dir}`")
     if trackers is not None:
-        trackers.log_images({"training_curves": Path(run_dir) / CURVES_FILE})
+        trackers.log_images({"training_curves": Path(run_dir) / CURVES_FILE, "router_load": Path(run_dir) / ROUTER_FILE})
         trackers.finish()
 
 

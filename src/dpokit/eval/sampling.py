@@ -20,6 +20,7 @@ import torch
 
 from dpokit.config import ModelConfig, SamplingConfig, validate_sampling
 from dpokit.data.conversations import CHAT_ROLES
+from dpokit.data.sampled import decode_response
 from dpokit.data.sources import RowSkip, parse_json
 from dpokit.data.tokenize import PairTokenizer
 from dpokit.errors import DpokitError
@@ -31,7 +32,9 @@ Prompt = str | list[dict[str, str]]
 
 @dataclass(frozen=True)
 class Completion:
-    """One sampled response. `response_ids` ends with the EOS token when `finished`."""
+    """One sampled response. `response_ids` ends with the stop token it was sampled with (the
+    tokenizer's EOS or one the generation config names) when `finished`; `text` is their decoding
+    (`data/sampled.py`), which may not tokenize back to them."""
 
     text: str
     prompt_ids: tuple[int, ...]
@@ -161,17 +164,6 @@ def _left_padded(rows: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _decode_response(tokenizer, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
-    """The response's text as it continues the prompt: decoding the response alone loses the
-    leading space under SentencePiece and word-level tokenizers, so cut the decoded prompt off
-    the decoded whole where it is a prefix."""
-    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
-    whole = tokenizer.decode(list(prompt_ids) + list(response_ids), skip_special_tokens=True)
-    if whole.startswith(head):
-        return whole[len(head):]
-    return tokenizer.decode(list(response_ids), skip_special_tokens=True)
-
-
 def generate_completions(model, tokenizer, prompts: Sequence[Prompt], sampling: SamplingConfig, *,
                          template_kwargs: dict[str, Any] | None = None, progress: bool = False,
                          autocast: Callable[[], Any] | None = None) -> Iterator[tuple[int, list[Completion]]]:
@@ -226,7 +218,7 @@ def _generate_chunk(model, tokenizer, prompt_rows: list[list[int]], gen_config, 
     new_tokens = out[:, input_ids.shape[1]:].tolist()
     for i, (prompt_ids, tokens) in enumerate(zip(prompt_rows, new_tokens, strict=True)):
         response, finished = _cut_at_stop(tokens, stop_ids)
-        text = _decode_response(tokenizer, prompt_ids, response)
+        text = decode_response(tokenizer, prompt_ids, response)
         yield i, Completion(text, tuple(prompt_ids), tuple(response), finished)
 
 
@@ -296,7 +288,9 @@ def run_sample(model: ModelConfig, prompts: Sequence[Prompt], sampling: Sampling
             if writer is not None:
                 # finished: False where --max-new-tokens cut the completion (a pair's `*_finished` field)
                 writer.write({"prompt": prompts[index], "completions": texts,
-                              "finished": [c.finished for c in completions]})
+                              "finished": [c.finished for c in completions],
+                              "prompt_ids": list(completions[0].prompt_ids),  # the ids sampled (data/sampled.py)
+                              "completion_ids": [list(c.response_ids) for c in completions]})
             else:
                 write(f"prompt {index + 1}: {prompt_text(prompts[index])!r}")
                 for k, text in enumerate(texts, start=1):

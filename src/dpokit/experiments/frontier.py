@@ -20,13 +20,15 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
-from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts
+from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts, held_out_against
 from dpokit.eval.judges import load_judge
 from dpokit.eval.report import plot_frontier, report_after_training
 from dpokit.eval.sampling import Prompt
-from dpokit.io import Log, atomic_write_text
+from dpokit.eval.synced_reference import sync_every
+from dpokit.folder_swap import Replacement
+from dpokit.io import FolderLock, Log, SaidOnce, atomic_write_text
 from dpokit.model.load import load_policy, load_tokenizer, resolve_device
-from dpokit.paths import claim_output_folder
+from dpokit.paths import check_replaceable
 from dpokit.trackers import open_trackers
 from dpokit.train.loop import train
 
@@ -35,11 +37,14 @@ CSV_FIELDS = ("run", "method", "beta", "reward", "reward_stderr", "kl", "kl_stde
 CSV_FILE, PNG_FILE = "frontier.csv", "frontier.png"
 
 
-def prepare_root(cfg: RunConfig) -> Path:
-    """The experiment's folder (`cfg.train.output`), empty or emptied by --overwrite, created."""
-    root = claim_output_folder(cfg.train.output, overwrite=cfg.train.overwrite)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+def replace_root(cfg: RunConfig, lock: FolderLock, log: Log, refusal: str | None = None) -> Replacement:
+    """The experiment's folder (`cfg.train.output`, locked): new, empty, or a dpokit run's that
+    --overwrite replaces (`refusal` says what to do without it). The new contents are swapped in
+    at once; the old wait beside them until the experiment's first run has a checkpoint (the
+    runner's `replacing`, committed with that run), and come back if it fails before."""
+    check_replaceable(cfg.train.output, overwrite=cfg.train.overwrite,
+                      **({"refusal": refusal} if refusal else {}))
+    return Replacement.at_once(cfg.train.output, lock, log)
 
 
 def write_frontier_csv(rows: Sequence[dict], path: Path) -> None:
@@ -77,6 +82,8 @@ class FrontierRunner:
             raise DpokitError("a reward–KL frontier needs a judge to score the samples")
         self.root, self.reference, self.prompts, self.sampler = Path(root), reference, list(prompts), sampler
         self.write_csv, self.report_to, self.log = write_csv, report_to, log
+        self.notices = SaidOnce(log)  # each note on the runs' shared settings, once per command
+        self.replacing: Replacement | None = None  # the root's replacement, committed with the first run's
         self.reference_samples: SampleSet | None = None
         self.reference_row: dict | None = None
         self.rows: list[dict] = []
@@ -101,6 +108,7 @@ class FrontierRunner:
         other = FrontierRunner(root, reference=self.reference, prompts=self.prompts,
                                sampler=replace(self.sampler, progress=progress), report_to=self.report_to, log=log)
         other.reference_samples, other.reference_row = self.reference_samples, self.reference_row
+        other.notices = self.notices
         return other
 
     @property
@@ -111,7 +119,7 @@ class FrontierRunner:
     def add_run(self, cfg: RunConfig, name: str, *, method: str, beta: float | None, **fields) -> RunEvaluation:
         """Train `cfg`, evaluate it, write its report; record its row, named `name` (its "run"
         column), with `fields` added (e.g. a `label` for the picture)."""
-        result = train(cfg, log=self.log)
+        result = train(cfg, log=self.log, notice=self.notices, within=self.replacing)
         try:
             done = self.evaluate(cfg.train.output, name, method, beta, final_eval=result.final_eval,
                                  trust_remote_code=cfg.model.trust_remote_code)
@@ -129,6 +137,9 @@ class FrontierRunner:
         Writes the run's evaluation.json (`add_run` then writes its report, which shows it)."""
         device = next(self.reference.parameters()).device
         policy = load_policy(str(run_dir), device, trust_remote_code).eval()
+        if sync_every(run_dir):  # TR-DPO trained (and evaluated) against a moving reference:
+            final_eval = held_out_against(policy, self.reference, self.sampler.tokenizer, run_dir, device=device,
+                                          dtype=self.sampler.dtype, log=self.log)  # the row's is the KL's
         done = self.evaluate_policy(policy, name, method, beta, final_eval=final_eval)
         del policy
         atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(done.figures, indent=1))

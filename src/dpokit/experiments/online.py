@@ -12,12 +12,13 @@ and `dpokit.experiments.frontier.FrontierRunner` trains each round (`dpokit.trai
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import json
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from dpokit.config import (
@@ -29,18 +30,21 @@ from dpokit.config import (
     validate,
     validate_sampling,
 )
+from dpokit.data.sampled import SAMPLED_ID_FIELDS
 from dpokit.errors import DpokitError, TrainingInterrupted
 from dpokit.eval.evaluate import Sampler, mean_and_stderr
+from dpokit.eval.sampling import Completion
 from dpokit.experiments.frontier import (
     CSV_FILE,
     PNG_FILE,
     FrontierRunner,
-    prepare_root,
     refuse_push,
+    replace_root,
     write_frontier_csv,
 )
 from dpokit.experiments.online_progress import PROGRESS_FILE, OnlineProgress, online_settings
-from dpokit.io import Log, atomic_write_text, folder_entries, run_folder_lock
+from dpokit.folder_swap import Replacement, locked_folder
+from dpokit.io import FolderLock, Log, atomic_write_text, counted
 from dpokit.model.load import load_policy
 from dpokit.paths import check_run_paths
 
@@ -49,8 +53,8 @@ ROUND_SEED_STRIDE = 1000
 
 
 def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], rewards: Sequence[Sequence[float]],
-                     pairing: str = "best_worst", finished: Sequence[Sequence[bool]] | None = None
-                     ) -> tuple[list[dict], dict]:
+                     pairing: str = "best_worst", finished: Sequence[Sequence[bool]] | None = None, *,
+                     sampled: Sequence[Sequence[Completion]] | None = None) -> tuple[list[dict], dict]:
     """Pair higher-scored over lower-scored completions of each prompt.
 
     `best_worst`: one pair per prompt, its best completion over its worst (online DPO's rule).
@@ -65,6 +69,10 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
     finished completions: a prompt with at least two finished ones of different scores gets its one
     pair from those alone. `all` keeps every pair: its cut responses train without an EOS, and
     pairing among finished ones only cost the demo a third of its pairs and reward at every β.
+
+    `sampled` (the completions themselves, whose texts are `completions`) adds the sampled token
+    ids to every row (`prompt_ids`, `chosen_ids`, `rejected_ids`), so training uses exactly
+    those, not the text tokenized again (`dpokit.data.sampled`).
     """
     if pairing not in PAIRINGS:
         raise DpokitError(f"--pairing must be one of {', '.join(PAIRINGS)}; got {pairing!r}")
@@ -85,7 +93,10 @@ def preference_pairs(prompts: Sequence, completions: Sequence[Sequence[str]], re
                 skipped["identical"] += 1
             else:
                 ends = None if done is None else (done[better], done[worse])
-                rows.append(_pair_row(prompt, texts[better], texts[worse], scores[better], scores[worse], ends))
+                row = _pair_row(prompt, texts[better], texts[worse], scores[better], scores[worse], ends)
+                if sampled is not None:
+                    row.update(_sampled_ids(sampled[number][better], sampled[number][worse]))
+                rows.append(row)
     stats = {"pairs": len(rows), "skipped": skipped}
     if finished is not None:
         stats["pairs_with_cut_response"] = sum(not (r["chosen_finished"] and r["rejected_finished"]) for r in rows)
@@ -110,6 +121,12 @@ def _pair_row(prompt, chosen: str, rejected: str, score_chosen: float, score_rej
     return row
 
 
+def _sampled_ids(chosen: Completion, rejected: Completion) -> dict[str, list[int]]:
+    """A pair row's sampled ids (`dpokit.data.sampled.SAMPLED_ID_FIELDS`)."""
+    ids = (list(chosen.prompt_ids), list(chosen.response_ids), list(rejected.response_ids))
+    return dict(zip(SAMPLED_ID_FIELDS, ids, strict=True))
+
+
 def sample_preference_pairs(model, prompts: Sequence, sampler: Sampler, *,
                             pairing: str = "best_worst") -> tuple[list[dict], dict]:
     """Sample `sampler.sampling.num_samples` completions per prompt from `model`, judge them, pair them.
@@ -118,7 +135,8 @@ def sample_preference_pairs(model, prompts: Sequence, sampler: Sampler, *,
     of where the model is), the pair count and what was skipped.
     """
     samples = sampler.draw(model, prompts)
-    rows, stats = preference_pairs(prompts, samples.texts, samples.rewards, pairing, samples.finished)
+    rows, stats = preference_pairs(prompts, samples.texts, samples.rewards, pairing, samples.finished,
+                                   sampled=samples.completions)
     mean, stderr = mean_and_stderr([r for per in samples.rewards for r in per])
     cut = sum(not done for per in samples.finished for done in per)
     return rows, {"prompts": len(prompts), "samples_per_prompt": sampler.sampling.num_samples,
@@ -159,9 +177,9 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
     check_run_paths(base, [("--prompts", judging.prompts), ("--eval-prompts", online.eval_prompts),
                            ("--judge", judging.judge)])
     evaluation_prompts = list(eval_prompts or prompts)
-    with run_folder_lock(base.train.output):
-        done_so_far = _start_or_resume(base, online, online_settings(base, online, judging, sampling, prompts,
-                                                                     evaluation_prompts))
+    settings = online_settings(base, online, judging, sampling, prompts, evaluation_prompts)
+    with locked_folder(base.train.output, log=log) as lock, _start_or_resume(base, online, settings, lock,
+                                                                              log) as (replacing, done_so_far):
         root = Path(base.train.output)
         if continuing is not None:
             runner = continuing.beside(root, progress=progress, log=log)
@@ -169,27 +187,31 @@ def run_online(base: RunConfig, prompts: Sequence, online: OnlineConfig, judging
             runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=evaluation_prompts,
                                          reference=base.model.reference_model or base.model.model,
                                          progress=progress, log=log)
+        runner.replacing = replacing
         # The demo (`continuing`) is not resumed: its own command has no --resume to point to.
         return _run_rounds(base, prompts, online, runner, done_so_far, start_policy=start_policy,
                            first_round=first_round, resumable=continuing is None)
 
 
-def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict) -> OnlineProgress:
+@contextlib.contextmanager
+def _start_or_resume(base: RunConfig, online: OnlineConfig, settings: dict, lock: FolderLock,
+                     log: Log) -> Iterator[tuple[Replacement, OnlineProgress]]:
     """The interrupted run's progress (--resume auto), refused when a setting that changes its
-    figures differs; or a new run's, in a folder that is empty (or emptied by --overwrite)."""
+    figures differs, in its own folder; or a new run's, in a folder that is new, empty, or replaced
+    (--overwrite: what it held stays beside it until round 1's first checkpoint)."""
     root, resume = Path(base.train.output), base.train.resume == "auto"
     saved = OnlineProgress.read(root) if resume and root.is_dir() else None
     if saved is not None:
         saved.check_settings(settings)
         saved.check_rounds(online.rounds)
-        return saved
-    if resume and root.is_dir() and folder_entries(root) and not base.train.overwrite:
-        raise DpokitError(f"--resume auto: {root} holds no online run to resume (no {PROGRESS_FILE}); pass "
-                          "--overwrite to start over there, or choose a new folder")
-    prepare_root(base)
-    started = OnlineProgress(root, settings)
-    started.save()
-    return started
+        yield Replacement(root, lock, replace=False), saved
+        return
+    refusal = (f"--resume auto: {{folder}} holds no online run to resume (no {PROGRESS_FILE}); pass {{overwrite}}, "
+               "or choose a new folder" if resume else None)
+    with replace_root(base, lock, log, refusal) as replacing:
+        started = OnlineProgress(root, settings)
+        started.save()
+        yield replacing, started
 
 
 def _run_rounds(base: RunConfig, prompts: Sequence, online: OnlineConfig, runner: FrontierRunner,
@@ -226,7 +248,7 @@ def _train_round(base: RunConfig, prompts: Sequence, online: OnlineConfig, runne
     (resumed from its newest checkpoint, if any) and its evaluation; returns its online.json record."""
     record = progress.sampled_pairs(number)
     if record is not None and record["policy_sampled"] == policy_name:
-        runner.log(f"--- online round {number}/{online.rounds}: reusing its {record['pair_stats']['pairs']} pairs "
+        runner.log(f"--- online round {number}/{online.rounds}: reusing its {counted(record['pair_stats']['pairs'], 'pair')} "
                    f"sampled before the interruption ({record['pairs_file']})")
     else:
         runner.log(f"--- online round {number}/{online.rounds}: sampling {online.samples_per_prompt} per prompt "
@@ -306,7 +328,7 @@ def _round_pairs(base: RunConfig, prompts: Sequence, online: OnlineConfig, runne
         raise DpokitError(f"online round {number}: every pair was a tie; nothing to train on "
                           "(raise --samples-per-prompt or --max-new-tokens)")
     pairs_file = write_pairs(runner.root / "pairs" / f"round-{number}.jsonl", rows)
-    runner.log(f"round {number}: {stats['pairs']} pairs, {stats['pairs_with_cut_response']} holding a response "
+    runner.log(f"round {number}: {counted(stats['pairs'], 'pair')}, {stats['pairs_with_cut_response']} holding a response "
                f"cut at --max-new-tokens (samples' mean reward {stats['sample_reward']:+.4f}; skipped {stats['skipped']})")
     return pairs_file, stats
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig, validate, validate_sampling
 from dpokit.errors import DpokitError
 from dpokit.eval.sampling import read_prompts
-from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, prepare_root, refuse_push
-from dpokit.io import Log, run_folder_lock
+from dpokit.experiments.frontier import CSV_FILE, PNG_FILE, FrontierRunner, refuse_push, replace_root
+from dpokit.folder_swap import Replacement, locked_folder
+from dpokit.io import Log
 from dpokit.paths import check_run_paths
 
 
@@ -34,7 +35,8 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
     frontier.csv (rewritten after each run, so an interrupted sweep keeps what it finished),
     frontier.png and sweep.json. The runs share one reference cache (OUTPUT/reference-cache unless
     --reference-cache names one): the reference log-probs do not depend on β or the loss. The
-    folder is locked for the sweep's life (one writer at a time).
+    folder is locked for the sweep's life (one writer at a time); with --overwrite, what it held
+    stays beside it until the first run's first checkpoint (frontier.replace_root).
     """
     if not judging.prompts or not judging.judge:
         raise DpokitError("dpokit sweep needs --prompts and --judge to place each run on the frontier")
@@ -48,8 +50,8 @@ def run_sweep(base: RunConfig, betas: Sequence[float], losses: Sequence[str], ju
             raise DpokitError(f"{flag}: {', '.join(twice)} given twice; list each value once")
     validate_sampling(sampling)
     configs = [_run_config(base, loss, beta) for loss in losses for beta in betas]
-    with run_folder_lock(base.train.output):
-        return _sweep(base, configs, judging, sampling, log)
+    with locked_folder(base.train.output, log=log) as lock, replace_root(base, lock, log) as replacing:
+        return _sweep(base, configs, judging, sampling, replacing, log)
 
 
 def _run_config(base: RunConfig, loss: str, beta: float) -> RunConfig:
@@ -63,12 +65,13 @@ def _run_config(base: RunConfig, loss: str, beta: float) -> RunConfig:
 
 
 def _sweep(base: RunConfig, configs: Sequence[RunConfig], judging: JudgeConfig, sampling: SamplingConfig,
-           log: Log) -> dict:
+           replacing: Replacement, log: Log) -> dict:
     prompts = read_prompts(judging.prompts, judging.max_prompts)
-    root = prepare_root(base)
+    root = replacing.folder
     # KL to the model every run starts from (a --reference-model only changes the runs' loss).
     runner = FrontierRunner.load(base, judging, sampling, root=root, prompts=prompts, reference=base.model.model,
                                  log=log)
+    runner.replacing = replacing
     for cfg in configs:
         log(f"--- sweep: {cfg.loss.loss_spec} at beta {cfg.loss.beta:g} -> {cfg.train.output}")
         runner.add_run(cfg, run_name(cfg.loss.loss_spec, cfg.loss.beta), method=cfg.loss.loss_spec, beta=cfg.loss.beta)

@@ -7,30 +7,37 @@ measured by position within a sequence (not by column), which is exact for prefi
 too: rejected tokens carry positions len(prompt) + k, as in an unshared forward.
 
 What cannot be made exact from the outside is excluded by reading the model's config
-(`layout_blocker`): `--layout auto` never picks such a layout, an explicit `--layout` fails with
-the reason. Under FlashAttention, packed rows are flattened to one row with explicit varlen
+(`layout_blocker`) and by probing what its code does (`capability`): `--layout auto` never picks
+such a layout, an explicit `--layout` fails with the reason. Under FlashAttention, packed rows are flattened to one row with explicit varlen
 arguments (`cu_seq_lens_q/k`, `max_length_q/k`), so correctness never rests on transformers
 guessing sequence starts from the position ids.
 
-Segment attention (`--attention segments`, and `auto` where it is exact): packed and
-prefix-shared rows reduce to plain causal attention over runs of columns (a packed sequence; a
-prompt + chosen; a prompt + rejected), so each run goes through SDPA's fused causal kernel (flash
-on CPU and CUDA) and no [T x T] mask or score matrix is ever built: attention memory is linear in
-the sequence length. FlexAttention would express the same masks as block masks, but in torch 2.13
-it has no backward on CPU ("FlexAttention does not support backward on CPU"), so it cannot train
-here; the runs below are the same description the block masks would be built from.
+Segment attention (`--attention segments`, and `auto` where it is exact and the run's batches are
+large; `segment_attention.py`) runs each sequence of a packed row through SDPA's fused causal
+kernel instead of a [T x T] mask. Whether it runs is decided once per run (`choose_attention`),
+so every batch of the run (training, evaluation, the reference pass) and the first-batch check
+(`layout_guard`) take the same kernel.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from dpokit.data.batching import SHARED, PairBatch
+from dpokit.data.batching import PairBatch, collate
+from dpokit.data.tokenize import TokenizedPair
+from dpokit.errors import first_line
+from dpokit.model.segment_attention import (  # noqa: F401 - re-exported: callers import them from here
+    SEGMENT_RUNS,
+    SEGMENTS,
+    SegmentRuns,
+    SegmentRunsMissing,
+    placeholder_mask,
+    register_segments,
+    segment_attention,
+    segment_runs,
+)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 PACKED_LAYOUTS = ("packed", "prefix-shared")
@@ -43,14 +50,14 @@ _LOCAL_BY_COLUMN = ("its local attention window is measured by column, so reject
                     "tokens they see in an unshared forward; use --layout padded or packed")
 
 
-def _config(model):
+def config_of(model):
     """The model's config; a LoRA reference (`models.AdaptersDisabled`) holds it on its peft model."""
     config = getattr(model, "config", None)
     return config if config is not None else getattr(getattr(model, "peft_model", None), "config", None)
 
 
 def attention_impl(model) -> str:
-    return getattr(_config(model), "_attn_implementation", None) or "eager"
+    return getattr(config_of(model), "_attn_implementation", None) or "eager"
 
 
 def _uses_alibi(config) -> bool:
@@ -81,7 +88,7 @@ def layout_blocker(model, layout: str) -> str | None:
     """Why `layout` cannot give this model's exact log-probs, or None when it can."""
     if layout not in PACKED_LAYOUTS:
         return None
-    config, impl = _config(model), attention_impl(model)
+    config, impl = config_of(model), attention_impl(model)
     if impl not in ("sdpa", "eager", SEGMENTS) and not ("flash" in impl and layout == "packed"):
         return f"attention {impl} supports only --layout padded" + (" or packed" if "flash" in impl else "")
     model_type = getattr(config, "model_type", None)
@@ -141,10 +148,12 @@ def varlen_inputs(batch: PairBatch) -> dict:
             "max_length_q": longest, "max_length_k": longest}
 
 
-def attention_inputs(model, batch: PairBatch) -> dict:
-    """The input_ids / attention_mask / position_ids (and varlen) keyword arguments for `batch`.
+def attention_inputs(model, batch: PairBatch, windows: dict[str, int | None] | None = None) -> dict:
+    """The input_ids / attention_mask / position_ids (and varlen or segment) keyword arguments for `batch`.
 
-    Raises ValueError when the layout cannot be exact for this model (see `layout_blocker`).
+    `windows`: the sliding windows the model's own padded forward applies (`capability.applied_windows`);
+    None takes the config's word for them (`layer_windows`). Raises ValueError when the layout
+    cannot be exact for this model (see `layout_blocker`).
     """
     if batch.layout == "padded":
         return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
@@ -154,117 +163,27 @@ def attention_inputs(model, batch: PairBatch) -> dict:
     if "flash" in attention_impl(model):
         return varlen_inputs(batch)
     rows, width = batch.input_ids.shape
-    if attention_impl(model) == SEGMENTS and rows * width * width >= getattr(
-            _config(model), "dpokit_segments_min_mask_cells", 0):
-        # A 4D mask reaches the attention function as is; this one is a stride-0 view of one
-        # element, so transformers neither builds a [T x T] mask nor looks for packing itself.
-        unused = torch.ones((), dtype=torch.bool, device=batch.input_ids.device).expand(rows, 1, width, width)
-        return {"input_ids": batch.input_ids, "attention_mask": unused, "position_ids": batch.position_ids,
-                SEGMENT_RUNS: segment_runs(batch.segment_ids, batch.branch_ids)}
+    if attention_impl(model) == SEGMENTS:
+        return {"input_ids": batch.input_ids, "attention_mask": placeholder_mask(rows, width, batch.input_ids.device),
+                "position_ids": batch.position_ids, SEGMENT_RUNS: segment_runs(batch.segment_ids, batch.branch_ids)}
     masks = {}
-    for key, window in layer_windows(_config(model)).items():
+    for key, window in (layer_windows(config_of(model)) if windows is None else windows).items():
         allowed = block_attention_mask(batch.segment_ids, batch.branch_ids, batch.position_ids, window)
         masks[key] = _additive(allowed) if attention_impl(model) == "eager" else allowed
     mask = masks if len(masks) > 1 else masks[FULL]
     return {"input_ids": batch.input_ids, "attention_mask": mask, "position_ids": batch.position_ids}
 
 
-# ----------------------------------------------------------------------------- segment attention
-SEGMENTS = "dpokit_segments"  # the attention implementation registered with transformers
-SEGMENT_RUNS = "dpokit_segment_runs"  # the forward keyword argument that carries a batch's runs to it
-# `--attention auto` runs segments on a batch whose masks would have at least this many cells
-# (rows x width x width). The masks are a bool [R, 1, T, T] tensor, and SDPA on the CPU turns a
-# bool mask into a float one of the same shape for each layer: 5 bytes a cell in fp32, so 2^24
-# cells are 80 MiB. Measured on this 2-core CPU (benchmarks/RESULTS.md section 5): the 4k set's
-# reference pass (8 rows of 4091 tokens, 134M cells) spent 640 MB on masks; the demo's short rows
-# (well under 2^24 cells) train 1.56x faster with masks (153.5 vs 98.5 pairs/s, batch 32).
+# ----------------------------------------------------------------------------- choosing segment attention
+# `--attention auto` runs segments for a run whose batches' masks could reach this many cells
+# (rows x width x width, `batching.most_mask_cells`). The masks are a bool [R, 1, T, T] tensor, and
+# SDPA on the CPU turns a bool mask into a float one of the same shape for each layer: 5 bytes a
+# cell in fp32, so 2^24 cells are 80 MiB. Measured on this 2-core CPU (benchmarks/RESULTS.md
+# section 5): the 4k set's reference pass (8 rows of 4091 tokens, 134M cells) spent 640 MB on
+# masks; the demo's short rows (well under 2^24 cells) train 1.56x faster with masks (153.5 vs
+# 98.5 pairs/s, batch 32). The choice is made once per run, from a bound on every batch it will
+# score, so no batch takes a kernel the first-batch check did not run.
 AUTO_SEGMENTS_MIN_MASK_CELLS = 2**24
-Span = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class SegmentRuns:
-    """Each row's attention as plain causal runs, in column order.
-
-    A run is (spans, keep): the columns of `spans` (one [start, end) span, or a shared prompt's
-    span and a branch's span) are attended as one causal sequence, and its outputs from index
-    `keep` on are the row's outputs at those columns (the first `keep` columns, a shared prompt,
-    were computed by the run before). Columns after a row's last run are padding: zeros.
-    """
-
-    rows: tuple[tuple[tuple[tuple[Span, ...], int], ...], ...]
-
-
-def segment_runs(segment_ids: torch.Tensor, branch_ids: torch.Tensor) -> SegmentRuns:
-    """(R, T) block and branch ids (`data.batching`) -> the causal runs of each row.
-
-    A block is its shared prompt (branch SHARED) followed by branches: the first branch is one
-    run with the prompt; every later branch (rejected) is a run over prompt + branch, keeping the
-    branch's outputs, so it sees the prompt and itself but never an earlier branch. This is the
-    same pattern `block_attention_mask` builds as a matrix (without a window).
-    """
-    rows = []
-    for seg_row, branch_row in zip(segment_ids.tolist(), branch_ids.tolist(), strict=True):
-        runs: list[tuple[tuple[Span, ...], int]] = []
-        col, block, shared = 0, None, None
-        for (seg, branch), group in itertools.groupby(zip(seg_row, branch_row, strict=True)):
-            span = (col, col + sum(1 for _ in group))
-            col = span[1]
-            if seg < 0:  # padding ends the row
-                if col != len(seg_row):
-                    raise ValueError("segment attention: padding in the middle of a row")
-                break
-            if seg != block:  # a new block: its first run, shared or not
-                block, shared = seg, span if branch == SHARED else None
-                runs.append(((span,), 0))
-            elif branch == SHARED:
-                raise ValueError("segment attention: a shared run after a branch in one block")
-            elif shared is not None and runs[-1] == ((shared,), 0):  # the first branch extends the prompt
-                runs[-1] = (((shared[0], span[1]),), 0)
-            elif shared is not None:  # a later branch: prompt + branch, its own outputs only
-                runs.append(((shared, span), shared[1] - shared[0]))
-            else:
-                runs.append(((span,), 0))
-        rows.append(tuple(runs))
-    return SegmentRuns(tuple(rows))
-
-
-def _columns(t: torch.Tensor, row: int, spans: tuple[Span, ...]) -> torch.Tensor:
-    """(R, H, T, D) -> (1, H, n, D): row `row`, the columns of `spans` in order (a view for one span)."""
-    pieces = [t[row : row + 1, :, a:b] for a, b in spans]
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-
-
-def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                      scaling: float | None = None, **kwargs):
-    """transformers attention function: causal SDPA per run when the forward carries SEGMENT_RUNS.
-
-    query (R, H, T, D), key/value (R, H_kv, T, D) -> ((R, T, H, D), None). Without runs (a padded
-    batch, generation) it is transformers' own SDPA attention, unchanged.
-    """
-    runs = kwargs.pop(SEGMENT_RUNS, None)
-    if runs is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward  # heavy: lazy
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
-    for unsupported in ("softcap", "sliding_window", "s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"segment attention cannot apply {unsupported}")
-    gqa = query.shape[1] != key.shape[1]
-    rows = []
-    for row, row_runs in enumerate(runs.rows):
-        outputs, end = [], 0
-        for spans, keep in row_runs:
-            q, k, v = (_columns(t, row, spans) for t in (query, key, value))
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                                 enable_gqa=gqa)
-            outputs.append(out[:, :, keep:])
-            end = spans[-1][1]
-        if end < query.shape[2]:
-            outputs.append(query.new_zeros(1, query.shape[1], query.shape[2] - end, value.shape[-1]))
-        rows.append(torch.cat(outputs, dim=2))
-    return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
 def _transformers_model(model):
@@ -274,44 +193,82 @@ def _transformers_model(model):
     return get_base_model() if callable(get_base_model) else model
 
 
-def segments_blocker(model) -> str | None:
-    """Why segment attention cannot give this model's exact attention, or None when it can."""
-    config, impl = _config(model), attention_impl(model)
+def model_device(model) -> torch.device:
+    """Where `model`'s weights are (a LoRA reference's: its peft model's)."""
+    return next(_transformers_model(model).parameters()).device
+
+
+def probe_ids(model, count: int) -> tuple[int, ...]:
+    """`count` ordinary token ids for a probe forward: 3, 4, ... (wrapping inside the vocabulary)."""
+    vocab = getattr(config_of(model), "vocab_size", None) or 8
+    return tuple(3 + i % max(1, vocab - 3) for i in range(count))
+
+
+def segments_blocker(model, windows: dict[str, int | None] | None = None) -> str | None:
+    """Why segment attention cannot give this model's exact attention, or None when it can.
+
+    `windows`: the sliding windows the model's padded forward applies (`capability.applied_windows`;
+    None: the config's word). Read from the model's class and config; `choose_attention` then runs
+    a packed probe batch, which is how a model whose layers drop the runs is found."""
+    config, impl = config_of(model), attention_impl(model)
     if impl not in ("sdpa", SEGMENTS):
         return f"attention {impl} (segment attention replaces sdpa only)"
     if not getattr(type(_transformers_model(model)), "_supports_attention_backend", False):
         return f"{getattr(config, 'model_type', 'this model')} does not pass attention arguments through"
-    if layer_windows(config) != {FULL: None}:
+    if (layer_windows(config) if windows is None else windows) != {FULL: None}:
         return "sliding-window layers need a windowed mask"
     if getattr(config, "attn_logit_softcapping", None):
         return "soft-capped attention scores"
     return layout_blocker(model, "prefix-shared")
 
 
-def choose_attention(model, choice: str, log: Callable[[str], None] = print,
-                     min_mask_cells: int | None = None) -> str:
+def _runs_reach_attention(model) -> str | None:
+    """Run a packed probe batch (two short sequences in one row) under segment attention: why it
+    cannot run, or None. A layer that drops the runs makes `segment_attention` raise."""
+    ids = probe_ids(model, 6)
+    batch = collate([TokenizedPair(ids[:3], ids[3:5], ids[5:], 0)], 0, "packed", pack_length=16)
+    try:
+        with torch.no_grad():
+            model(**attention_inputs(model, batch.to(model_device(model))), use_cache=False)
+    except SegmentRunsMissing:
+        return "its layers do not pass the forward's keyword arguments to attention (segment attention got no runs)"
+    except (TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        return f"a packed forward under segment attention fails ({type(exc).__name__}: {first_line(exc)})"
+    return None
+
+
+def _install_segments(model) -> str | None:
+    """Make segment attention `model`'s attention; if the probe batch cannot run, put the previous
+    attention back and return why."""
+    config = config_of(model)
+    previous = "sdpa" if config._attn_implementation == SEGMENTS else config._attn_implementation
+    register_segments()
+    config._attn_implementation = SEGMENTS
+    why = _runs_reach_attention(model)
+    if why is not None:
+        config._attn_implementation = previous
+    return why
+
+
+def choose_attention(model, choice: str, log: Callable[[str], None] = print, *, mask_cells: int | None = None,
+                     windows: dict[str, int | None] | None = None) -> str:
     """Install segment attention on `model` where `choice` and the model allow; returns what runs.
 
     "segments" on a model that cannot take it is an error with the reason; "auto" falls back to
-    the mask path with one log line; "masks" keeps the hand-built [T x T] masks. Under "auto", a
-    batch whose masks would have fewer than `min_mask_cells` cells (rows x width^2, default
-    AUTO_SEGMENTS_MIN_MASK_CELLS) keeps them: both are exact, and such masks are small and faster.
+    the mask path with one log line; "masks" keeps the hand-built [T x T] masks. Under "auto",
+    `mask_cells` is the most mask cells any batch of the run can have (`batching.most_mask_cells`):
+    a run below AUTO_SEGMENTS_MIN_MASK_CELLS keeps the masks (exact too, and faster on such rows);
+    None (not known) takes segments where exact. One choice per run: every batch takes it.
     """
-    if choice == "masks":
+    if choice == "masks" or (choice == "auto" and mask_cells is not None and mask_cells < AUTO_SEGMENTS_MIN_MASK_CELLS):
+        if attention_impl(model) == SEGMENTS:  # chosen before (another run of the same model object)
+            config_of(model)._attn_implementation = "sdpa"
         return attention_impl(model)
-    why = segments_blocker(model)
+    why = segments_blocker(model, windows) or _install_segments(model)
     if why is not None:
-        message = f"--attention segments is not exact for {getattr(_config(model), 'model_type', 'this model')}: {why}"
+        message = f"--attention segments is not exact for {getattr(config_of(model), 'model_type', 'this model')}: {why}"
         if choice == "segments":
             raise ValueError(message)
         log(f"attention: {message}; using [T x T] masks for packed rows")
         return attention_impl(model)
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(SEGMENTS, segment_attention)
-    AttentionMaskInterface.register(SEGMENTS, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    _config(model)._attn_implementation = SEGMENTS
-    _config(model).dpokit_segments_min_mask_cells = (
-        0 if choice == "segments" else AUTO_SEGMENTS_MIN_MASK_CELLS if min_mask_cells is None else min_mask_cells)
     return SEGMENTS

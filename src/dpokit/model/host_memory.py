@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
+
+from dpokit.config.parsers import parse_mmap_threshold
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 AUTO_THRESHOLD = 1 << 20  # what auto fixes (at the 4k set: 1037 MB peak RSS at 1 MiB, 1151 at 4 MiB, 1921 adaptive)
@@ -50,3 +53,13 @@ def fix_mmap_threshold(threshold: int) -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return mallopt(M_MMAP_THRESHOLD, threshold) == 1
+
+
+def apply_mmap_setting(setting_text: str, longest_row: int, device_type: str, log: Callable[[str], None]) -> None:
+    """`--malloc-mmap-threshold` for the run, from the start of training (process-wide): fixed when
+    given, and under auto when `longest_row` (the data's longest sequence, in tokens) is long."""
+    setting = parse_mmap_threshold(setting_text)  # None: auto
+    threshold = threshold_for(setting, longest_row, device_type)
+    if fix_mmap_threshold(threshold) and setting is None:
+        log(f"long sequences (up to {longest_row} tokens): freed host memory blocks of {threshold >> 20} MiB or more "
+            "go back to the system (--malloc-mmap-threshold auto; 0 keeps malloc's adaptive threshold)")

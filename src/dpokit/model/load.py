@@ -13,6 +13,7 @@ from safetensors import SafetensorError
 from dpokit.config import LoraSection
 from dpokit.errors import DpokitError, first_line
 from dpokit.io import RUN_CONFIG_FILE, read_run_config
+from dpokit.model.gguf import check_gguf_file, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from dpokit.model.logprobs import model_body
 from dpokit.paths import hub_unreachable, in_hub_cache
 
@@ -35,7 +36,11 @@ def _looks_like_path(name: str) -> bool:
 
 
 def check_model_source(name: str, what: str = "model") -> None:
-    """Fail with one line when a local model path is missing or is not a model folder."""
+    """Fail with one line when a local model path is missing or is not a model folder (or file:
+    a GGUF)."""
+    if is_gguf(name):
+        check_gguf_file(name, what)
+        return
     path = Path(name).expanduser()
     if path.exists():
         # A tokenizer folder (a LoRA run's, say) may hold tokenizer_config.json without config.json.
@@ -54,7 +59,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
     check_model_source(name, "tokenizer")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        tokenizer = (load_gguf_tokenizer(name) if is_gguf(name)
+                     else AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code))
     except (OSError, ValueError) as exc:
         raise DpokitError(f"could not load tokenizer '{name}': {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
@@ -65,7 +71,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
 def load_policy(name: str, device: torch.device, trust_remote_code: bool = False,
                 load_in_4bit: bool = False) -> torch.nn.Module:
-    """Load a causal LM with float32 master weights on `device`, dropout disabled.
+    """Load a causal LM with float32 master weights on `device`, dropout disabled: a model folder,
+    a hub id, a LoRA run folder (merged), or a GGUF file (dequantized to float32).
 
     `load_in_4bit` (QLoRA) loads the weights as 4-bit NF4 through bitsandbytes, on CUDA only.
     """
@@ -74,9 +81,12 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
     if is_lora_run(name) and not load_in_4bit:
         return load_lora_run(Path(name).expanduser(), device, trust_remote_code)
     check_model_source(name)
+    if is_gguf(name) and load_in_4bit:
+        raise DpokitError(f"--load-in-4bit cannot load a GGUF file ({name}): export it to a model folder "
+                          "first (dpokit export FILE.gguf --output FOLDER)")
     extra = _four_bit_options(device) if load_in_4bit else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_gguf_model(name) if is_gguf(name) else AutoModelForCausalLM.from_pretrained(
             name, dtype=torch.float32, trust_remote_code=trust_remote_code, **extra
         )
     except (OSError, ValueError) as exc:
@@ -86,6 +96,19 @@ def load_policy(name: str, device: torch.device, trust_remote_code: bool = False
                           "copy or download it again") from None
     disable_dropout(model)
     return model if load_in_4bit else model.to(device)  # 4-bit weights are placed by device_map
+
+
+def load_model_config(name: str, trust_remote_code: bool = False):
+    """The model's config without its weights (config.json, or a GGUF file's metadata); None when
+    it cannot be read here (loading the model itself then reports why)."""
+    from transformers import AutoConfig
+
+    try:
+        if is_gguf(name):
+            return load_gguf_config(name)
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, DpokitError):
+        return None
 
 
 def _weights_file(name: str) -> str:

@@ -18,40 +18,34 @@ they fall back to the plain path: the model's own logits, scored in chunks of po
 from __future__ import annotations
 
 import contextlib
-import weakref
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dpokit.config import ScaleConfig, SpeedConfig
-from dpokit.config.parsers import parse_mmap_threshold
 from dpokit.data.batching import PairBatch
-from dpokit.errors import DpokitError
-from dpokit.model.attention import attention_inputs, choose_attention
-from dpokit.model.host_memory import fix_mmap_threshold, threshold_for
+from dpokit.model.attention import PACKED_LAYOUTS, attention_inputs
+from dpokit.model.capability import ModelForward, describe_forward, head_is_plain, model_body  # noqa: F401 (head_is_plain: for callers)
+from dpokit.model.router_loss import RouterAux, RouterLoss
 
 # Float elements of one [chunk x vocab] logits block: 2^22 floats = 16 MiB in fp32. The chunk
 # length adapts to the vocabulary, so peak memory does not grow with it.
 CHUNK_ELEMENTS = 1 << 22
 MIN_CHUNK = 16
 
-_plain_head_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# Models whose activations saved for backward live in pinned CPU memory (--activation-offload).
-_offloaded: weakref.WeakSet = weakref.WeakSet()
-
 
 @dataclass
 class PairLogps:
     """(B,) tensors: summed response log-probs and response token counts of each half, and
-    WPO's pair weights w_c·w_r (no gradient) when asked for (`wpo_pair_weights`), else None."""
+    WPO's pair weights w_c·w_r (no gradient) when asked for (`wpo_pair_weights`), else None;
+    the MoE router's load-balancing loss and load of the forward when asked for (`router_loss`)."""
 
     chosen_logps: torch.Tensor
     rejected_logps: torch.Tensor
     chosen_lengths: torch.Tensor
     rejected_lengths: torch.Tensor
     pair_weights: torch.Tensor | None = None
+    router: RouterAux | None = None
 
 
 def chunk_positions(vocab_size: int, chunk: int | None = None) -> int:
@@ -172,99 +166,42 @@ def _chunked_head_stats(hidden, weight, bias, targets, chunk: int | None,
     return out, squares if log_sum_sq else None
 
 
-def model_body(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The transformer body that returns final (normed) hidden states, or None if there is none.
-
-    Through a peft wrapper it is the wrapped transformers model's body, whose layers carry the
-    adapters (peft's own `base_model` is its tuner, which returns logits)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    inner = get_base_model() if callable(get_base_model) else model
-    body = getattr(inner, "base_model", None)
-    return body if isinstance(body, torch.nn.Module) and body is not inner else None
-
-
-def head_is_plain(model: torch.nn.Module) -> bool:
-    """Whether model(x).logits == get_output_embeddings()(body(x)) exactly: a one-time probe.
-
-    False for heads that are not a Linear and for models that rescale or soft-cap logits after
-    the head; those use the plain path. The answer is cached per model object.
-    """
-    if model in _plain_head_cache:
-        return _plain_head_cache[model]
-    verdict = False
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    body = model_body(model)
-    if isinstance(head, torch.nn.Linear) and body is not None:
-        device = head.weight.device
-        ids = torch.arange(2, 2 + min(8, head.out_features - 2), device=device)[None] % head.out_features
-        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            try:
-                logits = model(input_ids=ids, use_cache=False).logits
-                hidden = body(input_ids=ids, use_cache=False).last_hidden_state
-                verdict = logits.shape == (1, ids.shape[1], head.out_features) and torch.allclose(
-                    head(hidden), logits, rtol=1e-4, atol=1e-5
-                )
-            except (TypeError, AttributeError, RuntimeError, ValueError):
-                verdict = False
-    _plain_head_cache[model] = verdict
-    return verdict
-
-
-def configure_forward(model: torch.nn.Module, *, speed: SpeedConfig, scale: ScaleConfig, device: torch.device,
-                      longest_row: int = 0, log: Callable[[str], None] = print) -> None:
-    """Once per run, before anything is scored: the attention packed rows use, offloading, malloc.
-
-    `--attention`: see `attention.choose_attention` (only where a layout other than padded can
-    run; auto means masks under `--compile`). `--activation-offload`: the forward's saved activations go to pinned CPU memory
-    (CUDA only; a CPU run keeps them in CPU memory anyway, so asking for it there is an error).
-    `--malloc-mmap-threshold`: see `host_memory` (process-wide, from here on); under auto it is
-    fixed when `longest_row` (the data's longest sequence, in tokens) is long.
-    """
-    setting = parse_mmap_threshold(scale.malloc_mmap_threshold)  # None: auto
-    threshold = threshold_for(setting, longest_row, device.type)
-    if fix_mmap_threshold(threshold) and setting is None:
-        log(f"long sequences (up to {longest_row} tokens): freed host memory blocks of {threshold >> 20} MiB or more "
-            "go back to the system (--malloc-mmap-threshold auto; 0 keeps malloc's adaptive threshold)")
-    # Under --compile, auto keeps the masks: the runs differ per batch, and each would recompile.
-    choice = "masks" if speed.compile and speed.attention == "auto" else speed.attention
-    if speed.layout != "padded":
-        try:
-            choose_attention(model, choice, log)
-        except ValueError as exc:
-            raise DpokitError(str(exc)) from None
-    if scale.activation_offload:
-        if device.type != "cuda":
-            raise DpokitError("--activation-offload moves activations from GPU to CPU memory; "
-                              f"this run is on {device.type}, where they are in CPU memory already")
-        _offloaded.add(model)
-
-
-def _saved_tensors_place(model: torch.nn.Module):
+def _saved_tensors_place(forward: ModelForward):
     """save_on_cpu (pinned) for an offloaded model's gradient forward; otherwise nothing."""
-    if model in _offloaded and torch.is_grad_enabled():
+    if forward.offload and torch.is_grad_enabled():
         return torch.autograd.graph.save_on_cpu(pin_memory=True)
     return contextlib.nullcontext()
 
 
 def sequence_logps(model: torch.nn.Module, batch: PairBatch, chunked_head: bool | None = None,
                    chunk: int | None = None, *, ld_alpha: float | None = None,
-                   wpo_weights: bool = False) -> PairLogps:
+                   wpo_weights: bool = False, forward: ModelForward | None = None,
+                   router: RouterLoss | None = None) -> PairLogps:
     """Run `model` on the batch and sum each sequence's scored-token log-probs.
 
     chunked_head: None = use the chunked LM head whenever the model passes `head_is_plain`;
     False = the plain path (full logits from the model); True = require the chunked head.
     ld_alpha: LD-DPO's α (`response_sums`); wpo_weights: also WPO's pair weights (`wpo_pair_weights`).
     Both act here, on the scored tokens every layout ends in, so every layout gets them alike.
+    forward: what the run found about `model` (`capability.describe_forward`, kept by the scorer);
+    None probes it now, for this batch's layout only (a one-off call: tests, tools).
+    router: the MoE load-balancing term (`model.router_loss`), computed on this forward's routing.
     """
-    use_chunked = head_is_plain(model) if chunked_head is None else chunked_head
-    with _saved_tensors_place(model):
-        logps, log_sum_sq = _scored_token_logps(model, batch, use_chunked, chunk, wpo_weights)
+    if forward is None:
+        forward = describe_forward(model, [batch.layout] if batch.layout in PACKED_LAYOUTS else [],
+                                   head=chunked_head is None)
+    if batch.layout in forward.refusals:
+        raise ValueError(f"--layout {batch.layout} is not exact for this model: {forward.refusals[batch.layout]}")
+    use_chunked = forward.plain_head if chunked_head is None else chunked_head
+    with _saved_tensors_place(forward), router.recording(model) if router else contextlib.nullcontext() as routed:
+        logps, log_sum_sq = _scored_token_logps(model, batch, use_chunked, chunk, wpo_weights, forward.windows)
     counts = torch.bincount(batch.score_seq, minlength=2 * batch.num_pairs)
     summed = response_sums(logps, batch.score_seq, counts, ld_alpha)
     weights = None if log_sum_sq is None else wpo_pair_weights(logps, log_sum_sq, batch.score_seq, counts)
     lengths = counts.to(torch.float32)
     b = batch.num_pairs
-    return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:], weights)
+    aux = router(routed[-1], batch) if router else None
+    return PairLogps(summed[:b], summed[b:], lengths[:b], lengths[b:], weights, aux)
 
 
 def response_positions(score_seq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -314,10 +251,10 @@ def wpo_pair_weights(token_logps: torch.Tensor, token_log_sum_sq: torch.Tensor, 
 
 
 def _scored_token_logps(model: torch.nn.Module, batch: PairBatch, use_chunked: bool, chunk: int | None,
-                        log_sum_sq: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        log_sum_sq: bool, windows: dict[str, int | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N,) float32 log-probs of the batch's scored tokens: the forward, then the LM head; and,
     when asked, their (N,) log Σ_v p(v)² (WPO)."""
-    inputs = {"use_cache": False, **attention_inputs(model, batch)}
+    inputs = {"use_cache": False, **attention_inputs(model, batch, windows)}
     shape = batch.input_ids.shape  # FlashAttention runs packed rows as one flattened row
     if use_chunked:
         body, head = model_body(model), model.get_output_embeddings()

@@ -33,6 +33,7 @@ import torch
 
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
+from dpokit.faults import inject
 from dpokit.io import Log, atomic_write_bytes, file_sha256
 from dpokit.model.logprobs import PairLogps
 
@@ -51,9 +52,13 @@ def pair_key(pair: TokenizedPair) -> PairKey:
 
 
 def weights_fingerprint(model_source: str | None, model: torch.nn.Module | None = None) -> str:
-    """sha256 of a local model folder's weight files and config, else of `model`'s state dict."""
+    """sha256 of a local model folder's weight files and config (or of a GGUF model file), else of
+    `model`'s state dict."""
     digest = hashlib.sha256()
     folder = Path(model_source).expanduser() if model_source else None
+    if folder and folder.is_file():  # a GGUF file holds the weights and the config
+        digest.update(folder.name.encode() + b"\0" + file_sha256(folder))
+        return "files:" + digest.hexdigest()
     files = sorted({f for pattern in WEIGHT_FILES for f in folder.glob(pattern)}) if folder and folder.is_dir() else []
     if files:
         for path in [*files, folder / "config.json"]:
@@ -222,6 +227,7 @@ def precompute_reference(
 def _fill(compute: Callable[[Sequence[TokenizedPair]], PairLogps], pairs: Sequence[TokenizedPair],
           rows: Sequence[int], chosen: torch.Tensor, rejected: torch.Tensor, batch_size: int) -> None:
     """Score `pairs` in batches and write their log-probs into `chosen[rows]` and `rejected[rows]`."""
+    inject("reference-pass")  # tests: an out-of-memory (or a kill) where the pass allocates
     for start in range(0, len(pairs), batch_size):
         out = compute(pairs[start : start + batch_size])
         at = list(rows[start : start + batch_size])

@@ -24,7 +24,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dpokit.config import RunConfig, coerce, dump_yaml, iter_options
+from dpokit.config import INPUT, RunConfig, coerce, dump_yaml, iter_options
 from dpokit.errors import DpokitError, first_line
 from dpokit.io import RUN_CONFIG_FILE, fsync_tree, make_staging_dir
 from dpokit.train.distributed import Distributed
@@ -41,7 +41,7 @@ RESUME_MAY_CHANGE = {
     "keep_checkpoints", "resume", "device", "reference_cache", "report_to", "push_to_hub", "hub_private",
     # How the work is split and stored, not what is computed (the global batch is checked apart).
     "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing",
-    "malloc_mmap_threshold",
+    "malloc_mmap_threshold", "allow_large_learning_rate",
 }
 
 
@@ -160,7 +160,7 @@ def reference_weights(reference: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu().contiguous() for name, p in reference.named_parameters()}
 
 
-def _load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+def load_reference_weights(reference: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     params = dict(reference.named_parameters())
     if params.keys() != weights.keys() or any(params[n].shape != weights[n].shape for n in params):
         raise ValueError("the reference weights do not match the reference model")
@@ -196,7 +196,7 @@ def load_checkpoint(path: Path, policy, optimizer, scheduler, ctx: Distributed |
     try:
         load_trainable_state(policy, weights, ctx)
         if saved_reference is not None:
-            _load_reference_weights(reference, saved_reference)
+            load_reference_weights(reference, saved_reference)
         state = TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
     except (OSError, RuntimeError, ValueError, TypeError) as exc:
         raise DpokitError(f"--resume {path}: checkpoint is damaged or from another model ({exc})") from None
@@ -234,12 +234,21 @@ def check_resumable(saved: dict[str, dict[str, Any]], cfg: RunConfig, where: Pat
         # Converted as on load: an older checkpoint wrote lists as comma strings.
         before = coerce(saved.get(section, {}).get(f.name, f.default), f, f"{where}: {section}.{f.name}")
         now = getattr(getattr(cfg, section), f.name)
-        if before != now:
+        if _compared(before, f) != _compared(now, f):
             flag = "--" + f.name.replace("_", "-")
             raise DpokitError(
                 f"cannot resume from {where}: {flag} differs (checkpoint: {before!r}, now: {now!r}); "
                 "use the original value or start a new run in another --output"
             )
+
+
+def _compared(value: Any, f) -> Any:
+    """A local input path as the file it names (`./data/a.jsonl` is `data/a.jsonl`); its content is
+    checked apart (`check_resume_data`: the data's token ids; the reference's weights)."""
+    if f.metadata.get("path") != INPUT or not isinstance(value, str):
+        return value
+    path = Path(value).expanduser()
+    return path.resolve() if path.exists() else value
 
 
 def _saved_state(path: Path) -> dict[str, Any]:

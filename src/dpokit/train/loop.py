@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from dpokit.config import RunConfig, with_absolute_model_paths
 from dpokit.data.order import epoch_order
+from dpokit.folder_swap import Replacement, locked_folder
 from dpokit.hub import check_push_possible, push_run
-from dpokit.io import JsonlWriter, Log, run_folder_lock, shows_progress
+from dpokit.io import RUN_LOG_FILE, FolderLock, JsonlWriter, Log, counted, shows_progress
 from dpokit.model.reference import reference_sync_due, sync_reference
 from dpokit.model_card import write_model_card
 from dpokit.paths import check_run_paths
@@ -39,7 +40,8 @@ from dpokit.trackers import Trackers, open_trackers, require_trackers
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed, init_distributed, teardown
 from dpokit.train.metrics_window import MetricsWindow, add_drift, check_finite_record, describe
-from dpokit.train.run_folder import prepare_output, save_final_model, start_run_files
+from dpokit.train.run_folder import check_output, save_final_model, start_run_files
+from dpokit.train.run_log import RunLog
 from dpokit.train.setup import (
     RunData,
     build_run_scorer,
@@ -70,8 +72,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: RunConfig, log: Log = print) -> TrainResult:
-    """Run one training job: a single process, or one rank of a torchrun launch."""
+def train(cfg: RunConfig, log: Log = print, *, notice: Log | None = None,
+          within: Replacement | None = None) -> TrainResult:
+    """Run one training job: a single process, or one rank of a torchrun launch. `notice` takes
+    the notes on settings (a length capped, an idle option, a warm-up past the run): a command
+    training several runs passes one `io.SaidOnce` to all of them (default: `log`). `within`: the
+    replacement of a folder above (a sweep's root), committed at this run's first checkpoint."""
     check_run_paths(cfg)  # before anything else, the lock file included: an output never lands on an input
     require_trackers(cfg.train.report_to)  # a missing tracker or an impossible push: refused before any work
     if cfg.train.push_to_hub:
@@ -79,32 +85,48 @@ def train(cfg: RunConfig, log: Log = print) -> TrainResult:
     ctx, device = init_distributed(cfg.model.device)
     try:
         # One writer per run folder: a second train/resume on it is refused while this one lives.
-        with run_folder_lock(cfg.train.output) if ctx.is_main else nullcontext():
-            return _train(cfg, ctx.main_only(log), ctx, device)
+        with locked_folder(cfg.train.output, log=log) if ctx.is_main else nullcontext() as lock:
+            return _train(cfg, ctx.main_only(log), ctx.main_only(notice) if notice else None, ctx, device, lock,
+                          within)
     finally:
         teardown(ctx)
 
 
-def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> TrainResult:
+def _train(cfg: RunConfig, log: Log, notice: Log | None, ctx: Distributed, device: torch.device, lock: FolderLock | None,
+           within: Replacement | None) -> TrainResult:
+    """Every check that needs no training runs before the folder is touched (settings, data, model,
+    LoRA, the first-batch guard, the reference pass); a new run is set up beside what the folder
+    holds (folder_swap) and swapped in at the end of setup; what it replaces stays until the new
+    run's first checkpoint."""
     started = time.perf_counter()
+    log = RunLog(log) if ctx.is_main else log  # the console and, once the folder is ready, train.log
+    notice = notice or log  # a command's shared notes (SaidOnce) go to its console
     cfg = with_absolute_model_paths(cfg)  # the saved config must name them from any directory
-    tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=log)
-    warn_idle_options(cfg, log)
+    tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=notice)
+    warn_idle_options(cfg, notice)
     resume_from = ckpt.find_resume(cfg)
-    if ctx.is_main:  # one rank checks and prepares the folder; the others wait for it
-        prepare_output(cfg.train, resuming=resume_from is not None)
-    ctx.barrier()
+    if ctx.is_main:  # one rank checks the folder and writes it
+        check_output(cfg.train, resuming=resume_from is not None)
+    with Replacement(cfg.train.output, lock, replace=resume_from is None, within=within, log=log) as folder:
+        return _set_up_and_run(cfg, log, notice, ctx, device, resume_from, folder, tokenizer, started)
+
+
+def _set_up_and_run(cfg: RunConfig, log: Log, notice: Log, ctx: Distributed, device: torch.device,
+                    resume_from: Path | None, folder: Replacement, tokenizer, started: float) -> TrainResult:
     seed_everything(cfg.train.seed)  # the same on every rank: identical initialisation (LoRA adapters too)
 
-    data = load_run_data(tokenizer, data=cfg.data, train=cfg.train, world_size=ctx.world_size, log=log)
+    data = load_run_data(tokenizer, data=cfg.data, train=cfg.train, world_size=ctx.world_size, log=log,
+                         notice=notice)
     if resume_from is not None:  # before any heavy work: a refused resume costs seconds
         ckpt.check_resume_data(resume_from, data.fingerprint, data.global_batch)
     policy, reference_weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, device=device,
                                                 gradient_checkpointing=cfg.scale.gradient_checkpointing, ctx=ctx)
     if resume_from is not None:
         ckpt.check_resume_reference(resume_from, reference_weights, cfg.model.reference_model or cfg.model.model)
+    # The first-batch guard's record and the reference cache go where the new run is being built.
     scorer = build_run_scorer(policy, tokenizer, data, cfg, reference_weights=reference_weights, device=device,
-                              ctx=ctx, log=log)
+                              ctx=ctx, log=folder.relabel(log), output=folder.where,
+                              reference_cache=folder.place(cfg.speed.reference_cache))
     parts = build_training_parts(scorer.policy, train=cfg.train, dtype=cfg.model.dtype, total_steps=data.total_steps,
                                  device=device, ctx=ctx)
     fresh = ckpt.TrainState(data_fingerprint=data.fingerprint, reference_fingerprint=reference_weights,
@@ -115,11 +137,15 @@ def _train(cfg: RunConfig, log: Log, ctx: Distributed, device: torch.device) -> 
     if resume_from is not None:
         log(f"resuming from {resume_from} at step {state.step}/{data.total_steps}")
     output = Path(cfg.train.output)
-    if ctx.is_main:  # rank 0 alone writes files
-        start_run_files(output, cfg, state.step if resume_from is not None else None)
+    if ctx.is_main:  # rank 0 alone writes files: the new run's config, then the new run in place
+        start_run_files(folder.where, cfg, state.step if resume_from is not None else None)
+        folder.swap_in()
+    ctx.barrier()
+    if isinstance(log, RunLog):  # rank 0: the folder now holds this run, and its log file with it
+        log.attach(output / RUN_LOG_FILE, resumed=resume_from is not None)
     log(_run_line(cfg, data, device, ctx))
 
-    run = _Run(cfg, data, scorer, parts, state, output=output, ctx=ctx, log=log, started=started)
+    run = _Run(cfg, data, scorer, parts, state, output=output, ctx=ctx, log=log, started=started, folder=folder)
     try:
         run.steps()
         return run.finish(tokenizer, lora=bool(cfg.lora.lora_r))
@@ -139,17 +165,19 @@ def _run_line(cfg: RunConfig, data: RunData, device: torch.device, ctx: Distribu
     t = cfg.train
     processes = f" x {ctx.world_size} processes ({cfg.scale.parallel})" if ctx.world_size > 1 else ""
     lora = f", LoRA r={cfg.lora.lora_r}" if cfg.lora.lora_r else ""
-    return (f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {len(data.train_pairs)} pairs, "
+    return (f"training {cfg.model.model} on {device} ({cfg.model.dtype}{lora}): {counted(len(data.train_pairs), 'pair')}, "
             f"global batch {data.global_batch} = {t.batch_size} x {t.gradient_accumulation_steps} "
-            f"accumulation{processes}, {data.total_steps} steps, loss {cfg.loss.loss_spec}, beta {cfg.loss.beta}")
+            f"accumulation{processes}, {counted(data.total_steps, 'step')}, loss {cfg.loss.loss_spec}, beta {cfg.loss.beta}")
 
 
 class _Run:
     """A run once set up: its steps, what each one records, its checkpoints, its end."""
 
     def __init__(self, cfg: RunConfig, data: RunData, scorer: PairScorer, parts: TrainingParts,
-                 state: ckpt.TrainState, *, output: Path, ctx: Distributed, log: Log, started: float) -> None:
+                 state: ckpt.TrainState, *, output: Path, ctx: Distributed, log: Log, started: float,
+                 folder: Replacement) -> None:
         self.cfg, self.t = cfg, cfg.train  # the whole config only for the checkpoints, which hold it
+        self.folder = folder  # what the run replaces goes at its first checkpoint
         self.data, self.scorer, self.parts, self.state = data, scorer, parts, state
         self.reference = synced_reference(scorer, cfg)
         self.output, self.ctx, self.log, self.started = output, ctx, log, started
@@ -253,8 +281,11 @@ class _Run:
     def save(self) -> Path:
         p = self.parts
         self.state.loss_state = self.scorer.loss.state_dict()
-        return ckpt.save_checkpoint(self.output, self.state, self.cfg, p.policy, p.optimizer,
+        path = ckpt.save_checkpoint(self.output, self.state, self.cfg, p.policy, p.optimizer,
                                     p.scheduler, self.t.keep_checkpoints, self.ctx, p.scaler, self.reference)
+        if self.ctx.is_main:  # the new run can continue from here: what it replaces is no longer needed
+            self.folder.commit()
+        return path
 
     def finish(self, tokenizer, lora: bool) -> TrainResult:
         """Final evaluation, the last checkpoint, the final model; the result."""

@@ -1,4 +1,4 @@
-"""The run folder around the checkpoints: refused or cleared before a run, its metrics.jsonl and
+"""The run folder around the checkpoints: checked before a run, its metrics.jsonl and
 resolved config at the start (or rewound on resume), the final model at the end. Rank 0 alone
 calls what writes here, but `save_final_model`, which every rank joins."""
 
@@ -8,30 +8,27 @@ import json
 from pathlib import Path
 
 from dpokit.config import RunConfig, TrainConfig, dump_yaml
-from dpokit.errors import DpokitError
-from dpokit.io import RUN_CONFIG_FILE, atomic_save_pretrained, atomic_write_text, folder_entries
-from dpokit.paths import claim_output_folder
+from dpokit.io import RUN_CONFIG_FILE, atomic_save_pretrained, atomic_write_text
+from dpokit.paths import check_replaceable
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed
 from dpokit.train.state import pretrained_state
 from dpokit.train.wrap import unwrap
 
 
-def prepare_output(train: TrainConfig, resuming: bool) -> Path:
-    """Refuse to mix a new run into a folder that holds something else (paths.claim_output_folder,
-    with train's own advice); a resumed run's folder is its own."""
+def check_output(train: TrainConfig, resuming: bool) -> None:
+    """Before any work, and without touching the folder: refuse to mix a new run into a folder that
+    holds something else (paths.check_replaceable, with train's own advice); a resumed run's folder
+    is its own, and loses only what a killed checkpoint save left."""
     output = Path(train.output)
-    if output.exists() and not output.is_dir():
-        raise DpokitError(f"--output {output} is a file, not a folder")
-    if not resuming:
-        if train.resume == "auto" and output.is_dir() and folder_entries(output) and not train.overwrite:
-            raise DpokitError(f"--resume auto: {output} holds no complete checkpoint to resume from; "
-                              "pass --overwrite to start over there, or choose a new folder")
-        claim_output_folder(output, overwrite=train.overwrite,
-                            hint="pass --resume auto to continue it, --overwrite to write over it, or choose a new folder")
-    output.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_stale_staging(output)
-    return output
+    if resuming:
+        ckpt.remove_stale_staging(output)
+        return
+    refusal = ("--resume auto: {folder} holds no complete checkpoint to resume from; pass {overwrite}, or choose a "
+               "new folder" if train.resume == "auto" else
+               "{option} {folder} holds another dpokit run; pass --resume auto to continue it, {overwrite}, or "
+               "choose a new folder")
+    check_replaceable(output, overwrite=train.overwrite, refusal=refusal)
 
 
 def start_run_files(output: Path, cfg: RunConfig, resumed_step: int | None) -> None:

@@ -5,7 +5,7 @@ weights fingerprint), the scorer with its reference, the optimizer, schedule and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,13 +19,14 @@ from dpokit.model.load import (
     build_reference,
     check_model_source,
     frozen_reference,
+    load_model_config,
     load_policy,
     load_tokenizer,
     prepare_policy,
 )
 from dpokit.model.reference import data_fingerprint, run_reference_weights
 from dpokit.scoring import PairScorer, build_scorer
-from dpokit.settings_checks import context_limit, fit_max_length, model_config, warn_warmup
+from dpokit.settings_checks import fit_max_length, warn_warmup
 from dpokit.train.distributed import Distributed
 from dpokit.train.optim import build_optimizer, build_scheduler, warmup_steps
 from dpokit.train.shards import pairs_the_run_uses
@@ -53,12 +54,14 @@ def load_run_tokenizer(*, model: ModelConfig, data: DataConfig, log: Log):
         if name:
             check_model_source(name)
     tokenizer = load_tokenizer(model.tokenizer or model.model, model.trust_remote_code)
-    limit = context_limit(model_config(model.model, model.trust_remote_code), tokenizer)
-    data.max_length = fit_max_length(data.max_length, data.max_prompt_length, limit, log)
+    data.max_length = fit_max_length(data.max_length, data.max_prompt_length,
+                                     load_model_config(model.model, model.trust_remote_code), tokenizer, log)
     return tokenizer
 
 
-def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size: int, log: Log) -> RunData:
+def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size: int, log: Log,
+                  notice: Log | None = None) -> RunData:
+    """The tokenized pairs and step counts; `notice` takes the warm-up warning (default: `log`)."""
     pair_tokenizer = PairTokenizer.from_config(tokenizer, data)
     counts: dict = {}
     train_pairs = load_tokenized_pairs(data.data, pair_tokenizer, log, data, counts)
@@ -66,7 +69,7 @@ def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size
     global_batch = train.batch_size * train.gradient_accumulation_steps * world_size
     steps_per_epoch = math.ceil(len(train_pairs) / global_batch)
     total_steps = train.max_steps or max(1, math.ceil(train.epochs * steps_per_epoch))
-    warn_warmup(warmup_steps(train, total_steps), total_steps, train.learning_rate, log)
+    warn_warmup(warmup_steps(train, total_steps), total_steps, train.learning_rate, notice or log)
     return RunData(train_pairs, eval_pairs, data_fingerprint(train_pairs), global_batch, steps_per_epoch, total_steps,
                    counts)
 
@@ -84,10 +87,13 @@ def load_run_policy(*, model: ModelConfig, lora: LoraSection, loss: LossConfig, 
 
 
 def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: RunConfig, *, reference_weights: str | None,
-                     device: torch.device, ctx: Distributed, log: Log) -> PairScorer:
+                     device: torch.device, ctx: Distributed, log: Log, output: Path,
+                     reference_cache: str | None) -> PairScorer:
     """Reference log-probs precomputed (and cached) now from the initial weights, for the pairs the
     run will use, or a live reference (see --reference); then the policy (and a live reference)
-    wrapped for torchrun. The scorer reads every section but data's, so it takes the tree."""
+    wrapped for torchrun. The scorer reads every section but data's, so it takes the tree.
+    `output` and `reference_cache`: where the run is being built (a new run is set up beside the
+    folder it replaces, train/loop.py), and the cache's place there."""
     t = cfg.train
     stateful = [name for name in cfg.loss.loss if get_loss(name).batch_statistics]
     if stateful and ctx.world_size > 1:  # each process would keep its own running statistic
@@ -95,9 +101,10 @@ def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: Run
     used = pairs_the_run_uses(len(data.train_pairs), t.seed, data.total_steps, t.batch_size,
                               t.gradient_accumulation_steps, ctx)
     return build_scorer(
-        policy, model=cfg.model, loss=cfg.loss, speed=cfg.speed, scale=cfg.scale, lora=cfg.lora, train=t,
-        pad_id=tokenizer.pad_token_id, device=device, datasets=[data.train_pairs, data.eval_pairs],
-        needed=[used, None], output=Path(t.output), log=log, world_size=ctx.world_size,
+        policy, model=cfg.model, loss=cfg.loss, speed=replace(cfg.speed, reference_cache=reference_cache),
+        scale=cfg.scale, lora=cfg.lora, train=t, pad_id=tokenizer.pad_token_id, device=device,
+        datasets=[data.train_pairs, data.eval_pairs], needed=[used, None], output=output, log=log,
+        world_size=ctx.world_size,
         make_live_reference=lambda: live_reference(policy, model=cfg.model, loss=cfg.loss, device=device),
         reference_weights=reference_weights, wrap=lambda module: parallelize(module, scale=cfg.scale, ctx=ctx),
     )

@@ -260,7 +260,8 @@ def _version(name: str) -> str:
 
 def parse_args(argv: list[str] | None) -> PretrainSettings:
     defaults = PretrainSettings()
-    parser = argparse.ArgumentParser(prog="python -m dpokit.experiments.demo.pretrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dpokit.experiments.demo.pretrain", description=__doc__.split("\n")[0],
+                                     allow_abbrev=False)
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

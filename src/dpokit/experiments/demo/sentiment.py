@@ -40,14 +40,15 @@ from dpokit.experiments.demo.checks import (
 from dpokit.experiments.demo.corpus import review_openings
 from dpokit.experiments.frontier import FrontierRunner
 from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
-from dpokit.io import Log, atomic_write_text, folder_entries, run_folder_lock, shows_progress
+from dpokit.folder_swap import Replacement, held_entries, locked_folder
+from dpokit.io import FolderLock, Log, atomic_write_text, shows_progress
 from dpokit.model.load import load_policy, load_tokenizer
-from dpokit.paths import check_creatable, check_outputs_apart, claim_output_folder
+from dpokit.paths import check_creatable, check_outputs_apart, refuse_where_you_stand
 
 REFERENCE_CACHE = "reference-cache"  # the offline runs' one cache of reference log-probs, in the output folder
 DETAIL_LOG = "demo.log"  # the demo's first file in its folder: an earlier demo's folder holds it
 # Everything the demo writes at the top of its folder. A folder holding demo.log and nothing but
-# these is an earlier demo's: it is emptied, so no file of that run passes for one of the new run.
+# these is an earlier demo's: it is replaced whole, so no file of that run passes for one of the new run.
 DEMO_ENTRIES = frozenset({DETAIL_LOG, "summary.json", "frontier.png", "pairs.jsonl", "prompts-train.jsonl",
                           "prompts-heldout.jsonl", "runs", "online", REFERENCE_CACHE})
 
@@ -137,26 +138,32 @@ def run_demo(s: DemoSettings, output: str | Path = "demo-output", *, online: boo
     The folder is locked for the demo's life (one writer at a time)."""
     check_outputs_apart([("--output", output)], [("the bundled base model", BASE_MODEL_DIR)])
     check_creatable(output, "--output")
-    with run_folder_lock(output):
-        claim_demo_folder(output, log)
+    with locked_folder(output, log=log) as lock, claim_demo_folder(lock, log) as replacing:
         callers_threads = torch.get_num_threads()
         torch.set_num_threads(s.threads)  # the demo's one thread setting (DemoSettings.threads)
         try:
-            return _run_demo(s, output, online=online, progress=progress, log=log)
+            return _run_demo(s, output, online=online, progress=progress, log=log, replacing=replacing)
         finally:
             torch.set_num_threads(callers_threads)
 
 
-def claim_demo_folder(output: str | Path, log: Log = print) -> None:
-    """The demo writes into a new or empty folder, or an earlier demo's, which it empties first
-    (with one line saying so); any other folder that holds something is refused, untouched."""
-    folder = Path(output)
-    entries = folder_entries(folder) if folder.is_dir() else []
+def claim_demo_folder(lock: FolderLock, log: Log = print) -> Replacement:
+    """The demo writes into a new or empty folder (locked), or replaces an earlier demo's (with one
+    line saying so; the earlier one stays beside it until the new demo's first run has a checkpoint,
+    folder_swap); any other folder that holds something is refused, untouched."""
+    folder = lock.folder
+    entries = held_entries(folder)
     earlier = (folder / DETAIL_LOG).is_file() and all(_written_by_the_demo(entry) for entry in entries)
-    claim_output_folder(folder, overwrite=earlier, hint="the demo writes into a new folder, an empty one or an "
-                        "earlier demo's (with its demo.log and nothing else); choose another --output")
+    if entries and not earlier:
+        raise DpokitError(f"--output {folder} is not empty; the demo writes into a new folder, an empty one or an "
+                          "earlier demo's (with its demo.log and nothing else); choose another --output")
     if earlier:
-        log(f"emptied {folder}: it held an earlier dpokit demo run")
+        refuse_where_you_stand(folder)
+    replacing = Replacement.at_once(folder, lock, log)
+    if earlier:
+        log(f"replacing {folder}: it held an earlier dpokit demo run, which is kept beside it until this demo's "
+            "first run has a checkpoint")
+    return replacing
 
 
 def _written_by_the_demo(entry: Path) -> bool:
@@ -166,7 +173,8 @@ def _written_by_the_demo(entry: Path) -> bool:
     return name in DEMO_ENTRIES
 
 
-def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log) -> DemoResult:
+def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bool | None, log: Log,
+              replacing: Replacement | None = None) -> DemoResult:
     started = time.perf_counter()
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +182,7 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
     with _DetailLog(out / DETAIL_LOG, started) as quiet:
         base = str(base_model_dir())  # checked against its manifest
         runner, train_prompts = _demo_frontier(s, base, out, quiet)
+        runner.replacing = replacing  # an earlier demo's folder is replaced at the first run's checkpoint
         log(f"dpokit demo: DPO on the bundled {sum(p.numel() for p in runner.reference.parameters()) / 1e6:.2f}"
             "M-parameter review model; the judge is VADER sentiment")
         log(f"settings: {s.describe()}")
