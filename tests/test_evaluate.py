@@ -124,11 +124,19 @@ def test_trained_policy_moves_away_and_wins(trained_run, tiny_model_dir):
     # The toy task prefers upbeat words, so the trained policy should please the sentiment judge more.
     assert judged["reward_policy"] > judged["reward_reference"]
     assert judged["win_rate"] > 0.5
+    # The same figures prompt by prompt (for paired comparisons between models): they average to the totals.
+    per_prompt = figures["per_prompt"]
+    assert {len(values) for values in per_prompt.values()} == {len(PROMPTS * 2)}
+    for name, total in (("kl", kl["kl"]), ("reward_policy", judged["reward_policy"]),
+                        ("reward_reference", judged["reward_reference"])):
+        assert sum(per_prompt[name]) / len(per_prompt[name]) == pytest.approx(total, abs=1e-9)
     # Tempered sampling: the KL still comes from separate temperature-1 samples, so it is unchanged.
     tempered, _ = evaluate_on_prompts(policy, reference, PROMPTS * 2,
                                       Sampler(tokenizer, SamplingConfig(num_samples=4, max_new_tokens=8,
                                                                         temperature=0.5)), log=lambda _: None)
     assert tempered["kl"]["kl"] == pytest.approx(kl["kl"])
+    assert tempered["per_prompt"]["kl"] == pytest.approx(per_prompt["kl"])
+    assert "reward_policy" not in tempered["per_prompt"]  # no judge, no rewards
 
 
 def test_preference_metrics_equal_the_training_evaluation(trained_run, tiny_model_dir, toy_data):

@@ -386,21 +386,32 @@ def test_readme_torchrun_commands_use_the_venv():
 # --- item 15: the demo's picture and the README say the same ---------------------------------------
 
 
-def test_frontier_draws_the_dpo_curve_from_the_base_model(tmp_path, monkeypatch):
+def test_frontier_draws_each_method_as_the_upper_envelope_of_its_checkpoints(tmp_path, monkeypatch):
     from matplotlib.axes import Axes
 
     from dpokit.eval.report import plot_frontier
 
     drawn = []
     real_plot = Axes.plot
-    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append(a[:2]) or real_plot(self, *a, **k))
+    monkeypatch.setattr(Axes, "plot", lambda self, *a, **k: drawn.append((list(a[0]), list(a[1]), k)) or
+                        real_plot(self, *a, **k))
     points = [{"method": "reference", "beta": None, "reward": 0.2, "kl": 0.0},
-              {"method": "DPO", "beta": 0.1, "reward": 0.7, "kl": 10.0},
-              {"method": "DPO", "beta": 1.0, "reward": 0.6, "kl": 4.0},
-              {"method": "Preferred-FT", "beta": None, "reward": 0.4, "kl": 3.0, "label": "20 steps"}]
-    plot_frontier(points, tmp_path / "f.png", from_reference=("DPO",))
-    assert ([0.0, 4.0], [0.2, 0.6]) in [(list(x), list(y)) for x, y in drawn]  # star -> β=1
-    assert not [x for x, _ in drawn if list(x) == [0.0, 3.0]]  # Preferred-FT is not drawn from the star
+              {"method": "DPO", "beta": 1.0, "reward": 0.45, "kl": 1.0, "run_name": "b1", "step": 10, "final": False},
+              {"method": "DPO", "beta": 1.0, "reward": 0.6, "kl": 4.0, "run_name": "b1", "step": 20, "final": True},
+              {"method": "DPO", "beta": 0.1, "reward": 0.3, "kl": 2.0, "run_name": "b01", "step": 10, "final": False},
+              {"method": "DPO", "beta": 0.1, "reward": 0.7, "kl": 10.0, "run_name": "b01", "step": 20, "final": True},
+              {"method": "Preferred-FT", "beta": None, "reward": 0.4, "kl": 3.0, "run_name": "ft", "step": 20,
+               "final": True, "label": "20 steps"},
+              {"method": "online DPO", "beta": 1.0, "reward": 0.8, "kl": 9.0, "label": "round 2"},
+              {"method": "online DPO", "beta": 1.0, "reward": 0.6, "kl": 4.0, "label": ""}]
+    plot_frontier(points, tmp_path / "f.png", envelopes=("DPO", "Preferred-FT"))
+    lines = {(tuple(x), tuple(y)) for x, y, _ in drawn}
+    # Each run along its training, in step order; each method's frontier from the star, thick.
+    assert ((1.0, 4.0), (0.45, 0.6)) in lines and ((2.0, 10.0), (0.3, 0.7)) in lines
+    thick = [(x, y) for x, y, k in drawn if k.get("linewidth", 0) > 2]
+    # DPO: (2, 0.3) lies under the hull; Preferred-FT: one point, straight from the star.
+    assert thick == [([0.0, 1.0, 4.0, 10.0], [0.2, 0.45, 0.6, 0.7]), ([0.0, 3.0], [0.2, 0.4])]
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_readme_demo_options_match_the_presets():
@@ -414,4 +425,4 @@ def test_readme_demo_options_match_the_presets():
     assert (f"`--full` ({full.train_prompts} prompts × {full.samples_per_prompt} samples, {full.max_new_tokens} new "
             f"tokens, {words[len(full.betas)]} β, {full.steps} steps, {words[full.online_rounds]} online rounds"
             in readme)
-    assert "dashed from the base model to β = 1" in readme  # as frontier.png draws it (from_reference)
+    assert "the upper envelope of its points" in readme  # as frontier.png draws it (plot_frontier's envelopes)

@@ -209,6 +209,13 @@ def kl_estimate(policy, reference, policy_samples: SampleSet, *, pad_id: int, ba
     Unbiased only when the samples were drawn from π itself (temperature 1, no top-p/top-k);
     responses cut at max_new_tokens make it the KL of the first max_new_tokens tokens.
     """
+    return _kl_and_log_ratios(policy, reference, policy_samples, pad_id=pad_id, batch_size=batch_size,
+                              dtype=dtype)[0]
+
+
+def _kl_and_log_ratios(policy, reference, policy_samples: SampleSet, *, pad_id: int, batch_size: int,
+                       dtype: str) -> tuple[dict, list[float]]:
+    """`kl_estimate`'s figures, and each sample's log-ratio (prompt by prompt, in sample order)."""
     flat = [c for per in policy_samples.completions for c in per]
     policy_logps = completion_logps(policy, flat, pad_id=pad_id, batch_size=batch_size, dtype=dtype)
     reference_logps = completion_logps(reference, flat, pad_id=pad_id, batch_size=batch_size, dtype=dtype)
@@ -217,7 +224,16 @@ def kl_estimate(policy, reference, policy_samples: SampleSet, *, pad_id: int, ba
     return {"kl": kl, "kl_stderr": stderr, "sequences": len(flat),
             "unfinished_fraction": sum(not c.finished for c in flat) / len(flat),
             "logp_policy": sum(policy_logps) / len(flat), "logp_reference": sum(reference_logps) / len(flat),
-            "response_tokens": sum(len(c.response_ids) for c in flat) / len(flat)}
+            "response_tokens": sum(len(c.response_ids) for c in flat) / len(flat)}, log_ratios
+
+
+def _per_prompt_means(values: Sequence[float], samples: SampleSet) -> list[float]:
+    """`values`, one per sample in `samples`' order, averaged prompt by prompt."""
+    means, start = [], 0
+    for per in samples.completions:
+        means.append(sum(values[start:start + len(per)]) / len(per))
+        start += len(per)
+    return means
 
 
 # --- everything at once --------------------------------------------------------------------
@@ -230,7 +246,8 @@ def evaluate_on_prompts(policy, reference, prompts: Sequence[Prompt], sampler: S
     Both models are sampled with the same seed (common random numbers: identical models give
     identical samples). Pass `reference_samples` to reuse them across policies (the sweep).
     When the sampling is not ancestral (temperature 1, no top-p/top-k), the KL gets its own
-    ancestral samples, since tempered samples do not estimate KL(π ‖ π_ref).
+    ancestral samples, since tempered samples do not estimate KL(π ‖ π_ref). `per_prompt` holds
+    the KL and the judged rewards prompt by prompt (each a mean over that prompt's samples).
     """
     tokenizer, sampling = sampler.tokenizer, sampler.sampling
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -249,9 +266,14 @@ def evaluate_on_prompts(policy, reference, prompts: Sequence[Prompt], sampler: S
         log("drawing separate temperature-1 samples for the KL estimate")
         ancestral = replace(sampler.with_sampling(temperature=1.0, top_p=1.0, top_k=0), judge=None)
         kl_samples = ancestral.draw(policy, prompts)
-    figures["kl"] = kl_estimate(policy, reference, kl_samples, pad_id=pad_id,
-                                batch_size=sampling.sample_batch_size, dtype=sampler.dtype)
+    figures["kl"], log_ratios = _kl_and_log_ratios(policy, reference, kl_samples, pad_id=pad_id,
+                                                   batch_size=sampling.sample_batch_size, dtype=sampler.dtype)
     figures["examples"] = _examples(policy_samples, reference_samples)
+    # Per prompt, so that comparisons between models evaluated on these prompts can pair them.
+    figures["per_prompt"] = {"kl": _per_prompt_means(log_ratios, kl_samples)}
+    if policy_samples.rewards is not None:
+        figures["per_prompt"]["reward_policy"] = [sum(r) / len(r) for r in policy_samples.rewards]
+        figures["per_prompt"]["reward_reference"] = [sum(r) / len(r) for r in reference_samples.rewards]
     return figures, reference_samples
 
 

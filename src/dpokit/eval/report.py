@@ -15,6 +15,7 @@ from typing import Any
 
 from dpokit.config import SamplingConfig
 from dpokit.errors import DpokitError
+from dpokit.eval.envelope import frontier, upper_envelope
 from dpokit.eval.evaluate import EVALUATION_SECTIONS, Sampler, format_number, run_template_kwargs
 from dpokit.eval.sampling import prompt_text, read_prompts
 from dpokit.io import RUN_CONFIG_FILE, Log, atomic_write_bytes, atomic_write_text, read_run_config
@@ -107,47 +108,37 @@ def plot_training_curves(records: Sequence[dict], path: str | Path, panels: dict
 
 
 def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str | None = None,
-                  from_reference: Sequence[str] = ()) -> Path:
-    """The reward–KL frontier: judged reward against KL(π ‖ π_ref), one labelled point per run.
+                  envelopes: Sequence[str] = ()) -> Path:
+    """The reward–KL frontier: judged reward against KL(π ‖ π_ref), one point per evaluated model.
 
     Each point is a dict with `method`, `beta`, `reward`, `kl` and optionally `reward_stderr`
-    and `kl_stderr` (drawn as error bars) and `label` (shown next to it instead of its β; empty: no label). A point whose method is "reference" (β None, KL 0)
-    is drawn as a star: where every run started. The curves of the methods in `from_reference`
-    start at the star (a dashed segment to their lowest-KL point): the frontier a method traces
-    from the model it trained from.
+    and `kl_stderr` (drawn as error bars) and `label` (shown next to it instead of its β; empty:
+    no label). A point whose method is "reference" (β None, KL 0) is drawn as a star: where every
+    run started. A method not in `envelopes` is one line through its points by KL (a sweep's β,
+    online rounds). A method in `envelopes` is drawn as the DPO paper draws it: its points (those
+    of one run along its training, `run_name` and `step`, joined by a faint line, its checkpoints
+    smaller than its final model), and its frontier, the upper envelope of its points from the
+    star (`dpokit.eval.envelope`), as a thick line.
     """
     if not points:
         raise DpokitError("plot_frontier: no points to draw")
     figure, axes = _figure(7.5, 5)
     ax = axes[0, 0]
     methods = sorted({str(p["method"]) for p in points if p["method"] != "reference"})
-    kl_span = (max(p["kl"] for p in points) - min(p["kl"] for p in points)) or 1.0
-    reward_span = (max(p["reward"] for p in points) - min(p["reward"] for p in points)) or 1.0
+    spans = ((max(p["kl"] for p in points) - min(p["kl"] for p in points)) or 1.0,
+             (max(p["reward"] for p in points) - min(p["reward"] for p in points)) or 1.0)
+    start = next((p for p in points if p["method"] == "reference"), None)
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
     for method, color in zip(methods, palette * (1 + len(methods) // len(palette)), strict=False):
         mine = sorted((p for p in points if str(p["method"]) == method), key=lambda p: p["kl"])
-        xs, ys = [p["kl"] for p in mine], [p["reward"] for p in mine]
-        start = next((p for p in points if p["method"] == "reference"), None)
-        if method in from_reference and start is not None:
-            ax.plot([start["kl"], xs[0]], [start["reward"], ys[0]], color=color, linestyle="--", linewidth=1)
-        ax.errorbar(xs, ys, xerr=[p.get("kl_stderr") or 0 for p in mine],
-                    yerr=[p.get("reward_stderr") or 0 for p in mine], color=color, marker="o", capsize=3,
-                    linestyle="-", linewidth=1, label=method)
-        for i, p in enumerate(mine):
-            label = p.get("label", f"β={p['beta']:g}" if p.get("beta") is not None else method)
-            if not label:  # an empty label: the point is already labelled by another method's curve
-                continue
-            # Up and to the right, clear of the error bars; below and to the right when the next
-            # point is close (its error bars would hide the label).
-            nxt = mine[i + 1] if i + 1 < len(mine) else None
-            crowded = nxt is not None and nxt["kl"] - p["kl"] < 0.1 * kl_span and \
-                abs(nxt["reward"] - p["reward"]) < 0.15 * reward_span
-            ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
-                        xytext=(6, -5) if crowded else (6, 5), va="top" if crowded else "bottom",
-                        fontsize=8, color=color)
-    for p in points:
-        if p["method"] == "reference":
-            ax.scatter([p["kl"]], [p["reward"]], marker="*", s=160, color="black", zorder=3, label="reference")
+        if method in envelopes:
+            _draw_with_envelope(ax, mine, start, color, method)
+        else:
+            ax.errorbar([p["kl"] for p in mine], [p["reward"] for p in mine], **_error_bars(mine), color=color,
+                        marker="o", capsize=3, linestyle="-", linewidth=1, label=method)
+        _annotate(ax, mine, color, spans)
+    if start is not None:
+        ax.scatter([start["kl"]], [start["reward"]], marker="*", s=160, color="black", zorder=3, label="reference")
     ax.set_xlabel("KL(π ‖ π_ref) per response, nats (estimated from policy samples)")
     ax.set_ylabel("mean judged reward")
     ax.set_title(title or "reward–KL frontier")
@@ -155,6 +146,47 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: str | Path, title: str
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     return _save_png(figure, Path(path))
+
+
+def _error_bars(points: Sequence[dict[str, Any]]) -> dict:
+    return {"xerr": [p.get("kl_stderr") or 0 for p in points], "yerr": [p.get("reward_stderr") or 0 for p in points]}
+
+
+def _draw_with_envelope(ax, mine: Sequence[dict[str, Any]], start: dict[str, Any] | None, color: str,
+                        method: str) -> None:
+    """One method's points, each run's joined in step order, and its upper envelope from `start`."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for p in mine:
+        runs.setdefault(str(p.get("run_name", p.get("run", ""))), []).append(p)
+    for run in runs.values():
+        if len(run) > 1:
+            along = sorted(run, key=lambda p: p.get("step") or 0)
+            ax.plot([p["kl"] for p in along], [p["reward"] for p in along], color=color, linewidth=0.8, alpha=0.35)
+    for final in (False, True):
+        shown = [p for p in mine if p.get("final", True) is final]
+        if shown:
+            ax.errorbar([p["kl"] for p in shown], [p["reward"] for p in shown], **_error_bars(shown), color=color,
+                        marker="o", markersize=6 if final else 3.5, capsize=2, elinewidth=0.8 if final else 0.5,
+                        alpha=1.0 if final else 0.6, linestyle="none")
+    mine_points = [(p["kl"], p["reward"]) for p in mine]
+    envelope = frontier(mine_points, (start["kl"], start["reward"])) if start else upper_envelope(mine_points)
+    ax.plot([x for x, _ in envelope], [y for _, y in envelope], color=color, linewidth=2.2,
+            label=f"{method} (frontier: upper envelope)")
+
+
+def _annotate(ax, mine: Sequence[dict[str, Any]], color: str, spans: tuple[float, float]) -> None:
+    """Each point's label, up and to the right, clear of the error bars; below and to the right when
+    the next point is close (its error bars would hide the label)."""
+    for i, p in enumerate(mine):
+        label = p.get("label", f"β={p['beta']:g}" if p.get("beta") is not None else p["method"])
+        if not label:  # an empty label: the point needs none, or another method's curve labels it
+            continue
+        nxt = mine[i + 1] if i + 1 < len(mine) else None
+        crowded = nxt is not None and nxt["kl"] - p["kl"] < 0.1 * spans[0] and \
+            abs(nxt["reward"] - p["reward"]) < 0.15 * spans[1]
+        ax.annotate(label, (p["kl"], p["reward"]), textcoords="offset points",
+                    xytext=(6, -5) if crowded else (6, 5), va="top" if crowded else "bottom",
+                    fontsize=8, color=color)
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:

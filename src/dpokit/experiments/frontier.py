@@ -140,11 +140,18 @@ class FrontierRunner:
         if sync_every(run_dir):  # TR-DPO trained (and evaluated) against a moving reference:
             final_eval = held_out_against(policy, self.reference, self.sampler.tokenizer, run_dir, device=device,
                                           dtype=self.sampler.dtype, log=self.log)  # the row's is the KL's
+        done = self.evaluate_policy(policy, name, method, beta, final_eval=final_eval)
+        del policy
+        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(done.figures, indent=1))
+        return done
+
+    def evaluate_policy(self, policy, name: str, method: str, beta: float | None, *,
+                        final_eval: dict | None = None) -> RunEvaluation:
+        """Evaluate a loaded policy (a run's final model, or a checkpoint along it) on the prompts
+        against the reference: its frontier row."""
         figures, self.reference_samples = evaluate_on_prompts(
             policy, self.reference, self.prompts, self.sampler, reference_samples=self.reference_samples,
             log=self.log)
-        del policy
-        atomic_write_text(Path(run_dir) / "evaluation.json", json.dumps(figures, indent=1))
         judged, kl = figures["judged"], figures["kl"]
         final_eval = final_eval or {}
         row = {"run": name, "method": method, "beta": beta,
@@ -162,10 +169,11 @@ class FrontierRunner:
         return RunEvaluation(row, figures)
 
     def finish(self, summary_file: str, summary: dict, *, title: str, points: Sequence[dict] | None = None,
-               from_reference: Sequence[str] = ()) -> None:
-        """Draw frontier.png (of `points`, default: the reference and every run) and write `summary`."""
+               envelopes: Sequence[str] = ()) -> None:
+        """Draw frontier.png (of `points`, default: the reference and every run; the methods in
+        `envelopes` as their upper envelope, see `plot_frontier`) and write `summary`."""
         plot_frontier(self.points if points is None else points, self.root / PNG_FILE, title=title,
-                      from_reference=from_reference)
+                      envelopes=envelopes)
         atomic_write_text(self.root / summary_file, json.dumps(summary, indent=1))
         if self.report_to != ("none",):  # the frontier, as a tracker run of its own beside the runs'
             trackers = open_trackers(self.report_to, run_dir=self.root, run_name=f"{self.root.name}-frontier",

@@ -26,7 +26,17 @@ from dpokit.config import JudgeConfig, OnlineConfig, SamplingConfig, build_confi
 from dpokit.errors import DpokitError
 from dpokit.eval.evaluate import Sampler
 from dpokit.eval.judges import load_judge
+from dpokit.experiments.demo.along_training import evaluate_along_training, point_of
 from dpokit.experiments.demo.bundled import BASE_MODEL_DIR, base_model_dir
+from dpokit.experiments.demo.checks import (
+    DPO,
+    ONLINE,
+    PREFERRED_FT,
+    describe_checks,
+    final_points,
+    format_demo_table,
+    frontier_checks,
+)
 from dpokit.experiments.demo.corpus import review_openings
 from dpokit.experiments.frontier import FrontierRunner
 from dpokit.experiments.online import run_online, sample_preference_pairs, write_pairs
@@ -35,7 +45,6 @@ from dpokit.io import FolderLock, Log, atomic_write_text, shows_progress
 from dpokit.model.load import load_policy, load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart, refuse_where_you_stand
 
-DPO, PREFERRED_FT, ONLINE = "DPO", "Preferred-FT", "online DPO"
 REFERENCE_CACHE = "reference-cache"  # the offline runs' one cache of reference log-probs, in the output folder
 DETAIL_LOG = "demo.log"  # the demo's first file in its folder: an earlier demo's folder holds it
 # Everything the demo writes at the top of its folder. A folder holding demo.log and nothing but
@@ -52,14 +61,21 @@ class DemoSettings:
     eval_prompts: int = 64
     samples_per_prompt: int = 4  # completions sampled per training prompt to build the pairs
     pairing: str = "all"  # every two samples of a prompt with different scores (see dpokit.experiments.online)
-    eval_samples: int = 4  # completions per held-out prompt for judged reward and KL
+    # Completions per held-out prompt for judged reward and KL, at every point (checkpoints along training
+    # included): one sampling stream for all, so points differ by their models, not by their samples' luck.
+    eval_samples: int = 2
     max_new_tokens: int = 32
     betas: tuple[float, ...] = (1.0, 0.3, 0.1)
-    steps: int = 40
+    # As the paper trains (a small constant learning rate after a warm-up, evaluated along training):
+    # small enough that each run's checkpoints trace its curve from low KL on, a point every ~0.3 nats
+    # at β = 1 (7e-4 put DPO's first checkpoint at 4.4 nats). Measured: benchmarks/RESULTS.md section 8.
+    steps: int = 60
     batch_size: int = 32
-    learning_rate: float = 7e-4
-    sft_steps: tuple[int, ...] = (20, 40)  # Preferred-FT points: half and all of DPO's run length
-    sft_learning_rate: float = 7e-4
+    learning_rate: float = 2e-4
+    sft_steps: int = 60
+    sft_learning_rate: float = 2e-4
+    lr_scheduler: str = "constant"  # after the warm-up (a tenth of the steps)
+    checkpoint_every: int = 10  # every run is also evaluated every N steps along its training (the paper's frontier)
     online_rounds: int = 3  # total rounds, the offline run at online_beta being round 1
     online_beta: float = 1.0  # the largest β: its rounds move in small steps, so they stay at comparable KL
     online_steps: int = 40  # optimizer steps per online round after the first
@@ -71,19 +87,20 @@ class DemoSettings:
 
     def describe(self) -> str:
         return (f"{self.train_prompts} training prompts x {self.samples_per_prompt} samples, "
-                f"{self.eval_prompts} held-out prompts x {self.eval_samples} samples, "
+                f"{self.eval_prompts} held-out prompts x {self.eval_samples} samples every {self.checkpoint_every} "
+                "steps along training, "
                 f"{self.max_new_tokens} new tokens, {self.steps} steps of {self.batch_size} pairs at lr "
-                f"{self.learning_rate:g}, β {', '.join(f'{b:g}' for b in self.betas)}")
+                f"{self.learning_rate:g} ({self.lr_scheduler}), β {', '.join(f'{b:g}' for b in self.betas)}")
 
 
 PRESETS = {
     "quick": DemoSettings(train_prompts=48, eval_prompts=24, samples_per_prompt=4, eval_samples=2,
-                          max_new_tokens=24, betas=(0.3,), steps=15, sft_steps=(15,), online_rounds=2,
-                          online_beta=0.3, online_steps=15),
+                          max_new_tokens=24, betas=(0.3,), steps=15, sft_steps=15, online_rounds=2,
+                          online_beta=0.3, online_steps=15, checkpoint_every=5),
     "default": DemoSettings(),
-    "full": DemoSettings(train_prompts=256, eval_prompts=128, samples_per_prompt=6, eval_samples=8,
+    "full": DemoSettings(train_prompts=256, eval_prompts=128, samples_per_prompt=6, eval_samples=4,
                          max_new_tokens=48, betas=(1.0, 0.5, 0.3, 0.1, 0.05), steps=150,
-                         sft_steps=(25, 50, 100, 150), online_rounds=4, online_steps=150),
+                         sft_steps=150, online_rounds=4, online_steps=150, checkpoint_every=30),
 }
 
 
@@ -98,7 +115,7 @@ def _prompt_rows(prompts: list[str]) -> list[dict]:
 
 
 def _run_config(s: DemoSettings, model: str, pairs: Path, output: Path, *, loss: str, beta: float, steps: int,
-                learning_rate: float, progress: str, reference_cache: Path | None = None):
+                learning_rate: float, progress: str, reference_cache: Path | None = None, checkpoint_every: int = 0):
     return build_config({
         "model": {"model": model, "device": "cpu"},
         # One cache for every run from the base model: the reference log-probs depend on neither β nor the loss.
@@ -107,7 +124,11 @@ def _run_config(s: DemoSettings, model: str, pairs: Path, output: Path, *, loss:
         "loss": {"loss": loss, "beta": beta},
         "train": {"output": str(output), "overwrite": True, "learning_rate": learning_rate,
                   "batch_size": s.batch_size, "max_steps": steps, "warmup_steps": max(1, steps // 10),
-                  "log_every": max(1, steps // 20), "seed": s.seed, "progress": progress},
+                  "lr_scheduler": s.lr_scheduler, "log_every": max(1, steps // 20), "seed": s.seed,
+                  "progress": progress,
+                  # A checkpoint every `checkpoint_every` steps, all kept, to be evaluated along training.
+                  **({"save_every": checkpoint_every, "keep_checkpoints": steps // checkpoint_every + 1}
+                     if checkpoint_every else {})},
     })
 
 
@@ -179,14 +200,19 @@ def _run_demo(s: DemoSettings, output: str | Path, *, online: bool, progress: bo
         base_reward = reference_row["reward"]
         for point in points:
             point["base_reward"] = base_reward
-        checks = frontier_checks(points, base_reward)
+        base_per_prompt = [sum(r) / len(r) for r in runner.reference_samples.rewards]
+        checks = frontier_checks(points, base_reward, base_per_prompt)
     elapsed = time.perf_counter() - started
+    # The figures per held-out prompt, apart from the runs' rows (which stay readable): the
+    # frontiers' comparison and its standard error can be recomputed from summary.json.
+    per_prompt = {"base_reward": base_per_prompt,
+                  "runs": {p["run"]: figures for p in points if (figures := p.pop("per_prompt", None))}}
     summary = {"settings": asdict(s), "judge": "sentiment (VADER compound, [-1, 1])", "base_model": base,
                "base_reward": base_reward, "base_reward_stderr": reference_row["reward_stderr"],
                "pairs": pair_stats, "runs": points, "checks": checks, "examples": examples,
-               "online": online_summary, "seconds": round(elapsed, 1)}
-    # DPO's curve starts at the base model, as the frontier the checks interpolate does.
-    runner.finish("summary.json", summary, points=[reference_row, *points], from_reference=(DPO,),
+               "online": online_summary, "per_prompt": per_prompt, "seconds": round(elapsed, 1)}
+    # Each method's frontier: the upper envelope of its points (checkpoints included) from the base model.
+    runner.finish("summary.json", summary, points=[reference_row, *points], envelopes=(DPO, PREFERRED_FT),
                   title="dpokit demo: reward–KL frontier on held-out review openings")
     _print_outcome(points, base_reward, examples, checks, log)
     log(f"\nwrote {out}/: frontier.png, summary.json, pairs.jsonl, runs/*/ (trained models, training_curves.png, "
@@ -249,27 +275,30 @@ def _demo_pairs(s: DemoSettings, runner: FrontierRunner, train_prompts: list[str
 
 def _offline_runs(s: DemoSettings, runner: FrontierRunner, base: str, pairs_file: Path, show: bool,
                   log: Log) -> tuple[list[dict], dict]:
-    """2-3. Train each run from the base model, then evaluate it on the held-out prompts."""
+    """2-3. Train each run from the base model; evaluate it on the held-out prompts at checkpoints
+    along its training and at its end."""
     specs = [(DPO, "sigmoid", beta, s.steps, s.learning_rate, f"dpo-beta{beta:g}") for beta in s.betas]
-    specs += [(PREFERRED_FT, "sft", 0.1, steps, s.sft_learning_rate, f"preferred-ft-{steps}steps")
-              for steps in s.sft_steps]
-    log(f"[2/4] training {len(specs)} runs ({len(s.betas)} DPO β, {len(s.sft_steps)} Preferred-FT) and "
-        f"evaluating each on {len(runner.prompts)} held-out prompts x {s.eval_samples} samples")
+    specs.append((PREFERRED_FT, "sft", 0.1, s.sft_steps, s.sft_learning_rate, "preferred-ft"))
+    log(f"[2/4] training {len(specs)} runs ({len(s.betas)} DPO β, Preferred-FT) and evaluating each on "
+        f"{len(runner.prompts)} held-out prompts x {s.eval_samples} samples every {s.checkpoint_every} steps")
     points: list[dict] = []
     examples: dict = {}
     for method, loss, beta, steps, lr, name in specs:
         cfg = _run_config(s, base, pairs_file, runner.root / "runs" / name, loss=loss, beta=beta, steps=steps,
                           learning_rate=lr, progress="on" if show else "off",
-                          reference_cache=runner.root / REFERENCE_CACHE)
-        done = runner.add_run(cfg, name, method=method, beta=beta if method == DPO else None, steps=steps,
-                              learning_rate=lr)
-        point = done.row
-        if method == PREFERRED_FT:
-            point["label"] = f"{steps} steps"
-        points.append(point)
+                          reference_cache=runner.root / REFERENCE_CACHE, checkpoint_every=s.checkpoint_every)
+        beta_shown = beta if method == DPO else None
+        done = runner.add_run(cfg, name, method=method, beta=beta_shown, learning_rate=lr)
+        final = point_of(done, name, steps, final=True)
+        final["label"] = f"β={beta:g}" if method == DPO else f"{steps} steps"
+        along_training = evaluate_along_training(runner, base, cfg.train.output, name, method, beta_shown)
+        for point in along_training:
+            point.update(learning_rate=lr, label="")
+        points += [*along_training, final]
         examples[name] = done.figures["examples"]
-        log(f"      {name:<24} reward {point['reward']:+.3f}  KL {point['kl']:6.2f} nats  "
-            f"win rate {point['win_rate']:.2f}")
+        earlier = f" (and at steps {', '.join(str(p['step']) for p in along_training)})" if along_training else ""
+        log(f"      {name:<14} reward {final['reward']:+.3f}  KL {final['kl']:6.2f} nats  win rate "
+            f"{final['win_rate']:.2f} after {steps} steps{earlier}")
     return points, examples
 
 
@@ -280,7 +309,7 @@ def _online_rounds(s: DemoSettings, runner: FrontierRunner, base: str, pairs_fil
         raise DpokitError(f"demo settings: online_beta {s.online_beta} must be one of the DPO β {s.betas}")
     log(f"[3/4] online DPO at β {s.online_beta:g}: rounds 2-{s.online_rounds}, each sampling "
         f"{s.samples_per_prompt} completions per training prompt from the current policy")
-    first = next(p for p in points if p["method"] == DPO and p["beta"] == s.online_beta)
+    first = next(p for p in final_points(points, DPO) if p["beta"] == s.online_beta)
     base_cfg = _run_config(s, base, pairs_file, runner.root / "online", loss="sigmoid", beta=s.online_beta,
                            steps=s.online_steps, learning_rate=s.learning_rate, progress="on" if show else "off")
     online_cfg = OnlineConfig(rounds=s.online_rounds, samples_per_prompt=s.samples_per_prompt, pairing=s.pairing)
@@ -289,7 +318,7 @@ def _online_rounds(s: DemoSettings, runner: FrontierRunner, base: str, pairs_fil
                          start_policy=str(runner.root / "runs" / first["run"]))
     # Round 1 is the DPO run itself: the same point, labelled once in the picture, saying so.
     first["label"] = f"β={first['beta']:g} = online round 1"
-    points.append({**first, "run": "online-round-1", "method": ONLINE, "label": ""})
+    points.append({**first, "run": "online-round-1", "method": ONLINE, "label": "", "per_prompt": None})
     for r in summary["rounds"]:
         point = {**r["point"], "run": f"online-round-{r['round']}", "method": ONLINE,
                  "steps": s.online_steps, "learning_rate": s.learning_rate}
@@ -310,19 +339,8 @@ def _print_outcome(points: list[dict], base_reward: float, examples: dict, check
         log(line)
 
 
-def format_demo_table(points: list[dict], base_reward: float) -> str:
-    lines = [f"{'run':<24} {'method':<13} {'β':>5} {'reward':>14} {'KL (nats)':>14} {'win rate':>9}",
-             f"{'base model':<24} {'-':<13} {'-':>5} {base_reward:>+14.3f} {0.0:>14.2f} {0.5:>9.2f}"]
-    for p in points:
-        beta = f"{p['beta']:g}" if p.get("beta") is not None else "-"
-        reward = f"{p['reward']:+.3f} ± {p['reward_stderr']:.3f}"
-        kl = f"{p['kl']:.2f} ± {p['kl_stderr']:.2f}"
-        lines.append(f"{p['run']:<24} {p['method']:<13} {beta:>5} {reward:>14} {kl:>14} {p['win_rate']:>9.2f}")
-    return "\n".join(lines)
-
-
 def _print_examples(examples: dict, points: list[dict], log: Log, count: int = 3) -> None:
-    dpo = [p for p in points if p["method"] == DPO]
+    dpo = final_points(points, DPO)
     if not dpo:
         return
     best = max(dpo, key=lambda p: p["reward"])
@@ -331,51 +349,6 @@ def _print_examples(examples: dict, points: list[dict], log: Log, count: int = 3
         log(f"  {row['prompt']!r}")
         log(f"    before [{row['reference_reward']:+.2f}] {row['reference'].strip()[:110]!r}")
         log(f"    after  [{row['policy_reward']:+.2f}] {row['policy'].strip()[:110]!r}")
-
-
-def frontier_checks(points: list[dict], base_reward: float) -> dict:
-    """The demo's claims, measured: each is True/False (None when the runs needed are missing)."""
-    dpo = sorted((p for p in points if p["method"] == DPO), key=lambda p: -p["beta"])  # β falling
-    sft = [p for p in points if p["method"] == PREFERRED_FT]
-    online = [p for p in points if p["method"] == ONLINE]
-    checks: dict = {
-        "dpo_reward_above_base": all(p["reward"] > base_reward for p in dpo) if dpo else None,
-        "reward_rises_as_beta_falls": _increasing([p["reward"] for p in dpo]) if len(dpo) > 1 else None,
-        "kl_grows_as_beta_falls": _increasing([p["kl"] for p in dpo]) if len(dpo) > 1 else None,
-    }
-    # "Beats at comparable KL": the other method's point lies below DPO's frontier, the piecewise-linear
-    # curve through the base model (KL 0) and the DPO points sorted by KL, or beyond its KL range.
-    frontier = [(0.0, base_reward)] + sorted((p["kl"], p["reward"]) for p in dpo)
-    checks["dpo_above_preferred_ft"] = (all(p["reward"] < _interpolate(frontier, p["kl"]) for p in sft)
-                                        if dpo and sft else None)
-    later_rounds = [p for p in online if p.get("run") != "online-round-1"]
-    checks["online_above_offline"] = (all(p["reward"] > _interpolate(frontier, p["kl"]) for p in later_rounds)
-                                      if dpo and later_rounds else None)
-    return checks
-
-
-def _increasing(values: list[float]) -> bool:
-    return all(b > a for a, b in zip(values, values[1:], strict=False))
-
-
-def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
-    """Linear interpolation on a curve sorted by x; beyond its last point, its best reward so far."""
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return max(y for _, y in curve) if x > curve[-1][0] else curve[0][1]
-
-
-def describe_checks(checks: dict) -> list[str]:
-    texts = {
-        "dpo_reward_above_base": "every DPO run's held-out reward is above the base model's",
-        "reward_rises_as_beta_falls": "the reward rises as β falls",
-        "kl_grows_as_beta_falls": "the KL to the base model grows as β falls",
-        "dpo_above_preferred_ft": "Preferred-FT lies below DPO's reward–KL frontier",
-        "online_above_offline": "online rounds lie above the offline DPO frontier",
-    }
-    marks = {True: "yes", False: "NO", None: "n/a"}
-    return ["what the numbers show:"] + [f"  [{marks[checks.get(k)]:>3}] {text}" for k, text in texts.items()]
 
 
 def settings_for(preset: str, **overrides) -> DemoSettings:
