@@ -30,8 +30,9 @@ import torch
 from dpokit.config import JudgeConfig, SamplingConfig
 from dpokit.data import PairTokenizer, load_tokenized_pairs, read_pairs
 from dpokit.data.batching import collate_padded
-from dpokit.eval.evaluate import Sampler, SampleSet
+from dpokit.eval.evaluate import Sampler
 from dpokit.eval.judges import load_judge
+from dpokit.eval.sampling import SampleSet
 from dpokit.experiments.demo.bundled import base_model_dir
 from dpokit.experiments.demo.corpus import review_openings
 from dpokit.experiments.demo.sentiment import PRESETS, DemoSettings, _run_config

@@ -120,7 +120,7 @@ def pair_figures(policy, reference, tokenizer, data: Path, *, max_length: int, b
     from dpokit.config import DataConfig
     from dpokit.data import PairTokenizer, load_tokenized_pairs
     from dpokit.data.batching import collate
-    from dpokit.eval.evaluate import mean_and_stderr
+    from dpokit.eval.kl import mean_and_stderr
     from dpokit.model.logprobs import sequence_logps
 
     config = DataConfig(data=str(data), max_length=max_length)

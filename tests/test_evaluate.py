@@ -8,18 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from dpokit.config import DataConfig, LossConfig, SamplingConfig
-from dpokit.eval.evaluate import (
-    Sampler,
-    SampleSet,
-    completion_logps,
-    evaluate_on_prompts,
-    judged_comparison,
-    kl_estimate,
-    mean_and_stderr,
-    preference_metrics,
-)
+from dpokit.eval.evaluate import Sampler, evaluate_on_prompts, judged_comparison, preference_metrics
 from dpokit.eval.judges import load_judge
-from dpokit.eval.sampling import generate_completions
+from dpokit.eval.kl import completion_logps, kl_estimate, mean_and_stderr
+from dpokit.eval.sampling import SampleSet, generate_completions
 from dpokit.model.load import load_tokenizer
 from helpers.toy import build_tiny_llama, build_tokenizer
 

@@ -6,9 +6,8 @@ Every function returns plain, JSON-serialisable dicts of figures:
   pairs, computed by the training scorer (`PairScorer.evaluate`), so the definitions are training's.
 - `judged_comparison`: mean judged reward of policy and reference samples and the policy's win
   rate (ties count half).
-- `kl_estimate`: KL(π ‖ π_ref) ≈ mean over the policy's own samples y ~ π(·|x) of
-  log π(y|x) − log π_ref(y|x), with its standard error. Log-probs come from the one log-prob path,
-  `dpokit.model.logprobs.sequence_logps`.
+- `evaluate_on_prompts`: samples of policy and reference judged, and the KL paid
+  (`dpokit.eval.kl.kl_estimate`: from the policy's own samples, with its standard error).
 """
 
 from __future__ import annotations
@@ -31,34 +30,28 @@ from dpokit.config import (
     SpeedConfig,
     validate_data,
 )
-from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
-from dpokit.data.batching import PairBatch, collate_padded
+from dpokit.data import PairTokenizer, load_tokenized_pairs
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
 from dpokit.eval.judges import Judge, load_judge, score_responses
-from dpokit.eval.sampling import Completion, Prompt, generate_completions, prompt_text, read_prompts
+from dpokit.eval.kl import _kl_and_log_ratios, _per_prompt_means, mean_and_stderr
+from dpokit.eval.sampling import (
+    Completion,
+    Prompt,
+    SampleSet,
+    generate_completions,
+    prompt_text,
+    read_prompts,
+)
 from dpokit.eval.synced_reference import synced_reference
 from dpokit.io import Log, read_run_config
 from dpokit.model.load import autocast_context, load_policy, load_tokenizer, resolve_device
-from dpokit.model.logprobs import sequence_logps
 from dpokit.scoring import guarded_scorer
 from dpokit.settings_checks import fit_max_length
 
 EXAMPLES_KEPT = 3
 # The sections of figures an evaluation result holds, in the order they are shown.
 EVALUATION_SECTIONS = ("preferences", "preferences_synced_reference", "judged", "kl")
-
-
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """Sample mean and its standard error s / √n (s with n − 1; 0 for a single value)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = sum(values) / n
-    if n == 1:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
 
 
 def format_number(value: float) -> str:
@@ -88,24 +81,6 @@ def preference_metrics(policy, reference, tokenizer, data_path: str, *, loss: Lo
 
 
 # --- samples and judges --------------------------------------------------------------------
-
-
-@dataclass
-class SampleSet:
-    """K completions per prompt from one model, and their judged rewards when a judge was given."""
-
-    prompts: list[Prompt]
-    completions: list[list[Completion]]
-    rewards: list[list[float]] | None = None
-
-    @property
-    def texts(self) -> list[list[str]]:
-        return [[c.text for c in per_prompt] for per_prompt in self.completions]
-
-    @property
-    def finished(self) -> list[list[bool]]:
-        """Per completion: True when it ended (EOS or a stop token), False when cut by max_new_tokens."""
-        return [[c.finished for c in per_prompt] for per_prompt in self.completions]
 
 
 @dataclass(frozen=True)
@@ -169,71 +144,6 @@ def judged_comparison(policy: SampleSet, reference: SampleSet) -> dict:
             "reward_reference": reward_reference, "reward_reference_stderr": se_reference,
             "reward_gain": reward_policy - reward_reference,
             "win_rate": win_rate, "win_rate_stderr": se_win}
-
-
-# --- KL to the reference -------------------------------------------------------------------
-
-
-def _rows_batch(rows: Sequence[Completion], pad_id: int) -> PairBatch:
-    """Completions as the chosen halves of a padded pair batch, so the one log-prob path scores
-    them; each rejected half is a one-token stand-in, nearly free, that the caller ignores."""
-    pairs = [TokenizedPair(tuple(r.prompt_ids), tuple(r.response_ids), tuple(r.response_ids[:1]), index=i)
-             for i, r in enumerate(rows)]
-    return collate_padded(pairs, pad_id)
-
-
-@torch.no_grad()
-def completion_logps(model, completions: Sequence[Completion], *, pad_id: int, batch_size: int = 16,
-                     dtype: str = "fp32") -> list[float]:
-    """Summed log-prob of each completion's response tokens (EOS included when generated)."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out: list[float] = []
-    try:
-        for start in range(0, len(completions), batch_size):
-            chunk = completions[start:start + batch_size]
-            batch = _rows_batch(chunk, pad_id).to(device)
-            with autocast_context(device, dtype):
-                logps = sequence_logps(model, batch)
-            out.extend(logps.chosen_logps.tolist())
-    finally:
-        model.train(was_training)
-    return out
-
-
-def kl_estimate(policy, reference, policy_samples: SampleSet, *, pad_id: int, batch_size: int = 16,
-                dtype: str = "fp32") -> dict:
-    """KL(π ‖ π_ref) from samples of π: mean of log π(y|x) − log π_ref(y|x), with standard error.
-
-    Unbiased only when the samples were drawn from π itself (temperature 1, no top-p/top-k);
-    responses cut at max_new_tokens make it the KL of the first max_new_tokens tokens.
-    """
-    return _kl_and_log_ratios(policy, reference, policy_samples, pad_id=pad_id, batch_size=batch_size,
-                              dtype=dtype)[0]
-
-
-def _kl_and_log_ratios(policy, reference, policy_samples: SampleSet, *, pad_id: int, batch_size: int,
-                       dtype: str) -> tuple[dict, list[float]]:
-    """`kl_estimate`'s figures, and each sample's log-ratio (prompt by prompt, in sample order)."""
-    flat = [c for per in policy_samples.completions for c in per]
-    policy_logps = completion_logps(policy, flat, pad_id=pad_id, batch_size=batch_size, dtype=dtype)
-    reference_logps = completion_logps(reference, flat, pad_id=pad_id, batch_size=batch_size, dtype=dtype)
-    log_ratios = [p - r for p, r in zip(policy_logps, reference_logps, strict=True)]
-    kl, stderr = mean_and_stderr(log_ratios)
-    return {"kl": kl, "kl_stderr": stderr, "sequences": len(flat),
-            "unfinished_fraction": sum(not c.finished for c in flat) / len(flat),
-            "logp_policy": sum(policy_logps) / len(flat), "logp_reference": sum(reference_logps) / len(flat),
-            "response_tokens": sum(len(c.response_ids) for c in flat) / len(flat)}, log_ratios
-
-
-def _per_prompt_means(values: Sequence[float], samples: SampleSet) -> list[float]:
-    """`values`, one per sample in `samples`' order, averaged prompt by prompt."""
-    means, start = [], 0
-    for per in samples.completions:
-        means.append(sum(values[start:start + len(per)]) / len(per))
-        start += len(per)
-    return means
 
 
 # --- everything at once --------------------------------------------------------------------

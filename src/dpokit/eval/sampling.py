@@ -301,3 +301,21 @@ def run_sample(model: ModelConfig, prompts: Sequence[Prompt], sampling: Sampling
     if partial is not None:
         os.replace(partial, output)
         write(f"wrote {len(prompts)} rows of {sampling.num_samples} completion(s) to {output}")
+
+
+@dataclass
+class SampleSet:
+    """K completions per prompt from one model, and their judged rewards when a judge was given."""
+
+    prompts: list[Prompt]
+    completions: list[list[Completion]]
+    rewards: list[list[float]] | None = None
+
+    @property
+    def texts(self) -> list[list[str]]:
+        return [[c.text for c in per_prompt] for per_prompt in self.completions]
+
+    @property
+    def finished(self) -> list[list[bool]]:
+        """Per completion: True when it ended (EOS or a stop token), False when cut by max_new_tokens."""
+        return [[c.finished for c in per_prompt] for per_prompt in self.completions]

@@ -20,10 +20,10 @@ from pathlib import Path
 from dpokit.config import JudgeConfig, RunConfig, SamplingConfig
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.errors import DpokitError
-from dpokit.eval.evaluate import Sampler, SampleSet, evaluate_on_prompts, held_out_against
+from dpokit.eval.evaluate import Sampler, evaluate_on_prompts, held_out_against
 from dpokit.eval.judges import load_judge
 from dpokit.eval.report import plot_frontier, report_after_training
-from dpokit.eval.sampling import Prompt
+from dpokit.eval.sampling import Prompt, SampleSet
 from dpokit.eval.synced_reference import sync_every
 from dpokit.folder_swap import Replacement
 from dpokit.io import FolderLock, Log, SaidOnce, atomic_write_text

@@ -32,7 +32,8 @@ from dpokit.config import (
 )
 from dpokit.data.sampled import SAMPLED_ID_FIELDS
 from dpokit.errors import DpokitError, TrainingInterrupted
-from dpokit.eval.evaluate import Sampler, mean_and_stderr
+from dpokit.eval.evaluate import Sampler
+from dpokit.eval.kl import mean_and_stderr
 from dpokit.eval.sampling import Completion
 from dpokit.experiments.frontier import (
     CSV_FILE,
