@@ -29,35 +29,29 @@ SCHEDULES = {
 
 @pytest.mark.parametrize("kind", sorted(SCHEDULES))
 def test_learning_rate_schedule_matches_its_formula_step_by_step(kind):
-    weight = torch.nn.Parameter(torch.zeros(2, 2))
     cfg = TrainConfig(learning_rate=1e-3, warmup_steps=2, lr_scheduler=kind)
-    optimizer = build_optimizer(_holder(weight), cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=6)
-    seen = []
-    for _ in range(6):
-        seen.append(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([1e-3 * f for f in SCHEDULES[kind]], rel=1e-12)
+    assert _learning_rates(cfg, total_steps=6, steps=6) == pytest.approx([1e-3 * f for f in SCHEDULES[kind]],
+                                                                           rel=1e-12)
 
 
 def test_warmup_ratio_counts_whole_steps():
     cfg = TrainConfig(learning_rate=1.0, warmup_ratio=0.25, lr_scheduler="constant")  # ceil(0.25 x 10) = 3
-    optimizer = build_optimizer(_holder(torch.nn.Parameter(torch.zeros(2, 2))), cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=10)
+    assert _learning_rates(cfg, total_steps=10, steps=4) == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def _learning_rates(cfg: TrainConfig, *, total_steps: int, steps: int) -> list[float]:
+    """The learning rate each of the first `steps` optimizer steps uses, through build_optimizer
+    and build_scheduler as training builds them."""
+    module = torch.nn.Module()
+    module.register_parameter("weight", torch.nn.Parameter(torch.zeros(2, 2)))
+    optimizer = build_optimizer(module, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=total_steps)
     seen = []
-    for _ in range(4):
+    for _ in range(steps):
         seen.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
-    assert seen == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
-
-
-def _holder(*params: torch.nn.Parameter) -> torch.nn.Module:
-    module = torch.nn.Module()
-    for i, p in enumerate(params):
-        module.register_parameter(f"p{i}", p)
-    return module
+    return seen
 
 
 def _config(model_dir, data, out, **train_opts):
