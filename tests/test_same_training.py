@@ -21,6 +21,7 @@ def _run(model_dir, data, out, layout="padded", **train_opts):
     return load_file(str(out / "model.safetensors")), [r["loss"] for r in result.history if "loss" in r]
 
 
+@pytest.mark.slow  # four short training runs: ~10 s on 2 loaded cores
 def test_runs_with_other_gradients_fail_the_comparison_and_a_float_different_run_passes(
         tiny_model_dir, toy_data, tmp_path):
     weights, losses = _run(tiny_model_dir, toy_data[0], tmp_path / "base")
