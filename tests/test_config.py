@@ -18,7 +18,6 @@ from dpokit.cli.common import config_from_args
 from dpokit.config import (
     LOSS_KINDS,
     LossConfig,
-    RunConfig,
     SweepConfig,
     build_config,
     dump_yaml,
@@ -116,12 +115,6 @@ def test_every_option_has_a_resolved_type():
         kind_of(f)
     list_options = {f.name for _, f in iter_options() if kind_of(f).is_list}
     assert list_options == {"loss", "loss_weights", "lora_target_modules", "report_to"}
-
-
-def test_process_batch_size_is_one_process_batch():
-    cfg = build_config(REQUIRED, {"train": {"batch_size": 4, "gradient_accumulation_steps": 3}})
-    assert cfg.process_batch_size == 12
-    assert not hasattr(RunConfig, "global_batch_size")
 
 
 def test_config_imports_nothing_above_it():

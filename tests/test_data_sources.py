@@ -11,16 +11,16 @@ import json
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from dpokit.config import DataConfig
 from dpokit.data import read_pairs
 from dpokit.data.sources import parse_hub_spec
 from dpokit.errors import DpokitError
 
-HH = SHARED_DATA / "hh_rlhf_harmless_base_test_first800.jsonl"
-UF = SHARED_DATA / "ultrafeedback_binarized_train_prefs_500.jsonl"
-needs_real = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real samples not found at {SHARED_DATA}")
-CUT_HH = None  # stands for the HH-RLHF sample's gzip stream cut short (built in the test: it needs the sample)
+# 20 real rows of each (tests/data/SOURCES.md): HH-RLHF transcripts, UltraFeedback conversations.
+HH = TEST_DATA / "hh_rlhf_harmless_base_first20.jsonl"
+UF = TEST_DATA / "ultrafeedback_binarized_prefs_20short.jsonl"
+CUT_HH = None  # stands for the HH-RLHF rows' gzip stream cut short (built in the test)
 
 
 def _pairs(spec, data=None):
@@ -28,19 +28,17 @@ def _pairs(spec, data=None):
     return [(p.prompt, p.chosen, p.rejected, p.index) for p in reader], reader.stats
 
 
-@needs_real
 @pytest.mark.parametrize("sample", [HH, UF], ids=["hh-rlhf", "ultrafeedback"])
 def test_gzip_json_lines_read_as_the_plain_file(tmp_path, sample):
     compressed = tmp_path / (sample.name + ".gz")
     compressed.write_bytes(gzip.compress(sample.read_bytes()))
     plain, plain_stats = _pairs(sample)
     unpacked, stats = _pairs(compressed)
-    assert unpacked == plain and len(plain) > 400
+    assert unpacked == plain and len(plain) == 20
     assert (stats.kind, stats.unit, stats.layout, stats.skipped) == ("jsonl.gz", "line", plain_stats.layout,
                                                                      plain_stats.skipped)
 
 
-@needs_real
 def test_gzip_json_array(tmp_path):
     rows = [json.loads(line) for line in UF.read_text(encoding="utf-8").splitlines()[:20]]
     path = tmp_path / "uf.json.gz"
@@ -59,9 +57,8 @@ def test_gzip_json_array(tmp_path):
 def test_broken_or_unsupported_compressed_files_are_one_line(tmp_path, monkeypatch, name, content, message):
     monkeypatch.chdir(tmp_path)
     if content is CUT_HH:
-        if not SHARED_DATA.is_dir():
-            pytest.skip(f"real samples not found at {SHARED_DATA}")
-        content = gzip.compress(HH.read_bytes())[:20000]
+        whole = gzip.compress(HH.read_bytes())
+        content = whole[: len(whole) // 2]
     (tmp_path / name).write_bytes(content)
     with pytest.raises(DpokitError, match=message) as info:
         _pairs(name)
@@ -96,7 +93,6 @@ def hub_stub(monkeypatch):
     return calls, rows
 
 
-@needs_real
 def test_hub_config_and_data_dir_reach_load_dataset(hub_stub):
     calls, rows = hub_stub
     pairs, stats = _pairs("Anthropic/hh-rlhf:default:test", DataConfig(data_dir="harmless-base"))
@@ -107,7 +103,6 @@ def test_hub_config_and_data_dir_reach_load_dataset(hub_stub):
     assert calls[-1] == ("Anthropic/hh-rlhf", "default", {"data_dir": None, "split": "train"})
 
 
-@needs_real
 def test_hub_flags_through_the_cli(hub_stub, capsys):
     from dpokit import cli
 
@@ -118,7 +113,6 @@ def test_hub_flags_through_the_cli(hub_stub, capsys):
     assert calls == [("Anthropic/hh-rlhf", "default", {"data_dir": "harmless-base", "split": "test"})]
 
 
-@needs_real
 def test_hub_options_contradicting_or_on_a_local_file_are_one_line(hub_stub):
     with pytest.raises(DpokitError, match=r"names config 'a' but --data-config is 'b'; keep one$"):
         _pairs("org/name:a:train", DataConfig(data_config="b"))
@@ -127,7 +121,6 @@ def test_hub_options_contradicting_or_on_a_local_file_are_one_line(hub_stub):
     assert hub_stub[0] == []
 
 
-@needs_real
 @pytest.mark.parametrize("compressed", [False, True], ids=["jsonl", "jsonl.gz"])
 def test_a_large_json_lines_file_streams_row_by_row(tmp_path, compressed):
     """Reading and normalising holds one row at a time: the peak of Python allocations stays a
@@ -145,5 +138,5 @@ def test_a_large_json_lines_file_streams_row_by_row(tmp_path, compressed):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert count == 8 * len(_pairs(UF)[0])  # the 500-row sample, 8 times over
+    assert count == 200 * len(_pairs(UF)[0]) == 4000  # the 20 rows, 200 times over
     assert peak < held / 20, (peak, held)

@@ -46,11 +46,25 @@ def test_padding_does_not_change_a_pair_logps():
 
 
 def test_gradients_flow_only_through_response_tokens():
+    """Catches: scoring prompt tokens too (batching.py's response range starting at 1, not at the
+    prompt's end). The final hidden state at column t predicts token t + 1, so the summed log-probs
+    have a gradient at exactly the columns that predict a response token, counted here by hand."""
     tok, model, pairs = _setup(2)
     batch = collate_padded(pairs, tok.pad_token_id)
-    embed = model.get_input_embeddings()
-    out = sequence_logps(model, batch)
-    out.chosen_logps.sum().backward()
-    used = set(batch.input_ids[: len(pairs)].flatten().tolist())  # chosen rows only
-    grad_rows = set(embed.weight.grad.abs().sum(dim=1).nonzero().flatten().tolist())
-    assert grad_rows <= used
+    hidden = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        hidden["states"] = output
+
+    handle = model.model.norm.register_forward_hook(keep)
+    try:
+        out = sequence_logps(model, batch)
+    finally:
+        handle.remove()
+    (out.chosen_logps.sum() + out.rejected_logps.sum()).backward()
+    sequences = [(tp.prompt_ids, tp.chosen_ids) for tp in pairs] + [(tp.prompt_ids, tp.rejected_ids) for tp in pairs]
+    used = {(row, col) for row, (prompt, response) in enumerate(sequences)
+            for col in range(len(prompt) - 1, len(prompt) + len(response) - 1)}  # response tokens' predictors
+    grad = hidden["states"].grad.abs().sum(dim=-1)
+    assert {tuple(rc) for rc in grad.nonzero().tolist()} == used

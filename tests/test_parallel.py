@@ -152,24 +152,24 @@ def ddp_run(tiny_model_dir, data, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one_process(one_process, ddp_run, tiny_model_dir, adam_close):
+def test_ddp_two_processes_equal_one_process(one_process, ddp_run, tiny_model_dir, same_training):
     _assert_same_metrics(ddp_run, one_process)
     base = load_file(str(tiny_model_dir / "model.safetensors"))
     weights = load_file(str(ddp_run / "model.safetensors"))
     assert any(not torch.allclose(base[k], weights[k]) for k in base)  # it trained
-    adam_close(weights, load_file(str(one_process / "model.safetensors")), lr=1e-3, steps=STEPS)
+    same_training(weights, load_file(str(one_process / "model.safetensors")))
 
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process_and_resume_under_another_split(one_process, tiny_model_dir, data,
-                                                                              tmp_path, adam_close):
+                                                                              tmp_path, same_training):
     # FSDP2 (fully_shard) runs on CPU with gloo in this PyTorch, so it is tested here, not only on GPUs.
     out = tmp_path / "fsdp"
     proc = _torchrun(_args(tiny_model_dir, data, out, 4, 1, "--parallel", "fsdp", "--save-every", 4))
     assert "x 2 processes (fsdp)" in proc.stdout
     _assert_same_metrics(out, one_process)
     final = load_file(str(out / "model.safetensors"))
-    adam_close(final, load_file(str(one_process / "model.safetensors")), lr=1e-3, steps=STEPS)
+    same_training(final, load_file(str(one_process / "model.safetensors")))
     # Its checkpoints hold the full (gathered) weights, readable without FSDP.
     step4, step8 = list_checkpoints(out)
     _assert_close(load_file(str(step8 / "model.safetensors")), final, atol=0)
@@ -181,7 +181,7 @@ def test_fsdp2_two_processes_equal_one_process_and_resume_under_another_split(on
     (again / "model.safetensors").unlink()
     resumed = _torchrun(_args(tiny_model_dir, data, again, 2, 2, "--parallel", "fsdp", "--resume", "auto"))
     assert "resuming from" in resumed.stdout and "at step 4/8" in resumed.stdout
-    adam_close(load_file(str(again / "model.safetensors")), final, lr=1e-3, steps=STEPS)
+    same_training(load_file(str(again / "model.safetensors")), final)
     # ... and in one process (8 x 1): the checkpoint does not depend on the strategy.
     single = tmp_path / "single"
     shutil.copytree(out, single)
@@ -190,7 +190,7 @@ def test_fsdp2_two_processes_equal_one_process_and_resume_under_another_split(on
                         "train": {"output": str(single), "max_steps": STEPS, "batch_size": 8, "learning_rate": 1e-3,
                                   "lr_scheduler": "constant", "progress": "off", "resume": "auto"}})
     train(cfg, log=lambda _: None)
-    adam_close(load_file(str(single / "model.safetensors")), final, lr=1e-3, steps=STEPS)
+    same_training(load_file(str(single / "model.safetensors")), final)
     # A different global batch is refused, naming it.
     cfg.train.batch_size, cfg.train.overwrite = 4, False
     with pytest.raises(DpokitError, match="global batch .* was 8, now 4"):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dpokit.data.batching import collate_padded
+from dpokit.data.batching import collate, collate_padded
 from dpokit.data.pairs import PreferencePair
 from dpokit.data.tokenize import PairTokenizer
 from helpers.toy import build_tokenizer
@@ -48,19 +48,35 @@ def test_special_tokens_already_in_text_are_not_doubled(word_tok):
         assert seq.count(eos) == 1 and seq[-1] == eos
 
 
-def test_masks_cover_exactly_the_response_tokens(word_tok):
+def test_scored_columns_are_exactly_the_ones_predicting_response_tokens(word_tok):
+    """Catches: an off-by-one in the predicting column (batching.py's `col` -> `col - 1`). Reads the
+    scoring spec `model/logprobs.py` reads (score_rows, score_cols, targets, score_seq): the hidden
+    state at column t predicts token t + 1, so each response token is predicted from the column
+    holding the token before it, for every layout."""
     pt = PairTokenizer(word_tok, max_length=64)
     pairs, _ = pt.tokenize([_pair("the film was", " great", " dull and flat"), _pair("the plot", " fun", " bleak")])
     batch = collate_padded(pairs, pad_id=word_tok.pad_token_id)
     assert batch.input_ids.shape == (4, 1 + 3 + 4)  # widest row: BOS + 3 prompt + 3 response + EOS
-    for row, (tp, response) in enumerate(
-        [(pairs[0], pairs[0].chosen_ids), (pairs[1], pairs[1].chosen_ids),
-         (pairs[0], pairs[0].rejected_ids), (pairs[1], pairs[1].rejected_ids)]
-    ):
-        n_prompt, n = len(tp.prompt_ids), len(tp.prompt_ids) + len(response)
-        assert batch.input_ids[row, :n].tolist() == list(tp.prompt_ids + response)
-        assert batch.response_mask[row].nonzero().flatten().tolist() == list(range(n_prompt, n))
-        assert batch.attention_mask[row].sum().item() == n
+    # Padded, by hand: rows are chosen 0, chosen 1, rejected 0, rejected 1; pair 0's prompt is
+    # BOS + 3 words, pair 1's BOS + 2 words.
+    expected = [(0, 3), (0, 4),                   # "great" </s> after "<s> the film was"
+                (1, 2), (1, 3),                   # "fun" </s> after "<s> the plot"
+                (2, 3), (2, 4), (2, 5), (2, 6),   # "dull and flat" </s>
+                (3, 2), (3, 3)]                   # "bleak" </s>
+    assert list(zip(batch.score_rows.tolist(), batch.score_cols.tolist(), strict=True)) == expected
+    assert batch.score_seq.tolist() == [0, 0, 1, 1, 2, 2, 2, 2, 3, 3]
+    for layout in ("padded", "packed", "prefix-shared"):
+        batch = collate(pairs, word_tok.pad_token_id, layout)
+        sequences = [tp.prompt_ids + tp.chosen_ids for tp in pairs] + [tp.prompt_ids + tp.rejected_ids for tp in pairs]
+        for seq, full in enumerate(sequences):
+            picked = (batch.score_seq == seq).nonzero().flatten().tolist()
+            n_prompt = len(pairs[seq % 2].prompt_ids)
+            assert batch.targets[picked].tolist() == list(full[n_prompt:]), layout
+            for k, n in enumerate(picked, start=n_prompt):  # token k of the sequence, predicted from k - 1
+                row, col = batch.score_rows[n].item(), batch.score_cols[n].item()
+                assert batch.input_ids[row, col].item() == full[k - 1], (layout, seq, k)
+                if batch.position_ids is not None:
+                    assert batch.position_ids[row, col].item() == k - 1, (layout, seq, k)
 
 
 def test_bpe_boundary_is_exact_or_counted(bpe_tok):

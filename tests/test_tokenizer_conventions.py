@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import TEST_DATA
 from dpokit.config import SamplingConfig
 from dpokit.data import read_pairs
 from dpokit.data.pairs import PreferencePair
@@ -197,19 +197,18 @@ def test_an_empty_prompt_needs_a_bos_to_start_from(name):
         assert kept == [] and stats.skipped == {"empty_prompt": [7]}
 
 
-REAL_FILES = {"text": "hh_rlhf_explicit_prompt_test1k.jsonl", "chat": "ultrafeedback_h4schema_reconstructed200.jsonl"}
+# 20 real rows of each, carried with the tests (tests/data/SOURCES.md).
+REAL_FILES = {"text": "hh_rlhf_explicit_prompt_first20.jsonl", "chat": "ultrafeedback_h4schema_20short.jsonl"}
 
 
-@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real samples not found at {SHARED_DATA}")
 @pytest.mark.parametrize("name", sorted(CONVENTIONS))
 def test_real_rows_decode_exactly_and_sample_as_trained(name):
     """The real samples (HH-RLHF text rows; UltraFeedback conversations where a template exists)."""
-    from itertools import islice
-
     convention = CONVENTIONS[name]
     tok = build(convention)
-    source = SHARED_DATA / REAL_FILES["chat" if convention.template else "text"]
-    pairs = list(islice(read_pairs(str(source)), 60))
+    source = TEST_DATA / REAL_FILES["chat" if convention.template else "text"]
+    pairs = list(read_pairs(str(source)))
+    assert len(pairs) == (19 if convention.template else 20)  # the chat file's row 12 is identical: skipped on reading
     pair_tokenizer = PairTokenizer(tok, max_length=10**6)
     kept, stats = pair_tokenizer.tokenize(pairs)
     assert stats.skipped == {} and len(kept) == len(pairs), stats.examples

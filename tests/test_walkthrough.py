@@ -20,7 +20,7 @@ from dpokit.config import build_config
 from dpokit.errors import DpokitError
 from dpokit.experiments.demo.bundled import base_model_dir
 from dpokit.losses import LossOutput
-from dpokit.metrics import FLOAT32_ROUNDOFF, TIE_ROUNDOFF_UNITS, PairMetrics
+from dpokit.metrics import PairMetrics
 from dpokit.model.logprobs import PairLogps
 from dpokit.train import checkpoint as ckpt
 from dpokit.train import loop, metrics_window, setup, step
@@ -99,11 +99,14 @@ def test_policy_equal_to_reference_reads_as_ties_in_the_packed_layouts(tmp_path,
 
 
 def test_a_margin_beyond_float_noise_counts_as_a_win():
+    """Catches: a tie tolerance scaled wrong (metrics.py's TIE_ROUNDOFF_UNITS x 4096, or / 4096): the
+    tolerance is written out by hand, not recomputed from the constants under test."""
     logps = PairLogps(chosen_logps=torch.tensor([-50.0, -50.0, -50.0]),
                       rejected_logps=torch.tensor([-50.0, -50.0, -50.0]),
                       chosen_lengths=torch.tensor([10, 10, 10]), rejected_lengths=torch.tensor([10, 10, 10]))
     beta = 0.1
-    tolerance = beta * TIE_ROUNDOFF_UNITS * FLOAT32_ROUNDOFF * 2 * 100.0  # 7.6e-5
+    # β x 64 units of float32 roundoff (2**-24) x 2 x (|-50| + |-50|) = 0.1 x 64 x 200 / 16777216
+    tolerance = 7.62939453125e-05
     margins = torch.tensor([0.0, 0.5 * tolerance, 2 * tolerance])
     out = LossOutput(losses=torch.zeros(3), chosen_rewards=margins, rejected_rewards=torch.zeros(3))
     metrics = PairMetrics(beta)

@@ -43,10 +43,6 @@ class RunInfo:
         names = _loss_names(self.setting("loss", "loss")) or ["sigmoid"]
         return not all(name in LOSS_KINDS and not LOSS_KINDS[name].uses_beta for name in names)
 
-    @property
-    def is_run(self) -> bool:
-        return bool(self.config or self.last_train)
-
     def row(self) -> dict[str, Any]:
         """The figures `dpokit runs` shows, by column name."""
         judged, kl = self.evaluation.get("judged") or {}, self.evaluation.get("kl") or {}

@@ -321,12 +321,6 @@ class RunConfig:
         return {name: {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
                 for name, values in dataclasses.asdict(self).items()}
 
-    @property
-    def process_batch_size(self) -> int:
-        """Pairs per optimizer step in one process (batch size x accumulation); the global batch
-        multiplies this by the number of processes."""
-        return self.train.batch_size * self.train.gradient_accumulation_steps
-
 
 def section_classes() -> dict[str, type]:
     """Section name -> dataclass, in declaration order."""

@@ -39,7 +39,6 @@ class PairBatch:
     position_ids:   (R, T) position of each token in its own sequence; None = 0..T-1 (padded)
     segment_ids:    (R, T) block of each token (-1 on padding); None for padded
     branch_ids:     (R, T) SHARED, CHOSEN or REJECTED; None for padded
-    response_mask:  (R, T) True on the tokens that are scored (response tokens)
     score_rows, score_cols: (N,) the hidden state there predicts the n-th scored token
     targets:        (N,) the scored token ids
     score_seq:      (N,) sequence of each scored token: i = pair i chosen, B + i = pair i rejected
@@ -52,7 +51,6 @@ class PairBatch:
     position_ids: torch.Tensor | None
     segment_ids: torch.Tensor | None
     branch_ids: torch.Tensor | None
-    response_mask: torch.Tensor
     score_rows: torch.Tensor
     score_cols: torch.Tensor
     targets: torch.Tensor
@@ -69,8 +67,8 @@ class PairBatch:
         )
 
 
-_TENSOR_FIELDS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "branch_ids", "response_mask",
-                  "score_rows", "score_cols", "targets", "score_seq")
+_TENSOR_FIELDS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "branch_ids", "score_rows",
+                  "score_cols", "targets", "score_seq")
 
 
 @dataclass
@@ -198,7 +196,6 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded",
     segments = torch.full(shape, -1, dtype=torch.long)
     branches = torch.zeros(shape, dtype=torch.long)
     real = torch.zeros(shape, dtype=torch.bool)
-    response_mask = torch.zeros(shape, dtype=torch.bool)
     score_rows, score_cols, targets, score_seq = [], [], [], []
     for r, row in enumerate(rows):
         offset = 0
@@ -215,7 +212,6 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded",
                 score_cols.append(offset + col)
                 targets.append(bl.tokens[at])
                 score_seq.append(seq)
-                response_mask[r, offset + at] = True
             offset += n
         # Padding continues its own position count so it stays a valid (never scored) sequence.
         positions[r, offset:] = torch.arange(width - offset)
@@ -228,7 +224,6 @@ def collate(pairs: Sequence[TokenizedPair], pad_id: int, layout: str = "padded",
         position_ids=positions if packed else None,
         segment_ids=segments if packed else None,
         branch_ids=branches if packed else None,
-        response_mask=response_mask,
         score_rows=as_long(score_rows),
         score_cols=as_long(score_cols),
         targets=as_long(targets),
