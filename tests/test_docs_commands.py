@@ -251,6 +251,30 @@ def test_the_mistyped_options_the_docs_show_get_the_right_name(capsys):
         assert problem and "did you mean" in problem and meant in problem, problem
 
 
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lstrip("#").strip().replace("`", "").lower())
+    return text.replace(" ", "-")
+
+
+def test_every_link_between_the_docs_reaches_a_file_and_heading():
+    wrong = []
+    for path in DOCS:
+        for line in _blocks_and_prose(path)[1]:
+            for target in re.findall(r"\]\(([^)\s]+)\)", line.text):
+                if re.match(r"^[a-z]+:", target):
+                    continue  # a web address
+                name, _, anchor = target.partition("#")
+                file = (path.parent / name).resolve() if name else path
+                if not file.exists():
+                    wrong.append(f"{line.where}: {target} (no such file)")
+                elif anchor and file.suffix == ".md":
+                    headings = [_anchor(h) for h in re.findall(r"^#+ .*$", file.read_text(encoding="utf-8"), re.M)]
+                    if anchor not in headings:
+                        wrong.append(f"{line.where}: {target} (no such heading)")
+    assert not wrong, "\n".join(wrong)
+
+
 def _torchrun_actions():
     from torch.distributed.run import get_args_parser
 
