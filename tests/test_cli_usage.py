@@ -150,3 +150,19 @@ def test_a_one_pair_sft_lora_run_counts_in_the_singular_and_lists_no_beta(tiny_m
     assert row["beta"] is None and row["lora"] == 4  # β changes nothing in sft; the LoRA rank is a column
     assert cli.main(["runs", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["lora"] == 4
+
+
+def test_a_one_pair_dpo_run_counts_its_reference_pairs_in_the_singular(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "one.jsonl", make_pairs(1, seed=6))
+    assert cli.main(["train", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run"),
+                     "--reference", "precomputed", "--max-steps", "1", *SMALL]) == 0
+    log = capsys.readouterr().out
+    assert "reference log-probs of 1 pair: computed 1" in log, log
+
+
+def test_evaluate_help_gives_the_runs_own_default_for_every_inherited_option(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 keeps the reference fixed (default: the run's own, else 0)" in text
+    assert "(default)" not in text  # a default that says no value would not be rewritten to the run's own

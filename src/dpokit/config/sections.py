@@ -126,7 +126,7 @@ class LossConfig:
     sync_reference_steps: int = option(
         0, "τ of TR-DPO: after every τ-th optimizer step the reference moves toward the policy, "
         "θ_ref ← α·θ + (1 − α)·θ_ref (TRL's ref_model_sync_steps, 512 there); needs a live reference, which "
-        "--reference auto then picks; 0 (default) keeps the reference fixed",
+        "--reference auto then picks; 0 keeps the reference fixed (default 0)",
     )
     sync_reference_alpha: float = option(
         0.6, "α of TR-DPO, in (0, 1]: the policy's share in each reference update (default 0.6, TRL's "

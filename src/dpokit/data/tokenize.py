@@ -66,6 +66,7 @@ from dpokit.data.pairs import PreferencePair, Text
 from dpokit.data.render import PairRenderer, read_chat_template
 from dpokit.data.sampled import sampled_pair_ids
 from dpokit.data.sources import RowSkip
+from dpokit.data.special_tokens import special_token_problem, tokenizer_adds_bos
 from dpokit.data.templates import parse_template_kwargs
 from dpokit.data.turns import assistant_spans, token_mask
 from dpokit.errors import DpokitError
@@ -160,7 +161,7 @@ class PairTokenizer:
         self.renderer = PairRenderer(tokenizer, template_kwargs)  # rule 0
         self.eos_id: int = tokenizer.eos_token_id
         self.bos_id: int | None = tokenizer.bos_token_id
-        self.adds_bos = _tokenizer_adds_bos(tokenizer)
+        self.adds_bos = tokenizer_adds_bos(tokenizer)
         self._blank: dict[int, bool] = {}
 
     @classmethod
@@ -209,8 +210,8 @@ class PairTokenizer:
                 continue
             finished = (pair.chosen_finished, pair.rejected_finished)
             chosen, rejected = self._with_end(chosen, finished[0]), self._with_end(rejected, finished[1])
-            problem = (self._special_inside(chosen, "chosen", pair.chosen, finished[0])
-                       or self._special_inside(rejected, "rejected", pair.rejected, finished[1]))
+            problem = (special_token_problem(self.tokenizer, chosen, "chosen", pair.chosen, finished[0])
+                       or special_token_problem(self.tokenizer, rejected, "rejected", pair.rejected, finished[1]))
             if problem:
                 # A BOS, or an EOS before the end, inside a response (often a literal "</s>" in scraped
                 # text) would teach the model to stop and carry on: no exact tokenization exists.
@@ -267,21 +268,6 @@ class PairTokenizer:
         feeds the model, so it is sampled in the context it was trained on. Raises RowSkip when the
         chat template fails for a prompt."""
         return [self._with_one_bos(ids) for ids in self._encode([self.renderer.render_prompt(p) for p in prompts])]
-
-    def _special_inside(self, ids: list[int], name: str, response: Text, finished: bool = True) -> str | None:
-        if not ids:
-            return f"field '{name}' holds nothing but the EOS token, and is marked unfinished"
-        # A finished response's final token is its EOS, which is BOS too for GPT-2, Pythia and OPT.
-        body = ids[:-1] if finished else ids
-        found = [(kind, token) for kind, token, token_id in (("EOS", self.tokenizer.eos_token, self.eos_id),
-                                                              ("BOS", self.tokenizer.bos_token, self.bos_id))
-                 if token_id is not None and token_id in body]
-        if not found:
-            return None
-        if isinstance(response, str):
-            kind, token = found[0]
-            return f"field '{name}' contains the {kind} token {token!r}" + (" before its end" if kind == "EOS" else "")
-        return _special_in_messages(response, name, found)
 
     def _skip(self, stats: TokenizeStats, reason: str, index: int, problem: str) -> None:
         message = f"{stats.where(index)}: {problem}"
@@ -402,35 +388,3 @@ def _cut_masks(pair: EncodedPair, chosen: int, rejected: int) -> tuple[tuple[boo
     """The masks of a pair whose responses truncation cut to `chosen` and `rejected` tokens."""
     return tuple(None if mask is None else tuple(mask[:n])
                  for mask, n in ((pair.chosen_mask, chosen), (pair.rejected_mask, rejected)))
-
-
-def _special_in_messages(messages: Sequence[dict], name: str, found: list[tuple[str, str]]) -> str | None:
-    """A chat response's BOS and EOS tokens are the template's own (an earlier turn's end, a turn's
-    start where BOS is ChatML's `<|im_start|>`), part of the rendered text as its final EOS is,
-    unless a message's own text holds one: that one names the problem."""
-    for i, message in enumerate(messages):
-        for kind, token in found:
-            if token and any(token in text for text in _strings(message)):
-                return f"field '{name}', message {i} holds the {kind} token {token!r} in its own text"
-    return None
-
-
-def _strings(value) -> Iterator[str]:
-    """Every string inside a message list (contents, tool call names and arguments, ...)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
-
-
-def _tokenizer_adds_bos(tokenizer) -> bool:
-    """True when the tokenizer's own encoding starts with BOS (Llama-style), not for GPT-2-style."""
-    bos = tokenizer.bos_token_id
-    if bos is None:
-        return False
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(probe) and probe[0] == bos

@@ -34,7 +34,7 @@ import torch
 from dpokit.data.tokenize import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.faults import inject
-from dpokit.io import Log, atomic_write_bytes, file_sha256
+from dpokit.io import Log, atomic_write_bytes, counted, file_sha256
 from dpokit.model.logprobs import PairLogps
 
 # Bump when the meaning of a cached number changes (tokenization rules, log-prob definition).
@@ -216,10 +216,10 @@ def precompute_reference(
             computed[missing] = True
             save_cache(path, chosen, rejected, full, computed)
             why = cached if isinstance(cached, str) else "the pairs this run uses were not all in it"
-            log(f"reference log-probs of {len(pairs)} pairs: computed {len(missing)} (the ones this run uses) "
+            log(f"reference log-probs of {counted(len(pairs), 'pair')}: computed {len(missing)} (the ones this run uses) "
                 f"in {time.perf_counter() - started:.1f} s ({why}), cached in {path}")
         else:
-            log(f"reference log-probs of {len(pairs)} pairs: reused {path} ({len(rows)} used by this run)")
+            log(f"reference log-probs of {counted(len(pairs), 'pair')}: reused {path} ({len(rows)} used by this run)")
         reference.add([pairs[i] for i in rows], chosen[rows], rejected[rows])
     return reference
 
