@@ -251,6 +251,39 @@ def test_the_mistyped_options_the_docs_show_get_the_right_name(capsys):
         assert problem and "did you mean" in problem and meant in problem, problem
 
 
+def _yaml_blocks() -> list[Shown]:
+    blocks = []
+    for path in DOCS:
+        text, fence, start, lines = path.read_text(encoding="utf-8").splitlines(), None, 0, []
+        for number, line in enumerate(text, 1):
+            marker = FENCE.match(line.strip())
+            if marker and fence is None:
+                fence, start, lines = marker.group(1), number, []
+            elif marker:
+                if fence in ("yaml", "yml"):
+                    blocks.append(Shown(f"{path.relative_to(ROOT)}:{start}", "\n".join(lines)))
+                fence = None
+            elif fence is not None:
+                lines.append(line)
+    return blocks
+
+
+def test_every_config_file_shown_loads(tmp_path):
+    """A YAML config in the docs loads as `--config` reads it (an unknown key names its line) and
+    builds a run's config (its option values convert)."""
+    from dpokit.config import build_config, load_yaml
+
+    blocks = _yaml_blocks()
+    assert blocks
+    for block in blocks:
+        path = tmp_path / "run.yaml"
+        path.write_text(block.text, encoding="utf-8")
+        try:
+            build_config(load_yaml(path), {"train": {"output": str(tmp_path / "out")}})
+        except DpokitError as exc:
+            raise AssertionError(f"{block.where}: {exc}") from None
+
+
 def _anchor(heading: str) -> str:
     """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
     text = re.sub(r"[^\w\- ]", "", heading.strip().lstrip("#").strip().replace("`", "").lower())
