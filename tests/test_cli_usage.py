@@ -98,7 +98,7 @@ def test_evaluate_help_gives_the_runs_own_settings_as_defaults(capsys):
         cli.main(["evaluate", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "β (default: the run's own, else 0.1)" in text and "(default 0.1)" not in text
-    assert "--max-length MAX_LENGTH most tokens in prompt + response; longer pairs are truncated (see README) " \
+    assert "--max-length MAX_LENGTH most tokens in prompt + response; longer pairs are truncated (see docs/training.md) " \
            "(default: the run's own, else 1024)" in text
 
 

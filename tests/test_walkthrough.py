@@ -378,11 +378,12 @@ def test_sigterm_to_the_launcher_prints_the_resume_line_once_and_exits_143(tiny_
 
 
 def test_readme_torchrun_commands_use_the_venv():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = readme.split("```")[1::2]
+    root = Path(__file__).resolve().parents[1]
+    blocks = [block for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+              for block in doc.read_text(encoding="utf-8").split("```")[1::2]]
     launches = [line.strip() for block in blocks for line in block.splitlines() if "torchrun " in line
                 and not line.strip().startswith("#")]
-    assert launches, "the README shows a torchrun launch"
+    assert launches, "the README or docs/ show a torchrun launch"
     assert all(line.startswith((".venv/bin/torchrun ", ".venv/bin/dpokit-torchrun ")) for line in launches), launches
 
 
@@ -420,12 +421,18 @@ def test_frontier_draws_each_method_as_the_upper_envelope_of_its_checkpoints(tmp
 def test_readme_demo_options_match_the_presets():
     from dpokit.experiments.demo.sentiment import settings_for
 
-    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8").split())
+    demo_doc = Path(__file__).resolve().parents[1] / "docs" / "demo.md"
+    readme = " ".join(demo_doc.read_text(encoding="utf-8").split())
     quick, full = settings_for("quick"), settings_for("full")
-    assert (f"`--quick` (a smoke version: {quick.train_prompts} prompts, one β, {quick.steps} steps" in readme
+    words = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+    assert (f"`--quick`: a smoke version ({quick.train_prompts} training and {quick.eval_prompts} held-out prompts, "
+            f"{quick.max_new_tokens} new tokens, one β ({quick.betas[0]:g}), {quick.steps} steps, a checkpoint every "
+            f"{quick.checkpoint_every}, {words[quick.online_rounds - 1]} online round after the offline one)" in readme
             and len(quick.betas) == 1)
-    words = {4: "four", 5: "five", 6: "six"}
-    assert (f"`--full` ({full.train_prompts} prompts × {full.samples_per_prompt} samples, {full.max_new_tokens} new "
-            f"tokens, {words[len(full.betas)]} β, {full.steps} steps, {words[full.online_rounds]} online rounds"
+    assert (f"`--full`: {full.train_prompts} prompts × {full.samples_per_prompt} samples, {full.max_new_tokens} new "
+            f"tokens, {words[len(full.betas)]} β ({', '.join(f'{b:g}' for b in full.betas)}), {full.steps} steps, "
+            f"{words[full.online_rounds]} rounds counting the offline β = {full.online_beta:g} run "
+            f"({words[full.online_rounds - 1]} online rounds of {full.online_steps} steps), a checkpoint every "
+            f"{full.checkpoint_every} steps, {full.eval_prompts} held-out prompts × {full.eval_samples} samples"
             in readme)
     assert "the upper envelope of its points" in readme  # as frontier.png draws it (plot_frontier's envelopes)

@@ -91,7 +91,7 @@ class DataConfig:
         False, "fail on the first bad row (empty or identical responses, wrong types, ...) instead of skipping it"
     )
     drop_tied_scores: bool = option(False, "skip pairs whose score_chosen equals score_rejected (when scores exist)")
-    max_length: int = option(1024, "most tokens in prompt + response; longer pairs are truncated (see README)")
+    max_length: int = option(1024, "most tokens in prompt + response; longer pairs are truncated (see docs/training.md)")
     max_prompt_length: int | None = option(
         None, "when a pair is too long, first cut its prompt to this many tokens (default: only as much as "
         "--min-response-share needs)"

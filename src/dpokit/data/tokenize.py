@@ -1,6 +1,6 @@
 """Canonical pairs -> token ids, with BOS once, EOS once and an exact prompt/response boundary.
 
-The rules, in order (README "How pairs are tokenized" repeats them for users):
+The rules, in order (docs/training.md, "Tokenization", repeats them for users):
 
 0. Rendering (`data/render.py`): text pairs are used as written, the sequence being `prompt + response`.
    Conversational pairs go through the tokenizer's chat template (or `--chat-template`): the

@@ -3,7 +3,7 @@
 transformers reads a GGUF file with the `gguf` package and dequantizes every weight to float32
 (dpokit's master-weight dtype; bf16/fp16 runs autocast from it as for any model), so the model
 trains, samples and saves as a plain Hugging Face model. The tokenizer and the chat template come
-from the same file. Which quantizations can be read: README, "GGUF models".
+from the same file. Which quantizations can be read: docs/real-models.md, "GGUF files".
 
 A bad file stops the command with one line naming it: not a GGUF file, truncated or damaged, an
 architecture transformers does not read from GGUF, or a tensor type nothing can dequantize.
@@ -60,12 +60,12 @@ def gguf_errors(name: str | Path, what: str = "model") -> Iterator[None]:
         yield
     except NotImplementedError as exc:  # gguf's "Dequantization for Q8_1 is not yet implemented"
         raise DpokitError(f"{what} file {name}: {first_line(exc)} in gguf {_version('gguf')}: re-quantize it "
-                          "to a type that can be read (README, 'GGUF models')") from None
+                          "to a type that can be read (docs/real-models.md, 'GGUF files')") from None
     except ValueError as exc:
         message = first_line(exc)
         if "architecture" in message:  # "GGUF model with architecture mpt is not supported yet."
             raise DpokitError(f"{what} file {name}: {message} (transformers {_version('transformers')} "
-                              "reads only some architectures from GGUF; README, 'GGUF models')") from None
+                              "reads only some architectures from GGUF; docs/real-models.md, 'GGUF files')") from None
         raise _damaged(name, what, exc) from None
     except (IndexError, KeyError, OSError, EOFError, struct.error) as exc:
         raise _damaged(name, what, exc) from None

@@ -2,7 +2,7 @@
 
     python -m dpokit.experiments.demo.pretrain [--output DIR] [--steps N] [--seed S] [--overwrite]
 
-regenerates the model folder that ships under `dpokit/demo/base_model/`: a byte-level BPE
+regenerates the model folder that ships under `dpokit/experiments/demo/base_model/`: a byte-level BPE
 tokenizer trained with `tokenizers` on the corpus, a small Llama (transformers) trained by next-token
 prediction on packed windows of reviews, and MANIFEST.json with each file's sha256, the model
 config, the corpus seed and size, the training steps and the final training and held-out losses.
