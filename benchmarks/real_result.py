@@ -173,6 +173,10 @@ def main() -> None:
     parser.add_argument("--kl-prompts", type=int, default=32, help="held-out prompts sampled for the KL")
     parser.add_argument("--sample-prompts", type=int, default=3, help="held-out prompts shown before/after")
     parser.add_argument("--max-new-tokens", type=int, default=192)
+    parser.add_argument("--skip-train", action="store_true",
+                        help="measure the run already in OUTPUT/run (train with the same settings first)")
+    parser.add_argument("--eval-pairs", type=int, default=0,
+                        help="at most this many pairs per evaluation set (0: all of them)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for every step (OMP_NUM_THREADS; 0: leave it as it is)")
     args = parser.parse_args()
@@ -181,6 +185,8 @@ def main() -> None:
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     limits = {"train": 16, "eval": 8} if args.smoke else {}
+    if args.eval_pairs:
+        limits["eval"] = min(args.eval_pairs, limits.get("eval", args.eval_pairs))
     if args.smoke:
         args.max_length, args.kl_prompts, args.sample_prompts, args.max_new_tokens = 128, 2, 1, 16
     base = real_model_folder()
@@ -194,7 +200,11 @@ def main() -> None:
     train_args += ["--max-steps", 2] if args.smoke else ["--epochs", args.epochs]
     if args.lora_r:
         train_args += ["--lora-r", args.lora_r, "--lora-alpha", 2 * args.lora_r]
-    dpokit(*train_args)
+    if args.skip_train:
+        if not (run / "run_summary.json").is_file():
+            parser.error(f"--skip-train: {run} holds no finished run (no run_summary.json)")
+    else:
+        dpokit(*train_args)
     report = {"settings": vars(args), "base": str(base), "files": {k: str(v) for k, v in files.items()},
               "sets": evaluate_sets(files, run, base, args)}
     report.update(kl_and_samples(files[HELD_OUT], run, base, out, args))
