@@ -15,6 +15,7 @@ from dpokit.data import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.io import Log
 from dpokit.model.host_memory import threshold_for
+from dpokit.model.load import resolve_device
 from dpokit.train.memory_plan import (
     LEVER_WORDS,
     MARGIN,
@@ -28,6 +29,7 @@ from dpokit.train.memory_plan import (
     planned_config,
 )
 from dpokit.train.memory_probe import run_probe
+from dpokit.train.setup import load_run_data, load_run_tokenizer
 
 CPU_SHARE = 0.8  # auto on the CPU: this share of MemAvailable (the rest: the OS, the page cache, other work)
 
@@ -63,6 +65,13 @@ def plan_run_memory(cfg: RunConfig, pairs: list[TokenizedPair], *, global_batch:
         plan.write(where)
     log(plan.line(global_batch))
     return planned_config(cfg, Setting(plan.micro_batch, tuple(plan.levers)), plan.requested)
+
+
+def plan_line(cfg: RunConfig, log: Log) -> str:
+    """The plan `dpokit train` would follow for `cfg`, probed, as its log line (`dpokit data inspect`)."""
+    tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=log)
+    data = load_run_data(tokenizer, data=cfg.data, train=cfg.train, world_size=1, log=log)
+    return make_plan(cfg, data.train_pairs, device=resolve_device(cfg.model.device)).line(data.global_batch)
 
 
 def make_plan(cfg: RunConfig, pairs: list[TokenizedPair], *, device: torch.device,
