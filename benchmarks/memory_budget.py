@@ -10,8 +10,8 @@ bench_vs_trl.py, MAIN shape, on its random word pairs of the same length), per-s
 1. The hand grid: every setting the planner may choose (micro-batch 4, 2, 1 x no lever, gradient
    checkpointing, + the malloc threshold at 1 MiB), each a short `dpokit train` run in its own
    process with those flags given by hand (no --memory-budget): its whole-process peak RSS
-   (`wait4`'s ru_maxrss) and the time of its last step (metrics.jsonl's throughput; the first
-   step warms up).
+   (`wait4`'s ru_maxrss) and the time of its last step (the median over its steps after the first, from
+   metrics.jsonl's throughput: the first step warms up).
 2. Three budgets from the grid's peaks (above the largest, between, just above the smallest
    over the margin): `dpokit data inspect --memory-budget` makes the plan (the probes, timed),
    and the plan's setting is looked up in the grid: its measured peak against the budget, its
@@ -69,9 +69,10 @@ def grid(folder: Path, max_length: int, steps: int, env: dict) -> dict:
             rc, peak, wall, text = run(cmd, env)
             if rc != 0:
                 raise SystemExit(f"grid run {micro} {level} failed:\n{text[-2000:]}")
-            last = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+            timed = sorted(BATCH / r["throughput/pairs_per_s"] for r in records[1:] or records)  # step 1 warms up
             found[f"{micro} {level}"] = {"micro_batch": micro, "level": level, "peak": peak, "wall_s": wall,
-                                         "step_s": BATCH / last["throughput/pairs_per_s"]}
+                                         "step_s": timed[len(timed) // 2]}
             print(f"  grid micro-batch {micro} {level:12}: peak {peak / 2**30:.2f} GiB, step "
                   f"{found[f'{micro} {level}']['step_s']:.2f} s, wall {wall:.0f} s", flush=True)
     return found
