@@ -63,6 +63,15 @@ def test_the_fastest_setting_that_fits_keeps_the_batch():
     assert seen == [Setting(8), Setting(1), Setting(1, ("gradient_checkpointing",)), Setting(4)]  # verified last
 
 
+def test_the_peak_line_spares_a_probe_it_predicts_over():
+    # Limit 720 MB: the line through (1, none) 350 and (8, none) 1400 puts (4, none) at 800, over,
+    # so it is never probed; (8, checkpointing) at 600 MB and 11.7 s beats (2, none) at 12 s.
+    seen = []
+    setting, _ = choose_setting(8, ["gradient_checkpointing"], 800 * MB, fake_probe(log=seen), margin=0.1)
+    assert setting == Setting(8, ("gradient_checkpointing",))
+    assert seen == [Setting(8), Setting(1), Setting(1, ("gradient_checkpointing",)), setting]
+
+
 def test_a_lever_cheaper_than_a_smaller_micro_batch_is_chosen():
     # Batch efficiency high (fixed cost 10 s per micro-batch), checkpointing cheap (x 1.05):
     # (8, checkpointing) at 18 x 1.05 = 18.9 s beats (4, none) at 2 x 14 = 28 s.
