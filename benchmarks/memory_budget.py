@@ -10,7 +10,7 @@ bench_vs_trl.py, MAIN shape, on its random word pairs of the same length), per-s
 1. The hand grid: every setting the planner may choose (micro-batch 4, 2, 1 x no lever, gradient
    checkpointing, + the malloc threshold at 1 MiB), each a short `dpokit train` run in its own
    process with those flags given by hand (no --memory-budget): its whole-process peak RSS
-   (`wait4`'s ru_maxrss) and the time of its last step (the median over its steps after the first, from
+   (`wait4`'s ru_maxrss) and its step time (the median over its steps after the first, from
    metrics.jsonl's throughput: the first step warms up).
 2. Three budgets from the grid's peaks (above the largest, between, just above the smallest
    over the margin): `dpokit data inspect --memory-budget` makes the plan (the probes, timed),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from dpokit.config import RunConfig
 from dpokit.errors import DpokitError
+from dpokit.io import atomic_write_text
 
 PLAN_FILE = "memory_plan.json"
 MARGIN = 0.10  # the budget's share kept free above a probed peak (measured: benchmarks/RESULTS.md)
@@ -89,7 +90,7 @@ class MemoryPlan:
                 f"{self.probe_seconds:.0f} s")
 
     def write(self, folder: Path) -> None:
-        (Path(folder) / PLAN_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+        atomic_write_text(Path(folder) / PLAN_FILE, json.dumps(asdict(self), indent=1) + "\n")
 
     @classmethod
     def read(cls, folder: Path) -> MemoryPlan | None:
