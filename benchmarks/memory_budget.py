@@ -103,7 +103,7 @@ def compare(found: dict, planned: dict) -> dict:
     hundred = 100 * chosen["step_s"]
     return {**planned, "run_peak": chosen["peak"], "fits": chosen["peak"] <= planned["budget"],
             "probe_vs_run_peak": planned["probed_peak"] / chosen["peak"], "step_s": chosen["step_s"],
-            "probe_share_of_100_steps": planned["wall_s"] / hundred,
+            "probe_share_of_100_steps": planned["probe_s"] / hundred,
             "best_hand": best and {"setting": f"{best['micro_batch']} {best['level']}", "step_s": best["step_s"],
                                    "peak": best["peak"]}}
 
