@@ -157,3 +157,14 @@ def test_a_real_probe_in_a_child_reports_a_plausible_peak(tiny_model_dir, tmp_pa
     # A Python process with torch and transformers imported holds ~200 MB or more; the tiny model a few MB.
     assert 100 * MB < probe.peak < 4 * 2**30 and probe.seconds > 0
     assert not (tmp_path / "out").exists()  # the probe writes nothing of the run's
+
+
+def test_data_inspect_prints_the_plan_without_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(16, seed=6))
+    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, pairs, s, requested: fake_probe()(s))
+    args = ["data", "inspect", str(data), "--model", str(tiny_model_dir), "--max-length", "32", "--batch-size", "8"]
+    assert main([*args, "--memory-budget", "1000MB"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
+        "memory plan: micro-batch 4 x accumulation 2 (global 8), no memory lever; probed peak 0.75 GiB")  # 800 MB
+    assert main(["data", "inspect", str(data), "--memory-budget", "1000MB"]) == 2  # a plan needs the model
+    assert "--memory-budget needs --model" in capsys.readouterr().err
