@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from dpokit.io import Log
 from dpokit.model.host_memory import threshold_for
 from dpokit.model.load import resolve_device
 from dpokit.train.memory_plan import (
+    HEAP_MARGIN,
     LEVER_WORDS,
     MARGIN,
     MemoryPlan,
@@ -82,20 +84,30 @@ def make_plan(cfg: RunConfig, pairs: list[TokenizedPair], *, device: torch.devic
     longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
     levers = offered_levers(cfg, device.type, malloc_auto_fixes=threshold_for(None, longest, device.type) > 0)
     probe = probe or (lambda setting: run_probe(cfg, pairs, setting, requested))
+    fixed = cfg.scale.malloc_mmap_threshold not in ("auto", "0") or threshold_for(None, longest, device.type) > 0
+    margin = partial(margin_for, device_type=device.type, heap_fixed=fixed)
     started = time.perf_counter()
     try:
-        setting, probes = choose_setting(requested, levers, budget, probe, margin=MARGIN)
+        setting, probes = choose_setting(requested, levers, budget, probe, margin=margin)
     except NoPlanFits as refused:
-        raise DpokitError(refusal(cfg, refused, budget, longest)) from None
+        raise DpokitError(refusal(cfg, refused, budget, longest, margin(refused.smallest.setting))) from None
     chosen = next(p for p in probes if p.setting == setting)
     return MemoryPlan(budget=budget, budget_text=str(cfg.scale.memory_budget), requested=requested,
                       micro_batch=setting.micro_batch, levers=list(setting.levers), peak=int(chosen.peak),
-                      margin=MARGIN, probe_seconds=time.perf_counter() - started,
+                      margin=margin(setting), probe_seconds=time.perf_counter() - started,
                       probes=[{"micro_batch": p.setting.micro_batch, "levers": list(p.setting.levers), "peak": p.peak,
                                "seconds": round(p.seconds, 3)} for p in probes])
 
 
-def refusal(cfg: RunConfig, refused: NoPlanFits, budget: int, longest: int) -> str:
+def margin_for(setting: Setting, *, device_type: str, heap_fixed: bool) -> float:
+    """The margin a setting's probed peak must leave (memory_plan.MARGIN, HEAP_MARGIN): wider on
+    the CPU where malloc's heap keeps freed fragments, unless the mmap threshold is fixed."""
+    if device_type == "cpu" and not heap_fixed and "malloc_threshold" not in setting.levers:
+        return HEAP_MARGIN
+    return MARGIN
+
+
+def refusal(cfg: RunConfig, refused: NoPlanFits, budget: int, longest: int, margin: float) -> str:
     """One line: the smallest peak found, and what would fit."""
     low = refused.smallest
     levers = "".join(f", {LEVER_WORDS[name]}" for name in low.setting.levers)
@@ -105,6 +117,6 @@ def refusal(cfg: RunConfig, refused: NoPlanFits, budget: int, longest: int) -> s
         hints.append("LoRA (--lora-r 16: no gradients or optimizer state for the full weights)")
     if cfg.speed.reference == "live":
         hints.append("a precomputed reference (--reference precomputed: no reference model in memory)")
-    need = f"; a budget of {gib(low.peak / (1 - MARGIN))} would fit it" if low.peak else ""
+    need = f"; a budget of {gib(low.peak / (1 - margin))} would fit it" if low.peak else ""
     return (f"--memory-budget {cfg.scale.memory_budget} ({gib(budget)}): no plan fits; the smallest peak found is "
-            f"{smallest} (micro-batch 1{levers}, margin {MARGIN:.0%}){need}; to fit, try {'; '.join(hints)}")
+            f"{smallest} (micro-batch 1{levers}, margin {margin:.0%}){need}; to fit, try {'; '.join(hints)}")
