@@ -39,7 +39,7 @@ from bench_vs_trl import MAIN
 from bench_vs_trl import prepare as prepare_bench
 
 BATCH = 4
-MARGIN = 0.10  # dpokit.train.memory_plan.MARGIN
+MARGIN = 0.10  # dpokit.train.memory_plan.MARGIN (budgets below are spread from it)
 LEVELS = {"none": [], "ckpt": ["--gradient-checkpointing"],
           "ckpt+malloc": ["--gradient-checkpointing", "--malloc-mmap-threshold", str(1 << 20)]}
 PLAN = re.compile(r"memory plan: micro-batch (\d+) x accumulation (\d+) .*?, (.*?); probed peak ([\d.]+) GiB .*"
@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=768)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--json")
+    parser.add_argument("--grid-from", help="an earlier --json report: reuse its hand grid, plan again")
     args = parser.parse_args()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     scratch = Path(tempfile.mkdtemp(prefix="dpokit-budget-bench-"))
@@ -141,7 +142,8 @@ def main() -> None:
     for name in args.models.split(","):
         folder, max_length = prepare(name, scratch, args.length)
         print(f"{name}: pairs of about {args.length} tokens per sequence, max length {max_length}", flush=True)
-        found = grid(folder, max_length, args.steps, env)
+        earlier = json.loads(Path(args.grid_from).read_text()) if args.grid_from else {}
+        found = earlier[name]["grid"] if name in earlier else grid(folder, max_length, args.steps, env)
         rows = [compare(found, plan(folder, max_length, b, env)) for b in budgets(found)]
         for r in rows:
             print(f"  budget {r['budget'] / 2**30:.2f} GiB: {json.dumps({k: v for k, v in r.items() if k != 'budget'})}",
