@@ -57,25 +57,27 @@ def run(cmd: list[str], env: dict) -> tuple[int, int, float, str]:
         return child.returncode, usage.ru_maxrss * 1024, time.perf_counter() - started, out.read()
 
 
-def grid(folder: Path, max_length: int, steps: int, env: dict) -> dict:
-    found = {}
-    for micro in (4, 2, 1):
-        for level, flags in LEVELS.items():
-            out = folder / f"run-{micro}-{level}"
-            cmd = [sys.executable, "-m", "dpokit", "train", "--model", str(folder / "model"), "--data",
-                   str(folder / "pairs.jsonl"), "--output", str(out), "--overwrite", "--max-length", str(max_length),
-                   "--batch-size", str(micro), "--gradient-accumulation-steps", str(BATCH // micro),
-                   "--max-steps", str(steps), "--progress", "off", "--learning-rate", "1e-6", *flags]
-            rc, peak, wall, text = run(cmd, env)
-            if rc != 0:
-                raise SystemExit(f"grid run {micro} {level} failed:\n{text[-2000:]}")
-            records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-            timed = sorted(BATCH / r["throughput/pairs_per_s"] for r in records[1:] or records)  # step 1 warms up
-            found[f"{micro} {level}"] = {"micro_batch": micro, "level": level, "peak": peak, "wall_s": wall,
-                                         "step_s": timed[len(timed) // 2]}
-            print(f"  grid micro-batch {micro} {level:12}: peak {peak / 2**30:.2f} GiB, step "
-                  f"{found[f'{micro} {level}']['step_s']:.2f} s, wall {wall:.0f} s", flush=True)
+def train_run(folder: Path, max_length: int, steps: int, env: dict, micro: int, level: str) -> dict:
+    """A short `dpokit train` at micro-batch `micro` and lever `level`, given by hand: peak and step time."""
+    out = folder / f"run-{micro}-{level}"
+    cmd = [sys.executable, "-m", "dpokit", "train", "--model", str(folder / "model"), "--data",
+           str(folder / "pairs.jsonl"), "--output", str(out), "--overwrite", "--max-length", str(max_length),
+           "--batch-size", str(micro), "--gradient-accumulation-steps", str(BATCH // micro),
+           "--max-steps", str(steps), "--progress", "off", "--learning-rate", "1e-6", *LEVELS[level]]
+    rc, peak, wall, text = run(cmd, env)
+    if rc != 0:
+        raise SystemExit(f"run {micro} {level} failed:\n{text[-2000:]}")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = sorted(BATCH / r["throughput/pairs_per_s"] for r in records[1:] or records)  # step 1 warms up
+    found = {"micro_batch": micro, "level": level, "peak": peak, "wall_s": wall, "step_s": timed[len(timed) // 2]}
+    print(f"  run micro-batch {micro} {level:12}: peak {peak / 2**30:.2f} GiB, step {found['step_s']:.2f} s, "
+          f"wall {wall:.0f} s", flush=True)
     return found
+
+
+def grid(folder: Path, max_length: int, steps: int, env: dict) -> dict:
+    return {f"{micro} {level}": train_run(folder, max_length, steps, env, micro, level)
+            for micro in (4, 2, 1) for level in LEVELS}
 
 
 def plan(folder: Path, max_length: int, budget: int, env: dict) -> dict:
@@ -108,6 +110,19 @@ def compare(found: dict, planned: dict) -> dict:
                                    "peak": best["peak"]}}
 
 
+def planned_run(folder: Path, max_length: int, steps: int, env: dict, size: str) -> dict:
+    """Plan at `size`, then run the plan's setting by hand: its peak against the budget."""
+    from dpokit.config.parsers import parse_memory_budget
+
+    planned = plan(folder, max_length, parse_memory_budget(size), env)
+    print(f"  plan at {size}: {planned.get('line') or planned.get('refused')}", flush=True)
+    if "refused" in planned:
+        return planned
+    found = {f"{planned['micro_batch']} {planned['level']}": train_run(folder, max_length, steps, env,
+                                                                       planned["micro_batch"], planned["level"])}
+    return compare(found, planned)
+
+
 def budgets(found: dict) -> list[int]:
     peaks = sorted(g["peak"] for g in found.values())
     low, high = peaks[0] / (1 - MARGIN) * 1.05, peaks[-1] / (1 - MARGIN) * 1.1
@@ -134,6 +149,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=768)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--json")
+    parser.add_argument("--budgets", help="comma list of sizes (8GiB,...): no hand grid; each plan's setting is "
+                        "run once by hand instead (for a model too slow for the grid)")
     parser.add_argument("--grid-from", help="an earlier --json report: reuse its hand grid, plan again")
     args = parser.parse_args()
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -142,13 +159,16 @@ def main() -> None:
     for name in args.models.split(","):
         folder, max_length = prepare(name, scratch, args.length)
         print(f"{name}: pairs of about {args.length} tokens per sequence, max length {max_length}", flush=True)
-        earlier = json.loads(Path(args.grid_from).read_text()) if args.grid_from else {}
-        found = earlier[name]["grid"] if name in earlier else grid(folder, max_length, args.steps, env)
-        rows = [compare(found, plan(folder, max_length, b, env)) for b in budgets(found)]
+        if args.budgets:
+            rows = [planned_run(folder, max_length, args.steps, env, size) for size in args.budgets.split(",")]
+        else:
+            earlier = json.loads(Path(args.grid_from).read_text()) if args.grid_from else {}
+            found = earlier[name]["grid"] if name in earlier else grid(folder, max_length, args.steps, env)
+            rows = [compare(found, plan(folder, max_length, b, env)) for b in budgets(found)]
         for r in rows:
             print(f"  budget {r['budget'] / 2**30:.2f} GiB: {json.dumps({k: v for k, v in r.items() if k != 'budget'})}",
                   flush=True)
-        report[name] = {"grid": found, "budgets": rows}
+        report[name] = {"grid": None if args.budgets else found, "budgets": rows}
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
     report["load_after"] = os.getloadavg()
