@@ -100,10 +100,8 @@ class MemoryPlan:
     @classmethod
     def read(cls, folder: Path) -> MemoryPlan | None:
         path = Path(folder) / PLAN_FILE
-        if not path.is_file():
-            return None
-        try:
-            return cls(**json.loads(path.read_text(encoding="utf-8")))
+        try:  # a run planned before resuming has one; another has none
+            return cls(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
         except (ValueError, TypeError) as exc:
             raise DpokitError(f"{path}: not a dpokit memory plan ({exc}); remove it to plan again") from None
 
