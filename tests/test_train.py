@@ -49,7 +49,7 @@ def test_learns_the_toy_preference_and_reloads(tiny_model_dir, toy_data, tmp_pat
     assert (tmp_path / "run" / "dpokit_config.yaml").is_file()
 
 
-def _sgd_run(model_dir, data, out, batch_size, accumulation, steps, monkeypatch):
+def _sgd_run(model_dir, data, out, batch_size, accumulation, steps, monkeypatch, memory_budget=None):
     """Train with plain SGD and record each step's accumulated gradients before clip and step.
 
     SGD, not AdamW: Adam divides by sqrt(v), so a coordinate whose gradient is float noise in
@@ -69,6 +69,7 @@ def _sgd_run(model_dir, data, out, batch_size, accumulation, steps, monkeypatch)
         [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate))
     cfg = _config(model_dir, data, out, batch_size=batch_size, gradient_accumulation_steps=accumulation,
                   max_steps=steps, lr_scheduler="constant")
+    cfg.scale.memory_budget = memory_budget
     result = train(cfg, log=lambda _: None)
     model = AutoModelForCausalLM.from_pretrained(out)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -93,6 +94,33 @@ def test_accumulation_gives_the_same_update(tiny_model_dir, tmp_path, monkeypatc
         for name, grad in a.items():
             torch.testing.assert_close(grad, b[name], atol=1e-5 * scale, rtol=1e-4, msg=f"step {step + 1} {name}")
     for name, tensor in weights_a.items():  # SGD: lr x (float noise in the gradients), far below 1e-5
+        assert torch.allclose(tensor, weights_b[name], atol=1e-5, rtol=0), name
+
+
+def test_a_memory_plan_gives_the_update_of_the_run_asked_for(tiny_model_dir, tmp_path, monkeypatch):
+    """--memory-budget splits batch 8 into micro-batches of 4 (accumulation 2), with gradient
+    checkpointing: the same update as batch 8 asked for directly, to the tolerance above."""
+    from dpokit.train import memory_budget
+    from dpokit.train.memory_plan import Probe
+
+    def probe(cfg, pairs, setting, requested):  # 100 MB + 100 MB a pair, 60 with the levers (10% slower)
+        per_pair = 60 if setting.levers else 100
+        return Probe(setting, (100 + per_pair * setting.micro_batch) * 10**6,
+                     (1.0 + setting.micro_batch) * (1.1 if setting.levers else 1.0))
+
+    monkeypatch.setattr(memory_budget, "run_probe", probe)
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(64, seed=7))
+    loss_a, grads_a, weights_a = _sgd_run(tiny_model_dir, data, tmp_path / "a", 8, 1, 3, monkeypatch)
+    loss_b, grads_b, weights_b = _sgd_run(tiny_model_dir, data, tmp_path / "b", 8, 1, 3, monkeypatch,
+                                          memory_budget="500MB")
+    plan = json.loads((tmp_path / "b" / "memory_plan.json").read_text())
+    assert (plan["micro_batch"], plan["levers"][:1]) == (4, ["gradient_checkpointing"])  # 340 MB of 450 allowed, 11 s a step
+    assert loss_a == pytest.approx(loss_b, abs=1e-5)
+    for step, (a, b) in enumerate(zip(grads_a, grads_b, strict=True)):
+        scale = max(g.abs().max().item() for g in a.values())  # as in the accumulation test above
+        for name, grad in a.items():
+            torch.testing.assert_close(grad, b[name], atol=1e-5 * scale, rtol=1e-4, msg=f"step {step + 1} {name}")
+    for name, tensor in weights_a.items():
         assert torch.allclose(tensor, weights_b[name], atol=1e-5, rtol=0), name
 
 

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import tempfile
 
 from dpokit.cli.common import Parser, add_debug_flag, add_field
-from dpokit.config import DataConfig, coerce, flag_of, iter_options, validate_data
+from dpokit.config import DataConfig, build_config, coerce, flag_of, iter_options, validate_data
 from dpokit.data.doctor import format_report, inspect_data, report_json
+from dpokit.errors import DpokitError
 from dpokit.model.load import load_model_config, load_tokenizer
 from dpokit.paths import check_creatable, check_outputs_apart
 from dpokit.settings_checks import fit_max_length
+from dpokit.train.memory_budget import plan_line
 
 _INSPECT_SKIPS = ("data", "eval_data")
+# With --memory-budget, what the plan depends on besides the data (as train reads them).
+_PLAN_OPTIONS = ("memory_budget", "batch_size", "gradient_accumulation_steps", "dtype", "device", "loss", "lora_r",
+                 "reference", "gradient_checkpointing", "activation_offload", "malloc_mmap_threshold")
 
 
 def add_data_command(sub) -> None:
@@ -34,6 +41,11 @@ def add_data_command(sub) -> None:
     for section, f in iter_options():
         if section == "data" and f.name not in _INSPECT_SKIPS:
             add_field(group, f)
+    plan = inspect.add_argument_group("memory plan (with --model and --memory-budget: the plan train would follow, "
+                                      "probed, printed after the report; nothing is trained)")
+    for _section, f in iter_options():
+        if f.name in _PLAN_OPTIONS:
+            add_field(plan, f)
     inspect.set_defaults(func=_cmd_data_inspect)
 
 
@@ -54,6 +66,22 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         data.max_length = fit_max_length(data.max_length, data.max_prompt_length,
                                          load_model_config(args.model, args.trust_remote_code), tokenizer,
                                          lambda line: print(line, file=sys.stderr))
+    if getattr(args, "memory_budget", None) and not args.model:
+        raise DpokitError("--memory-budget needs --model (the plan probes a training step of that model)")
     report = inspect_data(args.path, data, tokenizer, plot=args.plot)
     print(report_json(report) if args.json else format_report(report))
+    if report["rows_kept"] and getattr(args, "memory_budget", None):
+        print(_memory_plan_line(args, data))
     return 0 if report["rows_kept"] else 1
+
+
+def _memory_plan_line(args: argparse.Namespace, data: DataConfig) -> str:
+    """The plan `dpokit train` would make for this data and model (the run's settings from the flags)."""
+    layers: dict[str, dict] = {"model": {"model": args.model, "trust_remote_code": args.trust_remote_code},
+                               "data": {**dataclasses.asdict(data), "data": args.path}}
+    for section, f in iter_options():
+        if f.name in _PLAN_OPTIONS and hasattr(args, f.name):
+            layers.setdefault(section, {})[f.name] = coerce(getattr(args, f.name), f, flag_of(f))
+    with tempfile.TemporaryDirectory(prefix="dpokit-plan-") as scratch:
+        layers.setdefault("train", {})["output"] = scratch  # required by the config, never written
+        return plan_line(build_config(layers), log=lambda line: print(line, file=sys.stderr))

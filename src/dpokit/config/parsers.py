@@ -1,5 +1,5 @@
-"""Option values written as small languages: --columns, --chat-template-kwargs and
---malloc-mmap-threshold.
+"""Option values written as small languages: --columns, --chat-template-kwargs,
+--malloc-mmap-threshold and --memory-budget.
 
 They live with the config (the bottom layer) so that validation can parse them before any model
 is loaded; the data readers import them from here.
@@ -60,3 +60,27 @@ def parse_mmap_threshold(value: str | int) -> int | None:
         raise DpokitError(f"--malloc-mmap-threshold must be auto or a whole number of bytes >= 0 "
                           f"(0: malloc's adaptive threshold); got {text!r}")
     return int(text)
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory_budget(value: str | int | None) -> int | str | None:
+    """`--memory-budget`: None (no plan), "auto" (the device's free memory, decided at run time), or
+    a size in bytes from `8GiB`, `1500MB`, `12e9` (decimal kB/MB/GB, binary KiB/MiB/GiB; a bare
+    number is bytes); bad input is one line naming the option."""
+    if value is None or str(value).strip() in ("", "none"):
+        return None
+    text = str(value).strip()
+    if text.lower() == "auto":
+        return "auto"
+    number = text.rstrip("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ").strip()
+    unit = text[len(number):].strip().lower() if number else ""
+    try:
+        size = float(number)
+    except ValueError:
+        size = -1.0
+    if unit not in _SIZE_UNITS or not size > 0 or size * _SIZE_UNITS[unit] < 2**20:
+        raise DpokitError(f"--memory-budget must be auto or a size of at least 1 MiB such as 8GiB or 1500MB; got {text!r}")
+    return int(size * _SIZE_UNITS[unit])

@@ -266,6 +266,13 @@ class ScaleConfig:
         "(4k-token pairs: about 0.55x the peak RSS, for more system time), malloc's adaptive threshold otherwise "
         "(short rows only pay for it: the demo at 1 MiB took 30 percent more CPU); 0: always adaptive; N: N bytes"
     )
+    memory_budget: str | None = option(
+        None, "plan the run to fit this much memory (8GiB, 1500MB, or auto: the GPU's free memory on CUDA, 80 percent "
+        "of MemAvailable on the CPU): before training, probes one step on the data's longest pairs in a child process "
+        "and picks the largest micro-batch (accumulation keeps the global batch) and the cheapest of gradient "
+        "checkpointing, activation offload (CUDA) and the malloc threshold (CPU) that fit; refused in one line when "
+        "nothing fits (docs/memory-budget.md). Default: none, the run as configured"
+    )
 
 
 @section

@@ -19,7 +19,12 @@ from dpokit.config.choices import (
     losses_where,
 )
 from dpokit.config.fields import flag_of, kind_of
-from dpokit.config.parsers import parse_columns, parse_mmap_threshold, parse_template_kwargs
+from dpokit.config.parsers import (
+    parse_columns,
+    parse_memory_budget,
+    parse_mmap_threshold,
+    parse_template_kwargs,
+)
 from dpokit.config.sections import DataConfig, LossConfig, RunConfig, iter_options
 from dpokit.errors import DpokitError
 
@@ -57,6 +62,7 @@ def validate(config: RunConfig) -> None:
         if value < 0:
             raise DpokitError(f"{flag} must be >= 0 (0: automatic); got {value}")
     parse_mmap_threshold(config.scale.malloc_mmap_threshold)
+    parse_memory_budget(config.scale.memory_budget)
     check_loss_config(lo)  # every loss option, --label-smoothing's range included
     check_report_to(t.report_to)
     if t.warmup_steps < 0 or not 0.0 <= t.warmup_ratio < 1.0:

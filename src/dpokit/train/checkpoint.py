@@ -41,7 +41,7 @@ RESUME_MAY_CHANGE = {
     "keep_checkpoints", "resume", "device", "reference_cache", "report_to", "push_to_hub", "hub_private",
     # How the work is split and stored, not what is computed (the global batch is checked apart).
     "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing",
-    "malloc_mmap_threshold", "allow_large_learning_rate",
+    "malloc_mmap_threshold", "allow_large_learning_rate", "activation_offload",
 }
 
 
