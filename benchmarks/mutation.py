@@ -231,7 +231,7 @@ class _Recorder:
     """pytest plugin + tracer: the target file's lines each test runs ("<import>": at collection)."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.current, self.lines = path, "<import>", {}
+        self.path, self.current, self.lines, self.seconds = path, "<import>", {}, {}
 
     def tracer(self, frame, event, arg):
         if frame.f_code.co_filename != self.path:
@@ -248,6 +248,9 @@ class _Recorder:
 
     def pytest_runtest_logstart(self, nodeid, location):
         self.current = nodeid
+
+    def pytest_runtest_logreport(self, report):
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
 
     def pytest_runtest_logfinish(self, nodeid, location):
         self.current = "<import>"
@@ -270,7 +273,8 @@ def _child(name: str, path: Path, source: str, tests: list[str], lines_file: str
     code = pytest.main([*tests, *PYTEST_ARGS], plugins=[recorder] if recorder else [])
     sys.settrace(None)
     if recorder:
-        Path(lines_file).write_text(json.dumps({k: sorted(v) for k, v in recorder.lines.items()}))
+        lines = {k: sorted(v) for k, v in recorder.lines.items()}
+        Path(lines_file).write_text(json.dumps({"lines": lines, "seconds": recorder.seconds}))
     return int(code)
 
 
@@ -313,7 +317,9 @@ def run_module(module: str, tests: list[str], only: set[int] | None = None, jobs
     status, base = run_once(name, path, source, tests, timeout=900, lines_file=lines_file)
     if status != "passed":
         raise SystemExit(f"{module}: the tests fail on the unmutated code ({status}); fix that first")
-    per_test = {test: set(lines) for test, lines in json.loads(Path(lines_file).read_text()).items()}
+    recorded = json.loads(Path(lines_file).read_text())
+    per_test = {test: set(lines) for test, lines in recorded["lines"].items()}
+    seconds = recorded["seconds"]
     os.unlink(lines_file)
     timeout = max(30.0, 4 * base)
     log(f"{module}: {len(mutants)} mutants; tests take {base:.1f} s unmutated (traced); timeout {timeout:.0f} s")
@@ -324,7 +330,8 @@ def run_module(module: str, tests: list[str], only: set[int] | None = None, jobs
             m.status = "skipped"
             continue
         span = set(range(m.line, m.end_line + 1))
-        reaching = sorted(test for test, lines in per_test.items() if lines & span)
+        # Quickest first: with -x, a killed mutant stops at its first failing test.
+        reaching = sorted((test for test, lines in per_test.items() if lines & span), key=lambda k: seconds.get(k, 0.0))
         if not reaching:
             m.status = "not covered"
             continue
