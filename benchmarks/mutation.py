@@ -334,6 +334,7 @@ def run_module(module: str, tests: list[str], only: set[int] | None = None, jobs
         reaching = sorted((test for test, lines in per_test.items() if lines & span), key=lambda k: seconds.get(k, 0.0))
         if not reaching:
             m.status = "not covered"
+            log(f"  not covered #{m.index} line {m.line}: {m.change}   | {m.source_line}")
             continue
         # A mutant in code run at import (a default, a table) may change any test: run them all.
         jobs.append((m, tests if "<import>" in reaching else reaching))
