@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from dpokit.config import LossConfig
 from dpokit.errors import DpokitError
-from dpokit.losses import LOSSES, _FUNCTIONS, _log_odds, compile_loss, preference_loss
+from dpokit.losses import _FUNCTIONS, LOSSES, _log_odds, compile_loss, preference_loss
 
 
 def _t(*values):
