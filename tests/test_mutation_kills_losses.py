@@ -97,3 +97,14 @@ def test_the_plan_reports_the_per_token_margin_of_a_length_averaging_loss():
                reference_rejected_logps=_t(-8.0), chosen_lengths=_t(2.0), rejected_lengths=_t(4.0))
     # β(lr_c/len_c − lr_r/len_r) = 0.1 · (2/2 − (−1)/4) = 0.125
     assert out.margins_per_token.tolist() == pytest.approx([0.125], rel=1e-12)
+
+
+def test_pair_weights_scale_each_pair_s_total_loss_and_not_the_rewards():
+    plan = compile_loss(LossConfig(loss=("sigmoid", "ipo"), loss_weights=(1.0, 0.5), beta=0.1))
+    tensors = {"policy_chosen_logps": _t(-6.0, -3.0), "policy_rejected_logps": _t(-9.0, -2.0),
+               "reference_chosen_logps": _t(-8.0, -3.0), "reference_rejected_logps": _t(-8.0, -3.0),
+               "chosen_lengths": _t(2.0, 3.0), "rejected_lengths": _t(4.0, 1.0)}
+    plain = plan(**tensors)
+    weighted = plan(**tensors, pair_weights=_t(0.25, 3.0))
+    torch.testing.assert_close(weighted.losses, plain.losses * _t(0.25, 3.0), rtol=1e-12, atol=0)
+    assert torch.equal(weighted.chosen_rewards, plain.chosen_rewards)
