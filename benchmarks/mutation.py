@@ -151,7 +151,9 @@ def _sites(tree: ast.AST) -> list[tuple[ast.AST, ast.AST | None, str, object]]:
             continue
         parent = parents.get(id(node))
         for description, action in _alternatives(node, parent):
-            sites.append((node, parent, description, action))
+            where = ast.unparse(node)
+            where = where if len(where) <= 50 else where[:47] + "..."
+            sites.append((node, parent, f"{description} in `{where}`", action))
     return sites
 
 

@@ -108,3 +108,16 @@ def test_pair_weights_scale_each_pair_s_total_loss_and_not_the_rewards():
     weighted = plan(**tensors, pair_weights=_t(0.25, 3.0))
     torch.testing.assert_close(weighted.losses, plain.losses * _t(0.25, 3.0), rtol=1e-12, atol=0)
     assert torch.equal(weighted.chosen_rewards, plain.chosen_rewards)
+
+
+def test_beta_dpo_batch_beta_is_floored_at_a_thousandth_of_beta():
+    # α = 10: 1 + α(M̄ − M0) = 1 − 17.5 < 0, so β_batch = 1e-3 · β = 5e-4 on the two kept pairs.
+    delta = _t(0.0, 1.0, 2.0, 10.0)
+    zeros = torch.zeros(4, dtype=torch.float64)
+    out = preference_loss("beta_dpo", policy_chosen_logps=delta, policy_rejected_logps=zeros,
+                          reference_chosen_logps=zeros, reference_rejected_logps=zeros,
+                          beta=0.5, beta_dpo_alpha=10.0, beta_dpo_rho=0.5)
+    beta = 5e-4
+    expected = [0.0, 2 * F.softplus(torch.tensor(-beta * 1.0, dtype=torch.float64)).item(),
+                2 * F.softplus(torch.tensor(-beta * 2.0, dtype=torch.float64)).item(), 0.0]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
