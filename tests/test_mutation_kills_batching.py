@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpokit.data.batching import LAYOUTS, block_lengths, collate, plan_rows
+from dpokit.data.batching import LAYOUTS, block_lengths, collate, most_mask_cells, plan_rows
 from dpokit.data.tokenize import TokenizedPair
 
 BOS, EOS, PAD = 1, 2, 0
@@ -78,3 +78,15 @@ def test_moving_a_batch_keeps_every_field():
             assert torch.equal(value, other), name
         else:
             assert value == other, name
+
+
+def test_most_mask_cells_by_hand():
+    # Blocks: packed 7, 6 (pair 0) and 4, 7 (pair 1); prefix-shared 10 and 9. The bound is
+    # min(K·W², 2·S_K·W + W²): K blocks per batch, W = max(pack_length, longest), S_K the K longest.
+    pairs = _pairs()
+    assert most_mask_cells(pairs, 1, "packed") == min(2 * 7**2, 2 * 14 * 7 + 7**2) == 98
+    assert most_mask_cells(pairs, 2, "packed", 20) == min(4 * 20**2, 2 * 24 * 20 + 20**2) == 1360
+    assert most_mask_cells(pairs, 2, "prefix-shared") == min(2 * 10**2, 2 * 19 * 10 + 10**2) == 200
+    assert most_mask_cells(pairs, 1, "prefix-shared", 12) == min(12**2, 2 * 10 * 12 + 12**2) == 144
+    assert most_mask_cells(pairs, 2, "padded") == 0
+    assert most_mask_cells([], 2, "packed") == 0
