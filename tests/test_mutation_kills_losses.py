@@ -28,28 +28,31 @@ def test_dpo_without_smoothing_is_finite_when_the_rejected_response_is_impossibl
     assert out.losses.tolist() == [0.0]
 
 
+def _beta_dpo_losses(alpha: float, rho: float) -> list[float]:
+    """β-DPO at β = 0.5 on margins Δ = 0, 1, 2, 10 (reference 0, rejected 0)."""
+    delta, zeros = _t(0.0, 1.0, 2.0, 10.0), torch.zeros(4, dtype=torch.float64)
+    return preference_loss("beta_dpo", policy_chosen_logps=delta, policy_rejected_logps=zeros,
+                           reference_chosen_logps=zeros, reference_rejected_logps=zeros,
+                           beta=0.5, beta_dpo_alpha=alpha, beta_dpo_rho=rho).losses.tolist()
+
+
+def _kept_middle_pairs(beta: float) -> list[float]:
+    """Pairs Δ = 1 and 2 kept at β_batch, their losses scaled by B/k = 2."""
+    softplus = lambda x: F.softplus(torch.tensor(x, dtype=torch.float64)).item()  # noqa: E731
+    return [0.0, 2 * softplus(-beta * 1.0), 2 * softplus(-beta * 2.0), 0.0]
+
+
 def test_beta_dpo_keeps_the_pairs_nearest_the_running_margin_at_the_scaled_beta():
     # Margins Δ = 0, 1, 2, 10 (reference 0, rejected 0): M0 = their mean 3.25; ρ = 0.5 keeps the two
     # nearest M0 (Δ = 2 and 1), M̄ = 1.5, β_batch = β(1 + α(M̄ − M0)) = 0.5 · (1 − 0.2 · 1.75) = 0.325;
     # kept losses are scaled by B/k = 2.
-    delta = _t(0.0, 1.0, 2.0, 10.0)
-    zeros = torch.zeros(4, dtype=torch.float64)
-    out = preference_loss("beta_dpo", policy_chosen_logps=delta, policy_rejected_logps=zeros,
-                          reference_chosen_logps=zeros, reference_rejected_logps=zeros,
-                          beta=0.5, beta_dpo_alpha=0.2, beta_dpo_rho=0.5)
-    beta = 0.5 * (1 + 0.2 * (1.5 - 3.25))
-    expected = [0.0, 2 * F.softplus(torch.tensor(-beta * 1.0, dtype=torch.float64)).item(),
-                2 * F.softplus(torch.tensor(-beta * 2.0, dtype=torch.float64)).item(), 0.0]
-    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert _beta_dpo_losses(alpha=0.2, rho=0.5) == pytest.approx(_kept_middle_pairs(0.5 * (1 + 0.2 * (1.5 - 3.25))),
+                                                                  rel=1e-12)
 
 
 def test_beta_dpo_keeps_one_pair_when_rho_b_is_below_one():
     # ρB = 0.1 · 4 = 0.4: ⌈0.4⌉ = 1 pair kept (the nearest M0), at weight B/1 = 4.
-    delta = _t(0.0, 1.0, 2.0, 10.0)
-    zeros = torch.zeros(4, dtype=torch.float64)
-    out = preference_loss("beta_dpo", policy_chosen_logps=delta, policy_rejected_logps=zeros,
-                          reference_chosen_logps=zeros, reference_rejected_logps=zeros, beta=0.5, beta_dpo_rho=0.1)
-    assert (out.losses != 0).tolist() == [False, False, True, False]
+    assert [loss != 0 for loss in _beta_dpo_losses(alpha=0.0, rho=0.1)] == [False, False, True, False]
 
 
 @pytest.mark.parametrize("missing", ["reference_chosen_logps", "reference_rejected_logps"])
@@ -112,12 +115,4 @@ def test_pair_weights_scale_each_pair_s_total_loss_and_not_the_rewards():
 
 def test_beta_dpo_batch_beta_is_floored_at_a_thousandth_of_beta():
     # α = 10: 1 + α(M̄ − M0) = 1 − 17.5 < 0, so β_batch = 1e-3 · β = 5e-4 on the two kept pairs.
-    delta = _t(0.0, 1.0, 2.0, 10.0)
-    zeros = torch.zeros(4, dtype=torch.float64)
-    out = preference_loss("beta_dpo", policy_chosen_logps=delta, policy_rejected_logps=zeros,
-                          reference_chosen_logps=zeros, reference_rejected_logps=zeros,
-                          beta=0.5, beta_dpo_alpha=10.0, beta_dpo_rho=0.5)
-    beta = 5e-4
-    expected = [0.0, 2 * F.softplus(torch.tensor(-beta * 1.0, dtype=torch.float64)).item(),
-                2 * F.softplus(torch.tensor(-beta * 2.0, dtype=torch.float64)).item(), 0.0]
-    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert _beta_dpo_losses(alpha=10.0, rho=0.5) == pytest.approx(_kept_middle_pairs(5e-4), rel=1e-12)
