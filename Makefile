@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint real-model clean
+.PHONY: install demo test lint real-model mutation clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ real-model: $(STAMP)
 
 test: lint real-model
 	$(BIN)/python -m pytest
+
+# Mutation testing (benchmarks/mutation.py, docs/testing.md): on demand, not in CI; about 1 h for every
+# module on 2 busy cores. MODULE=losses (or data/batching, model/logprobs, ...) runs one; JOBS=2 runs two mutants at once.
+MODULE ?=
+JOBS ?= 1
+mutation: $(STAMP)
+	nice -n 10 $(BIN)/python benchmarks/mutation.py $(MODULE) -j $(JOBS)
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .ruff_cache
