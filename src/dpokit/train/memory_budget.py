@@ -80,7 +80,8 @@ def make_plan(cfg: RunConfig, pairs: list[TokenizedPair], *, device: torch.devic
               probe: Callable[[Setting], Probe] | None = None) -> MemoryPlan:
     """Probe and choose; refuse in one line (DpokitError) when no setting fits the budget."""
     budget = budget_bytes(cfg.scale.memory_budget, device)
-    requested = cfg.process_batch_size
+    # pairs per optimizer step in one process: the plan keeps this, trading micro-batch for accumulation
+    requested = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
     longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
     levers = offered_levers(cfg, device.type, malloc_auto_fixes=threshold_for(None, longest, device.type) > 0)
     probe = probe or (lambda setting: run_probe(cfg, pairs, setting, requested))
