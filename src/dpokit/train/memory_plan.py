@@ -35,9 +35,10 @@ PLAN_FILE = "memory_plan.json"
 # The budget's share kept free above a probed peak: what a run's later steps add to its first
 # (benchmarks/RESULTS.md section 13). On the CPU with malloc's adaptive mmap threshold the heap keeps
 # each step's freed fragments (model/host_memory.py): runs peaked up to 1.25x their one-step probe
-# there, and within 1.03x with the threshold fixed.
+# there on the bench model and 1.34x on the real model (a 30% margin leaves a run at 1.34x its probe
+# within 0.94 of the budget), and within 1.03x with the threshold fixed.
 MARGIN = 0.10
-HEAP_MARGIN = 0.25
+HEAP_MARGIN = 0.30
 MAX_VERIFIES = 3  # predicted settings probed before giving up on the model's predictions
 MALLOC_LEVER_BYTES = 1 << 20  # the malloc lever fixes glibc's mmap threshold here (model/host_memory.py)
 LEVER_WORDS = {"gradient_checkpointing": "gradient checkpointing", "activation_offload": "activation offload",
