@@ -53,7 +53,7 @@ MODULES: dict[str, list[str]] = {
     "data/tokenize": ["tests/test_tokenize.py", "tests/test_tokenizer_conventions.py"],
     "data/special_tokens": ["tests/test_tokenize.py", "tests/test_tokenizer_conventions.py"],
     "model/logprobs": ["tests/test_logprobs.py", "tests/test_layouts.py", "tests/test_losses_ld_dpo.py",
-                       "tests/test_losses_wpo.py", "tests/test_mutation_kills_logprobs.py",
+                       "tests/test_losses_wpo.py", "tests/test_mutation_kills_logprobs.py", "tests/test_router_loss.py",
                        "-k", "not cli and not run_without"],
     "train/optim": ["tests/test_mutation_kills_optim.py"],
     "eval/sampling": ["tests/test_sampling.py"],

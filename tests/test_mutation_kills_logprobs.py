@@ -82,3 +82,75 @@ def test_gradients_without_bias_and_for_hidden_only(chunk):
     ref_h = h.detach().clone().requires_grad_()
     F.linear(ref_h, w).log_softmax(-1).gather(-1, targets[:, None]).sum().backward()
     torch.testing.assert_close(h.grad, ref_h.grad, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- which path a forward takes
+def _tiny_batch(n=3):
+    from dpokit.data.batching import collate_padded
+    from dpokit.data.pairs import PreferencePair
+    from dpokit.data.tokenize import PairTokenizer
+    from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs
+
+    tok = build_tokenizer("word")
+    model = build_tiny_llama(tok, seed=3).eval()
+    rows = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], i) for i, r in enumerate(make_pairs(n, seed=5))]
+    pairs, _ = PairTokenizer(tok, max_length=64).tokenize(rows)
+    return model, collate_padded(pairs, tok.pad_token_id)
+
+
+def test_the_plain_path_scores_every_position_when_positions_outnumber_the_vocabulary():
+    # 13 positions over a 4-token vocabulary, 2 at a time: a loop bounded by the wrong dimension
+    # (the vocabulary) would stop after 4 of them.
+    g = torch.Generator().manual_seed(2)
+    logits, targets = torch.randn(13, 4, dtype=torch.float64, generator=g), torch.randint(0, 4, (13,), generator=g)
+    expected = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    for chunk in (2, 5, None):
+        torch.testing.assert_close(token_logps(logits, targets, chunk), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_head_none_takes_the_chunked_head_on_a_plain_head_model(monkeypatch):
+    import dpokit.model.logprobs as logprobs
+
+    model, batch = _tiny_batch()
+    calls = []
+    real = logprobs.ChunkedHeadLogps.apply
+    monkeypatch.setattr(logprobs.ChunkedHeadLogps, "apply", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        auto = logprobs.sequence_logps(model, batch)  # chunked_head=None: the model's head is plain
+        assert calls, "auto did not take the chunked head on a plain Linear head"
+        calls.clear()
+        plain = logprobs.sequence_logps(model, batch, chunked_head=False)
+    assert not calls
+    torch.testing.assert_close(auto.chosen_logps, plain.chosen_logps, rtol=1e-5, atol=1e-4)
+
+
+def test_the_chunked_head_refuses_a_head_that_is_not_linear():
+    from dpokit.model.logprobs import sequence_logps
+
+    model, batch = _tiny_batch()
+    model.lm_head = torch.nn.Sequential(model.lm_head)  # the body is there; the head is no Linear
+    with pytest.raises(ValueError, match="Linear output layer"), torch.no_grad():
+        sequence_logps(model, batch, chunked_head=True)
+
+
+def test_activations_go_to_cpu_only_for_an_offloaded_gradient_forward(monkeypatch):
+    import contextlib
+
+    from dpokit.model.capability import describe_forward
+    from dpokit.model.logprobs import sequence_logps
+
+    model, batch = _tiny_batch()
+    used = []
+
+    @contextlib.contextmanager
+    def spy(pin_memory=False):
+        used.append(pin_memory)
+        yield
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", spy)
+    for offload, grad, expected in ((False, True, []), (True, False, []), (True, True, [True])):
+        used.clear()
+        forward = describe_forward(model, [], offload=offload)
+        with torch.set_grad_enabled(grad):
+            sequence_logps(model, batch, forward=forward)
+        assert used == expected, (offload, grad)
