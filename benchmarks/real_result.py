@@ -1,7 +1,7 @@
 """A real DPO result on a laptop CPU: SmolLM2-135M-Instruct trained on UltraFeedback preference rows,
 measured on rows it never saw.
 
-    .venv/bin/python benchmarks/real_result.py --output real-result          # the full run (hours)
+    .venv/bin/python benchmarks/real_result.py --output real-result          # the full run (about 75 min on 2 idle cores)
     .venv/bin/python benchmarks/real_result.py --output /tmp/rr --smoke      # minutes: the pipeline only
 
 Data (../shared/data/preferences, see its SOURCES.md; UltraFeedback, MIT):
@@ -17,9 +17,10 @@ Data (../shared/data/preferences, see its SOURCES.md; UltraFeedback, MIT):
 
 Training (`dpokit train`, every figure in the run folder): sigmoid DPO, β 0.1, full fine-tune
 (135M parameters fit a laptop; LoRA with --lora-r is an option, see --help), 1 epoch, effective
-batch 16 (4 x 4 accumulation), learning rate 1e-6 with 10% warm-up and cosine decay (the range
-published DPO recipes use for full fine-tunes: 5e-7 to 5e-6), max length 512 (prompt kept from
-its end), gradient checkpointing (memory), fp32.
+batch 16 (4 x 4 accumulation), learning rate 5e-6 with 10% warm-up and cosine decay (the top of
+the range published DPO recipes use for full fine-tunes, 5e-7 to 5e-6: one epoch is only 50
+steps), max length 384 (prompt kept from its end; about an hour on 2 CPU cores), gradient
+checkpointing (memory), fp32. benchmarks/RESULTS.md section 15 has the figures of these defaults.
 
 Measured on each evaluation set, before (the base model, which is the reference) and after:
 - the model's own preference: the fraction of pairs whose chosen reply it finds more likely than the
@@ -165,8 +166,8 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="folder for the data splits, the run and the report")
     parser.add_argument("--shared", default=str(SHARED), help="the shared preference samples' folder")
     parser.add_argument("--smoke", action="store_true", help="16 train rows, 8 per evaluation set, 2 steps, length 128")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--learning-rate", type=float, default=5e-6)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tune); try 16 with lr 5e-5")
