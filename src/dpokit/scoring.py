@@ -254,15 +254,10 @@ def build_scorer(
     reference = _live_reference(policy, make_live_reference, forwards, setup, model=model, loss=loss) if live else None
     unwrapped = PairScorer(policy, reference, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device,
                            forwards=forwards, router=router)
-    if world_size > 1:
-        _torchrun_layouts(unwrapped)
-    else:
-        batches = first_epoch_batches(datasets[0], needed[0], train.seed, train.batch_size)
-        unwrapped.settle_layout(batches)
-        # Before the reference is precomputed in the same layout: a layout that is not exact here
-        # falls back to padded + plain (under auto) before it scores anything.
-        check_first_batch(unwrapped, batches[0] if batches else [], output, log,
-                          check_reference=bool(model.reference_model))
+    # Before the reference is precomputed in the same layout: a layout that is not exact here
+    # falls back to padded + plain (under auto) before it scores anything.
+    _settle_and_check(unwrapped, datasets[0], needed[0], train=train, world_size=world_size, output=output, log=log,
+                      check_reference=bool(model.reference_model))
     if needs_reference(loss) and not live:
         fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
         folder = Path(speed.reference_cache) if speed.reference_cache else output / "reference-cache"
@@ -272,6 +267,18 @@ def build_scorer(
     return PairScorer(policy, wrap(reference) if live else reference, loss=loss, speed=speed, dtype=model.dtype,
                       pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head,
                       forwards=forwards, router=router)
+
+
+def _settle_and_check(scorer: PairScorer, pairs: Sequence[TokenizedPair], needed: Sequence[int] | None, *,
+                      train: TrainConfig, world_size: int, output: Path, log: Log, check_reference: bool) -> None:
+    """Fix the run's layout on its first epoch's batches and run the first-batch check on the first
+    (one process); under torchrun the run takes padded rows and the model's own head (the math path)."""
+    if world_size > 1:
+        _torchrun_layouts(scorer)
+        return
+    batches = first_epoch_batches(pairs, needed, train.seed, train.batch_size)
+    scorer.settle_layout(batches)
+    check_first_batch(scorer, batches[0] if batches else [], output, log, check_reference=check_reference)
 
 
 def _live_reference(policy, make_live_reference: Callable[[], object], forwards: dict[str, ModelForward],
