@@ -93,6 +93,27 @@ def test_a_prediction_the_verification_disproves_is_struck_out():
     assert setting == Setting(8, ("gradient_checkpointing",))  # 600 MB, next fastest at 11.7 s
 
 
+def test_a_level_that_cannot_win_is_not_probed():
+    # Limit 900 MB: (4, none) fits at 10 s; checkpointing could win only at micro-batch 8 (9 s at
+    # no-lever speed), so it is probed: 1.3 x slower, (8, checkpointing) 11.7 s. It fits at every
+    # micro-batch, so the malloc lever (less memory, more time) cannot win and is not probed.
+    seen = []
+    both = ["gradient_checkpointing", "malloc_threshold"]
+    setting, _ = choose_setting(8, both, 1000 * MB, fake_probe(log=seen), margin=0.1)
+    assert setting == Setting(4)
+    assert seen == [Setting(8), Setting(1), Setting(1, ("gradient_checkpointing",)), Setting(4)]
+    # At 550 MB (limit 495) checkpointing fits only up to micro-batch 4 (400 MB): the malloc level
+    # might fit 8 (560 MB at 45 a pair: no), so it is probed, and the plan is (4, checkpointing).
+    seen.clear()
+    setting, _ = choose_setting(8, both, 550 * MB, fake_probe(log=seen), margin=0.1)
+    assert Setting(1, tuple(both)) in seen and setting == Setting(4, ("gradient_checkpointing",))
+    # No fixed cost a micro-batch: (4, none) is as fast as (8, anything) can be, so though 8 does
+    # not fit without levers, no lever is probed.
+    seen.clear()
+    setting, _ = choose_setting(8, both, 1000 * MB, fake_probe(fixed=0.0, log=seen), margin=0.1)
+    assert setting == Setting(4) and seen == [Setting(8), Setting(1), Setting(4)]
+
+
 def test_nothing_fits_names_the_smallest_peak():
     with pytest.raises(NoPlanFits) as refused:
         choose_setting(8, ["gradient_checkpointing"], 250 * MB, fake_probe(), margin=0.1)
@@ -109,7 +130,7 @@ def test_the_margin_is_wider_where_the_heap_keeps_fragments():
     from dpokit.train.memory_budget import margin_for
 
     malloc = Setting(4, ("gradient_checkpointing", "malloc_threshold"))
-    assert margin_for(Setting(4), device_type="cpu", heap_fixed=False) == 0.30
+    assert margin_for(Setting(4), device_type="cpu", heap_fixed=False) == 0.35
     assert margin_for(malloc, device_type="cpu", heap_fixed=False) == 0.10
     assert margin_for(Setting(4), device_type="cpu", heap_fixed=True) == 0.10
     assert margin_for(Setting(4), device_type="cuda", heap_fixed=False) == 0.10
@@ -118,18 +139,20 @@ def test_the_margin_is_wider_where_the_heap_keeps_fragments():
 def test_plan_written_followed_and_reused_on_resume(tiny_model_dir, tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(32, seed=3))
     calls = []
-    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, pairs, s, requested: fake_probe(log=calls)(s))
+    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, data, s, requested, server: fake_probe(log=calls)(s))
     out = tmp_path / "run"
-    # CPU, malloc's adaptive heap: 30% margin, so (4, none) at 800 MB fits 1150 MB; (8, none) at 1400 does not.
-    assert main(_train_args(tiny_model_dir, data, out, "--memory-budget", "1150MB", "--save-every", "2")) == 0
+    # CPU, malloc's adaptive heap: 35% margin, so (4, none) at 800 MB fits 1250 MB; (8, none) at 1400 does not.
+    assert main(_train_args(tiny_model_dir, data, out, "--memory-budget", "1250MB", "--save-every", "2")) == 0
     printed = capsys.readouterr().out
     assert "memory plan: micro-batch 4 x accumulation 2 (global 8), no memory lever" in printed
     assert "global batch 8 = 4 x 2 accumulation" in printed  # the run follows it
     plan = json.loads((out / PLAN_FILE).read_text())
-    assert (plan["micro_batch"], plan["requested"], plan["budget"], len(plan["probes"])) == (4, 8, 1150 * MB, 5)
+    # (8), (1), (1, checkpointing), then (4) verified; (8, checkpointing) fits at 600 MB, so the
+    # malloc lever, slower still, is never probed.
+    assert (plan["micro_batch"], plan["requested"], plan["budget"], len(plan["probes"])) == (4, 8, 1250 * MB, 4)
     calls.clear()
     resume = ["--save-every", "2", "--resume", str(out / "checkpoints" / "step-0000002")]
-    assert main(_train_args(tiny_model_dir, data, out, "--memory-budget", "1150MB", *resume)) == 0
+    assert main(_train_args(tiny_model_dir, data, out, "--memory-budget", "1250MB", *resume)) == 0
     printed = capsys.readouterr().out
     assert calls == [] and "memory plan: micro-batch 4 x accumulation 2" in printed and "resuming from" in printed
     # Another budget on resume: refused in one line (the plan would be another).
@@ -145,7 +168,7 @@ def test_no_plan_fits_is_refused_before_training_leaving_the_folder(tiny_model_d
     earlier = {"dpokit_config.yaml": "model: {}\n", "metrics.jsonl": '{"step": 1}\n'}
     for name, text in earlier.items():
         (out / name).write_text(text)
-    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, pairs, s, requested: fake_probe()(s))
+    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, data, s, requested, server: fake_probe()(s))
     assert main(_train_args(tiny_model_dir, data, out, "--memory-budget", "250MB", "--overwrite")) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "no plan fits; the smallest peak found is 0.23 GiB" in error[0]
@@ -154,27 +177,96 @@ def test_no_plan_fits_is_refused_before_training_leaving_the_folder(tiny_model_d
     assert all((out / name).read_text() == text for name, text in earlier.items())
 
 
-def test_a_real_probe_in_a_child_reports_a_plausible_peak(tiny_model_dir, tmp_path):
-    from dpokit.data import PairTokenizer, load_tokenized_pairs
+def _run_data(model_dir, tmp_path, rows, seed, batch_size=2):
     from dpokit.model.load import load_tokenizer
+    from dpokit.train.setup import load_run_data
+
+    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(rows, seed=seed))
+    cfg = build_config({"model": {"model": str(model_dir)}, "data": {"data": str(data), "max_length": 32},
+                        "train": {"output": str(tmp_path / "out"), "batch_size": batch_size}})
+    run_data = load_run_data(load_tokenizer(str(model_dir)), data=cfg.data, train=cfg.train, world_size=1,
+                             log=lambda _line: None)
+    return cfg, run_data
+
+
+def test_a_real_probe_in_a_child_reports_a_plausible_peak(tiny_model_dir, tmp_path):
     from dpokit.train.memory_probe import run_probe
 
-    data = write_jsonl(tmp_path / "d.jsonl", make_pairs(8, seed=5))
-    cfg = build_config({"model": {"model": str(tiny_model_dir)}, "data": {"data": str(data), "max_length": 32},
-                        "train": {"output": str(tmp_path / "out"), "batch_size": 2}})
-    pairs = load_tokenized_pairs(str(data), PairTokenizer.from_config(load_tokenizer(str(tiny_model_dir)), cfg.data),
-                                 lambda _: None, cfg.data, {})
-    probe = run_probe(cfg, pairs, Setting(2, ("gradient_checkpointing",)), 2)
+    cfg, data = _run_data(tiny_model_dir, tmp_path, 8, seed=5)
+    probe = run_probe(cfg, data, Setting(2, ("gradient_checkpointing",)), 2)
     # A Python process with torch and transformers imported holds ~200 MB or more; the tiny model a few MB.
     assert 100 * MB < probe.peak < 4 * 2**30 and probe.seconds > 0
     assert not (tmp_path / "out").exists()  # the probe writes nothing of the run's
+    # The scoring path it took: one layout, settled as the run settles it (Llama: a packed one).
+    assert probe.scoring["layouts"] in (["packed"], ["prefix-shared"])
+
+
+def test_the_probe_takes_the_runs_step_without_its_set_up_work(tiny_model_dir, tmp_path, monkeypatch):
+    """In the child: no reference pass, no first-batch check (set-up work, not the step); the
+    layout the run's own scorer settles on for the same data and micro-batch."""
+    import torch
+
+    import dpokit.scoring
+    from dpokit.train.distributed import Distributed
+    from dpokit.train.memory_probe import longest_pairs, probe_step, scoring_path
+    from dpokit.train.setup import build_run_scorer, load_run_policy, load_run_tokenizer
+
+    cfg, data = _run_data(tiny_model_dir, tmp_path, 12, seed=8, batch_size=4)
+
+    def refused(*_args, **_kwargs):
+        raise AssertionError("a probe ran the run's set-up work")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(dpokit.scoring, "precompute_reference", refused)
+        patched.setattr(dpokit.scoring, "check_first_batch", refused)
+        found = probe_step(cfg, data, longest_pairs(data.train_pairs, 4), accumulating=False)
+    assert found["seconds"] > 0 and found["rss_peak"] > 0
+    # The run's own scorer for the same config and data (its set-up work done), and its path.
+    ctx, cpu, quiet = Distributed(), torch.device("cpu"), lambda _line: None
+    policy, weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, gradient_checkpointing=False,
+                                      device=cpu, ctx=ctx)
+    run_scorer = build_run_scorer(policy, load_run_tokenizer(model=cfg.model, data=cfg.data, log=quiet), data, cfg,
+                                  reference_weights=weights, device=cpu, ctx=ctx, log=quiet, output=tmp_path / "run",
+                                  reference_cache=None)
+    assert found["scoring"] == scoring_path(run_scorer)
+
+
+def test_a_run_moved_off_the_probed_path_stops_before_its_first_step(tok, pairs, tmp_path, monkeypatch):
+    """The probe skips the first-batch check; a run that check moves to padded rows and the plain
+    head (full logits: more memory than probed) stops in one line, naming the fix."""
+    import torch
+
+    import dpokit.model.attention
+    import dpokit.model.capability
+    from dpokit.model.layout_guard import check_first_batch
+    from dpokit.scoring import PairScorer
+    from dpokit.train.memory_plan import MemoryPlan
+    from dpokit.train.memory_probe import scoring_path
+    from helpers.families import build_family
+
+    # Mistral with its sliding window hidden from the masks: the check will fall back to padded + plain.
+    monkeypatch.setattr(dpokit.model.capability, "applied_windows", lambda model: {dpokit.model.attention.FULL: None})
+    cfg = build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"}, "train": {"output": "o"}})
+    scorer = PairScorer(build_family("mistral", tok, "sdpa"), loss=cfg.loss, speed=cfg.speed, dtype="fp32",
+                        pad_id=tok.pad_token_id, device=torch.device("cpu"))
+    scorer.settle_layout([pairs])
+    plan = MemoryPlan(budget=2**30, budget_text="1GiB", requested=4, micro_batch=4, levers=[], peak=2**29,
+                      margin=0.3, probe_seconds=1.0, scoring=scoring_path(scorer))
+    memory_budget.check_probed_path(plan, scorer)  # the path probed: the run goes on
+    memory_budget.check_probed_path(None, scorer)  # no plan
+    check_first_batch(scorer, pairs, tmp_path, lambda _line: None)
+    assert scorer.layouts == ["padded"]
+    with pytest.raises(DpokitError, match=r"^--memory-budget: the plan was probed with layout (packed|prefix-shared), "
+                       r"and the first-batch check moved this run to padded with the plain LM head.*"
+                       r"--layout padded --lm-head plain"):
+        memory_budget.check_probed_path(plan, scorer)
 
 
 def test_data_inspect_prints_the_plan_without_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", make_pairs(16, seed=6))
-    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, pairs, s, requested: fake_probe()(s))
+    monkeypatch.setattr(memory_budget, "run_probe", lambda cfg, data, s, requested, server: fake_probe()(s))
     args = ["data", "inspect", str(data), "--model", str(tiny_model_dir), "--max-length", "32", "--batch-size", "8"]
-    assert main([*args, "--memory-budget", "1150MB"]) == 0
+    assert main([*args, "--memory-budget", "1250MB"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith(
         "memory plan: micro-batch 4 x accumulation 2 (global 8), no memory lever; probed peak 0.75 GiB")  # 800 MB
     assert main(["data", "inspect", str(data), "--memory-budget", "1000MB"]) == 2  # a plan needs the model

@@ -103,7 +103,7 @@ def test_a_memory_plan_gives_the_update_of_the_run_asked_for(tiny_model_dir, tmp
     from dpokit.train import memory_budget
     from dpokit.train.memory_plan import Probe
 
-    def probe(cfg, pairs, setting, requested):  # 100 MB + 100 MB a pair, 60 with the levers (10% slower)
+    def probe(cfg, data, setting, requested, server):  # 100 MB + 100 MB a pair, 60 with the levers (10% slower)
         per_pair = 60 if setting.levers else 100
         return Probe(setting, (100 + per_pair * setting.micro_batch) * 10**6,
                      (1.0 + setting.micro_batch) * (1.1 if setting.levers else 1.0))

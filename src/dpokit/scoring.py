@@ -227,6 +227,7 @@ def build_scorer(
     make_live_reference: Callable[[], object],
     reference_weights: str | None = None,
     wrap: Callable[[object], object] = lambda module: module,
+    memory_probe: bool = False,
 ) -> PairScorer:
     """The run's scorer, complete: layouts checked, reference ready (cached or precomputed, live,
     or none), policy (and a live reference) wrapped by `wrap` (`parallelize` under torchrun).
@@ -237,7 +238,11 @@ def build_scorer(
     builds the live reference only when one is used. `datasets` are every set of pairs the run
     will score (train, eval); `needed[k]`, the indices of dataset k the run will use (None: all),
     limits the precomputed pass to those. `reference_weights` is the reference's weights
-    fingerprint when the caller has it already (`run_reference_weights`).
+    fingerprint when the caller has it already (`run_reference_weights`). `memory_probe`: the scorer
+    of a `--memory-budget` probe (train/memory_probe.py), whose step must take the run's path and
+    memory, not its set-up work: the layout settled as the run settles it, no first-batch check (the
+    run makes it, and stops if it moves the run off the probed path: memory_budget.py) and no
+    reference pass (zero log-probs for the training pairs: the same table and lookups as the run's).
     """
     router = router_loss_for(policy, loss.router_aux_loss_coef, log)  # a refusal before any work
     used = [p for pairs, wanted in zip(datasets, needed, strict=True)
@@ -257,8 +262,10 @@ def build_scorer(
     # Before the reference is precomputed in the same layout: a layout that is not exact here
     # falls back to padded + plain (under auto) before it scores anything.
     _settle_and_check(unwrapped, datasets[0], needed[0], train=train, world_size=world_size, output=output, log=log,
-                      check_reference=bool(model.reference_model))
-    if needs_reference(loss) and not live:
+                      check_reference=bool(model.reference_model), check=not memory_probe)
+    if needs_reference(loss) and not live and memory_probe:
+        reference = zero_reference(datasets[0])
+    elif needs_reference(loss) and not live:
         fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
         folder = Path(speed.reference_cache) if speed.reference_cache else output / "reference-cache"
         reference = _precomputed(unwrapped, fingerprint, model.dtype, lora.load_in_4bit, datasets, needed,
@@ -270,15 +277,26 @@ def build_scorer(
 
 
 def _settle_and_check(scorer: PairScorer, pairs: Sequence[TokenizedPair], needed: Sequence[int] | None, *,
-                      train: TrainConfig, world_size: int, output: Path, log: Log, check_reference: bool) -> None:
+                      train: TrainConfig, world_size: int, output: Path, log: Log, check_reference: bool,
+                      check: bool = True) -> None:
     """Fix the run's layout on its first epoch's batches and run the first-batch check on the first
-    (one process); under torchrun the run takes padded rows and the model's own head (the math path)."""
+    (one process; `check` False: settle only); under torchrun the run takes padded rows and the model's
+    own head (the math path)."""
     if world_size > 1:
         _torchrun_layouts(scorer)
         return
     batches = first_epoch_batches(pairs, needed, train.seed, train.batch_size)
     scorer.settle_layout(batches)
-    check_first_batch(scorer, batches[0] if batches else [], output, log, check_reference=check_reference)
+    if check:
+        check_first_batch(scorer, batches[0] if batches else [], output, log, check_reference=check_reference)
+
+
+def zero_reference(pairs: Sequence[TokenizedPair]) -> PrecomputedReference:
+    """A precomputed reference of zeros for `pairs`: a memory probe's, which measures the run's
+    lookups, not its reference pass (the values move no memory and no time)."""
+    reference = PrecomputedReference()
+    reference.add(pairs, torch.zeros(len(pairs)), torch.zeros(len(pairs)))
+    return reference
 
 
 def _live_reference(policy, make_live_reference: Callable[[], object], forwards: dict[str, ModelForward],

@@ -39,7 +39,7 @@ from dpokit.settings_checks import warn_idle_options
 from dpokit.trackers import Trackers, open_trackers, require_trackers
 from dpokit.train import checkpoint as ckpt
 from dpokit.train.distributed import Distributed, init_distributed, teardown
-from dpokit.train.memory_budget import plan_run_memory
+from dpokit.train.memory_budget import check_probed_path, plan_run_memory
 from dpokit.train.metrics_window import MetricsWindow, add_drift, check_finite_record, describe
 from dpokit.train.run_folder import check_output, save_final_model, start_run_files
 from dpokit.train.run_log import RunLog
@@ -120,8 +120,8 @@ def _set_up_and_run(cfg: RunConfig, log: Log, notice: Log, ctx: Distributed, dev
                          notice=notice)
     if resume_from is not None:  # before any heavy work: a refused resume costs seconds
         ckpt.check_resume_data(resume_from, data.fingerprint, data.global_batch)
-    cfg = plan_run_memory(cfg, data.train_pairs, global_batch=data.global_batch, device=device, resume_from=resume_from,
-                          world_size=ctx.world_size, where=folder.where, log=log)  # --memory-budget (or cfg as it is)
+    cfg, memory_plan = plan_run_memory(cfg, data, device=device, resume_from=resume_from, world_size=ctx.world_size,
+                                       where=folder.where, log=log)  # --memory-budget (or cfg as it is, None)
     policy, reference_weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, device=device,
                                                 gradient_checkpointing=cfg.scale.gradient_checkpointing, ctx=ctx)
     if resume_from is not None:
@@ -130,6 +130,7 @@ def _set_up_and_run(cfg: RunConfig, log: Log, notice: Log, ctx: Distributed, dev
     scorer = build_run_scorer(policy, tokenizer, data, cfg, reference_weights=reference_weights, device=device,
                               ctx=ctx, log=folder.relabel(log), output=folder.where,
                               reference_cache=folder.place(cfg.speed.reference_cache))
+    check_probed_path(memory_plan, scorer)
     parts = build_training_parts(scorer.policy, train=cfg.train, dtype=cfg.model.dtype, total_steps=data.total_steps,
                                  device=device, ctx=ctx)
     fresh = ckpt.TrainState(data_fingerprint=data.fingerprint, reference_fingerprint=reference_weights,

@@ -12,7 +12,6 @@ import torch
 
 from dpokit.config import RunConfig
 from dpokit.config.parsers import parse_memory_budget
-from dpokit.data import TokenizedPair
 from dpokit.errors import DpokitError
 from dpokit.io import Log
 from dpokit.model.host_memory import threshold_for
@@ -30,8 +29,8 @@ from dpokit.train.memory_plan import (
     offered_levers,
     planned_config,
 )
-from dpokit.train.memory_probe import run_probe
-from dpokit.train.setup import load_run_data, load_run_tokenizer
+from dpokit.train.memory_probe import ProbeServer, run_probe, scoring_path
+from dpokit.train.setup import RunData, load_run_data, load_run_tokenizer
 
 CPU_SHARE = 0.8  # auto on the CPU: this share of MemAvailable (the rest: the OS, the page cache, other work)
 
@@ -51,51 +50,66 @@ def budget_bytes(text: str, device: torch.device) -> int:
     return int(available * CPU_SHARE)
 
 
-def plan_run_memory(cfg: RunConfig, pairs: list[TokenizedPair], *, global_batch: int, device: torch.device,
-                    world_size: int, resume_from: Path | None, where: Path, log: Log,
-                    probe: Callable[[Setting], Probe] | None = None) -> RunConfig:
-    """The config the run follows under --memory-budget (as given without it). A new plan is probed
-    and written to `where`; a resumed run follows the plan in its folder, probing nothing."""
+def plan_run_memory(cfg: RunConfig, data: RunData, *, device: torch.device, world_size: int,
+                    resume_from: Path | None, where: Path, log: Log,
+                    probe: Callable[[Setting], Probe] | None = None) -> tuple[RunConfig, MemoryPlan | None]:
+    """The config the run follows under --memory-budget (as given without it), and the plan. A new
+    plan is probed and written to `where`; a resumed run follows the plan in its folder, probing nothing."""
     if cfg.scale.memory_budget is None:
-        return cfg
+        return cfg, None
     if world_size > 1:
         raise DpokitError("--memory-budget plans a single process; under torchrun set --batch-size and the "
                           "memory options yourself")
     plan = MemoryPlan.read(cfg.train.output) if resume_from is not None else None
     if plan is None:
-        plan = make_plan(cfg, pairs, device=device, probe=probe)
+        plan = make_plan(cfg, data, device=device, probe=probe)
         plan.write(where)
-    log(plan.line(global_batch))
-    return planned_config(cfg, Setting(plan.micro_batch, tuple(plan.levers)), plan.requested)
+    log(plan.line(data.global_batch))
+    return planned_config(cfg, Setting(plan.micro_batch, tuple(plan.levers)), plan.requested), plan
+
+
+def check_probed_path(plan: MemoryPlan | None, scorer) -> None:
+    """After the run's first-batch check: the run scores as the plan's probe did, or it stops. The
+    probe skips that check (memory_probe.py), so a fallback to padded rows and the plain LM head
+    (more memory: full logits) is seen here, before any step, not as an out-of-memory an hour in."""
+    if plan is None or plan.scoring is None or scoring_path(scorer) == plan.scoring:
+        return
+    raise DpokitError(f"--memory-budget: the plan was probed with layout {'/'.join(plan.scoring['layouts'])}, and the "
+                      f"first-batch check moved this run to {'/'.join(scorer.layouts)} with the "
+                      f"{'chunked' if scorer.chunked_head else 'plain'} LM head, whose memory was not probed; "
+                      "run again with --layout padded --lm-head plain so that the plan probes them")
 
 
 def plan_line(cfg: RunConfig, log: Log) -> str:
     """The plan `dpokit train` would follow for `cfg`, probed, as its log line (`dpokit data inspect`)."""
     tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=log)
     data = load_run_data(tokenizer, data=cfg.data, train=cfg.train, world_size=1, log=log)
-    return make_plan(cfg, data.train_pairs, device=resolve_device(cfg.model.device)).line(data.global_batch)
+    return make_plan(cfg, data, device=resolve_device(cfg.model.device)).line(data.global_batch)
 
 
-def make_plan(cfg: RunConfig, pairs: list[TokenizedPair], *, device: torch.device,
+def make_plan(cfg: RunConfig, data: RunData, *, device: torch.device,
               probe: Callable[[Setting], Probe] | None = None) -> MemoryPlan:
     """Probe and choose; refuse in one line (DpokitError) when no setting fits the budget."""
     budget = budget_bytes(cfg.scale.memory_budget, device)
     # pairs per optimizer step in one process: the plan keeps this, trading micro-batch for accumulation
     requested = cfg.train.batch_size * cfg.train.gradient_accumulation_steps
-    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs), default=0)
+    longest = max((len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in data.train_pairs),
+                  default=0)
     levers = offered_levers(cfg, device.type, malloc_auto_fixes=threshold_for(None, longest, device.type) > 0)
-    probe = probe or (lambda setting: run_probe(cfg, pairs, setting, requested))
     fixed = cfg.scale.malloc_mmap_threshold not in ("auto", "0") or threshold_for(None, longest, device.type) > 0
     margin = partial(margin_for, device_type=device.type, heap_fixed=fixed)
     started = time.perf_counter()
-    try:
-        setting, probes = choose_setting(requested, levers, budget, probe, margin=margin)
-    except NoPlanFits as refused:
-        raise DpokitError(refusal(cfg, refused, budget, longest, margin(refused.smallest.setting))) from None
+    with ProbeServer() as server:
+        try:
+            setting, probes = choose_setting(
+                requested, levers, budget, probe or (lambda setting: run_probe(cfg, data, setting, requested, server)),
+                margin=margin)
+        except NoPlanFits as refused:
+            raise DpokitError(refusal(cfg, refused, budget, longest, margin(refused.smallest.setting))) from None
     chosen = next(p for p in probes if p.setting == setting)
     return MemoryPlan(budget=budget, budget_text=str(cfg.scale.memory_budget), requested=requested,
                       micro_batch=setting.micro_batch, levers=list(setting.levers), peak=int(chosen.peak),
-                      margin=margin(setting), probe_seconds=time.perf_counter() - started,
+                      margin=margin(setting), probe_seconds=time.perf_counter() - started, scoring=chosen.scoring,
                       probes=[{"micro_batch": p.setting.micro_batch, "levers": list(p.setting.levers), "peak": p.peak,
                                "seconds": round(p.seconds, 3)} for p in probes])
 

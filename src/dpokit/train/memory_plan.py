@@ -8,7 +8,10 @@ order they are offered (gradient checkpointing first, then the device's own leve
 
 The search probes few settings, because each probe is a training step:
 1. (B, no lever): the run as asked. When it fits, that is the plan (one probe).
-2. (1, each level): the cheapest step at every level, the last one the smallest peak there is.
+2. (1, each level): the cheapest step at a level, the last level's the smallest peak there is. A
+   level is probed only while it could win: levers save memory and cost time, so the next level
+   helps only at a micro-batch the levels probed so far do not fit, and only if the step there,
+   at the last level's own speed, would beat the best plan found so far.
 3. A model from those: peak(b, level) = base + b * per_pair(level), base and per_pair(none) from
    the two no-lever probes, per_pair(level) from its b = 1 probe; step time(b, level) =
    (B / b) * (c + d * b) * ratio(level), c + d * b through the no-lever probes' times and
@@ -35,10 +38,10 @@ PLAN_FILE = "memory_plan.json"
 # The budget's share kept free above a probed peak: what a run's later steps add to its first
 # (benchmarks/RESULTS.md section 13). On the CPU with malloc's adaptive mmap threshold the heap keeps
 # each step's freed fragments (model/host_memory.py): runs peaked up to 1.25x their one-step probe
-# there on the bench model and 1.34x on the real model (a 30% margin leaves a run at 1.34x its probe
-# within 0.94 of the budget), and within 1.03x with the threshold fixed.
+# there on the bench model and 1.20-1.42x on the real model (a 35% margin leaves a run at 1.42x its
+# probe within 0.92 of the budget), and within 1.03x with the threshold fixed.
 MARGIN = 0.10
-HEAP_MARGIN = 0.30
+HEAP_MARGIN = 0.35
 MAX_VERIFIES = 3  # predicted settings probed before giving up on the model's predictions
 MALLOC_LEVER_BYTES = 1 << 20  # the malloc lever fixes glibc's mmap threshold here (model/host_memory.py)
 LEVER_WORDS = {"gradient_checkpointing": "gradient checkpointing", "activation_offload": "activation offload",
@@ -56,6 +59,7 @@ class Probe:
     setting: Setting
     peak: int | None  # bytes at its highest (None: the child died without a reading)
     seconds: float  # the probed step's wall time
+    scoring: dict | None = None  # the scoring path the step took (memory_probe.scoring_path); None: not known
 
 
 ProbeFn = Callable[[Setting], Probe]
@@ -82,6 +86,7 @@ class MemoryPlan:
     margin: float
     probe_seconds: float  # wall time of all probes, child start-up included
     probes: list[dict] = field(default_factory=list)  # every probe: micro_batch, levers, peak, seconds
+    scoring: dict | None = None  # the chosen probe's scoring path (None: a plan written before it was kept)
 
     @property
     def accumulation(self) -> int:
@@ -163,18 +168,37 @@ def choose_setting(requested: int, levers: Sequence[str], budget: int, probe: Pr
     if fits(measure(top)):
         return top, list(seen.values())
     levels = [tuple(levers[:k]) for k in range(len(levers) + 1)]
-    ones = [measure(Setting(1, level)) for level in levels]
-    model = _Model(seen[top], ones, requested)
-    for _ in range(MAX_VERIFIES):
-        options = [(model.seconds(s, seen), s) for s in _grid(requested, levels)
+    ones = [measure(Setting(1, levels[0]))]
+    verified = 0
+    while True:
+        model = _Model(seen[top], ones, requested)
+        probed = levels[: len(ones)]
+        options = [(model.seconds(s, seen), s) for s in _grid(requested, probed)
                    if (seen[s].peak if s in seen else model.peak(s)) <= limit(s) and (s not in seen or fits(seen[s]))]
-        if not options:
+        best = min(options, key=lambda o: (o[0], -o[1].micro_batch, len(o[1].levers)), default=None)
+        if len(ones) < len(levels) and _next_level_may_win(model, seen, probed[-1], requested, limit, best):
+            ones.append(measure(Setting(1, levels[len(ones)])))
+            continue
+        if best is None or verified == MAX_VERIFIES:
             break
-        chosen = min(options, key=lambda o: (o[0], -o[1].micro_batch, len(o[1].levers)))[1]
-        if fits(measure(chosen)):
-            return chosen, list(seen.values())
+        verified += 1
+        if fits(measure(best[1])):
+            return best[1], list(seen.values())
     measured = [p for p in seen.values() if p.peak is not None]
     raise NoPlanFits(min(measured, key=lambda p: p.peak) if measured else ones[-1], list(seen.values()))
+
+
+def _next_level_may_win(model: _Model, seen: dict[Setting, Probe], level: tuple[str, ...], requested: int,
+                        limit: Callable[[Setting], float], best: tuple[float, Setting] | None) -> bool:
+    """Whether the next level of levers could give a faster plan than `best`: a lever saves memory
+    and costs time (recomputation, page faults), so it can win only at a micro-batch where `level`
+    does not fit, and there no faster than `level` itself would run."""
+    for b in micro_batches(requested):
+        s = Setting(b, level)
+        over = seen[s].peak is None or seen[s].peak > limit(s) if s in seen else model.peak(s) > limit(s)
+        if over and (best is None or model.seconds(s, seen) < best[0]):
+            return True
+    return False
 
 
 def _grid(requested: int, levels: list[tuple[str, ...]]) -> list[Setting]:

@@ -8,6 +8,14 @@ run's own) on the data's longest pairs. Its peak is what the kernel recorded for
 its peak resident set (`wait4`'s `ru_maxrss`, the high-water mark, so a spike between two
 readings counts); on CUDA the allocator's most reserved memory. A child, so that nothing the
 parent holds counts, and so that a setting that does not fit costs a child, not the run.
+
+The child skips the run's set-up work that is not the step (`build_scorer(memory_probe=True)`):
+the reference pass (a precomputed reference is a table of two floats a pair; zeros stand in) and
+the first-batch check (no-gradient forwards before the optimizer has state). It settles the layout
+on the run's own first-epoch batches, as the run does, and reports the scoring path it probed
+(`scoring_path`); the run checks its own path against it after its first-batch check
+(memory_budget.check_probed_path). On the real model at 768 tokens these two were a third of a
+probe's wall time (benchmarks/RESULTS.md section 13).
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ import json
 import os
 import pickle
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +38,6 @@ import torch
 from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.errors import DpokitError, first_line
-from dpokit.model.reference import data_fingerprint
 from dpokit.train.distributed import init_distributed
 from dpokit.train.memory_plan import Probe, Setting, planned_config
 from dpokit.train.setup import (
@@ -49,21 +58,22 @@ def longest_pairs(pairs: list[TokenizedPair], count: int) -> list[TokenizedPair]
     return [ranked[i % len(ranked)] for i in range(count)]
 
 
-def run_probe(cfg: RunConfig, pairs: list[TokenizedPair], setting: Setting, requested: int) -> Probe:
-    """Probe `setting` for a run of `cfg` (as the user gave it) whose per-step batch is `requested`:
-    a child process on `setting.micro_batch` of the longest `pairs`."""
+def run_probe(cfg: RunConfig, data: RunData, setting: Setting, requested: int,
+              server: ProbeServer | None = None) -> Probe:
+    """Probe `setting` for a run of `cfg` (as the user gave it) on `data` whose per-step batch is
+    `requested`: a child process stepping on `setting.micro_batch` of the longest training pairs,
+    forked by `server` (a new one for this probe when None)."""
+    if server is None:
+        with ProbeServer() as own:
+            return run_probe(cfg, data, setting, requested, own)
     probe_cfg = planned_config(cfg, setting, requested)
     probe_cfg = replace(probe_cfg, scale=replace(probe_cfg.scale, memory_budget=None))
     with tempfile.TemporaryDirectory(prefix="dpokit-probe-") as scratch:
         spec, result, log = (Path(scratch) / name for name in ("spec.pkl", "result.json", "child.log"))
-        spec.write_bytes(pickle.dumps({"config": probe_cfg, "pairs": longest_pairs(pairs, setting.micro_batch),
+        spec.write_bytes(pickle.dumps({"config": probe_cfg, "data": replace(data, eval_pairs=[], counts={}),
+                                       "pairs": longest_pairs(data.train_pairs, setting.micro_batch),
                                        "accumulating": requested > setting.micro_batch}))
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
-               "PYTHONWARNINGS": "ignore"}
-        with log.open("w") as out:
-            child = subprocess.Popen([sys.executable, "-m", "dpokit.train.memory_probe", str(spec), str(result)],
-                                     stdout=out, stderr=subprocess.STDOUT, env=env)
-        status, usage = _wait(child)
+        status, usage = server.run(spec, result, log)
         found = json.loads(result.read_text()) if result.is_file() else {}
         if "error" in found:  # the run itself would stop here: say why, as it would
             raise DpokitError(found["error"])
@@ -73,28 +83,97 @@ def run_probe(cfg: RunConfig, pairs: list[TokenizedPair], setting: Setting, requ
                 raise DpokitError(f"--memory-budget: the probe at micro-batch {setting.micro_batch} failed: {tail}")
     # Killed (the kernel's out-of-memory killer) or out of CUDA memory: no reading, over the budget.
     peak = None if status != 0 or "out_of_memory" in found else found.get("cuda_peak", usage)
-    return Probe(setting, int(peak) if peak else None, float(found.get("seconds", 0.0)))
+    return Probe(setting, int(peak) if peak else None, float(found.get("seconds", 0.0)), found.get("scoring"))
 
 
-def _wait(child: subprocess.Popen) -> tuple[int, int | None]:
-    """The child's exit status (negative: the signal that killed it) and its peak RSS in bytes."""
+class ProbeServer:
+    """A process that has imported what a probe needs and forks one child per probe.
+
+    Each probe is still a process of its own, whose peak RSS the kernel records from its start
+    (a forked child's resident set starts as its parent's: the imported libraries, as in a fresh
+    process), but it starts in a second, not after the seconds of importing torch, transformers
+    and torch._dynamo again: a plan makes up to five probes. The server itself runs no torch
+    work, so the children fork from a process with no thread pool and no device initialised. A
+    child killed by the kernel's out-of-memory killer leaves the server serving the next probe.
+    """
+
+    def __enter__(self) -> ProbeServer:
+        self.process: subprocess.Popen | None = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, spec: Path, result: Path, log: Path) -> tuple[int, int | None]:
+        """One probe: the child's exit status (negative: the signal that killed it) and peak RSS, bytes."""
+        if self.process is None or self.process.poll() is not None:
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
+                   "PYTHONWARNINGS": "ignore"}
+            self.process = subprocess.Popen([sys.executable, "-m", "dpokit.train.memory_probe", "--serve"],
+                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.process.stdin.write(json.dumps([str(spec), str(result), str(log)]) + "\n")
+        self.process.stdin.flush()
+        answer = self.process.stdout.readline()
+        if not answer:  # the server itself died: as a killed probe when a signal did it
+            status = self.process.wait()
+            return (status if status < 0 else 1), None
+        status, peak = json.loads(answer)
+        return status, peak
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.stdin.close()  # the server's loop ends at end of input
+            self.process.wait()
+        self.process = None
+
+
+def _serve() -> None:
+    """The server's loop: a [spec, result, log] line in, a [status, peak RSS bytes] line out."""
+    import torch._dynamo  # noqa: F401 - the optimizer's first step imports it: once here, not per probe
+
+    for line in sys.stdin:
+        spec, result, log = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the probe, which never returns to this loop
+            os._exit(_forked_probe(Path(spec), Path(result), Path(log)))
+        print(json.dumps(_wait(pid)), flush=True)
+
+
+def _forked_probe(spec: Path, result: Path, log: Path) -> int:
+    """In the forked child: its output to `log`, the probe, its exit code."""
+    with log.open("w") as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    try:
+        _child(spec, result)
+        return 0
+    except BaseException:  # noqa: BLE001 - reported in the log, whose last line the parent quotes
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def _wait(pid: int) -> tuple[int, int | None]:
+    """The child's exit status (negative: the signal that killed it) and its peak RSS in bytes;
+    killed past CHILD_TIMEOUT_S."""
     deadline = time.monotonic() + CHILD_TIMEOUT_S
     while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-        if pid:
+        found, status, usage = os.wait4(pid, os.WNOHANG)
+        if found:
             break
         if time.monotonic() > deadline:
-            child.kill()
+            os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
-    child.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return child.returncode, usage.ru_maxrss * scale if usage.ru_maxrss else None
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * scale if usage.ru_maxrss else None
 
 
 def _child(spec_path: Path, result_path: Path) -> None:
     spec = pickle.loads(spec_path.read_bytes())
     try:
-        found = probe_step(spec["config"], spec["pairs"], accumulating=spec["accumulating"])
+        found = probe_step(spec["config"], spec["data"], spec["pairs"], accumulating=spec["accumulating"])
     except DpokitError as exc:
         found = {"error": first_line(exc)}
     except torch.OutOfMemoryError:  # CUDA: over the device's memory, so over any budget
@@ -102,17 +181,17 @@ def _child(spec_path: Path, result_path: Path) -> None:
     result_path.write_text(json.dumps(found))
 
 
-def probe_step(cfg: RunConfig, pairs: list[TokenizedPair], *, accumulating: bool) -> dict:
-    """In the child: one optimizer step of the run `cfg` on `pairs` (one micro-batch), timed."""
+def probe_step(cfg: RunConfig, data: RunData, pairs: list[TokenizedPair], *, accumulating: bool) -> dict:
+    """In the child: one optimizer step of the run `cfg` on `data`, taken on `pairs` (one
+    micro-batch of its training pairs), timed."""
     ctx, device = init_distributed(cfg.model.device)
     quiet = lambda _line: None  # noqa: E731 - the parent reports
     tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=quiet)
     policy, _ = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, device=device, ctx=ctx,
                                 gradient_checkpointing=cfg.scale.gradient_checkpointing)
-    data = RunData(list(pairs), [], data_fingerprint(pairs), len(pairs), 1, 1)
     with tempfile.TemporaryDirectory(prefix="dpokit-probe-run-") as scratch:
         scorer = build_run_scorer(policy, tokenizer, data, cfg, reference_weights="memory-probe", device=device,
-                                  ctx=ctx, log=quiet, output=Path(scratch), reference_cache=None)
+                                  ctx=ctx, log=quiet, output=Path(scratch), reference_cache=None, memory_probe=True)
         parts = build_training_parts(scorer.policy, train=cfg.train, dtype=cfg.model.dtype, total_steps=1,
                                      device=device, ctx=ctx)
         _steady_state(parts, accumulating)
@@ -122,11 +201,17 @@ def probe_step(cfg: RunConfig, pairs: list[TokenizedPair], *, accumulating: bool
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
-    found = {"device": device.type, "seconds": seconds,
+    found = {"device": device.type, "seconds": seconds, "scoring": scoring_path(scorer),
              "rss_peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
     if device.type == "cuda":
         found["cuda_peak"] = torch.cuda.max_memory_reserved(device)
     return found
+
+
+def scoring_path(scorer) -> dict:
+    """What a step's memory depends on in the scorer: its batch layouts and LM head (None: each
+    model's own choice). The first-batch check may move a run to padded + plain after probing."""
+    return {"layouts": list(scorer.layouts), "chunked_head": scorer.chunked_head}
 
 
 def _steady_state(parts, accumulating: bool) -> None:
@@ -141,4 +226,4 @@ def _steady_state(parts, accumulating: bool) -> None:
 
 
 if __name__ == "__main__":
-    _child(Path(sys.argv[1]), Path(sys.argv[2]))
+    _serve()

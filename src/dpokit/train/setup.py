@@ -88,12 +88,13 @@ def load_run_policy(*, model: ModelConfig, lora: LoraSection, loss: LossConfig, 
 
 def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: RunConfig, *, reference_weights: str | None,
                      device: torch.device, ctx: Distributed, log: Log, output: Path,
-                     reference_cache: str | None) -> PairScorer:
+                     reference_cache: str | None, memory_probe: bool = False) -> PairScorer:
     """Reference log-probs precomputed (and cached) now from the initial weights, for the pairs the
     run will use, or a live reference (see --reference); then the policy (and a live reference)
     wrapped for torchrun. The scorer reads every section but data's, so it takes the tree.
     `output` and `reference_cache`: where the run is being built (a new run is set up beside the
-    folder it replaces, train/loop.py), and the cache's place there."""
+    folder it replaces, train/loop.py), and the cache's place there. `memory_probe`: a
+    `--memory-budget` probe's scorer (`build_scorer`)."""
     t = cfg.train
     stateful = [name for name in cfg.loss.loss if get_loss(name).batch_statistics]
     if stateful and ctx.world_size > 1:  # each process would keep its own running statistic
@@ -107,6 +108,7 @@ def build_run_scorer(policy: torch.nn.Module, tokenizer, data: RunData, cfg: Run
         world_size=ctx.world_size,
         make_live_reference=lambda: live_reference(policy, model=cfg.model, loss=cfg.loss, device=device),
         reference_weights=reference_weights, wrap=lambda module: parallelize(module, scale=cfg.scale, ctx=ctx),
+        memory_probe=memory_probe,
     )
 
 
