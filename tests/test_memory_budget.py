@@ -201,6 +201,33 @@ def test_a_real_probe_in_a_child_reports_a_plausible_peak(tiny_model_dir, tmp_pa
     assert probe.scoring["layouts"] in (["packed"], ["prefix-shared"])
 
 
+class _Abort:
+    """Unpickled in a probe: the probe dies by a signal, as under the out-of-memory killer."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.abort, ())
+
+
+def test_a_probe_killed_by_a_signal_reads_as_over_and_the_server_serves_on(tiny_model_dir, tmp_path):
+    import pickle
+    import signal
+
+    from dpokit.train.memory_probe import ProbeServer, run_probe
+
+    cfg, data = _run_data(tiny_model_dir, tmp_path, 8, seed=9)
+    spec = tmp_path / "killed.pkl"
+    spec.write_bytes(pickle.dumps({"config": _Abort()}))
+    with ProbeServer() as server:
+        status, _peak = server.run(spec, tmp_path / "killed.json", tmp_path / "killed.log")
+        assert status == -signal.SIGABRT and not (tmp_path / "killed.json").exists()
+        serving = server.process.pid
+        probe = run_probe(cfg, data, Setting(2), 2, server)
+        assert server.process.pid == serving and 100 * MB < probe.peak < 4 * 2**30
+    assert server.process is None  # closed with the block
+
+
 def test_the_probe_takes_the_runs_step_without_its_set_up_work(tiny_model_dir, tmp_path, monkeypatch):
     """In the child: no reference pass, no first-batch check (set-up work, not the step); the
     layout the run's own scorer settles on for the same data and micro-batch."""

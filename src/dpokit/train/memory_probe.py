@@ -78,7 +78,8 @@ def run_probe(cfg: RunConfig, data: RunData, setting: Setting, requested: int,
         if "error" in found:  # the run itself would stop here: say why, as it would
             raise DpokitError(found["error"])
         if status != 0 and not found:
-            tail = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1][:200]
+            said = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
+            tail = (said or ["no output"])[-1][:200]
             if status > 0:  # an exit, not a kill: a failure to report rather than an out-of-memory
                 raise DpokitError(f"--memory-budget: the probe at micro-batch {setting.micro_batch} failed: {tail}")
     # Killed (the kernel's out-of-memory killer) or out of CUDA memory: no reading, over the budget.
@@ -106,6 +107,9 @@ class ProbeServer:
 
     def run(self, spec: Path, result: Path, log: Path) -> tuple[int, int | None]:
         """One probe: the child's exit status (negative: the signal that killed it) and peak RSS, bytes."""
+        if not hasattr(os, "fork"):
+            raise DpokitError("--memory-budget probes in forked processes, which this platform lacks (Linux and "
+                              "macOS have them); set --batch-size and the memory options yourself")
         if self.process is None or self.process.poll() is not None:
             env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
                    "PYTHONWARNINGS": "ignore"}
