@@ -238,18 +238,14 @@ def build_scorer(
     builds the live reference only when one is used. `datasets` are every set of pairs the run
     will score (train, eval); `needed[k]`, the indices of dataset k the run will use (None: all),
     limits the precomputed pass to those. `reference_weights` is the reference's weights
-    fingerprint when the caller has it already (`run_reference_weights`). `memory_probe`: the scorer
-    of a `--memory-budget` probe (train/memory_probe.py), whose step must take the run's path and
-    memory, not its set-up work: the layout settled as the run settles it, no first-batch check (the
-    run makes it, and stops if it moves the run off the probed path: memory_budget.py) and no
-    reference pass (zero log-probs for the training pairs: the same table and lookups as the run's).
+    fingerprint when the caller has it already (`run_reference_weights`). `memory_probe`: the run's
+    path without its set-up work, for a `--memory-budget` probe (train/memory_probe.py).
     """
     router = router_loss_for(policy, loss.router_aux_loss_coef, log)  # a refusal before any work
     used = [p for pairs, wanted in zip(datasets, needed, strict=True)
             for p in (pairs if wanted is None else [pairs[i] for i in wanted])]
     apply_mmap_setting(scale.malloc_mmap_threshold, max((_longest(p) for p in used), default=0), device.type, log)
-    # Every batch the run scores holds at most batch-size pairs: training's micro-batches, the
-    # evaluations and the precomputed reference pass alike.
+    # Every batch the run scores (training, evaluations, the reference pass) holds <= batch-size pairs.
     setup = ForwardSetup(speed, mask_cells=run_mask_cells(used, train.batch_size, speed), log=log,
                          offload=_offload_asked(scale, device))
     forwards = {"policy": setup(policy)}
@@ -259,17 +255,15 @@ def build_scorer(
     reference = _live_reference(policy, make_live_reference, forwards, setup, model=model, loss=loss) if live else None
     unwrapped = PairScorer(policy, reference, loss=loss, speed=speed, dtype=model.dtype, pad_id=pad_id, device=device,
                            forwards=forwards, router=router)
-    # Before the reference is precomputed in the same layout: a layout that is not exact here
-    # falls back to padded + plain (under auto) before it scores anything.
+    # Before the reference pass in the same layout: one not exact here falls back (under auto) first.
     _settle_and_check(unwrapped, datasets[0], needed[0], train=train, world_size=world_size, output=output, log=log,
                       check_reference=bool(model.reference_model), check=not memory_probe)
     if needs_reference(loss) and not live and memory_probe:
         reference = zero_reference(datasets[0])
-    elif needs_reference(loss) and not live:
-        fingerprint = reference_weights or run_reference_weights(model.model, None, policy)
+    elif needs_reference(loss) and not live:  # keyed on --ld-alpha too (scorer.ld_alpha)
         folder = Path(speed.reference_cache) if speed.reference_cache else output / "reference-cache"
-        reference = _precomputed(unwrapped, fingerprint, model.dtype, lora.load_in_4bit, datasets, needed,
-                                 folder, train.batch_size, log)  # keyed on --ld-alpha too (scorer.ld_alpha)
+        reference = _precomputed(unwrapped, reference_weights or run_reference_weights(model.model, None, policy),
+                                 model.dtype, lora.load_in_4bit, datasets, needed, folder, train.batch_size, log)
     policy = wrap(policy)  # the policy first: a live LoRA reference wraps the same module
     return PairScorer(policy, wrap(reference) if live else reference, loss=loss, speed=speed, dtype=model.dtype,
                       pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head,

@@ -15,7 +15,7 @@ the first-batch check (no-gradient forwards before the optimizer has state). It 
 on the run's own first-epoch batches, as the run does, and reports the scoring path it probed
 (`scoring_path`); the run checks its own path against it after its first-batch check
 (memory_budget.check_probed_path). On the real model at 768 tokens these two were a third of a
-probe's wall time (benchmarks/RESULTS.md section 13).
+probe's wall time (benchmarks/RESULTS.md section 13b).
 """
 
 from __future__ import annotations
@@ -98,8 +98,10 @@ class ProbeServer:
     child killed by the kernel's out-of-memory killer leaves the server serving the next probe.
     """
 
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None  # started at the first probe
+
     def __enter__(self) -> ProbeServer:
-        self.process: subprocess.Popen | None = None
         return self
 
     def __exit__(self, *exc) -> None:
