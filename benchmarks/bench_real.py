@@ -13,7 +13,8 @@ truncates and both see the same text). Written with an explicit prompt (`prompt`
 message, `chosen` / `rejected` = the reply), which both tools read as conversational rows.
 
 Per max length (768 and 2048) and configuration (each tool with and without gradient
-checkpointing; TRL with `precompute_ref_log_probs`, its fastest; dpokit's defaults), one process
+checkpointing; TRL with `precompute_ref_log_probs`, its fastest; dpokit's defaults; and dpokit with
+checkpointing and the malloc threshold fixed at 1 MiB, the memory planner's CPU lever), one process
 per run (bench_vs_trl.py's workers, one after another, `--threads` threads each): training pairs/s
 and tokens/s over the timed steps (after `--warmup`; TRL's precompute pass and dpokit's cached
 reference pass are not in them), whole-process peak RSS and wall time (start to exit, loading and
@@ -132,6 +133,10 @@ def configs(me: str, trl: str | None, max_length: int) -> list[tuple[str, str | 
         ("TRL precompute + grad ckpt", trl, "trl", {**common, "precompute": True, "gradient_checkpointing": True}),
         ("dpokit defaults", me, "dpokit", common),
         ("dpokit defaults + grad ckpt", me, "dpokit", {**common, "scale": {"gradient_checkpointing": True}}),
+        # The malloc lever the memory planner pulls (docs/memory-budget.md): freed blocks of 1 MiB or
+        # more go back to the system instead of staying in the adaptive heap (model/host_memory.py).
+        ("dpokit + grad ckpt + malloc 1 MiB", me, "dpokit",
+         {**common, "scale": {"gradient_checkpointing": True, "malloc_mmap_threshold": str(1 << 20)}}),
     ]
 
 
