@@ -13,8 +13,9 @@ truncates and both see the same text). Written with an explicit prompt (`prompt`
 message, `chosen` / `rejected` = the reply), which both tools read as conversational rows.
 
 Per max length (768 and 2048) and configuration (each tool with and without gradient
-checkpointing; TRL with `precompute_ref_log_probs`, its fastest; dpokit's defaults; and dpokit with
-checkpointing and the malloc threshold fixed at 1 MiB, the memory planner's CPU lever), one process
+checkpointing; TRL with `precompute_ref_log_probs`, its fastest; dpokit's defaults; dpokit with
+`--selective-recompute`; and dpokit with checkpointing and the malloc threshold fixed at 1 MiB, the
+memory planner's CPU lever; `--only` picks some by name), one process
 per run (bench_vs_trl.py's workers, one after another, `--threads` threads each): training pairs/s
 and tokens/s over the timed steps (after `--warmup`; TRL's precompute pass and dpokit's cached
 reference pass are not in them), whole-process peak RSS and wall time (start to exit, loading and
@@ -132,6 +133,8 @@ def configs(me: str, trl: str | None, max_length: int) -> list[tuple[str, str | 
         ("TRL precompute_ref_log_probs", trl, "trl", {**common, "precompute": True}),
         ("TRL precompute + grad ckpt", trl, "trl", {**common, "precompute": True, "gradient_checkpointing": True}),
         ("dpokit defaults", me, "dpokit", common),
+        # Matmul and attention outputs kept, the elementwise work recomputed (model/recompute.py).
+        ("dpokit + selective recompute", me, "dpokit", {**common, "scale": {"selective_recompute": True}}),
         ("dpokit defaults + grad ckpt", me, "dpokit", {**common, "scale": {"gradient_checkpointing": True}}),
         # The malloc lever the memory planner pulls (docs/memory-budget.md): freed blocks of 1 MiB or
         # more go back to the system instead of staying in the adaptive heap (model/host_memory.py).
@@ -211,6 +214,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (medians reported)")
     parser.add_argument("--shared", default=str(SHARED), help="the shared preference samples' folder")
     parser.add_argument("--trl-python", help="python with trl 1.16 (default: this one if it imports trl)")
+    parser.add_argument("--only", help="comma list of configuration names to run (default: all)")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--plot", help="with memory: write the memory-vs-length plot here")
     args = parser.parse_args()
@@ -245,7 +249,7 @@ def main() -> None:
                 title = (f"max length {max_length}: {args.pairs} pairs, batch {args.batch}, {args.steps} timed steps "
                          f"after {args.warmup}; longest sequence {max(p + max(c, r) for p, c, r in lengths)} tokens")
                 report["sections"][f"table{max_length}"] = measure(
-                    title, scratch / f"table{max_length}", info, [c for c in configs(me, trl, max_length) if c[1]],
+                    title, scratch / f"table{max_length}", info, [c for c in configs(me, trl, max_length) if c[1] and (not args.only or c[0] in args.only.split(","))],
                     opts, args.repeats, me)
                 _write(args.json, report)
         elif section == "memory":

@@ -270,3 +270,23 @@ def test_compile_under_lora_compiles_the_body_the_chunked_head_calls(monkeypatch
                         "speed": {"compile": True}})
     scoring.compile_if_asked(policy, cfg.speed)
     assert compiled == [policy.get_base_model().model]  # the Llama body, with the adapters in its layers
+
+
+def test_selective_recompute_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch,
+                                                                same_training):
+    # PEFT adds the adapters' output to the base layer's kept matmul output: the guard
+    # (model/recompute.py) would stop the run if that addition were in place.
+    captured = {}
+    real = setup.prepare_policy
+    monkeypatch.setattr(setup, "prepare_policy", lambda *a: captured.setdefault(a[3], real(*a)))
+    losses = []
+    for selective in (False, True):
+        cfg = _config(tiny_model_dir, toy_data[0], tmp_path / str(selective), max_steps=2)
+        cfg.scale.selective_recompute = selective
+        result = loop.train(cfg, log=lambda _: None)
+        losses.append([r["loss"] for r in result.history if "loss" in r])
+    assert captured[True].get_base_model().is_gradient_checkpointing
+    assert not captured[False].get_base_model().is_gradient_checkpointing
+    a = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "True" / "adapter_model.safetensors"))
+    same_training(a, b, losses=tuple(losses), atol=1e-6)

@@ -32,9 +32,10 @@ def test_bad_sizes_are_one_line_naming_the_option(text):
 
 def fake_probe(base=200, per_pair=None, fixed=1.0, per_b=1.0, ratio=None, log=None):
     """Peak base + b x per_pair[levers] MB; time (fixed + per_b x b) x ratio[levers] s."""
-    both = ("gradient_checkpointing", "malloc_threshold")  # the CPU's levers, as a run offers them
-    per_pair = per_pair or {(): 150, ("gradient_checkpointing",): 50, both: 45}
-    ratio = ratio or {(): 1.0, ("gradient_checkpointing",): 1.3, both: 1.6}
+    both = ("gradient_checkpointing", "malloc_threshold")  # the CPU's levels, as a run offers them
+    sel = ("selective_recompute",)
+    per_pair = per_pair or {(): 150, sel: 100, ("gradient_checkpointing",): 50, both: 45}
+    ratio = ratio or {(): 1.0, sel: 1.1, ("gradient_checkpointing",): 1.3, both: 1.6}
 
     def probe(s: Setting) -> Probe:
         if log is not None:
@@ -147,9 +148,9 @@ def test_plan_written_followed_and_reused_on_resume(tiny_model_dir, tmp_path, mo
     assert "memory plan: micro-batch 4 x accumulation 2 (global 8), no memory lever" in printed
     assert "global batch 8 = 4 x 2 accumulation" in printed  # the run follows it
     plan = json.loads((out / PLAN_FILE).read_text())
-    # (8), (1), (1, checkpointing), then (4) verified; (8, checkpointing) fits at 600 MB, so the
-    # malloc lever, slower still, is never probed.
-    assert (plan["micro_batch"], plan["requested"], plan["budget"], len(plan["probes"])) == (4, 8, 1250 * MB, 4)
+    # (8), (1), (1, selective recompute), (1, checkpointing), then (4) verified; (8, checkpointing)
+    # fits at 600 MB, so the malloc lever, slower still, is never probed.
+    assert (plan["micro_batch"], plan["requested"], plan["budget"], len(plan["probes"])) == (4, 8, 1250 * MB, 5)
     calls.clear()
     resume = ["--save-every", "2", "--resume", str(out / "checkpoints" / "step-0000002")]
     assert main(_train_args(tiny_model_dir, data, out, "--memory-budget", "1250MB", *resume)) == 0
@@ -250,7 +251,7 @@ def test_the_probe_takes_the_runs_step_without_its_set_up_work(tiny_model_dir, t
     assert found["seconds"] > 0 and found["rss_peak"] > 0
     # The run's own scorer for the same config and data (its set-up work done), and its path.
     ctx, cpu, quiet = Distributed(), torch.device("cpu"), lambda _line: None
-    policy, weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, gradient_checkpointing=False,
+    policy, weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, scale=cfg.scale,
                                       device=cpu, ctx=ctx)
     run_scorer = build_run_scorer(policy, load_run_tokenizer(model=cfg.model, data=cfg.data, log=quiet), data, cfg,
                                   reference_weights=weights, device=cpu, ctx=ctx, log=quiet, output=tmp_path / "run",
@@ -298,3 +299,51 @@ def test_data_inspect_prints_the_plan_without_training(tiny_model_dir, tmp_path,
         "memory plan: micro-batch 4 x accumulation 2 (global 8), no memory lever; probed peak 0.75 GiB")  # 800 MB
     assert main(["data", "inspect", str(data), "--memory-budget", "1000MB"]) == 2  # a plan needs the model
     assert "--memory-budget needs --model" in capsys.readouterr().err
+
+
+def test_checkpointing_supersedes_selective_recompute_in_the_levels_probed():
+    # Offered cheapest first: selective recompute, then checkpointing, which recomputes what it keeps.
+    sel, ckpt = ("selective_recompute",), ("gradient_checkpointing",)
+    seen = []
+    probe = fake_probe(per_pair={(): 150, sel: 100, ckpt: 50}, ratio={(): 1.0, sel: 1.05, ckpt: 1.3}, log=seen)
+    # Limit 360 MB: (1, none) 350 at 16 s a step; (1, selective) 300 at 16.8; (2, checkpointing) 300 at 15.6.
+    setting, _ = choose_setting(8, ["selective_recompute", "gradient_checkpointing"], 400 * MB, probe, margin=0.1)
+    assert Setting(1, sel) in seen and Setting(1, ckpt) in seen  # never the two together
+    assert all(s.levers in ((), sel, ckpt) for s in seen) and setting == Setting(2, ckpt)
+    # Limit 630 MB: (4, selective) 600 MB at 2 x 5 x 1.05 = 10.5 s beats (2, none) at 12 s and
+    # (8, checkpointing) at 9 x 1.3 = 11.7 s.
+    setting, _ = choose_setting(8, ["selective_recompute", "gradient_checkpointing"], 700 * MB,
+                                fake_probe(per_pair={(): 150, sel: 100, ckpt: 50},
+                                           ratio={(): 1.0, sel: 1.05, ckpt: 1.3}), margin=0.1)
+    assert setting == Setting(4, sel)
+
+
+def test_a_planned_level_sets_the_run_options_it_names(tiny_model_dir, tmp_path):
+    from dpokit.train.memory_plan import offered_levers, planned_config
+
+    cfg, _ = _run_data(tiny_model_dir, tmp_path, 8, seed=5)
+    assert offered_levers(cfg, "cpu", malloc_auto_fixes=False)[:2] == ["selective_recompute", "gradient_checkpointing"]
+    sel = planned_config(cfg, Setting(1, ("selective_recompute",)), 2).scale
+    ckpt = planned_config(cfg, Setting(1, ("gradient_checkpointing",)), 2).scale
+    assert (sel.selective_recompute, sel.gradient_checkpointing) == (True, False)
+    assert (ckpt.selective_recompute, ckpt.gradient_checkpointing) == (False, True)
+    cfg.scale.selective_recompute = True  # asked for: offered no more, and checkpointing replaces it when pulled
+    assert "selective_recompute" not in offered_levers(cfg, "cpu", malloc_auto_fixes=False)
+    ckpt = planned_config(cfg, Setting(1, ("gradient_checkpointing",)), 2).scale
+    assert (ckpt.selective_recompute, ckpt.gradient_checkpointing) == (False, True)
+
+
+def test_a_model_that_refuses_selective_recompute_makes_that_level_fit_nothing(tok, tmp_path):
+    # Falcon changes a kept matmul output in place (model/recompute.py): the plan's probe of the
+    # lever reads as over any budget, so the plan moves on; asked for by the user, it is the run's error.
+    from dpokit.train.memory_probe import run_probe
+    from helpers.families import build_family
+
+    folder = tmp_path / "falcon"
+    build_family("falcon", tok, "sdpa").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    cfg, data = _run_data(folder, tmp_path, 8, seed=5)
+    assert run_probe(cfg, data, Setting(1, ("selective_recompute",)), 2).peak is None
+    cfg.scale.selective_recompute = True
+    with pytest.raises(DpokitError, match="^--selective-recompute: this model's layers change"):
+        run_probe(cfg, data, Setting(1), 2)

@@ -161,6 +161,15 @@ def test_ddp_two_processes_equal_one_process(one_process, ddp_run, tiny_model_di
 
 
 @pytest.mark.slow
+def test_ddp_with_selective_recompute_equals_one_process(one_process, tiny_model_dir, data, tmp_path, same_training):
+    # DDP's gradient hooks fire during a backward that recomputes each layer's elementwise work.
+    out = tmp_path / "ddp-selective"
+    _torchrun(_args(tiny_model_dir, data, out, 2, 2, "--selective-recompute"))
+    _assert_same_metrics(out, one_process)
+    same_training(load_file(str(out / "model.safetensors")), load_file(str(one_process / "model.safetensors")))
+
+
+@pytest.mark.slow
 def test_fsdp2_two_processes_equal_one_process_and_resume_under_another_split(one_process, tiny_model_dir, data,
                                                                               tmp_path, same_training):
     # FSDP2 (fully_shard) runs on CPU with gloo in this PyTorch, so it is tested here, not only on GPUs.

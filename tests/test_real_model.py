@@ -214,3 +214,25 @@ def test_a_lora_run_and_its_merged_export_give_the_same_log_probs(real_folder, r
     moved = (want_all - torch.cat([before.chosen_logps, before.rejected_logps])).abs()
     assert torch.any(moved > 10 * _sum_tolerance(want_all, counts))
     capsys.readouterr()
+
+
+def test_selective_recompute_gives_the_plain_gradients_on_the_real_weights(real_folder, real_tok, real_pairs):
+    # The path a CPU run takes (prefix-shared rows, segment attention, chunked head) on trained weights.
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from dpokit.config import LoraSection
+    from dpokit.model.load import prepare_policy
+    from test_recompute import _backward, _matmuls
+
+    plain = AutoModelForCausalLM.from_pretrained(real_folder, dtype=torch.float32, attn_implementation="sdpa")
+    choose_attention(plain, "segments", log=lambda line: None, mask_cells=0)
+    selective = prepare_policy(copy.deepcopy(plain), LoraSection(), False, selective_recompute=True)
+    plain.train(), selective.train()
+    batch = collate(real_pairs[1][5:7], real_tok.pad_token_id, "prefix-shared", 256)
+    expected, plain_ops = _backward(plain, batch, None)
+    got, selective_ops = _backward(selective, batch, None)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=name)
+    assert _matmuls(selective_ops) == _matmuls(plain_ops)

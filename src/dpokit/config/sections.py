@@ -255,6 +255,12 @@ class ScaleConfig:
     gradient_checkpointing: bool = option(
         False, "recompute activations in the backward pass instead of storing them (less memory, roughly a third more compute)"
     )
+    selective_recompute: bool = option(
+        False, "keep only the matmul and attention outputs for the backward pass and recompute the elementwise work "
+        "(norms, rotary embeddings, activations) from them: about half the activation memory for a few percent more "
+        "compute, same gradients (model/recompute.py). An alternative to --gradient-checkpointing, which saves more "
+        "and recomputes the matmuls too"
+    )
     activation_offload: bool = option(
         False, "keep the activations saved for backward in pinned CPU memory instead of GPU memory "
         "(torch.autograd.graph.save_on_cpu; CUDA only: on the CPU they are in CPU memory already)"

@@ -25,7 +25,7 @@ from dpokit.config.parsers import (
     parse_mmap_threshold,
     parse_template_kwargs,
 )
-from dpokit.config.sections import DataConfig, LossConfig, RunConfig, iter_options
+from dpokit.config.sections import DataConfig, LossConfig, RunConfig, ScaleConfig, iter_options
 from dpokit.errors import DpokitError
 
 
@@ -61,6 +61,7 @@ def validate(config: RunConfig) -> None:
     for flag, value in {"--pack-length": config.speed.pack_length, "--lm-head-chunk": config.speed.lm_head_chunk}.items():
         if value < 0:
             raise DpokitError(f"{flag} must be >= 0 (0: automatic); got {value}")
+    _check_recompute(config.scale)
     parse_mmap_threshold(config.scale.malloc_mmap_threshold)
     parse_memory_budget(config.scale.memory_budget)
     check_loss_config(lo)  # every loss option, --label-smoothing's range included
@@ -76,6 +77,15 @@ def validate(config: RunConfig) -> None:
             raise DpokitError(f"{flag} must be in [0, 1); got {value}")
     _validate_lora(config)
     _check_reference_sync(config)
+
+
+def _check_recompute(scale: ScaleConfig) -> None:
+    if scale.selective_recompute and scale.gradient_checkpointing:
+        raise DpokitError("--selective-recompute and --gradient-checkpointing are two ways to recompute activations: "
+                          "choose one (checkpointing saves more memory, selective recompute less time)")
+    if scale.selective_recompute and scale.parallel == "fsdp":
+        raise DpokitError("--selective-recompute is not checked under --parallel fsdp; use --gradient-checkpointing "
+                          "or --parallel ddp")
 
 
 def _check_learning_rate(learning_rate: float, allowed: bool) -> None:

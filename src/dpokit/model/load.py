@@ -15,6 +15,7 @@ from dpokit.errors import DpokitError, first_line
 from dpokit.io import RUN_CONFIG_FILE, read_run_config
 from dpokit.model.gguf import check_gguf_file, is_gguf, load_gguf_config, load_gguf_model, load_gguf_tokenizer
 from dpokit.model.logprobs import model_body
+from dpokit.model.recompute import check_selective_recompute, checkpoint_kwargs
 from dpokit.paths import hub_unreachable, in_hub_cache
 
 
@@ -159,15 +160,22 @@ def _four_bit_options(device: torch.device) -> dict:
     return {"quantization_config": quant, "device_map": {"": device}}
 
 
-def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpointing: bool) -> torch.nn.Module:
-    """Add LoRA adapters (when --lora-r > 0) and gradient checkpointing to a loaded policy."""
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing works under DDP, FSDP2 and with frozen (LoRA) base weights.
-        kwargs = {"use_reentrant": False}
+def prepare_policy(model: torch.nn.Module, lora: LoraSection, gradient_checkpointing: bool,
+                   selective_recompute: bool = False) -> torch.nn.Module:
+    """Add LoRA adapters (when --lora-r > 0) and gradient checkpointing, full or selective
+    (model/recompute.py), to a loaded policy."""
+    if gradient_checkpointing or selective_recompute:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            flag = "--gradient-checkpointing" if gradient_checkpointing else "--selective-recompute"
+            raise DpokitError(f"{flag}: {type(model).__name__} does not support gradient checkpointing "
+                              "(transformers runs no checkpointed layers for it); run without it")
+        kwargs = checkpoint_kwargs(selective=not gradient_checkpointing)
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x renamed it
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if selective_recompute and not gradient_checkpointing:
+            check_selective_recompute(model)
     if not lora.lora_r:
         return model
     from peft import LoraConfig, get_peft_model

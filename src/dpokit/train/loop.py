@@ -123,7 +123,7 @@ def _set_up_and_run(cfg: RunConfig, log: Log, notice: Log, ctx: Distributed, dev
     cfg, memory_plan = plan_run_memory(cfg, data, device=device, resume_from=resume_from, world_size=ctx.world_size,
                                        where=folder.where, log=log)  # --memory-budget (or cfg as it is, None)
     policy, reference_weights = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, device=device,
-                                                gradient_checkpointing=cfg.scale.gradient_checkpointing, ctx=ctx)
+                                                scale=cfg.scale, ctx=ctx)
     if resume_from is not None:
         ckpt.check_resume_reference(resume_from, reference_weights, cfg.model.reference_model or cfg.model.model)
     # The first-batch guard's record and the reference cache go where the new run is being built.

@@ -4,7 +4,8 @@ Pure planning: the probe itself (one training step in a child process) is passed
 function (train/memory_probe.py runs the real one; tests pass a fake). A setting is a micro-batch
 size b that divides the per-step batch B the user asked for (accumulation B / b keeps the global
 batch, so the loss trajectory is the one asked for) and a level of levers, cumulative in the
-order they are offered (gradient checkpointing first, then the device's own lever).
+order they are offered (selective recompute, gradient checkpointing, then the device's own lever;
+gradient checkpointing supersedes selective recompute: it recomputes what that keeps).
 
 The search probes few settings, because each probe is a training step:
 1. (B, no lever): the run as asked. When it fits, that is the plan (one probe).
@@ -44,7 +45,7 @@ MARGIN = 0.10
 HEAP_MARGIN = 0.35
 MAX_VERIFIES = 3  # predicted settings probed before giving up on the model's predictions
 MALLOC_LEVER_BYTES = 1 << 20  # the malloc lever fixes glibc's mmap threshold here (model/host_memory.py)
-LEVER_WORDS = {"gradient_checkpointing": "gradient checkpointing", "activation_offload": "activation offload",
+LEVER_WORDS = {"selective_recompute": "selective recompute", "gradient_checkpointing": "gradient checkpointing", "activation_offload": "activation offload",
                "malloc_threshold": "malloc threshold 1 MiB"}
 
 
@@ -126,7 +127,9 @@ def offered_levers(cfg: RunConfig, device_type: str, malloc_auto_fixes: bool) ->
     the user left off, and that do something on this device. `malloc_auto_fixes`: the auto mmap
     threshold is fixed for this data already."""
     s = cfg.scale
-    levers = [] if s.gradient_checkpointing else ["gradient_checkpointing"]
+    levers = [] if s.gradient_checkpointing or s.selective_recompute else ["selective_recompute"]
+    if not s.gradient_checkpointing:
+        levers.append("gradient_checkpointing")
     if device_type == "cuda" and not s.activation_offload:
         levers.append("activation_offload")
     if device_type == "cpu" and s.malloc_mmap_threshold == "auto" and not malloc_auto_fixes:
@@ -137,13 +140,23 @@ def offered_levers(cfg: RunConfig, device_type: str, malloc_auto_fixes: bool) ->
 def planned_config(cfg: RunConfig, setting: Setting, requested: int) -> RunConfig:
     """`cfg` run at `setting`: the micro-batch, accumulation to the same per-step batch, the levers on."""
     s = cfg.scale
-    scale = replace(s, gradient_checkpointing=s.gradient_checkpointing or "gradient_checkpointing" in setting.levers,
+    checkpointing = s.gradient_checkpointing or "gradient_checkpointing" in setting.levers
+    scale = replace(s, gradient_checkpointing=checkpointing,
+                    selective_recompute=(s.selective_recompute or "selective_recompute" in setting.levers)
+                    and not checkpointing,
                     activation_offload=s.activation_offload or "activation_offload" in setting.levers,
                     malloc_mmap_threshold=(str(MALLOC_LEVER_BYTES) if "malloc_threshold" in setting.levers
                                            else s.malloc_mmap_threshold))
     train = replace(cfg.train, batch_size=setting.micro_batch,
                     gradient_accumulation_steps=requested // setting.micro_batch)
     return replace(cfg, train=train, scale=scale)
+
+
+def level_of(levers: Sequence[str]) -> tuple[str, ...]:
+    """The levers in effect when `levers` are pulled: gradient checkpointing supersedes selective recompute."""
+    if "gradient_checkpointing" in levers:
+        return tuple(name for name in levers if name != "selective_recompute")
+    return tuple(levers)
 
 
 def choose_setting(requested: int, levers: Sequence[str], budget: int, probe: ProbeFn, *,
@@ -167,7 +180,7 @@ def choose_setting(requested: int, levers: Sequence[str], budget: int, probe: Pr
     top = Setting(requested)
     if fits(measure(top)):
         return top, list(seen.values())
-    levels = [tuple(levers[:k]) for k in range(len(levers) + 1)]
+    levels = [level_of(levers[:k]) for k in range(len(levers) + 1)]
     ones = [measure(Setting(1, levels[0]))]
     verified = 0
     while True:

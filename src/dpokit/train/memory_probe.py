@@ -38,6 +38,7 @@ import torch
 from dpokit.config import RunConfig
 from dpokit.data import TokenizedPair
 from dpokit.errors import DpokitError, first_line
+from dpokit.model.recompute import CachedOutputMutated
 from dpokit.train.distributed import init_distributed
 from dpokit.train.memory_plan import Probe, Setting, planned_config
 from dpokit.train.setup import (
@@ -75,8 +76,10 @@ def run_probe(cfg: RunConfig, data: RunData, setting: Setting, requested: int,
                                        "accumulating": requested > setting.micro_batch}))
         status, usage = server.run(spec, result, log)
         found = json.loads(result.read_text()) if result.is_file() else {}
-        if "error" in found:  # the run itself would stop here: say why, as it would
-            raise DpokitError(found["error"])
+        if "error" in found or ("selective_refused" in found and cfg.scale.selective_recompute):
+            raise DpokitError(found.get("error") or found["selective_refused"])  # the run itself would stop here
+        if "selective_refused" in found:  # a lever the plan pulled, not the user: a level that fits nothing
+            return Probe(setting, None, 0.0)
         if status != 0 and not found:
             said = log.read_text(errors="replace").strip().splitlines() if log.is_file() else []
             tail = (said or ["no output"])[-1][:200]
@@ -180,6 +183,8 @@ def _child(spec_path: Path, result_path: Path) -> None:
     spec = pickle.loads(spec_path.read_bytes())
     try:
         found = probe_step(spec["config"], spec["data"], spec["pairs"], accumulating=spec["accumulating"])
+    except CachedOutputMutated as exc:  # the model cannot take selective recompute (model/recompute.py)
+        found = {"selective_refused": first_line(exc)}
     except DpokitError as exc:
         found = {"error": first_line(exc)}
     except torch.OutOfMemoryError:  # CUDA: over the device's memory, so over any budget
@@ -194,7 +199,7 @@ def probe_step(cfg: RunConfig, data: RunData, pairs: list[TokenizedPair], *, acc
     quiet = lambda _line: None  # noqa: E731 - the parent reports
     tokenizer = load_run_tokenizer(model=cfg.model, data=cfg.data, log=quiet)
     policy, _ = load_run_policy(model=cfg.model, lora=cfg.lora, loss=cfg.loss, device=device, ctx=ctx,
-                                gradient_checkpointing=cfg.scale.gradient_checkpointing)
+                                scale=cfg.scale)
     with tempfile.TemporaryDirectory(prefix="dpokit-probe-run-") as scratch:
         scorer = build_run_scorer(policy, tokenizer, data, cfg, reference_weights="memory-probe", device=device,
                                   ctx=ctx, log=quiet, output=Path(scratch), reference_cache=None, memory_probe=True)

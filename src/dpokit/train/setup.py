@@ -10,7 +10,15 @@ from pathlib import Path
 
 import torch
 
-from dpokit.config import DataConfig, LoraSection, LossConfig, ModelConfig, RunConfig, TrainConfig
+from dpokit.config import (
+    DataConfig,
+    LoraSection,
+    LossConfig,
+    ModelConfig,
+    RunConfig,
+    ScaleConfig,
+    TrainConfig,
+)
 from dpokit.data import PairTokenizer, TokenizedPair, load_tokenized_pairs
 from dpokit.errors import DpokitError
 from dpokit.io import Log
@@ -74,12 +82,12 @@ def load_run_data(tokenizer, *, data: DataConfig, train: TrainConfig, world_size
                    counts)
 
 
-def load_run_policy(*, model: ModelConfig, lora: LoraSection, loss: LossConfig, gradient_checkpointing: bool,
+def load_run_policy(*, model: ModelConfig, lora: LoraSection, loss: LossConfig, scale: ScaleConfig,
                     device: torch.device, ctx: Distributed) -> tuple[torch.nn.Module, str | None]:
     """The policy in train mode, and the reference's weights fingerprint (the cache key's, computed
     once): rank 0 alone checks a resume and writes checkpoints, so the other ranks skip hashing."""
     policy = load_policy(model.model, device, model.trust_remote_code, lora.load_in_4bit)
-    policy = prepare_policy(policy, lora, gradient_checkpointing)
+    policy = prepare_policy(policy, lora, scale.gradient_checkpointing, scale.selective_recompute)
     policy.train()
     reference_weights = (run_reference_weights(model.model, model.reference_model, policy)
                          if needs_reference(loss) and ctx.is_main else None)
