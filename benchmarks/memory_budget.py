@@ -7,8 +7,8 @@ Per model (the real SmolLM2-135M-Instruct of benchmarks/real_model.py, on pairs 
 `--length` tokens per sequence cut from real UltraFeedback text; the bench model of
 bench_vs_trl.py, MAIN shape, on its random word pairs of the same length), per-step batch 4:
 
-1. The hand grid: every setting the planner may choose (micro-batch 4, 2, 1 x no lever, gradient
-   checkpointing, + the malloc threshold at 1 MiB), each a short `dpokit train` run in its own
+1. The hand grid: every setting the planner may choose (micro-batch 4, 2, 1 x no lever, selective
+   recompute, gradient checkpointing, + the malloc threshold at 1 MiB), each a short `dpokit train` run in its own
    process with those flags given by hand (no --memory-budget): its whole-process peak RSS
    (`wait4`'s ru_maxrss) and its step time (the median over its steps after the first, from
    metrics.jsonl's throughput: the first step warms up).
@@ -40,7 +40,7 @@ from bench_vs_trl import prepare as prepare_bench
 
 BATCH = 4
 MARGIN = 0.10  # dpokit.train.memory_plan.MARGIN (budgets below are spread from it)
-LEVELS = {"none": [], "ckpt": ["--gradient-checkpointing"],
+LEVELS = {"none": [], "selective": ["--selective-recompute"], "ckpt": ["--gradient-checkpointing"],
           "ckpt+malloc": ["--gradient-checkpointing", "--malloc-mmap-threshold", str(1 << 20)]}
 PLAN = re.compile(r"memory plan: micro-batch (\d+) x accumulation (\d+) .*?, (.*?); probed peak ([\d.]+) GiB .*"
                   r"(\d+) probe\(s\) in (\d+) s")
@@ -90,7 +90,8 @@ def plan(folder: Path, max_length: int, budget: int, env: dict) -> dict:
     if rc != 0 or not match:
         return {"budget": budget, "refused": line, "wall_s": wall}
     levers = match.group(3)
-    level = ("ckpt+malloc" if "malloc" in levers else "ckpt" if "checkpointing" in levers else "none")
+    level = ("ckpt+malloc" if "malloc" in levers else "ckpt" if "checkpointing" in levers
+             else "selective" if "selective recompute" in levers else "none")
     return {"budget": budget, "line": line, "micro_batch": int(match.group(1)), "level": level,
             "probed_peak": float(match.group(4)) * 2**30, "probes": int(match.group(5)),
             "probe_s": float(match.group(6)), "wall_s": wall}

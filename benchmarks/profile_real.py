@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real import SHARED, usable_rows  # noqa: E402
 from real_model import real_model_folder  # noqa: E402
 
-# key -> (layout, LM head chunked?, attention, gradient checkpointing)
+# key -> (layout, LM head chunked?, attention, recompute: False, True (gradient checkpointing) or "selective")
 VARIANTS = {
     "baseline": ("padded", False, "sdpa", False),  # the padded math path, plain LM head
     "padded-chunked": ("padded", True, "sdpa", False),
@@ -45,6 +45,7 @@ VARIANTS = {
     "prefix-masks": ("prefix-shared", True, "sdpa", False),
     "padded-chunked-eager": ("padded", True, "eager", False),
     "prefix-segments-ckpt": ("prefix-shared", True, "segments", True),
+    "prefix-segments-selective": ("prefix-shared", True, "segments", "selective"),
     "baseline-ckpt": ("padded", False, "sdpa", True),
 }
 BASELINE = "baseline"
@@ -61,6 +62,10 @@ def run_variant(name: str, args) -> dict:
     from dpokit.model.load import load_policy, load_tokenizer
 
     torch.set_num_threads(args.threads)
+    if args.live_memory:
+        from dpokit.model.host_memory import fix_mmap_threshold
+
+        fix_mmap_threshold(1 << 20)
     layout, chunked, attention, ckpt = VARIANTS[name]
     folder = real_model_folder()
     tokenizer = load_tokenizer(str(folder))
@@ -90,15 +95,18 @@ def run_variant(name: str, args) -> dict:
     return result
 
 
-def _policy(model, attention: str, ckpt: bool):
+def _policy(model, attention: str, ckpt: bool | str):
     from dpokit.model.attention import choose_attention
 
     if attention == "segments":
         choose_attention(model, "segments", log=lambda line: None, mask_cells=0)
     elif attention == "eager":
         model.set_attn_implementation("eager")
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if ckpt:  # as a run sets it up (model/load.py)
+        from dpokit.config import LoraSection
+        from dpokit.model.load import prepare_policy
+
+        prepare_policy(model, LoraSection(), ckpt is True, selective_recompute=ckpt == "selective")
     return model.train()
 
 
@@ -312,6 +320,9 @@ def main() -> None:
     parser.add_argument("--shared", default=str(SHARED), help="the shared preference samples' folder")
     parser.add_argument("--smoke", action="store_true", help="2 pairs at 128 tokens; the baseline and auto variants")
     parser.add_argument("--no-profile", action="store_true", help="skip torch.profiler and the layer hooks")
+    parser.add_argument("--live-memory", action="store_true",
+                        help="fix malloc's mmap threshold at 1 MiB in each variant (model/host_memory.py), so its "
+                        "peak RSS follows the tensors alive rather than the heap's retained fragments")
     parser.add_argument("--json", help="write every figure to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,7 +338,7 @@ def main() -> None:
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
         cmd = [sys.executable, __file__, "--worker", name, "--max-length", str(args.max_length), "--pairs",
                str(args.pairs), "--threads", str(args.threads), "--shared", args.shared] + \
-              (["--no-profile"] if args.no_profile else [])
+              (["--no-profile"] if args.no_profile else []) + (["--live-memory"] if args.live_memory else [])
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
@@ -344,7 +355,7 @@ def print_variant(r: dict) -> None:
         print(f"\n## {r['name']}: failed: {r['failed']}")
         return
     layout, chunked, attention, ckpt = VARIANTS[r["name"]]
-    described = f"{layout}, {'chunked' if chunked else 'plain'} LM head, {attention}" + (", grad ckpt" if ckpt else "")
+    described = f"{layout}, {'chunked' if chunked else 'plain'} LM head, {attention}" + {True: ", grad ckpt", "selective": ", selective recompute"}.get(ckpt, "")
     step = r["step2"]
     total = sum(v["cpu_s"] for k, v in step.items() if isinstance(v, dict))
     print(f"\n## {r['name']} ({described}): peak RSS {r['peak_rss_mb']:.0f} MB; batch holds {r['tokens_in_batch']} token slots "
