@@ -165,15 +165,18 @@ def test_bad_lora_and_4bit_options_are_one_line(tiny_model_dir, toy_data, tmp_pa
         loop.train(cfg, log=lambda _: None)
 
 
-def test_gradient_checkpointing_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch,
-                                                                   same_training):
+# PEFT adds the adapters' output to the base layer's matmul output: under selective recompute that
+# output is kept, and the guard (model/recompute.py) would stop the run were the addition in place.
+@pytest.mark.parametrize("option", ["gradient_checkpointing", "selective_recompute"])
+def test_recomputing_with_lora_changes_memory_not_results(option, tiny_model_dir, toy_data, tmp_path, monkeypatch,
+                                                         same_training):
     captured = {}
     real = setup.prepare_policy
-    monkeypatch.setattr(setup, "prepare_policy", lambda *a: captured.setdefault(a[2], real(*a)))
+    monkeypatch.setattr(setup, "prepare_policy", lambda *a: captured.setdefault(any(a[2:]), real(*a)))
     losses = []
-    for checkpointing in (False, True):
-        cfg = _config(tiny_model_dir, toy_data[0], tmp_path / str(checkpointing), max_steps=2)
-        cfg.scale.gradient_checkpointing = checkpointing
+    for recomputing in (False, True):
+        cfg = _config(tiny_model_dir, toy_data[0], tmp_path / str(recomputing), max_steps=2)
+        setattr(cfg.scale, option, recomputing)
         result = loop.train(cfg, log=lambda _: None)
         losses.append([r["loss"] for r in result.history if "loss" in r])
     base = captured[True].get_base_model()
@@ -271,22 +274,3 @@ def test_compile_under_lora_compiles_the_body_the_chunked_head_calls(monkeypatch
     scoring.compile_if_asked(policy, cfg.speed)
     assert compiled == [policy.get_base_model().model]  # the Llama body, with the adapters in its layers
 
-
-def test_selective_recompute_with_lora_changes_memory_not_results(tiny_model_dir, toy_data, tmp_path, monkeypatch,
-                                                                same_training):
-    # PEFT adds the adapters' output to the base layer's kept matmul output: the guard
-    # (model/recompute.py) would stop the run if that addition were in place.
-    captured = {}
-    real = setup.prepare_policy
-    monkeypatch.setattr(setup, "prepare_policy", lambda *a: captured.setdefault(a[3], real(*a)))
-    losses = []
-    for selective in (False, True):
-        cfg = _config(tiny_model_dir, toy_data[0], tmp_path / str(selective), max_steps=2)
-        cfg.scale.selective_recompute = selective
-        result = loop.train(cfg, log=lambda _: None)
-        losses.append([r["loss"] for r in result.history if "loss" in r])
-    assert captured[True].get_base_model().is_gradient_checkpointing
-    assert not captured[False].get_base_model().is_gradient_checkpointing
-    a = load_file(str(tmp_path / "False" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "True" / "adapter_model.safetensors"))
-    same_training(a, b, losses=tuple(losses), atol=1e-6)
