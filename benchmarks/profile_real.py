@@ -355,7 +355,8 @@ def print_variant(r: dict) -> None:
         print(f"\n## {r['name']}: failed: {r['failed']}")
         return
     layout, chunked, attention, ckpt = VARIANTS[r["name"]]
-    described = f"{layout}, {'chunked' if chunked else 'plain'} LM head, {attention}" + {True: ", grad ckpt", "selective": ", selective recompute"}.get(ckpt, "")
+    recompute = {True: ", grad ckpt", "selective": ", selective recompute"}.get(ckpt, "")
+    described = f"{layout}, {'chunked' if chunked else 'plain'} LM head, {attention}{recompute}"
     step = r["step2"]
     total = sum(v["cpu_s"] for k, v in step.items() if isinstance(v, dict))
     print(f"\n## {r['name']} ({described}): peak RSS {r['peak_rss_mb']:.0f} MB; batch holds {r['tokens_in_batch']} token slots "

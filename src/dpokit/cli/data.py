@@ -19,7 +19,8 @@ from dpokit.train.memory_budget import plan_line
 _INSPECT_SKIPS = ("data", "eval_data")
 # With --memory-budget, what the plan depends on besides the data (as train reads them).
 _PLAN_OPTIONS = ("memory_budget", "batch_size", "gradient_accumulation_steps", "dtype", "device", "loss", "lora_r",
-                 "reference", "gradient_checkpointing", "selective_recompute", "activation_offload", "malloc_mmap_threshold")
+                 "reference", "gradient_checkpointing", "selective_recompute", "activation_offload",
+                 "malloc_mmap_threshold")
 
 
 def add_data_command(sub) -> None:

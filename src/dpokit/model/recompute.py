@@ -54,6 +54,8 @@ class KeepMatmuls:
     change goes through `matmul`'s untracked `_unsafe_view`, which PyTorch's own mutation check does
     not see. Every op of the forward passes through here, so an in-place write into the storage of a
     kept output raises `CachedOutputMutated` on the spot: on the run's own forwards, at no cost.
+    It sees the ops of one layer call; a write into a layer's kept output from outside the layer is
+    left to PyTorch's version check (which raises where the write goes through a tracked view).
     """
 
     def __init__(self, saved: frozenset):

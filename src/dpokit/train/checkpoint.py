@@ -40,8 +40,8 @@ RESUME_MAY_CHANGE = {
     "output", "overwrite", "progress", "log_every", "eval_every", "eval_data", "save_every",
     "keep_checkpoints", "resume", "device", "reference_cache", "report_to", "push_to_hub", "hub_private",
     # How the work is split and stored, not what is computed (the global batch is checked apart).
-    "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing", "selective_recompute",
-    "malloc_mmap_threshold", "allow_large_learning_rate", "activation_offload",
+    "batch_size", "gradient_accumulation_steps", "parallel", "fsdp_cpu_offload", "gradient_checkpointing",
+    "selective_recompute", "malloc_mmap_threshold", "allow_large_learning_rate", "activation_offload",
 }
 
 

@@ -45,8 +45,8 @@ MARGIN = 0.10
 HEAP_MARGIN = 0.35
 MAX_VERIFIES = 3  # predicted settings probed before giving up on the model's predictions
 MALLOC_LEVER_BYTES = 1 << 20  # the malloc lever fixes glibc's mmap threshold here (model/host_memory.py)
-LEVER_WORDS = {"selective_recompute": "selective recompute", "gradient_checkpointing": "gradient checkpointing", "activation_offload": "activation offload",
-               "malloc_threshold": "malloc threshold 1 MiB"}
+LEVER_WORDS = {"selective_recompute": "selective recompute", "gradient_checkpointing": "gradient checkpointing",
+               "activation_offload": "activation offload", "malloc_threshold": "malloc threshold 1 MiB"}
 
 
 @dataclass(frozen=True)
