@@ -14,8 +14,9 @@ message, `chosen` / `rejected` = the reply), which both tools read as conversati
 
 Per max length (768 and 2048) and configuration (each tool with and without gradient
 checkpointing; TRL with `precompute_ref_log_probs`, its fastest; dpokit's defaults; dpokit with
-`--selective-recompute`; and dpokit with checkpointing and the malloc threshold fixed at 1 MiB, the
-memory planner's CPU lever; `--only` picks some by name), one process
+`--selective-recompute`; dpokit with checkpointing and malloc's adaptive threshold, as auto left it
+before it fixed 8 MiB under checkpointing; and dpokit with checkpointing and the malloc threshold
+fixed at 1 MiB, the memory planner's CPU lever; `--only` picks some by name), one process
 per run (bench_vs_trl.py's workers, one after another, `--threads` threads each): training pairs/s
 and tokens/s over the timed steps (after `--warmup`; TRL's precompute pass and dpokit's cached
 reference pass are not in them), whole-process peak RSS and wall time (start to exit, loading and
@@ -136,6 +137,10 @@ def configs(me: str, trl: str | None, max_length: int) -> list[tuple[str, str | 
         # Matmul and attention outputs kept, the elementwise work recomputed (model/recompute.py).
         ("dpokit + selective recompute", me, "dpokit", {**common, "scale": {"selective_recompute": True}}),
         ("dpokit defaults + grad ckpt", me, "dpokit", {**common, "scale": {"gradient_checkpointing": True}}),
+        # Auto fixes malloc's threshold at 8 MiB under checkpointing (model/host_memory.py): this row
+        # is the same run with the adaptive threshold, the lever's effect side by side.
+        ("dpokit + ckpt + adaptive malloc", me, "dpokit",
+         {**common, "scale": {"gradient_checkpointing": True, "malloc_mmap_threshold": "0"}}),
         # The malloc lever the memory planner pulls (docs/memory-budget.md): freed blocks of 1 MiB or
         # more go back to the system instead of staying in the adaptive heap (model/host_memory.py).
         ("dpokit + grad ckpt + malloc 1 MiB", me, "dpokit",

@@ -1,5 +1,5 @@
 """--malloc-mmap-threshold: freed blocks at or above the threshold leave the process (glibc); auto
-fixes it for long rows on the CPU only."""
+fixes it on the CPU only: for long rows, and (higher) for shorter ones under gradient checkpointing."""
 
 import subprocess
 import sys
@@ -7,7 +7,13 @@ import sys
 import pytest
 
 from dpokit.cli import main
-from dpokit.model.host_memory import AUTO_MIN_ROW_TOKENS, AUTO_THRESHOLD, fix_mmap_threshold, threshold_for
+from dpokit.model.host_memory import (
+    AUTO_CHECKPOINTING_THRESHOLD,
+    AUTO_MIN_ROW_TOKENS,
+    AUTO_THRESHOLD,
+    fix_mmap_threshold,
+    threshold_for,
+)
 from helpers.toy import build_tiny_llama, build_tokenizer, make_pairs, save_tiny_model, write_jsonl
 
 # In a fresh process: a 20 MiB block freed (glibc's adaptive threshold rises to 20 MiB), then a
@@ -61,6 +67,15 @@ def test_auto_fixes_it_for_long_rows_on_the_cpu_only():
     assert threshold_for(65536, 10, "cpu") == 65536  # a number: always that
 
 
+def test_auto_fixes_a_higher_threshold_for_short_rows_under_checkpointing():
+    short = AUTO_MIN_ROW_TOKENS - 1
+    assert threshold_for(None, short, "cpu", checkpointing=True) == AUTO_CHECKPOINTING_THRESHOLD
+    assert AUTO_THRESHOLD < AUTO_CHECKPOINTING_THRESHOLD < 32 << 20  # below the adaptive threshold's ceiling
+    assert threshold_for(None, AUTO_MIN_ROW_TOKENS, "cpu", checkpointing=True) == AUTO_THRESHOLD  # long rows: 1 MiB
+    assert threshold_for(None, short, "cuda", checkpointing=True) == 0
+    assert threshold_for(0, short, "cpu", checkpointing=True) == 0  # 0: never
+
+
 @pytest.mark.parametrize("value", ["-1", "1.5", "lots", ""])
 def test_a_bad_threshold_is_a_one_line_error(tmp_path, capsys, value):
     model = save_tiny_model(tmp_path / "model")
@@ -74,10 +89,14 @@ def test_a_bad_threshold_is_a_one_line_error(tmp_path, capsys, value):
 
 
 @glibc
-@pytest.mark.parametrize("words, setting, fixed", [(1600, "auto", True), (1600, "0", False), (40, "auto", False)])
-def test_train_fixes_the_threshold_only_where_auto_sees_long_rows(tmp_path, words, setting, fixed):
+@pytest.mark.parametrize("words, setting, checkpointing, fixed", [
+    (1600, "auto", False, AUTO_THRESHOLD), (1600, "0", False, 0), (40, "auto", False, 0),
+    (40, "auto", True, AUTO_CHECKPOINTING_THRESHOLD), (40, "0", True, 0)])
+def test_train_fixes_the_threshold_only_where_auto_sees_long_rows_or_checkpointing(tmp_path, words, setting,
+                                                                                  checkpointing, fixed):
     """Through `dpokit train` in its own process (the setting is process-wide): the one log line
-    says the threshold was fixed (mallopt succeeded), for rows of >= 3072 tokens only."""
+    says the threshold was fixed (mallopt succeeded) and at what, for rows of >= 3072 tokens and,
+    higher, for shorter rows under gradient checkpointing."""
     tokenizer = build_tokenizer("word")
     model = build_tiny_llama(tokenizer)
     model.config.max_position_embeddings = 4096  # the 3.2k-token rows fit without truncation
@@ -89,10 +108,12 @@ def test_train_fixes_the_threshold_only_where_auto_sees_long_rows(tmp_path, word
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     proc = subprocess.run([sys.executable, "-m", "dpokit", "train", "--model", str(model), "--data", str(data),
                            "--output", str(tmp_path / "o"), "--max-steps", "1", "--batch-size", "2", "--progress", "off",
-                           "--max-length", "4096", "--malloc-mmap-threshold", setting],
+                           "--max-length", "4096", "--malloc-mmap-threshold", setting,
+                           *(["--gradient-checkpointing"] if checkpointing else [])],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     said = [line for line in proc.stdout.splitlines() if "--malloc-mmap-threshold auto" in line]
-    assert len(said) == int(fixed), proc.stdout
+    assert len(said) == int(fixed > 0), proc.stdout
     if fixed:
-        assert f"{AUTO_THRESHOLD >> 20} MiB" in said[0] and "up to 3" in said[0]
+        assert f"blocks of {fixed >> 20} MiB" in said[0]
+        assert ("up to 3" if words > 100 else "gradient checkpointing") in said[0]

@@ -244,7 +244,8 @@ def build_scorer(
     router = router_loss_for(policy, loss.router_aux_loss_coef, log)  # a refusal before any work
     used = [p for pairs, wanted in zip(datasets, needed, strict=True)
             for p in (pairs if wanted is None else [pairs[i] for i in wanted])]
-    apply_mmap_setting(scale.malloc_mmap_threshold, max((_longest(p) for p in used), default=0), device.type, log)
+    apply_mmap_setting(scale.malloc_mmap_threshold, max((_longest(p) for p in used), default=0), device.type, log,
+                       checkpointing=scale.gradient_checkpointing)
     # Every batch the run scores (training, evaluations, the reference pass) holds <= batch-size pairs.
     setup = ForwardSetup(speed, mask_cells=run_mask_cells(used, train.batch_size, speed), log=log,
                          offload=_offload_asked(scale, device))
