@@ -270,8 +270,8 @@ class ScaleConfig:
         "many bytes go back to the system instead of staying in the process (malloc's mmap threshold, "
         "fixed). auto (default): 1 MiB on the CPU when the data's longest sequence is at least 3072 tokens "
         "(4k-token pairs: about 0.55x the peak RSS, for more system time), 8 MiB on the CPU with "
-        "--gradient-checkpointing for shorter rows (SmolLM2-135M at 768-2048 tokens: peak RSS -13 to -25 percent "
-        "at about the same speed), malloc's adaptive threshold otherwise (short rows without checkpointing only pay "
+        "--gradient-checkpointing for shorter rows (SmolLM2-135M, peak RSS: -10 percent at 768 tokens at the same "
+        "speed, -22 percent at 2048 for 5 percent fewer pairs/s), malloc's adaptive threshold otherwise (short rows without checkpointing only pay "
         "for it: the demo at 1 MiB took 30 percent more CPU); 0: always adaptive; N: N bytes"
     )
     memory_budget: str | None = option(

@@ -15,8 +15,9 @@ rows are short that is nearly all the work (the demo at 1 MiB: 46.8 s of system 
 3.6 s), so `--malloc-mmap-threshold auto` fixes it only for long rows on the CPU, where the
 retained heap is what fills memory (benchmarks/RESULTS.md section 5). With gradient
 checkpointing, rows shorter than that get a fixed threshold of 8 MiB: a checkpointed step frees
-and allocates its recomputed blocks layer by layer, and on SmolLM2-135M at 768-2048 tokens the
-blocks from 8 MiB up were a quarter of the peak RSS for about no time (RESULTS.md section 9);
+and allocates its recomputed blocks layer by layer, and on SmolLM2-135M those from 8 MiB up kept
+a tenth of the peak RSS at 768 tokens (for no time) and a fifth at 2048 (for 5 percent of the
+pairs/s) (RESULTS.md section 9);
 without checkpointing the same threshold cost about a tenth of the speed for a few percent of
 memory (the saved activations are each mapped and zero-filled once a step), so auto leaves it.
 """
@@ -33,7 +34,7 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 AUTO_THRESHOLD = 1 << 20  # what auto fixes (at the 4k set: 1037 MB peak RSS at 1 MiB, 1151 at 4 MiB, 1921 adaptive)
 AUTO_MIN_ROW_TOKENS = 3072  # auto fixes it from this longest sequence on (RESULTS.md section 5: at 2k it cost +30-54% wall for -42% RSS)
 # What auto fixes for shorter rows under gradient checkpointing (RESULTS.md section 9: SmolLM2-135M,
-# 768 tokens: peak RSS -13% at the same pairs/s; 2048: -25%, -5%; 4 MiB saved more for -6 to -10%).
+# 768 tokens: peak RSS -10% at the same pairs/s; 2048: -22%, 5% fewer pairs/s; 4 MiB: more for -6 to -10%).
 AUTO_CHECKPOINTING_THRESHOLD = 8 << 20
 
 
