@@ -244,8 +244,7 @@ def build_scorer(
     router = router_loss_for(policy, loss.router_aux_loss_coef, log)  # a refusal before any work
     used = [p for pairs, wanted in zip(datasets, needed, strict=True)
             for p in (pairs if wanted is None else [pairs[i] for i in wanted])]
-    apply_mmap_setting(scale.malloc_mmap_threshold, max((_longest(p) for p in used), default=0), device.type, log,
-                       checkpointing=scale.gradient_checkpointing)
+    _apply_malloc_setting(scale, used, device, log)
     # Every batch the run scores (training, evaluations, the reference pass) holds <= batch-size pairs.
     setup = ForwardSetup(speed, mask_cells=run_mask_cells(used, train.batch_size, speed), log=log,
                          offload=_offload_asked(scale, device))
@@ -269,6 +268,13 @@ def build_scorer(
     return PairScorer(policy, wrap(reference) if live else reference, loss=loss, speed=speed, dtype=model.dtype,
                       pad_id=pad_id, device=device, layouts=unwrapped.layouts, chunked_head=unwrapped.chunked_head,
                       forwards=forwards, router=router)
+
+
+def _apply_malloc_setting(scale: ScaleConfig, used: Sequence[TokenizedPair], device: torch.device, log: Log) -> None:
+    """--malloc-mmap-threshold for the process: auto looks at the longest pair the run scores and
+    at whether it checkpoints (model/host_memory.py)."""
+    apply_mmap_setting(scale.malloc_mmap_threshold, max((_longest(p) for p in used), default=0), device.type, log,
+                       checkpointing=scale.gradient_checkpointing)
 
 
 def _settle_and_check(scorer: PairScorer, pairs: Sequence[TokenizedPair], needed: Sequence[int] | None, *,
