@@ -17,9 +17,9 @@ retained heap is what fills memory (benchmarks/RESULTS.md section 5). With gradi
 checkpointing, rows shorter than that get a fixed threshold of 8 MiB: a checkpointed step frees
 and allocates its recomputed blocks layer by layer, and on SmolLM2-135M those from 8 MiB up kept
 a tenth of the peak RSS at 768 tokens (for no time) and a fifth at 2048 (for 5 percent of the
-pairs/s) (RESULTS.md section 9);
-without checkpointing the same threshold cost about a tenth of the speed for a few percent of
-memory (the saved activations are each mapped and zero-filled once a step), so auto leaves it.
+pairs/s; RESULTS.md section 9). Without checkpointing the same threshold cost about a tenth of
+the speed for a few percent of memory (the saved activations are each mapped and zero-filled
+once a step), so auto leaves it.
 """
 
 from __future__ import annotations
