@@ -109,3 +109,25 @@ def test_weight_decay_skips_norms_and_biases():
             assert torch.equal(p.detach(), before[name] * (1 - lr * decay)), name
         else:
             assert torch.equal(p.detach(), before[name]), name  # norms and biases: never decayed
+
+
+def test_adamw_is_fused_on_the_cpu_and_its_updates_are_adamws_written_out():
+    # The fused kernel (one pass per parameter; train/optim.py) must still be AdamW: two steps with
+    # known gradients against the update written out by hand, in float64 so only the kernel's
+    # fp32 rounding is left (a few ulps of the update: 1e-5 relative bounds it with room).
+    lr, b1, b2, eps, decay = 0.01, 0.9, 0.99, 1e-8, 0.1
+    model = torch.nn.Linear(4, 3)
+    w0 = model.weight.detach().double().clone()
+    optimizer = build_optimizer(model, TrainConfig(learning_rate=lr, adam_beta1=b1, adam_beta2=b2,
+                                                   adam_epsilon=eps, weight_decay=decay))
+    assert optimizer.defaults["fused"] is True
+    grads = [torch.linspace(-1, 1, 12).reshape(3, 4), torch.linspace(0.5, -2, 12).reshape(3, 4)]
+    w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+    for t, g in enumerate(grads, start=1):
+        model.weight.grad = g.clone()
+        model.bias.grad = torch.zeros(3)
+        optimizer.step()
+        g = g.double()
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        w = w * (1 - lr * decay) - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    torch.testing.assert_close(model.weight.detach().double() - w0, w - w0, rtol=1e-5, atol=1e-9)
