@@ -13,6 +13,9 @@ warm-up; batch 4), and the variant: levers joined by "+" from
               policy) instead of recomputing attention in the backward
   malloc0     --malloc-mmap-threshold 0 (malloc's adaptive threshold)
   t16         --malloc-mmap-threshold 16 MiB
+  t8          --malloc-mmap-threshold 8 MiB
+  sel         --selective-recompute
+  trim        glibc's malloc_trim(0) after every optimizer step (hands the heap's free pages back)
   none        nothing: dpokit's defaults
 One JSON line: pairs/s over the timed steps, whole-process peak RSS, the first losses, timed CPU
 seconds, and the process's user and system seconds and minor page faults. One run per process.
@@ -32,7 +35,7 @@ import bench_real  # noqa: E402
 import bench_vs_trl  # noqa: E402
 from real_model import real_model_folder  # noqa: E402
 
-LEVERS = {"ckpt", "unfused", "attn", "malloc0", "t16", "none"}
+LEVERS = {"ckpt", "unfused", "attn", "malloc0", "t16", "t8", "sel", "trim", "none"}
 
 
 def patch(levers: set[str]) -> None:
@@ -52,6 +55,13 @@ def patch(levers: set[str]) -> None:
                 super().__init__(*args, **{**kwargs, "fused": False, "foreach": False})
 
         torch.optim.AdamW = LoopAdamW
+    if "trim" in levers:
+        import ctypes
+
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        register_optimizer_step_post_hook(lambda *_: malloc_trim(0))
 
 
 def main() -> None:
@@ -71,6 +81,10 @@ def main() -> None:
         scale["malloc_mmap_threshold"] = "0"
     if "t16" in levers:
         scale["malloc_mmap_threshold"] = str(16 << 20)
+    if "t8" in levers:
+        scale["malloc_mmap_threshold"] = str(8 << 20)
+    if "sel" in levers:
+        scale["selective_recompute"] = True
     with tempfile.TemporaryDirectory() as scratch:
         run = bench_vs_trl.worker_dpokit(folder, {"threads": 2, "warmup": 1, "steps": steps, "batch": 4,
                                                   "max_length": length, "scratch": scratch, "scale": scale})
