@@ -13,10 +13,14 @@ truncates and both see the same text). Written with an explicit prompt (`prompt`
 message, `chosen` / `rejected` = the reply), which both tools read as conversational rows.
 
 Per max length (768 and 2048) and configuration (each tool with and without gradient
-checkpointing; TRL with `precompute_ref_log_probs`, its fastest; dpokit's defaults; dpokit with
-`--selective-recompute`; dpokit with checkpointing and malloc's adaptive threshold, as auto left it
-before it fixed 8 MiB under checkpointing; and dpokit with checkpointing and the malloc threshold
-fixed at 1 MiB, the memory planner's CPU lever; `--only` picks some by name), one process
+checkpointing; TRL always with `precompute_ref_log_probs`, its faster reference, at micro-batch 4
+and at micro-batch 1 (4 micro-batches of one pair accumulated to the same step: TRL's fastest and
+leanest on this CPU, RESULTS.md section 9); dpokit's defaults; dpokit at micro-batch 1, alone and
+with `--selective-recompute`, checkpointing, or checkpointing and the malloc threshold fixed at
+1 MiB; dpokit with `--selective-recompute`; dpokit with checkpointing and malloc's adaptive
+threshold, as auto left it before it fixed 8 MiB under checkpointing; and dpokit with
+checkpointing and the malloc threshold fixed at 1 MiB, the memory planner's CPU lever; `--only`
+picks some by name), one process
 per run (bench_vs_trl.py's workers, one after another, `--threads` threads each): training pairs/s
 and tokens/s over the timed steps (after `--warmup`; TRL's precompute pass and dpokit's cached
 reference pass are not in them), whole-process peak RSS and wall time (start to exit, loading and
@@ -28,7 +32,9 @@ of chosen and rejected, 6 x body parameters (q, k, v, o, gate, up, down of every
 per token of prompt + response, 6 x LM-head parameters (49,152 x 576) per response token (the
 logits the loss needs), and causal attention 6 x layers x hidden x n^2 (QK^T and AV, forward and
 backward, halved by the causal mask); the reference forward is not counted. A tool that computes
-more (the prompt's logits, the prompt twice) gets no credit for it.
+more (the prompt's logits) gets no credit for it; the prompt is counted once per sequence, so a
+tool that runs it once per pair (dpokit's prefix-shared rows) is credited with work it skipped
+and its share reads above its hardware use (by about a fifth on these rows: RESULTS.md section 9).
 
 `--sections memory`: peak RSS against pair length (512 to 4096 tokens per sequence: prompt and
 each reply about half, cut from real UltraFeedback text), batch 2, 4 pairs, 1 warm-up + 1 timed
@@ -133,7 +139,19 @@ def configs(me: str, trl: str | None, max_length: int) -> list[tuple[str, str | 
     return [
         ("TRL precompute_ref_log_probs", trl, "trl", {**common, "precompute": True}),
         ("TRL precompute + grad ckpt", trl, "trl", {**common, "precompute": True, "gradient_checkpointing": True}),
+        # Micro-batches of one pair, accumulated to the same batch per optimizer step: same loss, same
+        # update (up to the order of float sums), a quarter of the activations alive at once.
+        ("TRL precompute + micro-batch 1", trl, "trl", {**common, "precompute": True, "micro_batch": 1}),
+        ("TRL precompute + micro-batch 1 + grad ckpt", trl, "trl",
+         {**common, "precompute": True, "micro_batch": 1, "gradient_checkpointing": True}),
         ("dpokit defaults", me, "dpokit", common),
+        ("dpokit micro-batch 1", me, "dpokit", {**common, "micro_batch": 1}),
+        ("dpokit micro-batch 1 + selective", me, "dpokit",
+         {**common, "micro_batch": 1, "scale": {"selective_recompute": True}}),
+        ("dpokit micro-batch 1 + grad ckpt", me, "dpokit",
+         {**common, "micro_batch": 1, "scale": {"gradient_checkpointing": True}}),
+        ("dpokit micro-batch 1 + ckpt + malloc 1 MiB", me, "dpokit",
+         {**common, "micro_batch": 1, "scale": {"gradient_checkpointing": True, "malloc_mmap_threshold": str(1 << 20)}}),
         # Matmul and attention outputs kept, the elementwise work recomputed (model/recompute.py).
         ("dpokit + selective recompute", me, "dpokit", {**common, "scale": {"selective_recompute": True}}),
         ("dpokit defaults + grad ckpt", me, "dpokit", {**common, "scale": {"gradient_checkpointing": True}}),

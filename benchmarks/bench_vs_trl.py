@@ -135,22 +135,24 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     from dpokit.config import build_config
     from dpokit.train.loop import train
 
-    stamps, cpu, lines = [], [], []
+    stamps, cpu, lines, said = [], [], [], []
 
     def log(line: str) -> None:
         lines.append(line)
+        said.append((time.perf_counter(), line))
         if line.startswith("step "):
             stamps.append(time.perf_counter())
             cpu.append(time.process_time())
 
     steps = opts["warmup"] + opts["steps"]
+    micro = opts.get("micro_batch", opts.get("batch", 8))
     cfg = build_config({
         "model": {"model": str(folder / "model"), "dtype": opts.get("dtype", "fp32"),
                   "device": opts.get("device", "cpu")},
         "data": {"data": str(folder / "pairs.jsonl"), "max_length": opts.get("max_length", 2048)},
         "loss": {"beta": 0.1},
-        "train": {"output": str(Path(opts["scratch"]) / "dpokit"), "overwrite": True, "batch_size": opts.get("batch", 8),
-                  "max_steps": steps, "learning_rate": 5e-6, "lr_scheduler": "constant", "log_every": 1,
+        "train": {"output": str(Path(opts["scratch"]) / "dpokit"), "overwrite": True, "batch_size": micro,
+                  "gradient_accumulation_steps": opts.get("batch", 8) // micro, "max_steps": steps, "learning_rate": 5e-6, "lr_scheduler": "constant", "log_every": 1,
                   "progress": "off", "seed": 0, "max_grad_norm": 1.0},
         "speed": opts.get("speed", {}), "scale": opts.get("scale", {}),
     })
@@ -158,7 +160,7 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     result = train(cfg, log=log)
     losses = [r["loss"] for r in result.history if "loss" in r]
     return {"timed_s": stamps[-1] - stamps[opts["warmup"] - 1], "before_first_step_s": stamps[0] - started,
-            "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1],
+            "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1], "step_stamps": stamps, "said": said,
             "losses": losses, "peak_rss_mb": _rss_mb(), "peak_vm_mb": _vm_peak_mb(), "peak_gpu_mb": _gpu_mb(),
             **_layout_check_seconds(result.output),
             "notes": [line for line in lines if line.startswith("reference")]}
@@ -189,10 +191,12 @@ def worker_trl(folder: Path, opts: dict) -> dict:
             cpu.append(time.process_time())
 
     cuda = opts.get("device", "cpu") == "cuda"
+    micro = opts.get("micro_batch", opts.get("batch", 8))
     model = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(folder / "model")
     args = DPOConfig(
-        output_dir=str(Path(opts["scratch"]) / "trl"), per_device_train_batch_size=opts.get("batch", 8),
+        output_dir=str(Path(opts["scratch"]) / "trl"), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=opts.get("batch", 8) // micro,
         max_steps=opts["warmup"] + opts["steps"], learning_rate=5e-6, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, beta=0.1, logging_steps=1, save_strategy="no",
         report_to=[], bf16=opts.get("dtype") == "bf16", fp16=False, use_cpu=not cuda, max_length=opts.get("max_length", 2048), seed=0, data_seed=0,

@@ -16,9 +16,14 @@ warm-up; batch 4), and the variant: levers joined by "+" from
   t8          --malloc-mmap-threshold 8 MiB
   sel         --selective-recompute
   trim        glibc's malloc_trim(0) after every optimizer step (hands the heap's free pages back)
+  compile     --compile (torch.compile of the model body, dynamic shapes)
+  mb1, mb2    micro-batches of 1 or 2 pairs, accumulated to the same 4 pairs per optimizer step
   none        nothing: dpokit's defaults
 One JSON line: pairs/s over the timed steps, whole-process peak RSS, the first losses, timed CPU
-seconds, and the process's user and system seconds and minor page faults. One run per process.
+seconds, the process's user and system seconds and minor page faults, and where the peak was
+reached: the resident set is sampled every 20 ms, and the highest sample between each log line
+and the next is reported beside that line (where set-up or a step reaches its peak). One run per
+process.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import json
 import resource
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,7 +42,33 @@ import bench_real  # noqa: E402
 import bench_vs_trl  # noqa: E402
 from real_model import real_model_folder  # noqa: E402
 
-LEVERS = {"ckpt", "unfused", "attn", "malloc0", "t16", "t8", "sel", "trim", "none"}
+LEVERS = {"ckpt", "unfused", "attn", "malloc0", "t16", "t8", "sel", "trim", "mb1", "mb2", "compile", "none"}
+
+
+class ResidentSampler:
+    """Samples this process's resident set (VmRSS) every `period` seconds on a thread of its own."""
+
+    def __init__(self, period: float = 0.02) -> None:
+        self.samples: list[tuple[float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        status = Path("/proc/self/status")
+        while not self._stop.wait(period):
+            kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS:"))
+            self.samples.append((time.perf_counter(), kb / 1024))
+
+    def __enter__(self) -> ResidentSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_mb(self, start: float = float("-inf"), end: float = float("inf")) -> float:
+        return max((mb for t, mb in self.samples if start <= t < end), default=0.0)
 
 
 def patch(levers: set[str]) -> None:
@@ -85,12 +118,20 @@ def main() -> None:
         scale["malloc_mmap_threshold"] = str(8 << 20)
     if "sel" in levers:
         scale["selective_recompute"] = True
-    with tempfile.TemporaryDirectory() as scratch:
+    micro = 1 if "mb1" in levers else 2 if "mb2" in levers else 4
+    with tempfile.TemporaryDirectory() as scratch, ResidentSampler() as rss:
         run = bench_vs_trl.worker_dpokit(folder, {"threads": 2, "warmup": 1, "steps": steps, "batch": 4,
-                                                  "max_length": length, "scratch": scratch, "scale": scale})
+                                                  "micro_batch": micro, "max_length": length,
+                                                  "scratch": scratch, "scale": scale,
+                                                  "speed": {"compile": True} if "compile" in levers else {}})
+    phases = [(t, line[:60]) for t, line in run["said"]]
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"variant": variant, "length": length, "pairs_per_s": 4 * steps / run["timed_s"],
-                      "peak_rss_mb": run["peak_rss_mb"], "losses": run["losses"][:3],
+                      "peak_rss_mb": run["peak_rss_mb"],
+                      "sampled_peak_by_phase_mb": [
+                          [line, rss.peak_mb(start=t, end=phases[i + 1][0] if i + 1 < len(phases) else float("inf"))]
+                          for i, (t, line) in enumerate(phases)] + [["before any line", rss.peak_mb(end=phases[0][0])]],
+                      "losses": run["losses"][:3],
                       "timed_cpu_s": run["timed_cpu_s"], "user_s": usage.ru_utime, "system_s": usage.ru_stime,
                       "minor_faults": usage.ru_minflt}))
 

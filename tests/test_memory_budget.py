@@ -331,6 +331,8 @@ def test_a_planned_level_sets_the_run_options_it_names(tiny_model_dir, tmp_path)
     assert "selective_recompute" not in offered_levers(cfg, "cpu", malloc_auto_fixes=False)
     ckpt = planned_config(cfg, Setting(1, ("gradient_checkpointing",)), 2).scale
     assert (ckpt.selective_recompute, ckpt.gradient_checkpointing) == (False, True)
+    cfg.scale.selective_recompute, cfg.speed.compile = False, True  # refused together: never offered
+    assert offered_levers(cfg, "cpu", malloc_auto_fixes=False)[:1] == ["gradient_checkpointing"]
 
 
 def test_a_model_that_refuses_selective_recompute_makes_that_level_fit_nothing(tok, tmp_path):

@@ -99,16 +99,22 @@ def test_full_checkpointing_recomputes_the_matmuls_that_selective_recompute_keep
     assert _matmuls(full_ops) > _matmuls(plain_ops)
 
 
-def _cfg(**scale):
-    return build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"}, "train": {"output": "o"}, "scale": scale})
+def _cfg(speed=None, **scale):
+    return build_config({"model": {"model": "m"}, "data": {"data": "d.jsonl"}, "train": {"output": "o"},
+                         "speed": speed or {}, "scale": scale})
 
 
-def test_selective_recompute_with_checkpointing_or_fsdp_is_refused_in_one_line():
+def test_selective_recompute_with_checkpointing_fsdp_or_compile_is_refused_in_one_line():
     with pytest.raises(DpokitError, match="--selective-recompute and --gradient-checkpointing .* choose one"):
         _cfg(selective_recompute=True, gradient_checkpointing=True)
     with pytest.raises(DpokitError, match="--selective-recompute is not checked under --parallel fsdp"):
         _cfg(selective_recompute=True, parallel="fsdp")
+    # torch.compile fails in the first backward on the selective policy (a raw traceback after
+    # loading the model and the reference pass): refused with the configuration instead.
+    with pytest.raises(DpokitError, match="--selective-recompute does not run under --compile"):
+        _cfg({"compile": True}, selective_recompute=True)
     assert _cfg(selective_recompute=True).scale.selective_recompute
+    assert _cfg({"compile": True}, gradient_checkpointing=True).speed.compile
 
 
 def test_the_guard_stops_a_training_forward_that_changes_a_kept_output(tok, pairs):

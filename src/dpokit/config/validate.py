@@ -61,7 +61,7 @@ def validate(config: RunConfig) -> None:
     for flag, value in {"--pack-length": config.speed.pack_length, "--lm-head-chunk": config.speed.lm_head_chunk}.items():
         if value < 0:
             raise DpokitError(f"{flag} must be >= 0 (0: automatic); got {value}")
-    _check_recompute(config.scale)
+    _check_recompute(config.scale, compiled=config.speed.compile)
     parse_mmap_threshold(config.scale.malloc_mmap_threshold)
     parse_memory_budget(config.scale.memory_budget)
     check_loss_config(lo)  # every loss option, --label-smoothing's range included
@@ -79,7 +79,12 @@ def validate(config: RunConfig) -> None:
     _check_reference_sync(config)
 
 
-def _check_recompute(scale: ScaleConfig) -> None:
+def _check_recompute(scale: ScaleConfig, *, compiled: bool) -> None:
+    if scale.selective_recompute and compiled:
+        # torch 2.13's dynamo fails in the first backward on the selective-checkpoint policy
+        # ("invalid python storage"), a raw traceback after set-up; refused before anything loads.
+        raise DpokitError("--selective-recompute does not run under --compile (torch.compile fails on its saved-tensor "
+                          "policy): choose one, or --gradient-checkpointing with --compile")
     if scale.selective_recompute and scale.gradient_checkpointing:
         raise DpokitError("--selective-recompute and --gradient-checkpointing are two ways to recompute activations: "
                           "choose one (checkpointing saves more memory, selective recompute less time)")

@@ -127,7 +127,8 @@ def offered_levers(cfg: RunConfig, device_type: str, malloc_auto_fixes: bool) ->
     the user left off, and that do something on this device. `malloc_auto_fixes`: the auto mmap
     threshold is fixed for this data already."""
     s = cfg.scale
-    levers = [] if s.gradient_checkpointing or s.selective_recompute else ["selective_recompute"]
+    # Selective recompute is refused under --compile (config/validate.py), so never offered there.
+    levers = [] if s.gradient_checkpointing or s.selective_recompute or cfg.speed.compile else ["selective_recompute"]
     if not s.gradient_checkpointing:
         levers.append("gradient_checkpointing")
     if device_type == "cuda" and not s.activation_offload:
