@@ -142,6 +142,7 @@ def configs(me: str, trl: str | None, max_length: int) -> list[tuple[str, str | 
         # Micro-batches of one pair, accumulated to the same batch per optimizer step: same loss, same
         # update (up to the order of float sums), a quarter of the activations alive at once.
         ("TRL precompute + micro-batch 1", trl, "trl", {**common, "precompute": True, "micro_batch": 1}),
+        ("TRL precompute + micro-batch 2", trl, "trl", {**common, "precompute": True, "micro_batch": 2}),
         ("TRL precompute + micro-batch 1 + grad ckpt", trl, "trl",
          {**common, "precompute": True, "micro_batch": 1, "gradient_checkpointing": True}),
         ("dpokit defaults", me, "dpokit", common),
