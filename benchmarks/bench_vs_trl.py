@@ -135,10 +135,9 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
     from dpokit.config import build_config
     from dpokit.train.loop import train
 
-    stamps, cpu, lines, said = [], [], [], []
+    stamps, cpu, said = [], [], []  # said: (time, line) of every log line
 
     def log(line: str) -> None:
-        lines.append(line)
         said.append((time.perf_counter(), line))
         if line.startswith("step "):
             stamps.append(time.perf_counter())
@@ -163,7 +162,7 @@ def worker_dpokit(folder: Path, opts: dict) -> dict:
             "timed_cpu_s": cpu[-1] - cpu[opts["warmup"] - 1], "step_stamps": stamps, "said": said,
             "losses": losses, "peak_rss_mb": _rss_mb(), "peak_vm_mb": _vm_peak_mb(), "peak_gpu_mb": _gpu_mb(),
             **_layout_check_seconds(result.output),
-            "notes": [line for line in lines if line.startswith("reference")]}
+            "notes": [line for _, line in said if line.startswith("reference")]}
 
 
 def _layout_check_seconds(output: Path) -> dict:
